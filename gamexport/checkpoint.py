@@ -1,0 +1,190 @@
+"""Loading and saving GAM checkpoints without ever executing code from a file.
+
+Formats read: ``.safetensors`` (with ``config.json`` beside it, or the config inferred from tensor shapes) and
+``.pt``/``.pth`` files of the reference code (``torch.save(model.state_dict())``), read with
+``torch.load(weights_only=True)``. A folder is accepted when it holds exactly one weights file. Written format:
+safetensors with the tied embedding stored once, plus ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .config import GAMConfig, expected_shapes, infer_config
+from .errors import CheckpointError, ConfigError
+from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+@dataclass
+class Checkpoint:
+    """Weights (float32 numpy, reference names, tied pair as ``token_embedding.weight``) and their config."""
+
+    config: GAMConfig
+    weights: dict[str, np.ndarray]
+    source: str = "<memory>"
+    sha256: str = ""
+    tokenizer_path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # extra config.json keys (training info, labels)
+
+
+def find_weights(path: Path) -> Path:
+    """The weights file a SOURCE path names: the file itself, or the one weights file in a folder."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist", "pass a checkpoint file or a folder holding one")
+    if path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise CheckpointError(f"{path} is not a checkpoint ({path.suffix or 'no suffix'})",
+                                  "pass a .safetensors, .pt or .pth file")
+        return path
+    preferred = path / WEIGHTS_NAME
+    if preferred.is_file():
+        return preferred
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not found:
+        raise CheckpointError(f"no .safetensors, .pt or .pth file in {path}",
+                              "pass a checkpoint file or a folder holding one")
+    if len(found) > 1:
+        raise CheckpointError(f"{path} holds several weights files ({', '.join(p.name for p in found)})",
+                              "pass the file you mean")
+    return found[0]
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}",
+                              "the file is truncated or not safetensors; re-save or re-download it") from exc
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as exc:
+        raise CheckpointError(f"reading {path.name} needs torch", "pip install torch, or convert to safetensors") from exc
+    import pickle
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} asks to run code or build objects beyond plain tensors; refused",
+                              "re-save it as torch.save(model.state_dict()) or as safetensors") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path}: {first}",
+                              "the file is truncated or not a torch checkpoint; re-save it") from exc
+    # Training checkpoints nest the weights; accept the common wrappers.
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state_dict of tensors",
+                              "save it with torch.save(model.state_dict())")
+    out = {}
+    for name, tensor in obj.items():
+        name = name.removeprefix("module.").removeprefix("_orig_mod.")
+        out[name] = tensor.detach().to(torch.float32).cpu().numpy()
+    return out
+
+
+def normalize_weights(raw: Mapping[str, np.ndarray], config: GAMConfig | None = None) -> tuple[GAMConfig, dict]:
+    """Validate a reference-format state_dict and return (config, weights with the tied pair stored once)."""
+    raw = dict(raw)
+    if "token_embedding.weight" in raw and "head.weight" in raw:
+        a, b = raw["token_embedding.weight"], raw["head.weight"]
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise CheckpointError("token_embedding.weight and head.weight differ, but GAM ties them",
+                                  "keep one of the two, or save the model whose weights are tied")
+    if "head.weight" in raw:
+        raw.setdefault("token_embedding.weight", raw["head.weight"])
+        del raw["head.weight"]
+    inferred = infer_config({k: tuple(v.shape) for k, v in raw.items()}, base=config)
+    if config is not None:
+        diff = [f"{f}: config {getattr(config, f)} vs weights {getattr(inferred, f)}"
+                for f in ("vocab_size", "d_model", "n_layers", "n_slots", "kernel_size", "max_positions")
+                if getattr(config, f) != getattr(inferred, f)]
+        if diff:
+            raise ConfigError("config.json and the weights disagree (" + "; ".join(diff) + ")",
+                              "use the config.json saved with these weights, or delete it to infer from shapes")
+    cfg = inferred
+    expected = expected_shapes(cfg)
+    expected.pop("head.weight")
+    missing = sorted(set(expected) - set(raw))
+    extra = sorted(set(raw) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}"
+                              + (" …" if len(missing) > 5 else ""), "re-save the complete model state_dict")
+    if extra:
+        raise CheckpointError(f"checkpoint has {len(extra)} unexpected tensor(s): {', '.join(extra[:5])}"
+                              + (" …" if len(extra) > 5 else ""),
+                              "is this a GAM checkpoint? names must match the reference code")
+    weights = {}
+    for name, shape in expected.items():
+        arr = np.asarray(raw[name])
+        if tuple(arr.shape) != shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(arr.shape)}, expected {shape}",
+                                  "the checkpoint does not match its config; re-save it")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise CheckpointError(f"tensor {name} has dtype {arr.dtype}, expected floating point",
+                                  "re-save the model's float weights")
+        arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all():
+            raise CheckpointError(f"tensor {name} holds NaN or Inf values",
+                                  "the weights are corrupt or training diverged; use an earlier checkpoint")
+        weights[name] = np.ascontiguousarray(arr)
+    return cfg, weights
+
+
+def _read_config(path: Path) -> tuple[GAMConfig | None, dict]:
+    if not path.is_file():
+        return None, {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", "fix or delete config.json (shapes are inferred without it)") from exc
+    cfg = GAMConfig.from_dict(data)
+    meta = {k: v for k, v in data.items() if k not in cfg.to_dict()}
+    return cfg, meta
+
+
+def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint file or folder; tensors are validated (names, shapes, finite values)."""
+    weights_path = find_weights(Path(source))
+    folder = weights_path.parent
+    config, meta = _read_config(folder / CONFIG_NAME)
+    raw = _read_safetensors(weights_path) if weights_path.suffix == ".safetensors" else _read_torch(weights_path)
+    cfg, weights = normalize_weights(raw, config)
+    if config is not None:  # keep dropout/eps from the file
+        cfg = config
+    tok = folder / TOKENIZER_NAME
+    return Checkpoint(config=cfg, weights=weights, source=str(weights_path), sha256=sha256_file(weights_path),
+                      tokenizer_path=tok if tok.is_file() else None, meta=meta)
+
+
+def save_checkpoint(folder: str | os.PathLike, config: GAMConfig, weights: Mapping[str, np.ndarray],
+                    meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` (tied tensor once) and ``config.json`` atomically; returns the weights path."""
+    from safetensors.numpy import save
+
+    folder = Path(folder)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items() if k != "head.weight"}
+    data = save(tensors, metadata={"format": "gamexport", "tied": "head.weight=token_embedding.weight"})
+    path = atomic_write_bytes(folder / WEIGHTS_NAME, data)
+    atomic_write_json(folder / CONFIG_NAME, {**(dict(meta) if meta else {}), **config.to_dict()})
+    return path

@@ -1,0 +1,198 @@
+"""Model configuration (``GAMConfig``) and the I/O contract shared by export, runners and tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GAMConfig:
+    """Shape of a GAM language model (arXiv 2509.00605).
+
+    Field names follow the paper's prose; ``ModelConfig`` of the reference code calls them VOCAB_SIZE, N_EMBED,
+    N_LAYER, NUM_MEMORY_SLOTS, CONV_KERNEL_SIZE and BLOCK_SIZE.
+    """
+
+    vocab_size: int = 10_000
+    d_model: int = 512
+    n_layers: int = 6
+    n_slots: int = 512          # S: rows of each block's memory bank
+    kernel_size: int = 3        # k: causal depthwise convolution width
+    max_positions: int = 256    # P: learned absolute positions
+    dropout: float = 0.1
+    ln_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_slots", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}",
+                                  "fix config.json or the preset")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 2:
+            raise ConfigError(f"config field kernel_size must be an integer >= 2, got {self.kernel_size!r}",
+                              "GAM's causal convolution needs a kernel of at least 2 (the paper uses 3)")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"config field dropout must be in [0, 1), got {self.dropout!r}",
+                              "fix config.json")
+
+    # ---- derived quantities -------------------------------------------------------------------------------
+    @property
+    def state_len(self) -> int:
+        """Rows of streaming state per layer: the last k-1 LayerNorm-1 outputs."""
+        return self.kernel_size - 1
+
+    @property
+    def receptive_field(self) -> int:
+        """Tokens that can influence one output: 1 + L·(k-1)."""
+        return 1 + self.n_layers * (self.kernel_size - 1)
+
+    def n_params(self) -> int:
+        """Parameter count with the head tied to the token embedding (counted once)."""
+        d, k, S = self.d_model, self.kernel_size, self.n_slots
+        per_block = (
+            d * k + d            # depthwise conv weight (d, 1, k) + bias
+            + S * d              # memory bank
+            + d * 2 * d + 2 * d  # gate
+            + d * 4 * d + 4 * d + 4 * d * d + d  # FFN
+            + 4 * d              # two LayerNorms
+        )
+        return self.vocab_size * d + self.max_positions * d + self.n_layers * per_block + 2 * d
+
+    # ---- (de)serialisation ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "gam", **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GAMConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError("config must be a JSON object", "fix config.json")
+        if data.get("model_type", "gam") != "gam":
+            raise ConfigError(f"config model_type is {data.get('model_type')!r}, not 'gam'",
+                              "point gamexport at a GAM checkpoint")
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Accept the reference code's ModelConfig names too.
+        aliases = {"VOCAB_SIZE": "vocab_size", "N_EMBED": "d_model", "N_LAYER": "n_layers",
+                   "NUM_MEMORY_SLOTS": "n_slots", "CONV_KERNEL_SIZE": "kernel_size",
+                   "BLOCK_SIZE": "max_positions", "DROPOUT": "dropout"}
+        values = {}
+        for key, value in data.items():
+            key = aliases.get(key, key)
+            if key in known:
+                values[key] = value
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"config is not valid: {exc}", "fix config.json") from exc
+
+    def replace(self, **changes: Any) -> "GAMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, GAMConfig] = {
+    # The paper's configuration: exactly 22,599,680 parameters.
+    "paper": GAMConfig(),
+    # A few-kB model for tests: every code path, milliseconds per call.
+    "tiny": GAMConfig(vocab_size=97, d_model=32, n_layers=2, n_slots=16, kernel_size=3, max_positions=64),
+    # A small CPU-trainable model (the training issue's demo size).
+    "small": GAMConfig(vocab_size=4096, d_model=128, n_layers=4, n_slots=128, kernel_size=3, max_positions=256),
+}
+
+
+def preset(name: str) -> GAMConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}",
+                          f"choose one of: {', '.join(sorted(PRESETS))}") from None
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], base: GAMConfig | None = None) -> GAMConfig:
+    """Infer V, d, L, S, k and P from the tensor shapes of a GAM state_dict (names as the reference code)."""
+    def shape_of(*names: str) -> tuple[int, ...]:
+        for name in names:
+            if name in shapes:
+                return tuple(shapes[name])
+        raise ConfigError(f"checkpoint has no tensor {names[0]!r}",
+                          "is this a GAM checkpoint with the reference code's parameter names?")
+
+    emb = shape_of("token_embedding.weight", "head.weight")
+    pos = shape_of("pos_embedding.weight")
+    layers = sorted({int(m.group(1)) for name in shapes if (m := _BLOCK_KEY.match(name))})
+    if not layers:
+        raise ConfigError("checkpoint has no blocks.{i}.* tensors",
+                          "is this a GAM checkpoint with the reference code's parameter names?")
+    if layers != list(range(len(layers))):
+        raise ConfigError(f"checkpoint block indices are not 0..{len(layers) - 1}: {layers}",
+                          "the checkpoint is incomplete; re-save it from the model")
+    mem = shape_of("blocks.0.memory_bank")
+    conv = shape_of("blocks.0.causal_conv.weight")
+    if len(emb) != 2 or len(pos) != 2 or len(mem) != 2 or len(conv) != 3:
+        raise ConfigError("checkpoint tensors have unexpected ranks "
+                          f"(token_embedding {emb}, pos_embedding {pos}, memory_bank {mem}, causal_conv {conv})",
+                          "is this a GAM checkpoint?")
+    base = base or GAMConfig()
+    return base.replace(vocab_size=emb[0], d_model=emb[1], n_layers=len(layers), n_slots=mem[0],
+                        kernel_size=conv[2], max_positions=pos[0])
+
+
+def expected_shapes(cfg: GAMConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the reference state_dict (both names of the tied pair) and its shape."""
+    d, k = cfg.d_model, cfg.kernel_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embedding.weight": (cfg.vocab_size, d),
+        "pos_embedding.weight": (cfg.max_positions, d),
+    }
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}."
+        shapes.update({
+            p + "ln1.weight": (d,), p + "ln1.bias": (d,),
+            p + "causal_conv.weight": (d, 1, k), p + "causal_conv.bias": (d,),
+            p + "memory_bank": (cfg.n_slots, d),
+            p + "gate.weight": (2 * d, d), p + "gate.bias": (2 * d,),
+            p + "ln2.weight": (d,), p + "ln2.bias": (d,),
+            p + "ffn.0.weight": (4 * d, d), p + "ffn.0.bias": (4 * d,),
+            p + "ffn.2.weight": (d, 4 * d), p + "ffn.2.bias": (d,),
+        })
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,), "head.weight": (cfg.vocab_size, d)})
+    return shapes
+
+
+# ---- I/O contract of the exported graphs (names, dtypes, axes) -----------------------------------------------
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+CONV_STATE = "conv_state"
+LOGITS = "logits"
+CONV_STATE_OUT = "conv_state_out"
+
+PREFILL_INPUTS = (INPUT_IDS,)
+PREFILL_OUTPUTS = (LOGITS, CONV_STATE)
+STEP_INPUTS = (INPUT_IDS, POSITION_IDS, CONV_STATE)
+STEP_OUTPUTS = (LOGITS, CONV_STATE_OUT)
+
+
+def io_spec(cfg: GAMConfig, graph: str) -> dict[str, list[tuple[str, str, list[int | str]]]]:
+    """Names, element types and shapes (symbolic axes as strings) of a graph's inputs and outputs."""
+    state = ["batch", cfg.n_layers, cfg.state_len, cfg.d_model]
+    if graph == "prefill":
+        return {"inputs": [(INPUT_IDS, "int64", ["batch", "sequence"])],
+                "outputs": [(LOGITS, "float32", ["batch", "sequence", cfg.vocab_size]),
+                            (CONV_STATE, "float32", state)]}
+    if graph == "step":
+        return {"inputs": [(INPUT_IDS, "int64", ["batch", "chunk"]),
+                           (POSITION_IDS, "int64", ["batch", 1]),
+                           (CONV_STATE, "float32", state)],
+                "outputs": [(LOGITS, "float32", ["batch", "chunk", cfg.vocab_size]),
+                            (CONV_STATE_OUT, "float32", state)]}
+    raise ValueError(f"unknown graph kind {graph!r}")

@@ -1,0 +1,242 @@
+"""Build the prefill graph (``model.onnx``) and the streaming chunk graph (``step.onnx``) from weights.
+
+Both share one body: embeddings → L × ``gam.Block`` → final LayerNorm → tied head. The prefill graph starts
+from a zero state at position 0 and returns the state after its tokens; the step graph takes the position of
+its first token and the state after the earlier tokens. Files are byte-identical for identical inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .. import __version__
+from ..config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
+from ..errors import GraphError
+
+OPSET = 20
+IR_VERSION = 10
+FUNCTION_DOMAIN = "gam"
+PRODUCER = "gamexport"
+
+# Metadata keys written into every file.
+META_CONFIG = "gamexport.config"
+META_VERSION = "gamexport.version"
+META_SOURCE_SHA = "gamexport.source_sha256"
+META_GRAPH = "gamexport.graph"
+
+_DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
+
+
+def _opsets() -> list:
+    return [helper.make_opsetid("", OPSET), helper.make_opsetid(FUNCTION_DOMAIN, 1)]
+
+
+def _const_i64(name: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                                             [len(values)], values))
+
+
+def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc: str) -> onnx.FunctionProto:
+    return helper.make_function(FUNCTION_DOMAIN, name, inputs, outputs, nodes, _opsets(), doc_string=doc)
+
+
+def make_functions(cfg: GAMConfig) -> list[onnx.FunctionProto]:
+    """The local functions of the block; ``group`` and the state length are fixed per model."""
+    k1 = cfg.state_len
+    n = helper.make_node
+    conv = _function(
+        "CausalConv", ["h", "past", "weight", "bias"], ["local", "present"],
+        [
+            n("Concat", ["past", "h"], ["hcat"], axis=1),                     # (B, k-1+T, d)
+            n("Transpose", ["hcat"], ["hcat_t"], perm=[0, 2, 1]),           # (B, d, k-1+T)
+            n("Conv", ["hcat_t", "weight", "bias"], ["y_t"], group=cfg.d_model, kernel_shape=[cfg.kernel_size]),
+            n("Transpose", ["y_t"], ["local"], perm=[0, 2, 1]),             # (B, T, d)
+            _const_i64("start", [-k1]), _const_i64("end", [np.iinfo(np.int64).max]), _const_i64("axis", [1]),
+            n("Slice", ["hcat", "start", "end", "axis"], ["present"]),        # (B, k-1, d) newest k-1 rows
+        ],
+        "Local path: depthwise causal Conv1d over [past k-1 LN1 outputs, h]; returns the new past.")
+    memory = _function(
+        "MemoryRead", ["h", "memory"], ["global"],
+        [
+            n("Transpose", ["memory"], ["memory_t"], perm=[1, 0]),          # (d, S)
+            n("MatMul", ["h", "memory_t"], ["scores"]),                     # (B, T, S), unscaled
+            n("Softmax", ["scores"], ["weights"], axis=-1),
+            n("MatMul", ["weights", "memory"], ["global"]),                 # (B, T, d)
+        ],
+        "Global path: softmax(h · Mᵀ) · M over the learned memory slots, per token, no scaling.")
+    fusion = _function(
+        "GatedFusion", ["h", "local", "global", "weight", "bias"], ["fused"],
+        [
+            n("Transpose", ["weight"], ["weight_t"], perm=[1, 0]),          # (d, 2d)
+            n("MatMul", ["h", "weight_t"], ["g0"]),
+            n("Add", ["g0", "bias"], ["g"]),                                 # (B, T, 2d)
+            n("Split", ["g"], ["g_local", "g_global"], axis=-1, num_outputs=2),
+            n("Sigmoid", ["g_local"], ["s_local"]),
+            n("Sigmoid", ["g_global"], ["s_global"]),
+            n("Mul", ["s_local", "local"], ["a"]),
+            n("Mul", ["s_global", "global"], ["b"]),
+            n("Add", ["a", "b"], ["fused"]),
+        ],
+        "Gate: Linear(d, 2d) split into two sigmoid gates weighting the local and global paths.")
+    ffn = _function(
+        "FeedForward", ["x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2"], ["y"],
+        [
+            n("LayerNormalization", ["x", "ln_weight", "ln_bias"], ["hn"], axis=-1, epsilon=cfg.ln_eps),
+            n("Transpose", ["w1"], ["w1_t"], perm=[1, 0]),
+            n("MatMul", ["hn", "w1_t"], ["u0"]),
+            n("Add", ["u0", "b1"], ["u"]),                                   # (B, T, 4d)
+            n("Gelu", ["u"], ["a"], approximate="none"),
+            n("Transpose", ["w2"], ["w2_t"], perm=[1, 0]),
+            n("MatMul", ["a", "w2_t"], ["v0"]),
+            n("Add", ["v0", "b2"], ["y"]),                                   # (B, T, d)
+        ],
+        "Pre-LN feed-forward: LayerNorm → Linear(d, 4d) → exact GELU → Linear(4d, d).")
+    block = _function(
+        "Block", ["x", "past", *BLOCK_PARAMS], ["y", "present"],
+        [
+            n("LayerNormalization", ["x", "ln1.weight", "ln1.bias"], ["h"], axis=-1, epsilon=cfg.ln_eps),
+            n("CausalConv", ["h", "past", "causal_conv.weight", "causal_conv.bias"], ["local", "present"],
+              domain=FUNCTION_DOMAIN),
+            n("MemoryRead", ["h", "memory_bank"], ["global"], domain=FUNCTION_DOMAIN),
+            n("GatedFusion", ["h", "local", "global", "gate.weight", "gate.bias"], ["fused"],
+              domain=FUNCTION_DOMAIN),
+            n("Add", ["x", "fused"], ["x1"]),
+            n("FeedForward", ["x1", "ln2.weight", "ln2.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight",
+                              "ffn.2.bias"], ["f"], domain=FUNCTION_DOMAIN),
+            n("Add", ["x1", "f"], ["y"]),
+        ],
+        "GAM block: x + gate(conv(LN1 x), memory(LN1 x)); then x + FFN(LN2 x).")
+    return [conv, memory, fusion, ffn, block]
+
+
+# Parameters of gam.Block, in call order; the main graph passes blocks.{i}.<name>.
+BLOCK_PARAMS = ["ln1.weight", "ln1.bias", "causal_conv.weight", "causal_conv.bias", "memory_bank",
+                "gate.weight", "gate.bias", "ln2.weight", "ln2.bias", "ffn.0.weight", "ffn.0.bias",
+                "ffn.2.weight", "ffn.2.bias"]
+
+
+def _value_info(name: str, dtype: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, _DTYPES[dtype], shape)
+
+
+def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, source_sha256: str = "",
+                name: str = "gam") -> onnx.ModelProto:
+    """The ONNX model of one graph kind ("prefill" or "step") with the weights as initializers."""
+    if kind not in ("prefill", "step"):
+        raise ValueError(f"kind must be 'prefill' or 'step', not {kind!r}")
+    n = helper.make_node
+    nodes: list[onnx.NodeProto] = []
+    d, L, k1 = cfg.d_model, cfg.n_layers, cfg.state_len
+    emb = "token_embedding.weight"
+
+    nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb"], axis=0))                  # (B, T, d)
+    nodes.append(_const_i64("one", [1]))
+    nodes.append(n("Shape", [INPUT_IDS], ["seq_len_1d"], start=1, end=2))             # [T]
+    nodes.append(n("Squeeze", ["seq_len_1d"], ["seq_len"]))
+    nodes.append(helper.make_node("Constant", [], ["zero_s"], value_int=0))
+    nodes.append(helper.make_node("Constant", [], ["one_s"], value_int=1))
+    nodes.append(n("Range", ["zero_s", "seq_len", "one_s"], ["offsets"]))             # (T,)
+    if kind == "step":
+        nodes.append(_const_i64("zero", [0]))
+        nodes.append(n("Unsqueeze", ["offsets", "zero"], ["offsets_2d"]))           # (1, T)
+        nodes.append(n("Add", [POSITION_IDS, "offsets_2d"], ["positions"]))          # (B, T)
+    else:
+        nodes.append(n("Identity", ["offsets"], ["positions"]))                     # (T,)
+    nodes.append(n("Gather", ["pos_embedding.weight", "positions"], ["pos_emb"], axis=0))
+    nodes.append(n("Add", ["tok_emb", "pos_emb"], ["x_0"]))
+
+    if kind == "prefill":
+        nodes.append(n("Shape", [INPUT_IDS], ["batch_1d"], start=0, end=1))
+        nodes.append(_const_i64("state_tail", [k1, d]))
+        nodes.append(n("Concat", ["batch_1d", "state_tail"], ["zero_state_shape"], axis=0))
+        nodes.append(n("ConstantOfShape", ["zero_state_shape"], ["zero_state"],
+                       value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])))   # (B, k-1, d)
+    presents = []
+    for i in range(L):
+        if kind == "step":
+            nodes.append(helper.make_node("Constant", [], [f"layer_{i}"], value_int=i))
+            nodes.append(n("Gather", [CONV_STATE, f"layer_{i}"], [f"past_{i}"], axis=1))  # (B, k-1, d)
+            past = f"past_{i}"
+        else:
+            past = "zero_state"
+        nodes.append(n("Block", [f"x_{i}", past, *[f"blocks.{i}.{p}" for p in BLOCK_PARAMS]],
+                       [f"x_{i + 1}", f"present_{i}"], domain=FUNCTION_DOMAIN, name=f"blocks.{i}"))
+        nodes.append(n("Unsqueeze", [f"present_{i}", "one"], [f"present_{i}_4d"]))      # (B, 1, k-1, d)
+        presents.append(f"present_{i}_4d")
+    state_out = CONV_STATE if kind == "prefill" else CONV_STATE_OUT
+    nodes.append(n("Concat", presents, [state_out], axis=1))                           # (B, L, k-1, d)
+    nodes.append(n("LayerNormalization", [f"x_{L}", "ln_f.weight", "ln_f.bias"], ["x_f"], axis=-1,
+                   epsilon=cfg.ln_eps))
+    nodes.append(n("Transpose", [emb], ["head_t"], perm=[1, 0]))                       # (d, V), tied head
+    nodes.append(n("MatMul", ["x_f", "head_t"], [LOGITS]))                             # (B, T, V)
+
+    spec = io_spec(cfg, kind)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(weights[key], dtype=np.float32), key)
+             for key in _initializer_names(cfg)]
+    graph = helper.make_graph(nodes, f"{name}_{kind}",
+                              [_value_info(*v) for v in spec["inputs"]],
+                              [_value_info(*v) for v in spec["outputs"]], initializer=inits)
+    model = helper.make_model(graph, opset_imports=_opsets(), functions=make_functions(cfg),
+                              producer_name=PRODUCER, producer_version=__version__, ir_version=IR_VERSION)
+    helper.set_model_props(model, {META_CONFIG: cfg.to_json(), META_VERSION: __version__,
+                                   META_SOURCE_SHA: source_sha256, META_GRAPH: kind})
+    return model
+
+
+def _initializer_names(cfg: GAMConfig) -> list[str]:
+    names = ["token_embedding.weight", "pos_embedding.weight"]
+    for i in range(cfg.n_layers):
+        names += [f"blocks.{i}.{p}" for p in BLOCK_PARAMS]
+    return names + ["ln_f.weight", "ln_f.bias"]
+
+
+def inline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every local function inlined, for tools that do not walk functions."""
+    from onnx import inliner
+
+    inlined = inliner.inline_local_functions(model)
+    del inlined.functions[:]
+    return inlined
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString(deterministic=True)
+
+
+def export_graphs(cfg: GAMConfig, weights: Mapping[str, np.ndarray], out_dir: Path,
+                  source_sha256: str = "") -> dict[str, Path]:
+    """Write model.onnx, step.onnx and their inlined twins atomically; returns {file name: path}."""
+    from ..fsutil import atomic_write_bytes
+
+    written = {}
+    for kind, stem in (("prefill", "model"), ("step", "step")):
+        model = build_graph(cfg, weights, kind, source_sha256)
+        for suffix, proto in (("", model), (".inlined", inline(model))):
+            path = Path(out_dir) / f"{stem}{suffix}.onnx"
+            written[path.name] = atomic_write_bytes(path, serialize(proto))
+    return written
+
+
+def read_graph_config(model: onnx.ModelProto | str | Path) -> tuple[GAMConfig, dict[str, str]]:
+    """The GAMConfig and metadata stored in a gamexport graph (file path or proto, weights not needed)."""
+    if not isinstance(model, onnx.ModelProto):
+        path = Path(model)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # onnx raises DecodeError and others for corrupt files
+            raise GraphError(f"cannot read ONNX file {path}: {type(exc).__name__}",
+                             "the file is truncated or corrupt; rebuild it with gamexport build") from exc
+    meta = {p.key: p.value for p in model.metadata_props}
+    if META_CONFIG not in meta:
+        raise GraphError("ONNX file has no gamexport config metadata", "build it with gamexport build")
+    try:
+        cfg = GAMConfig.from_dict(json.loads(meta[META_CONFIG]))
+    except json.JSONDecodeError as exc:
+        raise GraphError("ONNX file's gamexport config metadata is not JSON", "rebuild it") from exc
+    return cfg, meta
