@@ -16,7 +16,9 @@ class GamexportError(Exception):
 
     def line(self) -> str:
         text = self.message.rstrip(".")
-        return f"{text}. {self.fix}" if self.fix else f"{text}."
+        if not self.fix:
+            return f"{text}."
+        return f"{text}. {self.fix[:1].upper()}{self.fix[1:]}"
 
 
 class CheckpointError(GamexportError):

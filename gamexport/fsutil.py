@@ -17,6 +17,15 @@ from typing import Any
 from .errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder + fsync + rename)."""
     path = Path(path)
@@ -27,6 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}",
                           "choose an output folder you can write to") from exc
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

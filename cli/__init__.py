@@ -1,0 +1,1 @@
+"""The ``gamexport`` command: thin typer commands over library functions (one module per command)."""

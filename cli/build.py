@@ -1,0 +1,45 @@
+"""``gamexport build``: export, check parity, measure latency, write a build folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DebugOption, ThreadsOption, run, say
+
+
+def build(
+    source: Annotated[str | None, typer.Argument(
+        help="Checkpoint (.safetensors, .pt, .pth) or a folder holding one; omitted: the embedded default.",
+        show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced only by a complete, "
+                                                          "passing build).")] = Path("gamexport-build"),
+    preset: Annotated[str | None, typer.Option(help="Without SOURCE: build seeded untrained weights of this "
+                                                    "preset (paper, small, tiny).")] = None,
+    threads: ThreadsOption = None,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
+    debug: DebugOption = False,
+) -> None:
+    """Export a GAM checkpoint to ONNX (prefill + streaming step graphs), check parity, measure latency.
+
+    Writes OUT/{model.onnx, step.onnx, model.inlined.onnx, step.inlined.onnx, config.json, report.json,
+    report.md, latency.png, manifest.json}. Exits 1 when a parity check fails (diagnostics kept in OUT.failed),
+    2 on bad input.
+    """
+
+    def body() -> None:
+        from gamexport.engines.pipeline import BuildOptions, build as run_build
+
+        result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
+                                        latency=latency, progress=say))
+        rep = result.report
+        n = len(rep["parity"])
+        print(f"parity: {sum(r['passed'] for r in rep['parity'])}/{n} checks passed")
+        for row in rep["latency"]:
+            print(f"latency: {row['runtime']:<16} {row['mode']:<7} p50 {row['p50_ms']:8.3f} ms  "
+                  f"{row['tokens_per_s']:10.1f} tokens/s  ({row['speedup_vs_eager']:.2f}× eager)")
+        print(f"report: {result.out / 'report.md'}")
+
+    run(body, debug)

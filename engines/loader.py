@@ -1,0 +1,69 @@
+"""Open a runner for a SOURCE: a build folder runs on ONNX Runtime, a checkpoint on eager PyTorch.
+
+The build-folder path imports numpy, onnx, onnxruntime and tokenizers only — never torch.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from gamexport.errors import InputError
+from gamexport.manifest import MANIFEST_NAME, verify
+from gamexport.runtime import Runner
+from gamexport.sampling import SamplingConfig
+
+
+def _tokenizer(path: Path | None):
+    if path is None or not path.is_file():
+        return None
+    from gamexport.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+@contextmanager
+def open_runner(source: str | None, threads: int | None = None) -> Iterator[tuple[Runner, object, str]]:
+    """Yield (runner, tokenizer or None, label) for a build folder, a checkpoint, or the embedded default."""
+    folder = Path(source) if source is not None else None
+    if folder is not None and folder.is_dir() and (folder / MANIFEST_NAME).is_file():
+        from .ort import OrtRunner
+
+        verify(folder, ["model.onnx", "step.onnx"])
+        runner = OrtRunner.from_folder(folder, threads)
+        label = f"onnxruntime-cpu, {folder}"
+        tok_path = folder / "tokenizer.json"
+    else:
+        from .eager import EagerRunner
+        from .pipeline import resolve_source
+
+        ckpt = resolve_source(source, None)
+        runner = EagerRunner(ckpt.config, ckpt.weights, threads=threads)
+        label = f"eager PyTorch, {ckpt.source}" + ("" if ckpt.meta.get("trained", True) else ", UNTRAINED")
+        tok_path = ckpt.tokenizer_path
+    try:
+        yield runner, _tokenizer(tok_path), label
+    finally:
+        runner.close()
+
+
+def run_generation(runner: Runner, tokenizer, prompt: str | None, ids: Sequence[int] | None,
+                   max_new_tokens: int, sampling: SamplingConfig) -> str:
+    """Prompt → continuation text (with a tokenizer) or the generated ids joined by commas (without one)."""
+    if prompt is not None:
+        if tokenizer is None:
+            raise InputError("this model has no tokenizer.json, so --prompt cannot be encoded",
+                             "pass token ids with --ids 1,2,3, or use a model trained with gamexport train")
+        prompt_ids = tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise InputError("the prompt encodes to no tokens", "pass a non-empty --prompt")
+    else:
+        prompt_ids = list(ids or [])
+    stops = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
+    new = runner.generate(prompt_ids, max_new_tokens, sampling, stop_ids=stops)
+    if tokenizer is None:
+        return ",".join(str(t) for t in new)
+    if stops and new and new[-1] == stops[0]:
+        new = new[:-1]
+    return prompt + tokenizer.decode(new) if prompt is not None else tokenizer.decode(new)

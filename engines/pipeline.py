@@ -1,0 +1,409 @@
+"""``gamexport build``: checkpoint → ONNX graphs → parity → latency → report, into a folder, atomically.
+
+The build works in a staging folder beside the output and moves it into place only when it is complete and
+every parity check passed, so the output folder holds the previous good build or the new one, never a mix.
+A failed build keeps its staging folder as ``<out>.failed`` for diagnosis and says so.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from gamexport import __version__
+from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, Checkpoint, load_checkpoint
+from gamexport.config import GAMConfig, preset as get_preset
+from gamexport.errors import ConfigError, GamexportError, OutputError, ParityError
+from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir, sha256_file
+
+STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
+ARTIFACTS = ("model.onnx", "step.onnx", "model.inlined.onnx", "step.inlined.onnx")
+GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuildOptions:
+    source: str | None = None      # checkpoint file/folder; None: the embedded default
+    out: Path = Path("gamexport-build")
+    preset: str | None = None      # seeded weights of this preset when no source is given
+    threads: int | None = None     # ONNX Runtime and torch intra-op threads (None: all cores)
+    latency: bool = True
+    latency_runs: int = 20
+    progress: Progress = field(default=lambda msg: None)
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    report: dict
+    passed: bool
+
+
+# ---- sources ------------------------------------------------------------------------------------------------
+def weights_sha256(weights: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(weights[name], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def demo_folder() -> Path | None:
+    """The trained demo model shipped inside the package, if this install has one."""
+    folder = Path(__file__).resolve().parent.parent / "gamexport" / "demo"
+    if not folder.is_dir():
+        from importlib import resources
+        folder = Path(str(resources.files("gamexport").joinpath("demo")))
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def seeded_checkpoint(preset_name: str, seed: int = 0) -> Checkpoint:
+    """Seeded, untrained weights of a preset: exact-math parity works, generated text is noise."""
+    from gamexport.model import build_model, state_dict_numpy
+
+    cfg = get_preset(preset_name)
+    weights = state_dict_numpy(build_model(cfg, seed=seed))
+    return Checkpoint(config=cfg, weights=weights, source=f"<seeded '{preset_name}' preset, seed {seed}>",
+                      sha256=weights_sha256(weights),
+                      meta={"trained": False, "label": f"untrained: '{preset_name}' preset, seed {seed}"})
+
+
+def resolve_source(source: str | None, preset_name: str | None) -> Checkpoint:
+    if source is not None:
+        if preset_name is not None:
+            raise ConfigError("--preset chooses seeded weights and cannot be combined with a SOURCE",
+                              "drop --preset (the config comes from the checkpoint)")
+        return load_checkpoint(source)
+    if preset_name is None:
+        demo = demo_folder()
+        if demo is not None:
+            return load_checkpoint(demo)
+        preset_name = "paper"
+    return seeded_checkpoint(preset_name)
+
+
+def is_trained(ckpt: Checkpoint) -> bool:
+    return bool(ckpt.meta.get("trained", True))
+
+
+# ---- output folder handling ---------------------------------------------------------------------------------
+@contextmanager
+def locked_staging(out: Path) -> Iterator[Path]:
+    """Hold ``.<out>.lock`` and yield a fresh staging folder beside ``out``; stale ones are removed first."""
+    out = out.absolute()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} is a file, not a folder", "pass --out a folder path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(out.parent / f".{out.name}.lock", "a+")
+    except OSError as exc:
+        raise OutputError(f"cannot write beside {out}: {exc.strerror or exc}",
+                          "choose an output folder you can write to") from exc
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another gamexport build is writing {out}",
+                              "wait for it to finish or choose another --out") from None
+        for stale in out.parent.glob(f".{out.name}.staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            raise OutputError(f"cannot create {staging}: {exc.strerror or exc}",
+                              "choose an output folder you can write to") from exc
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pause_hook(stage: str) -> None:
+    """Test-only: GAMEXPORT_TEST_PAUSE_AT=<stage> makes the build announce and wait at that stage."""
+    if os.environ.get("GAMEXPORT_TEST_PAUSE_AT") != stage:
+        return
+    marker = os.environ.get("GAMEXPORT_TEST_PAUSE_FILE")
+    if marker:
+        Path(marker).write_text(stage)
+    time.sleep(float(os.environ.get("GAMEXPORT_TEST_PAUSE_SECONDS", "60")))
+
+
+# ---- parity -------------------------------------------------------------------------------------------------
+def _row(runtime: str, graph: str, artifact: str, reference: str, input_name: str, ids: np.ndarray,
+         metrics: dict, precision: str = "fp32", **extra) -> dict:
+    return {"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,
+            "reference": reference, "input": input_name, "batch": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+            **metrics, **extra}
+
+
+def run_chunks(runner, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Feed ``ids`` through ``runner.step`` in chunks of ``sizes`` from the zero state; concatenated logits."""
+    state = runner.empty_state(ids.shape[0])
+    pos, outs = 0, []
+    for size in sizes:
+        logits, state = runner.step(ids[:, pos:pos + size], np.full((ids.shape[0], 1), pos, np.int64), state)
+        outs.append(logits)
+        pos += size
+    return np.concatenate(outs, axis=1), state
+
+
+def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progress: Progress,
+                  text_ids: np.ndarray | None = None) -> list[dict]:
+    """Every parity row of a build: eager vs float64 NumPy; each ONNX Runtime graph vs eager fp32."""
+    from gamexport.parity import chunk_plan, compare_logits, compare_state, parity_inputs, tolerance
+    from gamexport.reference import reference_logits
+
+    cfg = ckpt.config
+    tol = tolerance("fp32")
+    rows = []
+    inputs = parity_inputs(cfg.vocab_size, cfg.max_positions)
+    if text_ids is not None:
+        inputs["text"] = text_ids[:, : cfg.max_positions]
+
+    short = inputs["random"][:, : min(16, cfg.max_positions)]
+    progress(f"parity: eager fp32 vs float64 NumPy reference on {short.shape[1]} tokens")
+    ref64 = reference_logits(ckpt.weights, cfg, short)
+    rows.append(_row("eager", "prefill", "gamexport.model (PyTorch)", "float64-numpy", "random", short,
+                     compare_logits(ref64, eager.prefill(short)[0], tol)))
+
+    sizes = chunk_plan(cfg.max_positions, cfg.kernel_size)
+    for name, ids in inputs.items():
+        ref_logits, ref_state = eager.prefill(ids)
+        if name == "random":
+            logits, state = run_chunks(eager, ids, sizes[: len(sizes)])
+            rows.append(_row("eager", "step", "gamexport.model (PyTorch)", "eager-fp32", name, ids,
+                             compare_logits(ref_logits, logits, tol), chunks=sizes,
+                             state_max_abs_diff=compare_state(ref_state, state, tol)[0]))
+        for artifact, runner in ort_runners.items():
+            if artifact.startswith("inlined") and name != "random":
+                continue
+            progress(f"parity: onnxruntime-cpu {artifact} graphs vs eager on '{name}' tokens")
+            logits, state = runner.prefill(ids)
+            metrics = compare_logits(ref_logits, logits, tol)
+            sdiff, sok = compare_state(ref_state, state, tol)
+            metrics["passed"] = metrics["passed"] and sok
+            rows.append(_row("onnxruntime-cpu", "prefill", runner.model_path.name, "eager-fp32", name, ids, metrics,
+                             state_max_abs_diff=sdiff))
+            logits, state = run_chunks(runner, ids, sizes)
+            metrics = compare_logits(ref_logits, logits, tol)
+            sdiff, sok = compare_state(ref_state, state, tol)
+            metrics["passed"] = metrics["passed"] and sok
+            rows.append(_row("onnxruntime-cpu", "step", runner.step_path.name, "eager-fp32", name, ids, metrics,
+                             chunks=sizes, state_max_abs_diff=sdiff))
+    batch = np.concatenate([inputs["random"], inputs["ngram"]], axis=0)
+    runner = ort_runners["functions"]
+    progress("parity: onnxruntime-cpu prefill at batch 2")
+    ref_logits, ref_state = eager.prefill(batch)
+    logits, state = runner.prefill(batch)
+    metrics = compare_logits(ref_logits, logits, tol)
+    sdiff, sok = compare_state(ref_state, state, tol)
+    metrics["passed"] = metrics["passed"] and sok
+    rows.append(_row("onnxruntime-cpu", "prefill", runner.model_path.name, "eager-fp32", "random+ngram", batch,
+                     metrics, state_max_abs_diff=sdiff))
+    return rows
+
+
+# ---- latency ------------------------------------------------------------------------------------------------
+def latency_rows(eager, ort_runner, cfg: GAMConfig, threads: int | None, runs: int,
+                 progress: Progress) -> list[dict]:
+    """Prefill at B=1, T=min(256, P) and per-token decode with state, eager and ONNX Runtime in one run."""
+    from gamexport.bench import measure, measure_decode
+
+    T = min(256, cfg.max_positions)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, cfg.max_positions), dtype=np.int64)
+    rows = []
+    for runner, graph_name in ((eager, "gamexport.model (PyTorch)"), (ort_runner, "model.onnx")):
+        progress(f"latency: {runner.runtime} prefill, batch 1 × {T} tokens")
+        timing = measure(lambda: runner.prefill(ids[:, :T]), warmup=2, runs=runs)
+        rows.append({"runtime": runner.runtime, "precision": "fp32", "graph": "prefill", "mode": "prefill",
+                     "batch": 1, "seq_len": T, **timing.as_dict(),
+                     "tokens_per_s": T / (timing.p50_ms / 1e3), "threads": threads})
+        progress(f"latency: {runner.runtime} decode, one token per step with state")
+        n = min(64, cfg.max_positions - 1)
+        state = {"s": runner.prefill(ids[:, :1])[1]}
+
+        def one(pos: int, runner=runner, state=state) -> None:
+            state["s"] = runner.step(ids[:, pos:pos + 1], np.array([[pos]], np.int64), state["s"])[1]
+
+        timing = measure_decode(one, range(1, 1 + n))
+        rows.append({"runtime": runner.runtime, "precision": "fp32", "graph": "step", "mode": "decode",
+                     "batch": 1, "seq_len": 1, **timing.as_dict(),
+                     "tokens_per_s": 1 / (timing.p50_ms / 1e3), "threads": threads})
+    base = {r["mode"]: r["p50_ms"] for r in rows if r["runtime"] == "eager"}
+    for r in rows:
+        r["speedup_vs_eager"] = base[r["mode"]] / r["p50_ms"] if r["runtime"] != "eager" else 1.0
+    return rows
+
+
+def gpu_available() -> bool:
+    """A usable NVIDIA GPU, detected through torch (ONNX Runtime lists CUDA providers even without one)."""
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken CUDA install is no GPU for our purposes
+        return False
+
+
+def skipped_rows(latency: bool) -> list[dict]:
+    rows = [{"runtime": "eager-compile", "reason": "torch.compile takes minutes to compile on CPU; "
+             "measured by the benchmark command, not by build"}]
+    gpu = gpu_available()
+    for runtime in GPU_RUNTIMES:
+        reason = ("this gamexport version has no GPU engine yet" if gpu else "no NVIDIA GPU on this machine")
+        rows.append({"runtime": runtime, "reason": reason})
+    if not latency:
+        rows.append({"runtime": "onnxruntime-cpu", "reason": "latency skipped (--no-latency)"})
+    return rows
+
+
+# ---- report and manifest ------------------------------------------------------------------------------------
+def write_plot(latency: list[dict], path: Path) -> bool:
+    """Bar chart of p50 latency per runtime for prefill and decode; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import io
+
+    modes = ["prefill", "decode"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, mode in zip(axes, modes):
+        rows = [r for r in latency if r["mode"] == mode]
+        names = [f"{r['runtime']}\n{r['precision']}" for r in rows]
+        values = [r["p50_ms"] for r in rows]
+        errs = [[r["p50_ms"] - r.get("min_ms", r["p50_ms"]) for r in rows],
+                [r["p90_ms"] - r["p50_ms"] for r in rows]]
+        ax.bar(names, values, yerr=errs, color=["#888888", "#2a7ab9", "#d9822b", "#3a9a4a"][: len(rows)])
+        if rows:
+            ax.set_title(f"{mode}: batch {rows[0]['batch']} × {rows[0]['seq_len']} tokens")
+        ax.set_ylabel("p50 ms (bars: min..p90)")
+    fig.suptitle("gamexport build latency (lower is better)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    from gamexport.fsutil import atomic_write_bytes
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def write_manifest(folder: Path, ckpt: Checkpoint) -> dict:
+    """``manifest.json``: every file but itself with size and sha256, plus library versions."""
+    from gamexport.bench import machine_info
+
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    versions = machine_info(None)["versions"]
+    manifest = {"schema_version": 1, "gamexport_version": __version__, "files": files,
+                "versions": {k: v for k, v in versions.items() if k in ("torch", "onnx", "onnxruntime",
+                                                                         "onnxruntime-gpu", "numpy")},
+                "source": {"path": ckpt.source, "sha256": ckpt.sha256}}
+    atomic_write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+# ---- the build ----------------------------------------------------------------------------------------------
+def build(opts: BuildOptions) -> BuildResult:
+    """Run the whole build; raises ``ParityError`` (after keeping diagnostics) when a parity check fails."""
+    from gamexport.bench import machine_info
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.engines.ort import OrtRunner
+    from gamexport.graph import export_graphs
+    from gamexport.graph.checks import check_graph_file
+
+    say = opts.progress
+    out = Path(opts.out).absolute()
+    threads = opts.threads or os.cpu_count()
+    t_start = time.perf_counter()
+
+    def stage(i: int, text: str) -> None:
+        _pause_hook(STAGES[i])
+        say(f"[{i + 1}/{len(STAGES)}] {text}  ({time.perf_counter() - t_start:.1f}s)")
+
+    stage(0, "loading weights")
+    ckpt = resolve_source(opts.source, opts.preset)
+    cfg = ckpt.config
+    say(f"      {ckpt.source}: {cfg.n_params():,} parameters"
+        + ("" if is_trained(ckpt) else " (untrained seeded weights)"))
+    with locked_staging(out) as staging:
+        stage(1, f"exporting ONNX graphs to {out}")
+        export_graphs(cfg, ckpt.weights, staging, ckpt.sha256)
+        atomic_write_json(staging / CONFIG_NAME, {**ckpt.meta, **cfg.to_dict(),
+                                                  "source": {"path": ckpt.source, "sha256": ckpt.sha256}})
+        if ckpt.tokenizer_path is not None:
+            shutil.copyfile(ckpt.tokenizer_path, staging / TOKENIZER_NAME)
+
+        stage(2, "checking graphs (onnx checker, structure, ONNX Runtime load)")
+        for name in ARTIFACTS:
+            check_graph_file(staging / name, cfg)
+
+        stage(3, "parity against eager PyTorch and the float64 reference")
+        eager = EagerRunner(cfg, ckpt.weights, threads=threads)
+        ort_runners = {"functions": OrtRunner(staging / "model.onnx", staging / "step.onnx", cfg, threads),
+                       "inlined": OrtRunner(staging / "model.inlined.onnx", staging / "step.inlined.onnx", cfg,
+                                            threads)}
+        parity = parity_checks(ckpt, eager, ort_runners, lambda m: say("      " + m))
+        passed = all(r["passed"] for r in parity)
+
+        latency: list[dict] = []
+        if opts.latency:
+            stage(4, f"latency, eager vs ONNX Runtime, {threads} threads")
+            latency = latency_rows(eager, ort_runners["functions"], cfg, threads, opts.latency_runs,
+                                   lambda m: say("      " + m))
+        else:
+            stage(4, "latency skipped")
+        for runner in ort_runners.values():
+            runner.close()
+
+        stage(5, "writing report")
+        report = {
+            "schema_version": 1, "gamexport_version": __version__, "passed": passed,
+            "source": {"path": ckpt.source, "sha256": ckpt.sha256, "trained": is_trained(ckpt),
+                       "label": str(ckpt.meta.get("label", ""))},
+            "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
+            "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
+            "machine": machine_info(threads), "artifacts": list(ARTIFACTS),
+            "parity": parity, "latency": latency, "skipped": skipped_rows(opts.latency),
+        }
+        from gamexport.report import render_markdown
+        atomic_write_text(staging / "report.json", dumps_json(report))
+        atomic_write_text(staging / "report.md", render_markdown(report))
+        if latency:
+            write_plot(latency, staging / "latency.png")
+        write_manifest(staging, ckpt)
+
+        if not passed:
+            failed_dir = out.with_name(out.name + ".failed")
+            shutil.rmtree(failed_dir, ignore_errors=True)
+            os.replace(staging, failed_dir)
+            bad = [r for r in parity if not r["passed"]]
+            first = bad[0]
+            raise ParityError(
+                f"{len(bad)} of {len(parity)} parity checks failed (first: {first['runtime']} {first['graph']} "
+                f"on '{first['input']}': {', '.join(first.get('failed_checks', [])) or 'state differs'}); "
+                f"{out} was left as it was",
+                f"read {failed_dir / 'report.md'} for the measured differences")
+        stage(6, f"moving the finished build into {out}")
+        replace_dir(staging, out)
+    say(f"done in {time.perf_counter() - t_start:.1f}s: {out}")
+    return BuildResult(out=out, report=report, passed=passed)
+
+
+__all__ = ["BuildOptions", "BuildResult", "build", "resolve_source", "seeded_checkpoint", "STAGES",
+           "GamexportError"]

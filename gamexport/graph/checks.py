@@ -1,0 +1,73 @@
+"""Structural checks of a gamexport graph: the ONNX checker, the functions, the I/O contract.
+
+The ONNX checker does not notice a call to a missing function or a wrong attribute (ONNX Runtime does, at
+load), so the structure is asserted here explicitly, and the build loads every file in ONNX Runtime as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from ..config import GAMConfig, io_spec
+from ..errors import GraphError
+from .builder import FUNCTION_DOMAIN, IR_VERSION, META_GRAPH, OPSET
+
+FUNCTION_NAMES = ("CausalConv", "MemoryRead", "GatedFusion", "FeedForward", "Block")
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list:
+    return [d.dim_param if d.dim_param else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def structure_problems(model: onnx.ModelProto, cfg: GAMConfig) -> list[str]:
+    """Everything about ``model`` that breaks the gamexport graph contract (empty list: none)."""
+    problems = []
+    meta = {p.key: p.value for p in model.metadata_props}
+    kind = meta.get(META_GRAPH)
+    if kind not in ("prefill", "step"):
+        return [f"metadata {META_GRAPH!r} is {kind!r}, expected 'prefill' or 'step'"]
+    if model.ir_version != IR_VERSION:
+        problems.append(f"IR version {model.ir_version}, expected {IR_VERSION}")
+    opsets = {o.domain: o.version for o in model.opset_import}
+    if opsets.get("", opsets.get("ai.onnx")) != OPSET:
+        problems.append(f"default opset {opsets.get('')}, expected {OPSET}")
+    functions = {(f.domain, f.name): f for f in model.functions}
+    called = {(n.domain, n.op_type) for n in model.graph.node if n.domain == FUNCTION_DOMAIN}
+    for f in functions.values():
+        called |= {(n.domain, n.op_type) for n in f.node if n.domain == FUNCTION_DOMAIN}
+        f_opsets = {o.domain: o.version for o in f.opset_import}
+        if f_opsets.get("") != OPSET:
+            problems.append(f"function {f.name} imports opset {f_opsets.get('')}, expected {OPSET}")
+    missing = sorted(name for dom, name in called if (dom, name) not in functions)
+    if missing:
+        problems.append(f"calls to undefined functions: {', '.join(missing)}")
+    if functions:
+        absent = [n for n in FUNCTION_NAMES if (FUNCTION_DOMAIN, n) not in functions]
+        if absent:
+            problems.append(f"missing local functions: {', '.join(absent)}")
+        blocks = [n for n in model.graph.node if n.domain == FUNCTION_DOMAIN and n.op_type == "Block"]
+        if len(blocks) != cfg.n_layers:
+            problems.append(f"{len(blocks)} gam.Block calls, expected {cfg.n_layers}")
+    spec = io_spec(cfg, kind)
+    for label, actual, wanted in (("input", model.graph.input, spec["inputs"]),
+                                  ("output", model.graph.output, spec["outputs"])):
+        got = [(v.name, _dims(v)) for v in actual]
+        want = [(name, shape) for name, _, shape in wanted]
+        if got != want:
+            problems.append(f"graph {label}s {got}, expected {want}")
+    return problems
+
+
+def check_graph_file(path: Path, cfg: GAMConfig) -> None:
+    """Run the ONNX checker (full_check) and the structural checks on a file; raise GraphError on failure."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise GraphError(f"{Path(path).name} fails the ONNX checker: {str(exc).splitlines()[0]}",
+                         "this is a gamexport bug; please report it with --debug output") from exc
+    problems = structure_problems(onnx.load(str(path)), cfg)
+    if problems:
+        raise GraphError(f"{Path(path).name} breaks the graph contract: {'; '.join(problems)}",
+                         "this is a gamexport bug; please report it with --debug output")

@@ -1,0 +1,47 @@
+"""``manifest.json`` of a build folder: every file with its size and sha256, checked before loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from .errors import GamexportError
+from .fsutil import sha256_file
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(GamexportError):
+    """A build folder whose files do not match its manifest."""
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}", "pass a folder written by gamexport build") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}", "rebuild the folder with gamexport build") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ManifestError(f"{path} has no 'files' table", "rebuild the folder with gamexport build")
+    return data
+
+
+def verify(folder: Path, names: Iterable[str] | None = None) -> dict:
+    """Check files (all, or ``names``) against the manifest: present, same size, same sha256."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    files = manifest["files"]
+    for name in (names if names is not None else files):
+        entry = files.get(name)
+        if entry is None:
+            raise ManifestError(f"{name} is not listed in {folder / MANIFEST_NAME}", "rebuild the folder")
+        path = folder / name
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing", "rebuild the folder with gamexport build")
+        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+            raise ManifestError(f"{path} does not match its manifest entry (changed or corrupt)",
+                                "rebuild the folder with gamexport build")
+    return manifest

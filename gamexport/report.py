@@ -1,0 +1,90 @@
+"""The build report: ``report.json`` (versioned, validated by ``report.schema.json``) and ``report.md``.
+
+Row keys: ``runtime`` ∈ RUNTIMES, ``precision`` ∈ PRECISIONS, ``graph`` ∈ {prefill, step}, ``batch``,
+``seq_len``. Parity rows carry the metrics of ``gamexport.parity`` with their tolerances and ``passed``;
+latency rows carry p50/p90/p99 ms and tokens/s; skipped rows say why something was not run.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+SCHEMA_VERSION = 1
+RUNTIMES = ("eager", "eager-compile", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
+GRAPHS = ("prefill", "step")
+
+
+def schema() -> dict:
+    """The JSON Schema of report.json (shipped beside this module)."""
+    return json.loads(resources.files("gamexport").joinpath("report.schema.json").read_text(encoding="utf-8"))
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    """A report a person can read: what was built, whether it matches eager, and how fast it runs."""
+    src = report["source"]
+    cfg = report["config"]
+    lines = [
+        "# gamexport build report",
+        "",
+        f"- **Result:** {'PASSED' if report['passed'] else 'FAILED'} — "
+        f"{sum(r['passed'] for r in report['parity'])}/{len(report['parity'])} parity checks passed",
+        f"- **Source:** `{src['path']}` (sha256 `{src['sha256'][:16]}…`)"
+        + ("" if src.get("trained") else " — **untrained seeded weights**: parity is exact math, "
+           "but generated text is noise"),
+        f"- **Model:** GAM, vocab {cfg['vocab_size']}, d {cfg['d_model']}, {cfg['n_layers']} layers, "
+        f"{cfg['n_slots']} memory slots, kernel {cfg['kernel_size']}, {cfg['max_positions']} positions — "
+        f"{report['parameters']:,} parameters",
+        f"- **Streaming:** receptive field {report['receptive_field']} tokens; state per sequence "
+        f"{report['state_floats']:,} floats (no KV cache)",
+        f"- **Machine:** {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['threads']} threads",
+        "",
+        "## Parity",
+        "",
+        "Each row compares a runtime's logits with a reference on the same tokens. `max abs` passes when "
+        "≤ limit = tol·max(1, max|ref|); top-1 counts only positions whose reference top-1/top-2 margin ≥ δ; "
+        "KL is the mean KL(ref‖test) of next-token distributions in nats.",
+        "",
+        "| runtime | graph | artifact | vs | input | B×T | max abs (limit) | cosine | top-1 (counted) "
+        "| KL mean (limit) | state max abs | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["parity"]:
+        tol = r["tolerances"]
+        lines.append(
+            f"| {r['runtime']} {r['precision']} | {r['graph']} | {r['artifact']} | {r['reference']} | {r['input']} "
+            f"| {r['batch']}×{r['seq_len']} | {_fmt(r.get('max_abs_diff'))} ({_fmt(r.get('max_abs_limit'))}) "
+            f"| {_fmt(r.get('cosine'), '.9f')} | {_fmt(r.get('top1_agreement'))} ({_fmt(r.get('top1_counted'))}) "
+            f"| {_fmt(r.get('kl_mean'))} ({_fmt(tol['kl'])}) | {_fmt(r.get('state_max_abs_diff'))} "
+            f"| {'pass' if r['passed'] else 'FAIL ' + ', '.join(r.get('failed_checks', []))} |")
+    lines += [
+        "",
+        "## Latency",
+        "",
+        f"Measured in this run on {report['machine']['threads']} threads; a benchmark, not a test. "
+        "`noisy` marks runs whose (p90−p10)/p50 exceeds 0.3.",
+        "",
+        "| runtime | precision | mode | B×T | p50 ms | p90 ms | p99 ms | tokens/s | vs eager | runs | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["latency"]:
+        lines.append(
+            f"| {r['runtime']} | {r['precision']} | {r['mode']} | {r['batch']}×{r['seq_len']} | {r['p50_ms']:.3f} "
+            f"| {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['tokens_per_s']:.1f} "
+            f"| {_fmt(r.get('speedup_vs_eager'), '.2f')}× | {r['runs']} | {'noisy' if r['noisy'] else ''} |")
+    if report["skipped"]:
+        lines += ["", "## Not run", ""]
+        lines += [f"- {r['runtime']} {r.get('precision', '')}: {r['reason']}" for r in report["skipped"]]
+    lines += ["", "## Files", "", "See `manifest.json` for sizes and sha256 of every file.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Training presets: a model shape plus the optimisation recipe that goes with it.
+
+``paper`` is the paper's recipe (GPU-sized: 22.6M parameters, 5 epochs). ``small`` and ``tiny`` are for CPU:
+``small`` trains in minutes on two cores, ``tiny`` in seconds (tests). ``demo`` is the recipe of the bundled
+demo model (``gamexport/demo``). Model shapes come from ``gamexport.config.PRESETS``; the embedding size is then
+set to the trained tokenizer's real vocabulary, which can be a little smaller than ``vocab_size`` on small data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gamexport.config import PRESETS, GAMConfig
+from gamexport.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    name: str
+    model: GAMConfig            # shape (vocab_size is replaced by the tokenizer's size)
+    vocab_size: int             # tokenizer target size
+    batch_size: int             # sequences per step
+    seq_len: int                # T: tokens per sequence (chunks of T+1 hold input and target)
+    epochs: int                 # passes over the training chunks (unless max_steps says otherwise)
+    lr: float = 3e-4            # peak learning rate, reached after warmup_steps, then cosine to 0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1   # AdamW, on every parameter (as the paper)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    eval_every: int = 200       # steps between validation passes (and one at the end)
+    checkpoint_every: int = 500 # steps between checkpoints (and one at the end)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.seq_len > self.model.max_positions:
+            raise ConfigError(f"preset {self.name}: seq_len {self.seq_len} exceeds the model's "
+                              f"{self.model.max_positions} positions", "shorten seq_len")
+
+
+TRAIN_PRESETS: dict[str, TrainPreset] = {
+    "paper": TrainPreset(
+        "paper", PRESETS["paper"], vocab_size=10_000, batch_size=32, seq_len=256, epochs=5,
+        lr=3e-4, warmup_steps=100, eval_every=500, checkpoint_every=500,
+        description="the paper's recipe: d 512, L 6, S 512, batch 32 × 256, AdamW 3e-4, 5 epochs (a GPU job)"),
+    "small": TrainPreset(
+        "small", PRESETS["small"], vocab_size=4096, batch_size=16, seq_len=128, epochs=2,
+        lr=1e-3, warmup_steps=100, eval_every=200, checkpoint_every=500,
+        description="d 128, L 4, S 128, batch 16 × 128, AdamW 1e-3: a few minutes per epoch of TinyStories on CPU"),
+    "tiny": TrainPreset(
+        "tiny", PRESETS["tiny"], vocab_size=300, batch_size=8, seq_len=32, epochs=1,
+        lr=3e-3, warmup_steps=5, eval_every=10, checkpoint_every=10,
+        description="d 32, L 2, S 16: every code path in seconds (tests)"),
+}
+
+
+def train_preset(name: str) -> TrainPreset:
+    try:
+        return TRAIN_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown training preset {name!r}",
+                          f"choose one of: {', '.join(TRAIN_PRESETS)}") from None
