@@ -96,10 +96,19 @@ def _read_text(path: Path) -> str:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check the path and its permissions") from exc
 
 
+def is_named(dataset: str) -> bool:
+    """True for the names of the shared datasets ("wikitext2" / "wikitext-2", "tinystories")."""
+    return _key(dataset) in DATASET_NAMES
+
+
+def _key(dataset: str) -> str:
+    return dataset.lower().replace("-", "").replace("_", "")
+
+
 def load_corpus(dataset: str, data_dir: str | os.PathLike | None = None,
                 valid_fraction: float = VALID_FRACTION) -> Corpus:
     """Resolve ``dataset`` (a name in ``DATASET_NAMES`` or a path) to its training and validation documents."""
-    key = dataset.lower().replace("-", "").replace("_", "")
+    key = _key(dataset)
     if key in DATASET_NAMES:
         root = Path(data_dir) if data_dir is not None else default_data_dir()
         if root is None:

@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny preset's seeded weights and one build folder made from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gamexport.config import PRESETS, GAMConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> GAMConfig:
+    return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_cfg) -> dict[str, np.ndarray]:
+    from gamexport.model import build_model, state_dict_numpy
+
+    weights = state_dict_numpy(build_model(tiny_cfg, seed=0))
+    # Seeded init leaves biases and LayerNorm affine at 0/1; randomise them so every term is exercised.
+    rng = np.random.default_rng(123)
+    for name, value in weights.items():
+        if name.endswith(("bias", "ln1.weight", "ln2.weight", "ln_f.weight")):
+            weights[name] = (value + rng.normal(0, 0.2, value.shape)).astype(np.float32)
+    return weights
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:
+    """A complete build folder of the tiny model (latency measured briefly)."""
+    from gamexport.checkpoint import save_checkpoint
+    from gamexport.engines.pipeline import BuildOptions, build
+
+    src = tmp_path_factory.mktemp("tiny_ckpt")
+    save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})
+    out = tmp_path_factory.mktemp("builds") / "tiny"
+    build(BuildOptions(source=str(src), out=out, threads=1, latency_runs=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def eager_tiny(tiny_cfg, tiny_weights):
+    from gamexport.engines.eager import EagerRunner
+
+    return EagerRunner(tiny_cfg, tiny_weights, threads=1)

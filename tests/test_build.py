@@ -1,0 +1,100 @@
+"""The build pipeline's guarantees: report schema, determinism, failing parity, and interrupted builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from gamexport.engines.pipeline import STAGES, BuildOptions, build
+from gamexport.errors import ParityError
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_report_matches_its_schema(tiny_build):
+    from gamexport.report import schema
+
+    report = json.loads((tiny_build / "report.json").read_text())
+    jsonschema.validate(report, schema())
+    broken = dict(report, parity=[dict(report["parity"][0], runtime="onnxruntime-gpu")])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema())
+
+
+def test_report_states_tolerance_beside_each_value(tiny_build):
+    report = json.loads((tiny_build / "report.json").read_text())
+    for row in report["parity"]:
+        assert row["passed"]
+        assert row["max_abs_diff"] <= row["tolerances"]["max_abs"] * max(1.0, 1.0) or row["max_abs_limit"]
+        assert row["kl_mean"] <= row["tolerances"]["kl"]
+        assert row["top1_agreement"] >= row["tolerances"]["top1"]
+    graphs = {(r["runtime"], r["graph"]) for r in report["parity"]}
+    assert {("eager", "prefill"), ("eager", "step"), ("onnxruntime-cpu", "prefill"),
+            ("onnxruntime-cpu", "step")} <= graphs
+    md = (tiny_build / "report.md").read_text()
+    assert "float64-numpy" in md and "PASSED" in md
+
+
+def test_onnx_files_are_deterministic(tiny_build, tmp_path):
+    other = tmp_path / "again"
+    src = json.loads((tiny_build / "config.json").read_text())["source"]["path"]
+    build(BuildOptions(source=src, out=other, threads=1, latency=False))
+    for name in ("model.onnx", "step.onnx", "model.inlined.onnx", "step.inlined.onnx", "config.json"):
+        assert (other / name).read_bytes() == (tiny_build / name).read_bytes(), name
+
+
+def test_failing_parity_keeps_previous_output(tiny_build, tmp_path, monkeypatch):
+    from gamexport import parity
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_build, out)
+    before = _snapshot(out)
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerance(max_abs=1e-12, kl=1e-6, top1=1.0, margin=1e-3,
+                                                                     reason="test: impossible"))
+    src = json.loads((tiny_build / "config.json").read_text())["source"]["path"]
+    with pytest.raises(ParityError) as err:
+        build(BuildOptions(source=src, out=out, threads=1, latency=False))
+    assert "parity checks failed" in err.value.line() and "out.failed" in err.value.line()
+    assert _snapshot(out) == before
+    failed = json.loads((tmp_path / "out.failed" / "report.json").read_text())
+    assert failed["passed"] is False
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_killed_build_leaves_previous_output_intact(tiny_build, tmp_path, stage):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_build, out)
+    before = _snapshot(out)
+    marker = tmp_path / "paused"
+    env = {**os.environ, "GAMEXPORT_TEST_PAUSE_AT": stage, "GAMEXPORT_TEST_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "gamexport.cli.main", "build", "--preset", "tiny", "--out",
+                             str(out), "--threads", "1", "--no-latency"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "build ended before reaching the stage"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _snapshot(out) == before
+    # The next build replaces it completely and leaves nothing stray beside it.
+    build(BuildOptions(preset="tiny", out=out, threads=1, latency=False))
+    assert json.loads((out / "report.json").read_text())["passed"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.lock")) == ["out", "paused"]

@@ -1,0 +1,133 @@
+"""The custom ONNX graph: structure, opset/IR pins, dynamic axes, determinism, and ONNX Runtime parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS
+from gamexport.graph import FUNCTION_DOMAIN, IR_VERSION, OPSET, build_graph, inline
+from gamexport.graph.builder import serialize
+from gamexport.graph.checks import FUNCTION_NAMES, structure_problems
+from gamexport.model import build_model
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_cfg, tiny_weights):
+    return {kind: build_graph(tiny_cfg, tiny_weights, kind, source_sha256="abc") for kind in ("prefill", "step")}
+
+
+def _session(model):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(serialize(model), so, providers=["CPUExecutionProvider"])
+
+
+def test_pins_and_checker(graphs, tiny_cfg):
+    for model in graphs.values():
+        assert model.ir_version == IR_VERSION == 10
+        assert {o.domain: o.version for o in model.opset_import}[""] == OPSET == 20
+        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(inline(model), full_check=True)
+        assert structure_problems(model, tiny_cfg) == []
+        assert structure_problems(inline(model), tiny_cfg) == []
+
+
+def test_one_function_per_path_and_weights_as_initializers(graphs, tiny_cfg, tiny_weights):
+    model = graphs["prefill"]
+    names = {(f.domain, f.name) for f in model.functions}
+    assert names == {(FUNCTION_DOMAIN, n) for n in FUNCTION_NAMES}
+    block = next(f for f in model.functions if f.name == "Block")
+    assert [n.op_type for n in block.node if n.domain == FUNCTION_DOMAIN] == [
+        "CausalConv", "MemoryRead", "GatedFusion", "FeedForward"]
+    assert not any(n.op_type == "Constant" and n.attribute[0].t.dims and n.attribute[0].t.dims[0] > 8
+                   for f in model.functions for n in f.node), "weights must not live inside functions"
+    inits = {i.name for i in model.graph.initializer}
+    assert inits == set(tiny_weights)  # state_dict names, tied head stored once
+    calls = [n for n in model.graph.node if n.domain == FUNCTION_DOMAIN]
+    assert [n.op_type for n in calls] == ["Block"] * tiny_cfg.n_layers
+    mem = next(f for f in model.functions if f.name == "MemoryRead")
+    assert [n.op_type for n in mem.node] == ["Transpose", "MatMul", "Softmax", "MatMul"]  # no scaling
+    inlined = inline(model)
+    assert not inlined.functions and all(n.domain != FUNCTION_DOMAIN for n in inlined.graph.node)
+
+
+def test_structure_check_catches_a_missing_function(graphs, tiny_cfg):
+    broken = onnx.ModelProto()
+    broken.CopyFrom(graphs["prefill"])
+    keep = [f for f in broken.functions if f.name != "MemoryRead"]
+    del broken.functions[:]
+    broken.functions.extend(keep)
+    problems = structure_problems(broken, tiny_cfg)
+    assert any("MemoryRead" in p for p in problems)
+
+
+def test_metadata(graphs, tiny_cfg):
+    meta = {p.key: p.value for p in graphs["step"].metadata_props}
+    assert meta["gamexport.graph"] == "step"
+    assert meta["gamexport.source_sha256"] == "abc"
+    assert "gamexport.version" in meta
+    from gamexport.graph import read_graph_config
+    assert read_graph_config(graphs["step"])[0] == tiny_cfg
+
+
+def test_byte_identical_rebuilds(tiny_cfg, tiny_weights):
+    for kind in ("prefill", "step"):
+        a = serialize(build_graph(tiny_cfg, tiny_weights, kind))
+        b = serialize(build_graph(tiny_cfg, {k: v.copy() for k, v in tiny_weights.items()}, kind))
+        assert a == b
+        assert serialize(inline(build_graph(tiny_cfg, tiny_weights, kind))) == serialize(
+            inline(build_graph(tiny_cfg, tiny_weights, kind)))
+
+
+@pytest.mark.parametrize("length_name", ["1", "2", "k", "P"])
+def test_dynamic_axes_prefill_parity(graphs, tiny_cfg, tiny_weights, length_name):
+    T = {"1": 1, "2": 2, "k": tiny_cfg.kernel_size, "P": tiny_cfg.max_positions}[length_name]
+    sess = _session(graphs["prefill"])
+    model = build_model(tiny_cfg, tiny_weights)
+    for batch in (1, 3):
+        ids = np.random.default_rng(T + batch).integers(0, tiny_cfg.vocab_size, size=(batch, T))
+        logits, state = sess.run(None, {INPUT_IDS: ids})
+        with torch.no_grad():
+            ref_logits, ref_state = model.prefill(torch.from_numpy(ids))
+        assert logits.shape == (batch, T, tiny_cfg.vocab_size)
+        assert state.shape == (batch, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model)
+        np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(state, ref_state.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,m", [(0, 1), (0, 3), (1, 2), (2, 5), (5, 6), (10, 64), (63, 64)])
+def test_step_graph_chunks_equal_prefill(graphs, tiny_cfg, n, m):
+    pre, step = _session(graphs["prefill"]), _session(graphs["step"])
+    ids = np.random.default_rng(n + 7 * m).integers(0, tiny_cfg.vocab_size, size=(2, 64))
+    full, _ = pre.run(None, {INPUT_IDS: ids})
+    if n == 0:
+        state = np.zeros((2, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model), np.float32)
+    else:
+        state = pre.run(None, {INPUT_IDS: ids[:, :n]})[1]
+    chunk, new_state = step.run(None, {INPUT_IDS: ids[:, n:m], POSITION_IDS: np.full((2, 1), n, np.int64),
+                                       CONV_STATE: state})
+    np.testing.assert_allclose(chunk, full[:, n:m], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(new_state, pre.run(None, {INPUT_IDS: ids[:, :m]})[1], rtol=0, atol=1e-5)
+
+
+def test_step_graph_rows_at_different_positions(graphs, tiny_cfg, tiny_weights):
+    """position_ids is per row: a server can batch sequences that are at different points."""
+    step = _session(graphs["step"])
+    model = build_model(tiny_cfg, tiny_weights)
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, tiny_cfg.vocab_size, size=(2, 30))
+    na, nb = 4, 17
+    with torch.no_grad():
+        sa = model.prefill(torch.from_numpy(a[None, :na]))[1]
+        sb = model.prefill(torch.from_numpy(b[None, :nb]))[1]
+        ra = model.prefill(torch.from_numpy(a[None, :na + 3]))[0][:, na:]
+        rb = model.prefill(torch.from_numpy(b[None, :nb + 3]))[0][:, nb:]
+    ids = np.stack([a[na:na + 3], b[nb:nb + 3]])
+    logits, _ = step.run(None, {INPUT_IDS: ids, POSITION_IDS: np.array([[na], [nb]], np.int64),
+                                CONV_STATE: torch.cat([sa, sb]).numpy()})
+    np.testing.assert_allclose(logits, torch.cat([ra, rb]).numpy(), rtol=0, atol=1e-5)

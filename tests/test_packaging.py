@@ -1,0 +1,85 @@
+"""One import package; optional dependencies stay optional; the ONNX Runtime path never imports torch."""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import gamexport
+
+
+def _python(code: str, cwd: str = "/") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_bare_top_level_names_are_not_importable():
+    for name in ("engines", "training", "cli"):
+        proc = _python(f"import {name}")
+        assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, name
+
+
+def test_subpackages_install_under_gamexport():
+    import gamexport.cli
+    import gamexport.engines
+    import gamexport.training  # noqa: F401
+
+    assert gamexport.engines.__name__ == "gamexport.engines"
+
+
+BLOCKER = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def __init__(self, names): self.names = names
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in self.names:
+            raise ImportError(f'{name} is blocked by the test')
+sys.meta_path.insert(0, Block(NAMES))
+"""
+
+
+def test_every_module_imports_without_optional_dependencies():
+    """Polygraphy-style: importing any module must not need tensorrt, pycuda or matplotlib."""
+    import gamexport.cli
+    import gamexport.engines
+    import gamexport.training
+
+    modules = []
+    for pkg in (gamexport, gamexport.engines, gamexport.cli, gamexport.training):
+        modules += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+    assert "gamexport.engines.ort" in modules and "gamexport.cli.main" in modules
+    code = BLOCKER.replace("NAMES", repr({"tensorrt", "pycuda", "cuda", "matplotlib"})) + textwrap.dedent(f"""
+        import importlib
+        for name in {modules!r}:
+            importlib.import_module(name)
+        print('ok')
+    """)
+    proc = _python(code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_ort_generation_runs_with_torch_blocked(tiny_build):
+    code = BLOCKER.replace("NAMES", repr({"torch"})) + textwrap.dedent(f"""
+        import sys
+        sys.argv = ['gamexport', 'generate', {str(tiny_build)!r}, '--ids', '1,2,3', '--max-new-tokens', '5']
+        from gamexport.cli.main import main
+        try:
+            main()
+        except SystemExit as e:
+            assert not e.code, e.code
+        assert 'torch' not in sys.modules
+    """)
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().split(",")) == 5
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="checks the installed console script; CI installs it")
+def test_console_script_is_installed():
+    proc = subprocess.run(["gamexport", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and gamexport.__version__ in proc.stdout

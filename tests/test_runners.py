@@ -1,0 +1,99 @@
+"""The runner interface: bounds refused in one line, the shared sampler, eager and ONNX Runtime agreeing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gamexport.errors import InputError
+from gamexport.sampling import Sampler, SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def ort_tiny(tiny_build):
+    from gamexport.engines.ort import OrtRunner
+
+    return OrtRunner.from_folder(tiny_build, threads=1)
+
+
+@pytest.fixture(params=["eager", "ort"])
+def runner(request, eager_tiny, ort_tiny):
+    return eager_tiny if request.param == "eager" else ort_tiny
+
+
+@pytest.mark.parametrize("ids,needle", [
+    ([[1, 2, 97]], "token id 97 is outside the vocabulary [0, 97)"),
+    ([[-1, 2]], "token id -1 is outside"),
+    ([[]], "non-empty"),
+    ([[1.5, 2.0]], "must be integers"),
+])
+def test_bad_ids_refused(runner, ids, needle):
+    with pytest.raises(InputError) as err:
+        runner.prefill(np.asarray(ids))
+    assert needle in err.value.line() and "\n" not in err.value.line()
+
+
+def test_positions_past_P_refused(runner, tiny_cfg):
+    P = tiny_cfg.max_positions
+    state = runner.empty_state(1)
+    with pytest.raises(InputError, match="exceed the model's 64 learned positions"):
+        runner.prefill(np.zeros((1, P + 1), np.int64))
+    with pytest.raises(InputError, match="exceed"):
+        runner.step(np.zeros((1, 2), np.int64), [[P - 1]], state)
+    with pytest.raises(InputError, match="exceed"):
+        runner.step(np.zeros((1, 1), np.int64), [[-1]], state)  # ORT's Gather would wrap -1 silently
+    logits, _ = runner.step(np.zeros((1, 1), np.int64), [[P - 1]], state)  # the last position is fine
+    assert logits.shape == (1, 1, tiny_cfg.vocab_size)
+
+
+def test_wrong_state_shape_refused(runner):
+    with pytest.raises(InputError, match="conv_state has shape"):
+        runner.step(np.zeros((1, 1), np.int64), [[0]], np.zeros((1, 1, 1, 1), np.float32))
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=1.3, top_k=10, seed=4),
+                                      SamplingConfig(temperature=0.9, top_p=0.8, seed=9)],
+                         ids=["greedy", "top-k", "top-p"])
+def test_runners_generate_the_same_tokens(eager_tiny, ort_tiny, sampling):
+    a = eager_tiny.generate([3, 1, 4, 1, 5], 30, sampling)
+    b = ort_tiny.generate([3, 1, 4, 1, 5], 30, sampling)
+    assert a == b and len(a) == 30
+
+
+def test_generation_stops_at_P_and_at_stop_ids(eager_tiny, tiny_cfg):
+    P = tiny_cfg.max_positions
+    out = eager_tiny.generate(list(range(P - 3)), 100)
+    assert len(out) == 4  # tokens at positions P-3 .. P: the last one needs no feeding
+    first = eager_tiny.generate([1, 2], 5)
+    stopped = eager_tiny.generate([1, 2], 5, stop_ids=[first[1]])
+    assert stopped == first[:2]
+
+
+def test_greedy_generation_matches_prefill_argmax(eager_tiny):
+    prompt = [7, 8, 9]
+    out = eager_tiny.generate(prompt, 6)
+    seq = prompt + out
+    logits, _ = eager_tiny.prefill(np.asarray([seq[:-1]]))
+    assert list(logits[0, len(prompt) - 1:].argmax(-1)) == out
+
+
+def test_sampler_filters_are_exact():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    # top-k 2: only tokens 0 and 1 ever appear, in ratio 5:3.
+    s = Sampler(SamplingConfig(temperature=1.0, top_k=2, seed=0))
+    draws = np.array([s(logits) for _ in range(4000)])
+    assert set(draws) == {0, 1}
+    assert abs((draws == 0).mean() - 0.5 / 0.8) < 0.03
+    # top-p 0.7: the smallest set with mass >= 0.7 is {0, 1}.
+    s = Sampler(SamplingConfig(temperature=1.0, top_p=0.7, seed=0))
+    assert set(s(logits) for _ in range(2000)) == {0, 1}
+    # temperature: same seed, same draws.
+    a = Sampler(SamplingConfig(temperature=0.7, seed=5))
+    b = Sampler(SamplingConfig(temperature=0.7, seed=5))
+    assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0}, {"top_p": 1.5}])
+def test_sampler_rejects_bad_settings(kwargs):
+    with pytest.raises(InputError):
+        SamplingConfig(**kwargs)

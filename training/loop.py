@@ -1,0 +1,447 @@
+"""The training loop: tokenizer → token streams → AdamW with warm-up and cosine decay → checkpoints you can resume.
+
+    from gamexport.training.loop import train
+    summary = train("tinystories", "small", "runs/ts-small", max_steps=2000, seed=0)
+
+What one run writes into its OUT folder:
+
+    OUT/
+      model.safetensors, config.json, tokenizer.json   the latest checkpoint's model: OUT is a SOURCE for
+                                                       `gamexport build OUT` and `gamexport generate OUT`
+      run.json                                         the run's arguments (what --resume continues)
+      metrics.jsonl                                    one line per step: step, epoch, train_loss, val_loss,
+                                                       val_ppl, tokens_per_s, lr (val_* null between evaluations)
+      loss.png, perplexity.png, summary.json           written at the end
+      checkpoints/step-000500/                         the last two checkpoints, each complete: model.safetensors,
+                                                       config.json, tokenizer.json, trainer_state.pt
+
+``trainer_state.pt`` holds the optimizer, the learning-rate schedule, the random-number generators (torch,
+numpy, python; converted to tensors and lists so that ``torch.load(weights_only=True)`` reads them) and the data
+position (epoch, batch index). A checkpoint folder is assembled under a temporary name and renamed into place,
+so a crash never leaves a half-written one.
+
+Resuming is exact: the chunk order of an epoch is a pure function of (seed, epoch), and everything else that
+decides the next step is in the checkpoint, so on CPU a run that is stopped and resumed produces the same losses
+and the same final weights, bit for bit, as one that never stopped (tested in tests/test_training_loop.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gamexport import __version__
+from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_checkpoint, save_checkpoint
+from gamexport.errors import GamexportError
+from gamexport.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, replace_dir
+from gamexport.model import GAM, build_model, state_dict_numpy
+from gamexport.tokenizer import Tokenizer
+
+from . import data
+from .presets import TrainPreset, train_preset
+from .tokenizer import save_tokenizer, train_tokenizer
+
+RUN_NAME = "run.json"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+STATE_NAME = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(GamexportError):
+    """A training run that cannot start or continue as asked."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C during training: the run can be continued from its last checkpoint with --resume."""
+
+
+# ---- learning-rate schedule ------------------------------------------------------------------------------------
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Learning rate of update number ``step`` (0-based): linear warm-up to ``peak``, then cosine to 0 at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- random-number generator state, in a form torch.load(weights_only=True) accepts ------------------------------
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()          # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
+    py_state = random.getstate()              # (version, tuple of 625 ints, gauss_next)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: GAM, tokens: np.ndarray, seq_len: int, batch_size: int, device: torch.device,
+             autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """Mean cross-entropy over every target token of the split, and its exponential (the perplexity)."""
+    was_training = model.training
+    model.eval()
+    total_nll, n_targets = 0.0, 0
+    for x, y in data.eval_batches(tokens, seq_len, batch_size):
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        with autocast():
+            logits, _ = model(x)                                                     # (b, t, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        total_nll += nll.item()
+        n_targets += y.numel()
+    model.train(was_training)
+    mean = total_nll / n_targets
+    return mean, math.exp(mean)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints under OUT/checkpoints, oldest first."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def save_training_checkpoint(out: Path, step: int, model: GAM, tokenizer: Tokenizer,
+                             trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write checkpoints/step-NNNNNN atomically, refresh OUT's own model files, keep the last two checkpoints."""
+    weights = state_dict_numpy(model)
+    folder = out / CHECKPOINTS
+    tmp = folder / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_checkpoint(tmp, model.config, weights, meta)                     # model.safetensors + config.json
+    save_tokenizer(tokenizer, tmp / TOKENIZER_NAME)
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
+    final = folder / f"step-{step:06d}"
+    replace_dir(tmp, final)
+    # OUT itself always holds the latest model, so it can be passed as a SOURCE to build and generate.
+    save_tokenizer(tokenizer, out / TOKENIZER_NAME)
+    save_checkpoint(out, model.config, weights, meta)
+    for _, old in list_checkpoints(out)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE_NAME
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"cannot read {path}: {first}",
+                            "the checkpoint is damaged; delete that step folder to resume from the one before") from exc
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+def _pick(name: str, given, saved: dict[str, Any], key: str, default=None):
+    """A run argument: on --resume the run's saved value (asking for a different one is an error)."""
+    if key not in saved:
+        return given if given is not None else default
+    if given is not None and given != saved[key]:
+        raise TrainingError(f"--resume continues a run started with {name} {saved[key]!r}, but {name} {given!r} "
+                            "was passed", f"drop {name} to resume; use a new --out for a different run")
+    return saved[key]
+
+
+def train(
+    dataset: str | None = None,
+    preset: str | None = None,
+    out: str | os.PathLike = "runs/gam",
+    max_steps: int | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    threads: int | None = None,
+    vocab_size: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train a GAM language model and return a summary (also written to OUT/summary.json).
+
+    dataset: "wikitext2", "tinystories" (looked up in ``data_dir``, default ../shared/data) or a text file/folder
+    (see ``gamexport.training.data``). preset: a name in ``TRAIN_PRESETS`` (default "small"). max_steps: the
+    run's length in optimizer steps (default: the preset's epochs); the cosine schedule ends there.
+    resume: continue the run in ``out`` from its latest checkpoint; dataset, preset, seed, max_steps and
+    vocab_size then default to the run's own and may not change. eval_every / checkpoint_every: steps between
+    validation passes / checkpoints (preset defaults; both also happen at the last step). threads: torch CPU
+    threads. vocab_size: tokenizer size instead of the preset's. device: "cpu" or "cuda" (default: cuda if
+    available, with bf16 or fp16 autocast). on_step: called with each step's metrics record.
+    """
+    started = time.time()
+    out = Path(out)
+    run_path = out / RUN_NAME
+    saved: dict[str, Any] = {}
+    resume_from: tuple[int, Path] | None = None
+    if resume:
+        if not run_path.is_file():
+            raise TrainingError(f"{out} holds no training run to resume ({RUN_NAME} is missing)",
+                                "drop --resume to start a new run there")
+        saved = json.loads(run_path.read_text(encoding="utf-8"))
+        checkpoints = list_checkpoints(out)
+        if not checkpoints:
+            raise TrainingError(f"{out} holds no checkpoint yet (the run stopped before its first one)",
+                                "start it again without --resume (delete the folder or pick another --out)")
+        resume_from = checkpoints[-1]
+    elif run_path.exists() or list_checkpoints(out):
+        raise TrainingError(f"{out} already holds a training run",
+                            "pass --resume to continue it, or choose another --out")
+
+    if dataset is not None and not data.is_named(dataset):
+        dataset = str(Path(dataset).expanduser().resolve())   # stored absolute, so --resume works from anywhere
+    dataset = _pick("--dataset", dataset, saved, "dataset")
+    if dataset is None:
+        raise TrainingError("no dataset given", "pass --dataset wikitext2, tinystories or a text file/folder")
+    preset_name = _pick("--preset", preset, saved, "preset", default="small")
+    seed = _pick("--seed", seed, saved, "seed", default=0)
+    max_steps = _pick("--max-steps", max_steps, saved, "max_steps")
+    vocab_size = _pick("vocab_size", vocab_size, saved, "vocab_size")
+    if data_dir is None:
+        data_dir = saved.get("data_dir") or (data.default_data_dir() if data.is_named(dataset) else None)
+    recipe: TrainPreset = train_preset(preset_name)
+    # These may change on --resume (they do not alter the arithmetic); by default the run keeps its own.
+    eval_every = eval_every or saved.get("eval_every") or recipe.eval_every
+    checkpoint_every = checkpoint_every or saved.get("checkpoint_every") or recipe.checkpoint_every
+    threads = threads or saved.get("threads")
+    for name, value in (("--max-steps", max_steps), ("--eval-every", eval_every),
+                        ("--checkpoint-every", checkpoint_every), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise TrainingError(f"{name} must be at least 1, got {value}", f"pass a positive {name}")
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp_dtype = None
+    if dev.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast():
+        return torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    seed_everything(seed)
+
+    # ---- data and tokenizer ----
+    corpus = data.load_corpus(dataset, data_dir)
+    if resume and saved.get("files") and saved["files"] != corpus.files:
+        raise TrainingError(f"the files of dataset {dataset!r} changed since the run started",
+                            "restore the original files to resume, or start a new run")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / CHECKPOINTS).glob(".tmp-step-*"):      # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    if resume:
+        tokenizer = Tokenizer.from_file(resume_from[1] / TOKENIZER_NAME)
+    else:
+        tokenizer = train_tokenizer(corpus.train, vocab_size or recipe.vocab_size)   # training split only
+        save_tokenizer(tokenizer, out / TOKENIZER_NAME)
+    train_tokens = data.encode_documents(tokenizer, corpus.train)
+    valid_tokens = data.encode_documents(tokenizer, corpus.valid)
+    T, B = recipe.seq_len, recipe.batch_size
+    n_chunks = data.n_train_chunks(len(train_tokens), T)
+    if n_chunks == 0:
+        raise TrainingError(f"the training split has {len(train_tokens)} tokens, fewer than one sequence of {T + 1}",
+                            "use more text, or a preset with a shorter sequence")
+    if len(valid_tokens) < 2:
+        raise TrainingError("the validation split has fewer than 2 tokens", "use a longer validation text")
+    steps_per_epoch = data.batches_per_epoch(n_chunks, B)
+    total_steps = max_steps or recipe.epochs * steps_per_epoch
+    warmup = min(recipe.warmup_steps, max(1, total_steps // 2))
+
+    # ---- model and optimizer ----
+    cfg = recipe.model.replace(vocab_size=tokenizer.vocab_size)
+    model = build_model(cfg, seed=seed).to(dev).train()        # train mode: dropout active
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas,
+                                  weight_decay=recipe.weight_decay)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    step, epoch, batch_index = 0, 0, 0
+    metrics_path = out / METRICS_NAME
+    if resume:
+        step, folder = resume_from
+        ckpt = load_checkpoint(folder)
+        model.load_state_dict({**{k: torch.from_numpy(v) for k, v in ckpt.weights.items()},
+                               "head.weight": torch.from_numpy(ckpt.weights["token_embedding.weight"])})
+        state = load_trainer_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        epoch, batch_index = state["epoch"], state["batch_index"]
+        set_rng_state(state["rng"])
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]    # drop steps after the checkpoint
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        atomic_write_json(run_path, {
+            "dataset": dataset, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+            "preset": preset_name, "seed": seed, "max_steps": max_steps, "vocab_size": vocab_size,
+            "eval_every": eval_every, "checkpoint_every": checkpoint_every, "threads": threads,
+            "files": corpus.files, "gamexport_version": __version__})
+        metrics_path.write_text("", encoding="utf-8")
+
+    recipe_record = {"batch_size": B, "seq_len": T, "lr": recipe.lr, "betas": list(recipe.betas),
+                     "weight_decay": recipe.weight_decay, "warmup_steps": warmup, "schedule": "linear warm-up, cosine to 0",
+                     "grad_clip": recipe.grad_clip, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                     "dropout": cfg.dropout, "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"}
+    tokenizer_record = {"file": TOKENIZER_NAME, "type": "byte-level BPE (Hugging Face tokenizers)",
+                        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "trained_on": "training split only"}
+
+    def meta(val_loss: float | None, val_ppl: float | None) -> dict[str, Any]:
+        return {"trained": True, "preset": preset_name, "seed": seed, "step": step,
+                "epoch": round(step / steps_per_epoch, 4), "val_loss": val_loss, "val_ppl": val_ppl,
+                "dataset": corpus.record(), "tokenizer": tokenizer_record,
+                "training": recipe_record, "gamexport_version": __version__}
+
+    def trainer_state() -> dict[str, Any]:
+        return {"step": step, "epoch": epoch, "batch_index": batch_index, "seed": seed,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "scheduler": {"kind": "warmup_cosine", "peak_lr": recipe.lr, "warmup_steps": warmup,
+                              "total_steps": total_steps},
+                "rng": rng_state()}
+
+    # ---- the loop ----
+    start_step = step
+    last_val = (None, None)
+    last_checkpoint = step if resume else None
+    session_tokens, session_time = 0, 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, file=sys.stderr, unit="step", dynamic_ncols=True,
+                   desc=f"train {corpus.name}/{preset_name}")
+    order_epoch, order = -1, None
+    try:
+        with metrics_path.open("a", encoding="utf-8") as metrics_file:
+            while step < total_steps:
+                if order_epoch != epoch:
+                    order, order_epoch = data.epoch_order(n_chunks, seed, epoch), epoch
+                x, y = data.train_batch(train_tokens, order, batch_index, B, T)       # 2 × (b, T)
+                x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+                lr = lr_at(step, recipe.lr, warmup, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                t0 = time.perf_counter()
+                with autocast():
+                    _, loss = model(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                train_loss = loss.item()                                               # waits for the step
+                dt = time.perf_counter() - t0
+                session_tokens += y.numel()
+                session_time += dt
+
+                step += 1
+                batch_index += 1
+                if batch_index == steps_per_epoch:
+                    epoch, batch_index = epoch + 1, 0
+                if not math.isfinite(train_loss):
+                    raise TrainingError(f"the training loss became {train_loss} at step {step}",
+                                        "lower the learning rate or resume from an earlier checkpoint")
+
+                do_checkpoint = step % checkpoint_every == 0 or step == total_steps
+                do_eval = do_checkpoint or step % eval_every == 0
+                val_loss = val_ppl = None
+                if do_eval:
+                    val_loss, val_ppl = evaluate(model, valid_tokens, T, B, dev, autocast)
+                    last_val = (val_loss, val_ppl)
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": train_loss,
+                          "val_loss": val_loss, "val_ppl": val_ppl, "tokens_per_s": round(y.numel() / dt, 1),
+                          "lr": lr}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if do_checkpoint:
+                    save_training_checkpoint(out, step, model, tokenizer, trainer_state(), meta(*last_val))
+                    last_checkpoint = step
+                if bar is not None:
+                    postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{session_tokens / session_time:,.0f}"}
+                    if last_val[1] is not None:
+                        postfix["val_ppl"] = f"{last_val[1]:.2f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+                if on_step is not None:
+                    on_step(record)
+    except KeyboardInterrupt:
+        where = (f"the last checkpoint is step {last_checkpoint}; continue with the same command and --resume"
+                 if last_checkpoint is not None else "no checkpoint was written yet; start the run again")
+        raise TrainingInterrupted(f"training interrupted at step {step}", where) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---- the end: plots and summary ----
+    from .plots import plot_metrics
+
+    if last_val[0] is None:            # resumed at the last step: nothing ran, evaluate for the summary
+        last_val = evaluate(model, valid_tokens, T, B, dev, autocast)
+    plots = plot_metrics(read_metrics(metrics_path), out)
+    summary = {
+        "out": str(out), "steps": step, "total_steps": total_steps, "epochs": round(step / steps_per_epoch, 4),
+        "resumed_from": start_step if resume else None, "val_loss": last_val[0], "val_ppl": last_val[1],
+        "tokens_per_s": round(session_tokens / session_time, 1) if session_time else None,
+        "wall_s": round(time.time() - started, 1), "device": str(dev), "threads": torch.get_num_threads(),
+        "params": model.num_parameters(), "preset": preset_name, "seed": seed, "config": cfg.to_dict(),
+        "dataset": corpus.record(), "tokens": {"train": int(len(train_tokens)), "valid": int(len(valid_tokens))},
+        "tokenizer": tokenizer_record, "training": recipe_record,
+        "weights": str(out / WEIGHTS_NAME), "config_file": str(out / CONFIG_NAME),
+        "plots": [str(p) for p in plots],
+    }
+    atomic_write_json(out / SUMMARY_NAME, summary)
+    return summary
