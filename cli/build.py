@@ -20,6 +20,8 @@ def build(
                                                     "preset (paper, small, tiny).")] = None,
     threads: ThreadsOption = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
+    prefill_len: Annotated[list[int] | None, typer.Option(
+        "--prefill-len", help="Batch-1 prefill length to time (repeatable; default min(256, P)).")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Export a GAM checkpoint to ONNX (prefill + streaming step graphs), check parity, measure latency.
@@ -33,13 +35,18 @@ def build(
         from gamexport.engines.pipeline import BuildOptions, build as run_build
 
         result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
-                                        latency=latency, progress=say))
+                                        latency=latency, prefill_lengths=tuple(prefill_len or ()),
+                                        progress=say))
         rep = result.report
         n = len(rep["parity"])
         print(f"parity: {sum(r['passed'] for r in rep['parity'])}/{n} checks passed")
         for row in rep["latency"]:
-            print(f"latency: {row['runtime']:<16} {row['mode']:<7} p50 {row['p50_ms']:8.3f} ms  "
-                  f"{row['tokens_per_s']:10.1f} tokens/s  ({row['speedup_vs_eager']:.2f}× eager)")
+            print(f"latency: {row['runtime']:<16} {row['mode']:<7} B{row['batch']}×{row['seq_len']:<4} "
+                  f"p50 {row['p50_ms']:8.3f} ms {row['tokens_per_s']:10.1f} tokens/s "
+                  f"({row['speedup_vs_eager']:.2f}× eager)" + ("  [noisy]" if row["noisy"] else ""))
+        if any(row["noisy"] for row in rep["latency"]):
+            say("warning: some timings are too noisy to trust ((p90-p10)/p50 > 0.3); is other work sharing "
+                "the cores? Rerun on a quiet machine.")
         print(f"report: {result.out / 'report.md'}")
 
     run(body, debug)

@@ -40,6 +40,7 @@ class BuildOptions:
     threads: int | None = None     # ONNX Runtime and torch intra-op threads (None: all cores)
     latency: bool = True
     latency_runs: int = 20
+    prefill_lengths: tuple[int, ...] = ()  # batch-1 prefill lengths to time; () = (min(256, P),)
     progress: Progress = field(default=lambda msg: None)
 
 
@@ -216,20 +217,32 @@ def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progr
 
 
 # ---- latency ------------------------------------------------------------------------------------------------
+def check_prefill_lengths(cfg: GAMConfig, lengths: tuple[int, ...]) -> tuple[int, ...]:
+    from gamexport.errors import InputError
+
+    for T in lengths:
+        if not 1 <= T <= cfg.max_positions:
+            raise InputError(f"prefill length {T} is outside 1..{cfg.max_positions}",
+                             f"choose lengths within the model's {cfg.max_positions} positions")
+    return lengths or (min(256, cfg.max_positions),)
+
+
 def latency_rows(eager, ort_runner, cfg: GAMConfig, threads: int | None, runs: int,
-                 progress: Progress) -> list[dict]:
-    """Prefill at B=1, T=min(256, P) and per-token decode with state, eager and ONNX Runtime in one run."""
+                 progress: Progress, prefill_lengths: tuple[int, ...] = ()) -> list[dict]:
+    """Batch-1 prefill at each length (default min(256, P)) and per-token decode with state, for eager and
+    ONNX Runtime in one run; ``speedup_vs_eager`` compares rows of the same mode and length."""
     from gamexport.bench import measure, measure_decode
 
-    T = min(256, cfg.max_positions)
+    lengths = check_prefill_lengths(cfg, prefill_lengths)
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, cfg.max_positions), dtype=np.int64)
     rows = []
-    for runner, graph_name in ((eager, "gamexport.model (PyTorch)"), (ort_runner, "model.onnx")):
-        progress(f"latency: {runner.runtime} prefill, batch 1 × {T} tokens")
-        timing = measure(lambda: runner.prefill(ids[:, :T]), warmup=2, runs=runs)
-        rows.append({"runtime": runner.runtime, "precision": "fp32", "graph": "prefill", "mode": "prefill",
-                     "batch": 1, "seq_len": T, **timing.as_dict(),
-                     "tokens_per_s": T / (timing.p50_ms / 1e3), "threads": threads})
+    for runner in (eager, ort_runner):
+        for T in lengths:
+            progress(f"latency: {runner.runtime} prefill, batch 1 × {T} tokens")
+            timing = measure(lambda: runner.prefill(ids[:, :T]), warmup=2, runs=runs)
+            rows.append({"runtime": runner.runtime, "precision": "fp32", "graph": "prefill", "mode": "prefill",
+                         "batch": 1, "seq_len": T, **timing.as_dict(),
+                         "tokens_per_s": T / (timing.p50_ms / 1e3), "threads": threads})
         progress(f"latency: {runner.runtime} decode, one token per step with state")
         n = min(64, cfg.max_positions - 1)
         state = {"s": runner.prefill(ids[:, :1])[1]}
@@ -241,9 +254,9 @@ def latency_rows(eager, ort_runner, cfg: GAMConfig, threads: int | None, runs: i
         rows.append({"runtime": runner.runtime, "precision": "fp32", "graph": "step", "mode": "decode",
                      "batch": 1, "seq_len": 1, **timing.as_dict(),
                      "tokens_per_s": 1 / (timing.p50_ms / 1e3), "threads": threads})
-    base = {r["mode"]: r["p50_ms"] for r in rows if r["runtime"] == "eager"}
+    base = {(r["mode"], r["seq_len"]): r["p50_ms"] for r in rows if r["runtime"] == "eager"}
     for r in rows:
-        r["speedup_vs_eager"] = base[r["mode"]] / r["p50_ms"] if r["runtime"] != "eager" else 1.0
+        r["speedup_vs_eager"] = base[(r["mode"], r["seq_len"])] / r["p50_ms"]
     return rows
 
 
@@ -339,6 +352,7 @@ def build(opts: BuildOptions) -> BuildResult:
     stage(0, "loading weights")
     ckpt = resolve_source(opts.source, opts.preset)
     cfg = ckpt.config
+    check_prefill_lengths(cfg, opts.prefill_lengths)
     say(f"      {ckpt.source}: {cfg.n_params():,} parameters"
         + ("" if is_trained(ckpt) else " (untrained seeded weights)"))
     with locked_staging(out) as staging:
@@ -365,7 +379,7 @@ def build(opts: BuildOptions) -> BuildResult:
         if opts.latency:
             stage(4, f"latency, eager vs ONNX Runtime, {threads} threads")
             latency = latency_rows(eager, ort_runners["functions"], cfg, threads, opts.latency_runs,
-                                   lambda m: say("      " + m))
+                                   lambda m: say("      " + m), opts.prefill_lengths)
         else:
             stage(4, "latency skipped")
         for runner in ort_runners.values():

@@ -105,3 +105,24 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for command in ("build", "generate", "inspect"):
         assert command in proc.stdout
+
+
+def test_build_from_reference_pt_with_prefill_lengths(tmp_path):
+    """A reference-format .pt (both tied names, no config.json) builds with every artifact and parity passing."""
+    import torch
+
+    from gamexport.config import GAMConfig
+    from gamexport.model import build_model
+
+    cfg = GAMConfig(vocab_size=53, d_model=16, n_layers=2, n_slots=8, kernel_size=3, max_positions=24)
+    (tmp_path / "ckpt").mkdir()
+    torch.save(build_model(cfg, seed=5).state_dict(), tmp_path / "ckpt" / "gam_model.pt")
+    out = tmp_path / "out"
+    bad = run_cli("build", str(tmp_path / "ckpt"), "--out", str(out), "--prefill-len", "25")
+    assert bad.returncode == 2 and "prefill length 25 is outside 1..24" in bad.stderr and not out.exists()
+    proc = run_cli("build", str(tmp_path / "ckpt"), "--out", str(out), "--prefill-len", "4", "--prefill-len", "24",
+                   "-j", "1")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["config"]["vocab_size"] == 53 and report["parameters"] == cfg.n_params()
+    assert sorted(r["seq_len"] for r in report["latency"] if r["mode"] == "prefill") == [4, 4, 24, 24]

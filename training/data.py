@@ -14,8 +14,8 @@ The path from text to batches, in four steps:
    * a folder with only ``train.txt``, or a single text file: its last 5% of documents is held out.
 
 2. **Split into documents** (``split_documents``), by the first rule that applies to the text:
-   ``<|endoftext|>`` separators (TinyStories); else WikiText top-level headings — a line `` = Title = `` followed
-   by a blank line starts a new article (600 / 60 / 60 articles in WikiText-2's train / valid / test; ` = = Section
+   ``<|endoftext|>`` separators (TinyStories); else WikiText top-level headings — a line `` = Title = `` between
+   two blank lines starts a new article (600 / 60 / 60 articles in WikiText-2's train / valid / test; ` = = Section
    = = ` lines and table rows such as `` = Played , W = `` stay inside their article); else blank lines (paragraphs).
    WikiText articles keep their text byte for byte; stories and paragraphs are stripped of surrounding whitespace.
 
@@ -27,7 +27,7 @@ The path from text to batches, in four steps:
    scheme). Training drops the incomplete last chunk and visits the chunks in a shuffled order that is a pure
    function of (seed, epoch), so a run can be resumed from (epoch, batch index) alone. Validation covers the
    WHOLE split: every full chunk plus the final partial one; the first token of each chunk is context only
-   (one token in T+1 is never a target, as in training).
+   (one token in T+1 is never a target, as in training; a final chunk of a single token has no target at all).
 """
 
 from __future__ import annotations
@@ -96,18 +96,19 @@ def _read_text(path: Path) -> str:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check the path and its permissions") from exc
 
 
-def is_named(dataset: str) -> bool:
+def is_named(dataset: str | os.PathLike) -> bool:
     """True for the names of the shared datasets ("wikitext2" / "wikitext-2", "tinystories")."""
     return _key(dataset) in DATASET_NAMES
 
 
-def _key(dataset: str) -> str:
-    return dataset.lower().replace("-", "").replace("_", "")
+def _key(dataset: str | os.PathLike) -> str:
+    return os.fspath(dataset).lower().replace("-", "").replace("_", "")
 
 
-def load_corpus(dataset: str, data_dir: str | os.PathLike | None = None,
+def load_corpus(dataset: str | os.PathLike, data_dir: str | os.PathLike | None = None,
                 valid_fraction: float = VALID_FRACTION) -> Corpus:
     """Resolve ``dataset`` (a name in ``DATASET_NAMES`` or a path) to its training and validation documents."""
+    dataset = os.fspath(dataset)
     key = _key(dataset)
     if key in DATASET_NAMES:
         root = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -216,9 +217,11 @@ def _lines(text: str) -> list[str]:
 
 
 def _title_lines(lines: list[str]) -> list[int]:
-    """Indices of WikiText article titles: a `` = Title = `` line followed by a blank line."""
+    """Indices of WikiText article titles: a `` = Title = `` line between blank lines (or the file's start)."""
+    def blank(i: int) -> bool:
+        return i < 0 or (i < len(lines) and not lines[i].strip())
     return [i for i, line in enumerate(lines)
-            if _WIKI_TITLE.match(line.rstrip("\n")) and i + 1 < len(lines) and not lines[i + 1].strip()]
+            if _WIKI_TITLE.match(line.rstrip("\n")) and blank(i - 1) and blank(i + 1) and i + 1 < len(lines)]
 
 
 def split_wikitext_articles(text: str) -> list[str]:

@@ -244,6 +244,8 @@ def train(
         raise TrainingError(f"{out} already holds a training run",
                             "pass --resume to continue it, or choose another --out")
 
+    if dataset is not None:
+        dataset = os.fspath(dataset)
     if dataset is not None and not data.is_named(dataset):
         dataset = str(Path(dataset).expanduser().resolve())   # stored absolute, so --resume works from anywhere
     dataset = _pick("--dataset", dataset, saved, "dataset")
