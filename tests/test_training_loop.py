@@ -1,0 +1,176 @@
+"""The training loop on the tiny preset: outputs, checkpoints, exact resume, errors, and the CLI command."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file
+
+from gamexport.checkpoint import load_checkpoint
+from gamexport.errors import GamexportError
+from gamexport.model import build_model
+from gamexport.tokenizer import Tokenizer
+from gamexport.training import data
+from gamexport.training.loop import (STATE_NAME, TrainingError, TrainingInterrupted, list_checkpoints,
+                                     load_trainer_state, lr_at, train)
+
+
+def write_stories(path, n: int, seed: int = 0, rare_word_in_tail: str | None = None):
+    """A small synthetic TinyStories-like file; the last story may repeat a word seen nowhere else."""
+    rng = random.Random(seed)
+    names, animals, places = ["Lily", "Tom", "Mia", "Ben"], ["cat", "dog", "bird", "frog"], ["park", "sea", "hill"]
+    parts = []
+    for i in range(n):
+        name, animal, place = rng.choice(names), rng.choice(animals), rng.choice(places)
+        story = (f"Once upon a time, {name} had a little {animal}. They went to the {place} every day.\n"
+                 f"{name} said, \"I love my {animal}!\" The {animal} was very happy.")
+        if i == n - 1 and rare_word_in_tail:
+            story += (" " + rare_word_in_tail) * 30
+        parts.append(story + "\n<|endoftext|>\n")
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+def metrics(out):
+    """metrics.jsonl without the wall-clock column (the one thing two identical runs may disagree on)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    lrs = [lr_at(s, 1e-3, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))              # rising during warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))             # falling after it
+    assert lrs[99] < 1e-6 and lr_at(100, 1e-3, 10, 100) == 0.0
+
+
+def test_a_tiny_run_writes_a_loadable_resumable_run(tmp_path):
+    text = write_stories(tmp_path / "stories.txt", 60, rare_word_in_tail="zyzzyva")
+    out = tmp_path / "run"
+    summary = train(str(text), "tiny", out, max_steps=12, eval_every=4, checkpoint_every=4, seed=3,
+                    progress=False)
+
+    # OUT is a SOURCE: the latest weights, config and tokenizer sit directly in it.
+    ckpt = load_checkpoint(out)
+    tok = Tokenizer.from_file(out)
+    assert ckpt.config.vocab_size == tok.vocab_size == summary["tokenizer"]["vocab_size"]
+    assert ckpt.config.d_model == 32 and ckpt.config.n_layers == 2
+    meta = ckpt.meta
+    assert meta["trained"] is True and meta["step"] == 12 and meta["seed"] == 3 and meta["preset"] == "tiny"
+    assert meta["dataset"]["name"] == "stories" and "3 of 60" in meta["dataset"]["held_out"]
+    assert meta["val_ppl"] == pytest.approx(math.exp(meta["val_loss"])) == pytest.approx(summary["val_ppl"])
+    # The tokenizer never saw the validation split: a word repeated 30 times only there is not one token.
+    assert tok.token_to_id("Ġzyzzyva") is None and len(tok.encode(" zyzzyva")) > 1
+
+    # The last two checkpoints are kept, each complete, with state readable by torch.load(weights_only=True).
+    steps = [s for s, _ in list_checkpoints(out)]
+    assert steps == [8, 12]
+    folder = out / "checkpoints" / "step-000012"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "model.safetensors", STATE_NAME,
+                                                               "tokenizer.json"])
+    state = load_trainer_state(folder)
+    assert state["step"] == 12 and isinstance(state["rng"]["torch"], torch.Tensor)
+    assert len(state["optimizer"]["state"]) == len(list(build_model(ckpt.config).parameters()))
+    assert not list((out / "checkpoints").glob(".tmp*"))
+
+    # One metrics line per step; validation on every 4th.
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert set(rows[0]) == {"step", "epoch", "train_loss", "val_loss", "val_ppl", "lr"}
+    assert [r["step"] for r in rows if r["val_ppl"] is not None] == [4, 8, 12]
+    assert rows[11]["val_ppl"] < rows[3]["val_ppl"]                    # it learned something
+    for name in ("loss.png", "perplexity.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+
+    # Validation perplexity is over the whole held-out split: recompute it independently.
+    corpus = data.load_corpus(str(text))
+    stream = np.concatenate([np.append(tok.encode(doc), tok.eos_id) for doc in corpus.valid])
+    model = build_model(ckpt.config, ckpt.weights)
+    T = summary["training"]["seq_len"]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(stream), T + 1):
+            chunk = torch.from_numpy(stream[start:start + T + 1].astype(np.int64))[None]
+            if chunk.shape[1] < 2:
+                continue
+            logits, _ = model(chunk[:, :-1])
+            nll += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+    assert count == len(stream) - math.ceil(len(stream) / (T + 1))
+    assert nll / count == pytest.approx(meta["val_loss"], rel=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    text = write_stories(tmp_path / "stories.txt", 20)
+    kwargs = dict(dataset=str(text), preset="tiny", max_steps=16, eval_every=3, checkpoint_every=6, seed=7,
+                  progress=False)
+    straight = train(out=tmp_path / "straight", **kwargs)
+    assert straight["training"]["steps_per_epoch"] <= 5               # the resumed part crosses epochs
+
+    def ctrl_c_at_step_9(record):
+        if record["step"] == 9:
+            raise KeyboardInterrupt
+    with pytest.raises(TrainingInterrupted, match="last checkpoint is step 6"):
+        train(out=tmp_path / "stopped", on_step=ctrl_c_at_step_9, **kwargs)
+    assert len(metrics(tmp_path / "stopped")) == 9                     # steps 7-9 logged, then lost on resume
+
+    resumed = train(out=tmp_path / "stopped", resume=True, progress=False)   # everything else from run.json
+    assert resumed["resumed_from"] == 6
+    assert metrics(tmp_path / "stopped") == metrics(tmp_path / "straight")
+    # Same weights, bit for bit. (Not the file bytes: safetensors writes its metadata in hash-map order.)
+    wa = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].tobytes() == wb[k].tobytes() for k in wa)
+    a = load_trainer_state(tmp_path / "straight" / "checkpoints" / "step-000016")
+    b = load_trainer_state(tmp_path / "stopped" / "checkpoints" / "step-000016")
+    for i, sa in a["optimizer"]["state"].items():
+        assert torch.equal(sa["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and (a["epoch"], a["batch_index"]) == (
+        b["epoch"], b["batch_index"])
+
+
+def test_runs_refuse_what_would_break_them(tmp_path):
+    text = write_stories(tmp_path / "stories.txt", 20)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="no training run to resume"):
+        train(str(text), "tiny", out, resume=True, progress=False)
+    train(str(text), "tiny", out, max_steps=2, progress=False)
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        train(str(text), "tiny", out, max_steps=2, progress=False)
+    with pytest.raises(TrainingError, match="--seed 0") as info:
+        train(out=out, resume=True, seed=1, progress=False)
+    assert "\n" not in str(info.value)
+    text.write_text(text.read_text() + "One more story.\n<|endoftext|>\n")
+    with pytest.raises(TrainingError, match="changed"):
+        train(out=out, resume=True, progress=False)
+    with pytest.raises(GamexportError, match="unknown training preset"):
+        train(str(text), "huge", tmp_path / "other", progress=False)
+    with pytest.raises(TrainingError, match="fewer than one sequence"):
+        (tmp_path / "short.txt").write_text("Hi.\n<|endoftext|>\nYo.\n<|endoftext|>\n")
+        train(str(tmp_path / "short.txt"), "tiny", tmp_path / "short", progress=False)
+
+
+def test_cli_command(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from gamexport.cli.train import train as train_command
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command("train")(train_command)
+    text = write_stories(tmp_path / "stories.txt", 20)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--dataset", str(text), "--preset", "tiny", "--out", str(out),
+                                      "--max-steps", "3", "--threads", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.output and "perplexity" in result.output
+    assert load_checkpoint(out).meta["step"] == 3
+    again = CliRunner().invoke(app, ["train", "--dataset", str(text), "--out", str(out)])
+    assert isinstance(again.exception, GamexportError)                 # main maps it to one line
