@@ -18,6 +18,8 @@ def build(
                                                           "passing build).")] = Path("gamexport-build"),
     preset: Annotated[str | None, typer.Option(help="Without SOURCE: build seeded untrained weights of this "
                                                     "preset (paper, small, tiny).")] = None,
+    precision: Annotated[str, typer.Option(
+        help="Graph precisions to write, comma-separated (fp32 always): fp32, fp16, bf16.")] = "fp32,fp16,bf16",
     threads: ThreadsOption = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
     prefill_len: Annotated[list[int] | None, typer.Option(
@@ -26,8 +28,8 @@ def build(
 ) -> None:
     """Export a GAM checkpoint to ONNX (prefill + streaming step graphs), check parity, measure latency.
 
-    Writes OUT/{model.onnx, step.onnx, model.inlined.onnx, step.inlined.onnx, config.json, report.json,
-    report.md, latency.png, manifest.json}. Exits 1 when a parity check fails (diagnostics kept in OUT.failed),
+    Writes OUT/{model.onnx, step.onnx, their .inlined twins, the same per extra precision (model.fp16.onnx, …),
+    config.json, report.json, report.md, latency.png, manifest.json}. Exits 1 when a parity check fails (diagnostics kept in OUT.failed),
     2 on bad input.
     """
 
@@ -36,12 +38,13 @@ def build(
 
         result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
                                         latency=latency, prefill_lengths=tuple(prefill_len or ()),
+                                        precisions=tuple(p.strip() for p in precision.split(",") if p.strip()),
                                         progress=say))
         rep = result.report
         n = len(rep["parity"])
         print(f"parity: {sum(r['passed'] for r in rep['parity'])}/{n} checks passed")
         for row in rep["latency"]:
-            print(f"latency: {row['runtime']:<16} {row['mode']:<7} B{row['batch']}×{row['seq_len']:<4} "
+            print(f"latency: {row['runtime'] + ' ' + row['precision']:<21} {row['mode']:<7} B{row['batch']}×{row['seq_len']:<4} "
                   f"p50 {row['p50_ms']:8.3f} ms {row['tokens_per_s']:10.1f} tokens/s "
                   f"({row['speedup_vs_eager']:.2f}× eager)" + ("  [noisy]" if row["noisy"] else ""))
         if any(row["noisy"] for row in rep["latency"]):

@@ -48,28 +48,63 @@ def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
                          "the file is corrupt or from an incompatible gamexport; rebuild it") from exc
 
 
+def optimized_matmul_precision(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> str:
+    """The precision ONNX Runtime really multiplies in: read from the session's optimized graph.
+
+    ORT's CPU provider has no fp16 MatMul kernel on x86 and computes an fp16 graph in fp32 (it inserts casts
+    around the op), so asking what the optimized graph's MatMuls (or fused Gemm/FusedMatMul) take is the only
+    honest label.
+    """
+    import tempfile
+
+    import onnx
+
+    ort = _import_ort()
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keeps a standard-op graph
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=so, providers=[provider])
+        model = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
+    types.update({t.name: t.data_type for t in typed.graph.initializer})
+    seen = {types.get(node.input[0]) for node in typed.graph.node if node.op_type in ("MatMul", "Gemm")}
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    labels = {names.get(t, "unknown") for t in seen if t is not None}
+    return labels.pop() if len(labels) == 1 else "mixed"
+
+
 class OrtRunner(Runner):
-    """Runs the prefill and step graphs with ONNX Runtime's CPU provider."""
+    """Runs the prefill and step graphs with ONNX Runtime's CPU provider.
+
+    ``precision`` is the graph's storage precision; ``compute_precision`` what ORT actually multiplies in
+    (for an fp16 graph on the CPU provider: fp32 — "fp16 weights, fp32 compute").
+    """
 
     runtime = "onnxruntime-cpu"
 
     def __init__(self, model_path: str | Path, step_path: str | Path, config: GAMConfig,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "fp32"):
         super().__init__(config)
         self.model_path, self.step_path = Path(model_path), Path(step_path)
+        self.precision = precision
         self.prefill_session = load_session(self.model_path, threads)
         self.step_session = load_session(self.step_path, threads)
+        self.compute_precision = (precision if precision == "fp32"
+                                  else optimized_matmul_precision(self.model_path, threads))
 
     @classmethod
-    def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False) -> "OrtRunner":
+    def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,
+                    precision: str = "fp32") -> "OrtRunner":
         """A runner over a build folder; the config is read from the graph's metadata."""
         from gamexport.graph import read_graph_config
+        from gamexport.graph.builder import graph_file_name
 
         folder = Path(folder)
-        suffix = ".inlined" if inlined else ""
-        model_path = folder / f"model{suffix}.onnx"
+        model_path = folder / graph_file_name("prefill", precision, inlined)
         cfg, _ = read_graph_config(model_path)
-        return cls(model_path, folder / f"step{suffix}.onnx", cfg, threads)
+        return cls(model_path, folder / graph_file_name("step", precision, inlined), cfg, threads, precision)
 
     def _prefill(self, ids):
         logits, state = self.prefill_session.run(None, {INPUT_IDS: ids})

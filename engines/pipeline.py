@@ -26,7 +26,7 @@ from gamexport.errors import ConfigError, GamexportError, OutputError, ParityErr
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir, sha256_file
 
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
-ARTIFACTS = ("model.onnx", "step.onnx", "model.inlined.onnx", "step.inlined.onnx")
+PRECISIONS = ("fp32", "fp16", "bf16")
 GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 
 Progress = Callable[[str], None]
@@ -41,6 +41,7 @@ class BuildOptions:
     latency: bool = True
     latency_runs: int = 20
     prefill_lengths: tuple[int, ...] = ()  # batch-1 prefill lengths to time; () = (min(256, P),)
+    precisions: tuple[str, ...] = PRECISIONS  # graph precisions to write; fp32 is always built
     progress: Progress = field(default=lambda msg: None)
 
 
@@ -216,7 +217,55 @@ def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progr
     return rows
 
 
+def half_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
+                       text_ids: np.ndarray | None = None) -> list[dict]:
+    """Rows for a half-precision ONNX Runtime runner: against eager fp32 under the precision's gate, and
+    against an emulation of what it should compute (half-precision weights; fp32 compute where ORT computes
+    in fp32) under the fp32 tolerance — so a graph that silently kept fp32 weights fails."""
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.graph.emulate import round_weights
+    from gamexport.parity import chunk_plan, compare_logits, parity_inputs, tolerance
+
+    cfg = ckpt.config
+    p = runner.precision
+    inputs = {"random": parity_inputs(cfg.vocab_size, cfg.max_positions)["random"]}
+    if text_ids is not None:
+        inputs["text"] = text_ids[:, : cfg.max_positions]
+    note = (f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
+            if runner.compute_precision == "fp32" else f"{p} weights and MatMuls")
+    emulation = None
+    if runner.compute_precision == "fp32":
+        emulation = EagerRunner(cfg, round_weights(ckpt.weights, p))
+    sizes = chunk_plan(cfg.max_positions, cfg.kernel_size)
+    rows = []
+    for name, ids in inputs.items():
+        progress(f"parity: onnxruntime-cpu {p} graphs vs eager fp32 on '{name}' tokens")
+        ref_logits, _ = eager.prefill(ids)
+        logits, _ = runner.prefill(ids)
+        extra = {"compute_precision": runner.compute_precision, "note": note}
+        rows.append(_row(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids,
+                         compare_logits(ref_logits, logits, tolerance(p)), precision=p, **extra))
+        step_logits, _ = run_chunks(runner, ids, sizes)
+        rows.append(_row(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
+                         compare_logits(ref_logits, step_logits, tolerance(p)), precision=p, chunks=sizes, **extra))
+        if emulation is not None and name == "random":
+            emu_logits, _ = emulation.prefill(ids)
+            metrics = compare_logits(emu_logits, logits, tolerance("fp32"))
+            metrics["tolerances"]["reason"] = "must equal fp32 compute on half-rounded weights"
+            rows.append(_row(runner.runtime, "prefill", runner.model_path.name, f"emulation-{p}-weights", name, ids,
+                             metrics, precision=p, **extra))
+    return rows
+
+
 # ---- latency ------------------------------------------------------------------------------------------------
+def check_precisions(precisions: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        from gamexport.errors import InputError
+        raise InputError(f"unknown precision {unknown[0]!r}", f"choose from {', '.join(PRECISIONS)}")
+    return tuple(p for p in PRECISIONS if p == "fp32" or p in precisions)
+
+
 def check_prefill_lengths(cfg: GAMConfig, lengths: tuple[int, ...]) -> tuple[int, ...]:
     from gamexport.errors import InputError
 
@@ -227,7 +276,7 @@ def check_prefill_lengths(cfg: GAMConfig, lengths: tuple[int, ...]) -> tuple[int
     return lengths or (min(256, cfg.max_positions),)
 
 
-def latency_rows(eager, ort_runner, cfg: GAMConfig, threads: int | None, runs: int,
+def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, runs: int,
                  progress: Progress, prefill_lengths: tuple[int, ...] = ()) -> list[dict]:
     """Batch-1 prefill at each length (default min(256, P)) and per-token decode with state, for eager and
     ONNX Runtime in one run; ``speedup_vs_eager`` compares rows of the same mode and length."""
@@ -236,14 +285,15 @@ def latency_rows(eager, ort_runner, cfg: GAMConfig, threads: int | None, runs: i
     lengths = check_prefill_lengths(cfg, prefill_lengths)
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, cfg.max_positions), dtype=np.int64)
     rows = []
-    for runner in (eager, ort_runner):
+    for runner in (eager, *ort_runners):
         for T in lengths:
-            progress(f"latency: {runner.runtime} prefill, batch 1 × {T} tokens")
+            progress(f"latency: {runner.runtime} {runner.precision} prefill, batch 1 × {T} tokens")
             timing = measure(lambda: runner.prefill(ids[:, :T]), warmup=2, runs=runs)
-            rows.append({"runtime": runner.runtime, "precision": "fp32", "graph": "prefill", "mode": "prefill",
+            rows.append({"runtime": runner.runtime, "precision": runner.precision, "graph": "prefill",
+                         "mode": "prefill",
                          "batch": 1, "seq_len": T, **timing.as_dict(),
                          "tokens_per_s": T / (timing.p50_ms / 1e3), "threads": threads})
-        progress(f"latency: {runner.runtime} decode, one token per step with state")
+        progress(f"latency: {runner.runtime} {runner.precision} decode, one token per step with state")
         n = min(64, cfg.max_positions - 1)
         state = {"s": runner.prefill(ids[:, :1])[1]}
 
@@ -251,7 +301,7 @@ def latency_rows(eager, ort_runner, cfg: GAMConfig, threads: int | None, runs: i
             state["s"] = runner.step(ids[:, pos:pos + 1], np.array([[pos]], np.int64), state["s"])[1]
 
         timing = measure_decode(one, range(1, 1 + n))
-        rows.append({"runtime": runner.runtime, "precision": "fp32", "graph": "step", "mode": "decode",
+        rows.append({"runtime": runner.runtime, "precision": runner.precision, "graph": "step", "mode": "decode",
                      "batch": 1, "seq_len": 1, **timing.as_dict(),
                      "tokens_per_s": 1 / (timing.p50_ms / 1e3), "threads": threads})
     base = {(r["mode"], r["seq_len"]): r["p50_ms"] for r in rows if r["runtime"] == "eager"}
@@ -269,9 +319,13 @@ def gpu_available() -> bool:
         return False
 
 
-def skipped_rows(latency: bool) -> list[dict]:
+def skipped_rows(latency: bool, precisions: tuple[str, ...]) -> list[dict]:
     rows = [{"runtime": "eager-compile", "reason": "torch.compile takes minutes to compile on CPU; "
              "measured by the benchmark command, not by build"}]
+    if "bf16" in precisions:
+        rows.append({"runtime": "onnxruntime-cpu", "precision": "bf16",
+                     "reason": "ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add, Sigmoid); the bf16 "
+                               "graphs are for CUDA and TensorRT and are checked here structurally"})
     gpu = gpu_available()
     for runtime in GPU_RUNTIMES:
         reason = ("this gamexport version has no GPU engine yet" if gpu else "no NVIDIA GPU on this machine")
@@ -353,19 +407,25 @@ def build(opts: BuildOptions) -> BuildResult:
     ckpt = resolve_source(opts.source, opts.preset)
     cfg = ckpt.config
     check_prefill_lengths(cfg, opts.prefill_lengths)
+    precisions = check_precisions(opts.precisions)
     say(f"      {ckpt.source}: {cfg.n_params():,} parameters"
         + ("" if is_trained(ckpt) else " (untrained seeded weights)"))
     with locked_staging(out) as staging:
         stage(1, f"exporting ONNX graphs to {out}")
-        export_graphs(cfg, ckpt.weights, staging, ckpt.sha256)
+        artifacts = sorted(export_graphs(cfg, ckpt.weights, staging, ckpt.sha256, precisions))
         atomic_write_json(staging / CONFIG_NAME, {**ckpt.meta, **cfg.to_dict(),
                                                   "source": {"path": ckpt.source, "sha256": ckpt.sha256}})
         if ckpt.tokenizer_path is not None:
             shutil.copyfile(ckpt.tokenizer_path, staging / TOKENIZER_NAME)
 
         stage(2, "checking graphs (onnx checker, structure, ONNX Runtime load)")
-        for name in ARTIFACTS:
-            check_graph_file(staging / name, cfg)
+        graph_checks = []
+        for name in artifacts:
+            precision = name.split(".")[1] if name.count(".") > 1 and name.split(".")[1] in PRECISIONS else "fp32"
+            check_graph_file(staging / name, cfg, precision)
+            graph_checks.append({"artifact": name, "precision": precision, "checks": [
+                "onnx.checker full_check", "structure (functions, opset, I/O)", "precision plan (MatMul types, "
+                "fp32 islands)"], "passed": True})
 
         stage(3, "parity against eager PyTorch and the float64 reference")
         eager = EagerRunner(cfg, ckpt.weights, threads=threads)
@@ -373,16 +433,21 @@ def build(opts: BuildOptions) -> BuildResult:
                        "inlined": OrtRunner(staging / "model.inlined.onnx", staging / "step.inlined.onnx", cfg,
                                             threads)}
         parity = parity_checks(ckpt, eager, ort_runners, lambda m: say("      " + m))
+        half_runners = []
+        if "fp16" in precisions:
+            half_runners.append(OrtRunner(staging / "model.fp16.onnx", staging / "step.fp16.onnx", cfg, threads,
+                                          precision="fp16"))
+            parity += half_parity_checks(ckpt, eager, half_runners[-1], lambda m: say("      " + m))
         passed = all(r["passed"] for r in parity)
 
         latency: list[dict] = []
         if opts.latency:
             stage(4, f"latency, eager vs ONNX Runtime, {threads} threads")
-            latency = latency_rows(eager, ort_runners["functions"], cfg, threads, opts.latency_runs,
-                                   lambda m: say("      " + m), opts.prefill_lengths)
+            latency = latency_rows(eager, [ort_runners["functions"], *half_runners], cfg, threads,
+                                   opts.latency_runs, lambda m: say("      " + m), opts.prefill_lengths)
         else:
             stage(4, "latency skipped")
-        for runner in ort_runners.values():
+        for runner in [*ort_runners.values(), *half_runners]:
             runner.close()
 
         stage(5, "writing report")
@@ -392,8 +457,8 @@ def build(opts: BuildOptions) -> BuildResult:
                        "label": str(ckpt.meta.get("label", ""))},
             "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
             "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
-            "machine": machine_info(threads), "artifacts": list(ARTIFACTS),
-            "parity": parity, "latency": latency, "skipped": skipped_rows(opts.latency),
+            "machine": machine_info(threads), "artifacts": artifacts, "graph_checks": graph_checks,
+            "parity": parity, "latency": latency, "skipped": skipped_rows(opts.latency, precisions),
         }
         from gamexport.report import render_markdown
         atomic_write_text(staging / "report.json", dumps_json(report))

@@ -83,6 +83,13 @@ def render_markdown(report: dict) -> str:
             f"| {r['runtime']} | {r['precision']} | {r['mode']} | {r['batch']}×{r['seq_len']} | {r['p50_ms']:.3f} "
             f"| {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['tokens_per_s']:.1f} "
             f"| {_fmt(r.get('speedup_vs_eager'), '.2f')}× | {r['runs']} | {'noisy' if r['noisy'] else ''} |")
+    notes = sorted({r["note"] for r in report["parity"] if r.get("note")})
+    if notes:
+        lines += ["", "Precision labels: " + "; ".join(notes) + "."]
+    if report.get("graph_checks"):
+        lines += ["", "## Graph checks", "", "| artifact | precision | checks | result |", "|---|---|---|---|"]
+        lines += [f"| {g['artifact']} | {g['precision']} | {', '.join(g['checks'])} | "
+                  f"{'pass' if g['passed'] else 'FAIL'} |" for g in report["graph_checks"]]
     if report["skipped"]:
         lines += ["", "## Not run", ""]
         lines += [f"- {r['runtime']} {r.get('precision', '')}: {r['reason']}" for r in report["skipped"]]

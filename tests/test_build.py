@@ -36,12 +36,19 @@ def test_report_states_tolerance_beside_each_value(tiny_build):
     report = json.loads((tiny_build / "report.json").read_text())
     for row in report["parity"]:
         assert row["passed"]
-        assert row["max_abs_diff"] <= row["tolerances"]["max_abs"] * max(1.0, 1.0) or row["max_abs_limit"]
+        if row["max_abs_limit"] is not None:
+            assert row["max_abs_diff"] <= row["max_abs_limit"]
         assert row["kl_mean"] <= row["tolerances"]["kl"]
         assert row["top1_agreement"] >= row["tolerances"]["top1"]
-    graphs = {(r["runtime"], r["graph"]) for r in report["parity"]}
-    assert {("eager", "prefill"), ("eager", "step"), ("onnxruntime-cpu", "prefill"),
-            ("onnxruntime-cpu", "step")} <= graphs
+    graphs = {(r["runtime"], r["precision"], r["graph"]) for r in report["parity"]}
+    assert {("eager", "fp32", "prefill"), ("eager", "fp32", "step"), ("onnxruntime-cpu", "fp32", "prefill"),
+            ("onnxruntime-cpu", "fp32", "step"), ("onnxruntime-cpu", "fp16", "prefill"),
+            ("onnxruntime-cpu", "fp16", "step")} <= graphs
+    fp16 = [r for r in report["parity"] if r["precision"] == "fp16"]
+    assert all(r["compute_precision"] == "fp32" and "fp16 weights, fp32 compute" in r["note"] for r in fp16)
+    assert any(r["reference"] == "emulation-fp16-weights" for r in fp16)
+    assert any(s.get("precision") == "bf16" and "no bf16 kernels" in s["reason"] for s in report["skipped"])
+    assert {g["artifact"] for g in report["graph_checks"]} >= {"model.bf16.onnx", "step.bf16.inlined.onnx"}
     md = (tiny_build / "report.md").read_text()
     assert "float64-numpy" in md and "PASSED" in md
 

@@ -131,3 +131,55 @@ def test_step_graph_rows_at_different_positions(graphs, tiny_cfg, tiny_weights):
     logits, _ = step.run(None, {INPUT_IDS: ids, POSITION_IDS: np.array([[na], [nb]], np.int64),
                                 CONV_STATE: torch.cat([sa, sb]).numpy()})
     np.testing.assert_allclose(logits, torch.cat([ra, rb]).numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_plan_is_in_the_graph(tiny_cfg, tiny_weights, precision):
+    from gamexport.graph.checks import precision_problems
+
+    for kind in ("prefill", "step"):
+        model = build_graph(tiny_cfg, tiny_weights, kind, precision=precision)
+        onnx.checker.check_model(model, full_check=True)
+        assert precision_problems(model, precision) == []
+        # A graph that silently stayed fp32 fails the half check, and vice versa: the check can fail.
+        assert len(precision_problems(build_graph(tiny_cfg, tiny_weights, kind), precision)) == \
+            5 * tiny_cfg.n_layers + 1
+        assert len(precision_problems(model, "fp32")) == 5 * tiny_cfg.n_layers + 1
+        # Graph inputs and outputs keep their types.
+        io = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+        assert io[INPUT_IDS] == onnx.TensorProto.INT64
+        assert all(t == onnx.TensorProto.FLOAT for name, t in io.items() if name != INPUT_IDS and
+                   name != POSITION_IDS)
+
+
+def test_fp16_graph_on_ort_is_fp16_weights_fp32_compute(tiny_cfg, tiny_weights):
+    """ORT's CPU provider computes fp16 MatMuls in fp32: the graph equals fp32 math on fp16-rounded weights."""
+    from gamexport.graph.emulate import emulate_logits, round_weights
+
+    ids = np.random.default_rng(2).integers(0, tiny_cfg.vocab_size, size=(1, 40))
+    logits = _session(build_graph(tiny_cfg, tiny_weights, "prefill", precision="fp16")).run(None, {INPUT_IDS: ids})[0]
+    with torch.no_grad():
+        rounded = build_model(tiny_cfg, round_weights(tiny_weights, "fp16")).prefill(torch.from_numpy(ids))[0]
+        exact = build_model(tiny_cfg, tiny_weights).prefill(torch.from_numpy(ids))[0]
+    assert np.abs(logits - rounded.numpy()).max() < 1e-5
+    assert np.abs(logits - exact.numpy()).max() > 1e-4  # it is not the fp32 model
+    # The torch emulation of true half compute stays within the fp16 gate of fp32.
+    emu = emulate_logits(tiny_weights, tiny_cfg, ids, "fp16")
+    assert np.abs(emu - exact.numpy()).max() < 1e-2
+
+
+def test_bf16_graph_runs_in_the_onnx_reference_evaluator(tiny_cfg, tiny_weights):
+    """ORT's CPU provider has no bf16 kernels; onnx.reference executes the inlined bf16 graph."""
+    from onnx.reference import ReferenceEvaluator
+
+    from gamexport.parity import compare_logits, tolerance
+
+    ids = np.random.default_rng(4).integers(0, tiny_cfg.vocab_size, size=(1, 12))
+    model = onnx.shape_inference.infer_shapes(inline(build_graph(tiny_cfg, tiny_weights, "prefill",
+                                                                 precision="bf16")))
+    logits = ReferenceEvaluator(model).run(None, {INPUT_IDS: ids})[0]
+    with torch.no_grad():
+        exact = build_model(tiny_cfg, tiny_weights).prefill(torch.from_numpy(ids))[0].numpy()
+    result = compare_logits(exact, logits, tolerance("bf16"))
+    assert result["passed"], result
+    assert result["max_abs_diff"] > 1e-4  # bf16 rounding is visible: it did not compute in fp32 throughout

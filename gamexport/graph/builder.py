@@ -32,6 +32,31 @@ META_GRAPH = "gamexport.graph"
 
 _DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
+#: Precisions the builder emits itself. In a half-precision graph the weights of every MatMul (memory bank,
+#: gate, FFN, tied embedding/head) and their biases are stored and multiplied in half precision; LayerNorm,
+#: Softmax, the sigmoid gates and fusion, the residual stream, the (tiny, depthwise) convolution and therefore
+#: the streaming state stay fp32 — the "fp32 islands". Graph inputs and outputs keep their types.
+PRECISIONS = ("fp32", "fp16", "bf16")
+HALF_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+META_PRECISION = "gamexport.precision"
+
+#: Tensors stored in the compute precision of a half-precision graph (suffixes of state_dict names).
+HALF_WEIGHTS = ("token_embedding.weight", "memory_bank", "gate.weight", "gate.bias", "ffn.0.weight", "ffn.0.bias",
+                "ffn.2.weight", "ffn.2.bias")
+
+
+def is_half_weight(name: str) -> bool:
+    return name.endswith(HALF_WEIGHTS)
+
+
+def _initializer(name: str, value: np.ndarray, precision: str) -> onnx.TensorProto:
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    if precision in HALF_TYPES and is_half_weight(name):
+        import ml_dtypes  # a dependency of onnx
+
+        value = value.astype(np.float16 if precision == "fp16" else ml_dtypes.bfloat16)
+    return numpy_helper.from_array(value, name)
+
 
 def _opsets() -> list:
     return [helper.make_opsetid("", OPSET), helper.make_opsetid(FUNCTION_DOMAIN, 1)]
@@ -46,72 +71,102 @@ def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc
     return helper.make_function(FUNCTION_DOMAIN, name, inputs, outputs, nodes, _opsets(), doc_string=doc)
 
 
-def make_functions(cfg: GAMConfig) -> list[onnx.FunctionProto]:
-    """The local functions of the block; ``group`` and the state length are fixed per model."""
+class _Body:
+    """Collects the nodes of a function body; casts appear only in half-precision graphs."""
+
+    def __init__(self, half: int | None):
+        self.half = half
+        self.nodes: list[onnx.NodeProto] = []
+
+    def op(self, op_type: str, inputs: list[str], output: str | list[str], **attrs) -> str:
+        outputs = [output] if isinstance(output, str) else output
+        domain = attrs.pop("domain", "")
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain, **attrs))
+        return outputs[0]
+
+    def to_half(self, src: str, name: str) -> str:
+        return self.op("Cast", [src], name, to=self.half) if self.half else src
+
+    def to_float(self, src: str, name: str) -> str:
+        return self.op("Cast", [src], name, to=TensorProto.FLOAT) if self.half else src
+
+    def output(self, src: str, name: str) -> None:
+        """Make ``name`` (a function output) hold ``src``: a Cast to fp32, or a rename of its producer."""
+        if self.half:
+            self.op("Cast", [src], name, to=TensorProto.FLOAT)
+            return
+        last = self.nodes[-1]
+        assert last.output[0] == src, "output() must follow the node that produced src"
+        last.output[0] = name
+
+
+def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.FunctionProto]:
+    """The local functions of the block; ``group`` and the state length are fixed per model.
+
+    In a half-precision graph the block casts the LN1 output once (``hm``) for the memory read and the gate,
+    whose MatMuls run in half precision; Softmax, the sigmoids, the fusion and LayerNorm run in fp32.
+    """
     k1 = cfg.state_len
-    n = helper.make_node
-    conv = _function(
-        "CausalConv", ["h", "past", "weight", "bias"], ["local", "present"],
-        [
-            n("Concat", ["past", "h"], ["hcat"], axis=1),                     # (B, k-1+T, d)
-            n("Transpose", ["hcat"], ["hcat_t"], perm=[0, 2, 1]),           # (B, d, k-1+T)
-            n("Conv", ["hcat_t", "weight", "bias"], ["y_t"], group=cfg.d_model, kernel_shape=[cfg.kernel_size]),
-            n("Transpose", ["y_t"], ["local"], perm=[0, 2, 1]),             # (B, T, d)
-            _const_i64("start", [-k1]), _const_i64("end", [np.iinfo(np.int64).max]), _const_i64("axis", [1]),
-            n("Slice", ["hcat", "start", "end", "axis"], ["present"]),        # (B, k-1, d) newest k-1 rows
-        ],
-        "Local path: depthwise causal Conv1d over [past k-1 LN1 outputs, h]; returns the new past.")
-    memory = _function(
-        "MemoryRead", ["h", "memory"], ["global"],
-        [
-            n("Transpose", ["memory"], ["memory_t"], perm=[1, 0]),          # (d, S)
-            n("MatMul", ["h", "memory_t"], ["scores"]),                     # (B, T, S), unscaled
-            n("Softmax", ["scores"], ["weights"], axis=-1),
-            n("MatMul", ["weights", "memory"], ["global"]),                 # (B, T, d)
-        ],
-        "Global path: softmax(h · Mᵀ) · M over the learned memory slots, per token, no scaling.")
-    fusion = _function(
-        "GatedFusion", ["h", "local", "global", "weight", "bias"], ["fused"],
-        [
-            n("Transpose", ["weight"], ["weight_t"], perm=[1, 0]),          # (d, 2d)
-            n("MatMul", ["h", "weight_t"], ["g0"]),
-            n("Add", ["g0", "bias"], ["g"]),                                 # (B, T, 2d)
-            n("Split", ["g"], ["g_local", "g_global"], axis=-1, num_outputs=2),
-            n("Sigmoid", ["g_local"], ["s_local"]),
-            n("Sigmoid", ["g_global"], ["s_global"]),
-            n("Mul", ["s_local", "local"], ["a"]),
-            n("Mul", ["s_global", "global"], ["b"]),
-            n("Add", ["a", "b"], ["fused"]),
-        ],
-        "Gate: Linear(d, 2d) split into two sigmoid gates weighting the local and global paths.")
-    ffn = _function(
-        "FeedForward", ["x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2"], ["y"],
-        [
-            n("LayerNormalization", ["x", "ln_weight", "ln_bias"], ["hn"], axis=-1, epsilon=cfg.ln_eps),
-            n("Transpose", ["w1"], ["w1_t"], perm=[1, 0]),
-            n("MatMul", ["hn", "w1_t"], ["u0"]),
-            n("Add", ["u0", "b1"], ["u"]),                                   # (B, T, 4d)
-            n("Gelu", ["u"], ["a"], approximate="none"),
-            n("Transpose", ["w2"], ["w2_t"], perm=[1, 0]),
-            n("MatMul", ["a", "w2_t"], ["v0"]),
-            n("Add", ["v0", "b2"], ["y"]),                                   # (B, T, d)
-        ],
-        "Pre-LN feed-forward: LayerNorm → Linear(d, 4d) → exact GELU → Linear(4d, d).")
-    block = _function(
-        "Block", ["x", "past", *BLOCK_PARAMS], ["y", "present"],
-        [
-            n("LayerNormalization", ["x", "ln1.weight", "ln1.bias"], ["h"], axis=-1, epsilon=cfg.ln_eps),
-            n("CausalConv", ["h", "past", "causal_conv.weight", "causal_conv.bias"], ["local", "present"],
-              domain=FUNCTION_DOMAIN),
-            n("MemoryRead", ["h", "memory_bank"], ["global"], domain=FUNCTION_DOMAIN),
-            n("GatedFusion", ["h", "local", "global", "gate.weight", "gate.bias"], ["fused"],
-              domain=FUNCTION_DOMAIN),
-            n("Add", ["x", "fused"], ["x1"]),
-            n("FeedForward", ["x1", "ln2.weight", "ln2.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight",
-                              "ffn.2.bias"], ["f"], domain=FUNCTION_DOMAIN),
-            n("Add", ["x1", "f"], ["y"]),
-        ],
-        "GAM block: x + gate(conv(LN1 x), memory(LN1 x)); then x + FFN(LN2 x).")
+    half = HALF_TYPES.get(precision)
+
+    b = _Body(half)
+    b.op("Concat", ["past", "h"], "hcat", axis=1)                                   # (B, k-1+T, d)
+    b.op("Transpose", ["hcat"], "hcat_t", perm=[0, 2, 1])                          # (B, d, k-1+T)
+    b.op("Conv", ["hcat_t", "weight", "bias"], "y_t", group=cfg.d_model, kernel_shape=[cfg.kernel_size])
+    b.op("Transpose", ["y_t"], "local", perm=[0, 2, 1])                            # (B, T, d)
+    b.nodes += [_const_i64("start", [-k1]), _const_i64("end", [np.iinfo(np.int64).max]), _const_i64("axis", [1])]
+    b.op("Slice", ["hcat", "start", "end", "axis"], "present")                     # (B, k-1, d) newest rows
+    conv = _function("CausalConv", ["h", "past", "weight", "bias"], ["local", "present"], b.nodes,
+                     "Local path: depthwise causal Conv1d over [past k-1 LN1 outputs, h]; returns the new past. "
+                     "Always fp32 (k·d weights), so the streaming state is exact at every precision.")
+
+    b = _Body(half)
+    b.op("Transpose", ["memory"], "memory_t", perm=[1, 0])                         # (d, S)
+    scores = b.op("MatMul", ["h", "memory_t"], "scores")                           # (B, T, S), unscaled
+    weights = b.op("Softmax", [b.to_float(scores, "scores_f")], "weights", axis=-1)
+    read = b.op("MatMul", [b.to_half(weights, "weights_h"), "memory"], "read")     # (B, T, d)
+    b.output(read, "global")
+    memory = _function("MemoryRead", ["h", "memory"], ["global"], b.nodes,
+                       "Global path: softmax(h · Mᵀ) · M over the learned memory slots, per token, no scaling.")
+
+    b = _Body(half)
+    b.op("Transpose", ["weight"], "weight_t", perm=[1, 0])                         # (d, 2d)
+    b.op("MatMul", ["h", "weight_t"], "g0")
+    g = b.to_float(b.op("Add", ["g0", "bias"], "g_h"), "g")                       # (B, T, 2d)
+    b.op("Split", [g], ["g_local", "g_global"], axis=-1, num_outputs=2)
+    b.op("Sigmoid", ["g_local"], "s_local")
+    b.op("Sigmoid", ["g_global"], "s_global")
+    b.op("Mul", ["s_local", "local"], "a")
+    b.op("Mul", ["s_global", "global"], "b")
+    b.op("Add", ["a", "b"], "fused")
+    fusion = _function("GatedFusion", ["h", "local", "global", "weight", "bias"], ["fused"], b.nodes,
+                       "Gate: Linear(d, 2d) split into two sigmoid gates weighting the local and global paths.")
+
+    b = _Body(half)
+    hn = b.op("LayerNormalization", ["x", "ln_weight", "ln_bias"], "hn", axis=-1, epsilon=cfg.ln_eps)
+    b.op("Transpose", ["w1"], "w1_t", perm=[1, 0])
+    b.op("MatMul", [b.to_half(hn, "hn_h"), "w1_t"], "u0")
+    b.op("Add", ["u0", "b1"], "u")                                                  # (B, T, 4d)
+    b.op("Gelu", ["u"], "a", approximate="none")
+    b.op("Transpose", ["w2"], "w2_t", perm=[1, 0])
+    b.op("MatMul", ["a", "w2_t"], "v0")
+    b.output(b.op("Add", ["v0", "b2"], "v"), "y")                                   # (B, T, d)
+    ffn = _function("FeedForward", ["x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2"], ["y"], b.nodes,
+                    "Pre-LN feed-forward: LayerNorm → Linear(d, 4d) → exact GELU → Linear(4d, d).")
+
+    b = _Body(half)
+    h = b.op("LayerNormalization", ["x", "ln1.weight", "ln1.bias"], "h", axis=-1, epsilon=cfg.ln_eps)
+    b.op("CausalConv", [h, "past", "causal_conv.weight", "causal_conv.bias"], ["local", "present"],
+         domain=FUNCTION_DOMAIN)
+    hm = b.to_half(h, "hm")
+    b.op("MemoryRead", [hm, "memory_bank"], "global", domain=FUNCTION_DOMAIN)
+    b.op("GatedFusion", [hm, "local", "global", "gate.weight", "gate.bias"], "fused", domain=FUNCTION_DOMAIN)
+    b.op("Add", ["x", "fused"], "x1")
+    b.op("FeedForward", ["x1", "ln2.weight", "ln2.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight",
+                         "ffn.2.bias"], "f", domain=FUNCTION_DOMAIN)
+    b.op("Add", ["x1", "f"], "y")
+    block = _function("Block", ["x", "past", *BLOCK_PARAMS], ["y", "present"], b.nodes,
+                      "GAM block: x + gate(conv(LN1 x), memory(LN1 x)); then x + FFN(LN2 x).")
     return [conv, memory, fusion, ffn, block]
 
 
@@ -126,16 +181,21 @@ def _value_info(name: str, dtype: str, shape: list) -> onnx.ValueInfoProto:
 
 
 def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, source_sha256: str = "",
-                name: str = "gam") -> onnx.ModelProto:
-    """The ONNX model of one graph kind ("prefill" or "step") with the weights as initializers."""
+                name: str = "gam", precision: str = "fp32") -> onnx.ModelProto:
+    """The ONNX model of one graph kind ("prefill" or "step") at one precision, weights as initializers."""
     if kind not in ("prefill", "step"):
         raise ValueError(f"kind must be 'prefill' or 'step', not {kind!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    half = HALF_TYPES.get(precision)
     n = helper.make_node
     nodes: list[onnx.NodeProto] = []
     d, L, k1 = cfg.d_model, cfg.n_layers, cfg.state_len
     emb = "token_embedding.weight"
 
-    nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb"], axis=0))                  # (B, T, d)
+    nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb_h" if half else "tok_emb"], axis=0))  # (B, T, d)
+    if half:
+        nodes.append(n("Cast", ["tok_emb_h"], ["tok_emb"], to=TensorProto.FLOAT))
     nodes.append(_const_i64("one", [1]))
     nodes.append(n("Shape", [INPUT_IDS], ["seq_len_1d"], start=1, end=2))             # [T]
     nodes.append(n("Squeeze", ["seq_len_1d"], ["seq_len"]))
@@ -174,18 +234,23 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
     nodes.append(n("LayerNormalization", [f"x_{L}", "ln_f.weight", "ln_f.bias"], ["x_f"], axis=-1,
                    epsilon=cfg.ln_eps))
     nodes.append(n("Transpose", [emb], ["head_t"], perm=[1, 0]))                       # (d, V), tied head
-    nodes.append(n("MatMul", ["x_f", "head_t"], [LOGITS]))                             # (B, T, V)
+    if half:
+        nodes.append(n("Cast", ["x_f"], ["x_f_h"], to=half))
+        nodes.append(n("MatMul", ["x_f_h", "head_t"], ["logits_h"]))
+        nodes.append(n("Cast", ["logits_h"], [LOGITS], to=TensorProto.FLOAT))         # (B, T, V)
+    else:
+        nodes.append(n("MatMul", ["x_f", "head_t"], [LOGITS]))                         # (B, T, V)
 
     spec = io_spec(cfg, kind)
-    inits = [numpy_helper.from_array(np.ascontiguousarray(weights[key], dtype=np.float32), key)
-             for key in _initializer_names(cfg)]
-    graph = helper.make_graph(nodes, f"{name}_{kind}",
+    inits = [_initializer(key, weights[key], precision) for key in _initializer_names(cfg)]
+    graph = helper.make_graph(nodes, f"{name}_{kind}_{precision}",
                               [_value_info(*v) for v in spec["inputs"]],
                               [_value_info(*v) for v in spec["outputs"]], initializer=inits)
-    model = helper.make_model(graph, opset_imports=_opsets(), functions=make_functions(cfg),
+    model = helper.make_model(graph, opset_imports=_opsets(), functions=make_functions(cfg, precision),
                               producer_name=PRODUCER, producer_version=__version__, ir_version=IR_VERSION)
     helper.set_model_props(model, {META_CONFIG: cfg.to_json(), META_VERSION: __version__,
-                                   META_SOURCE_SHA: source_sha256, META_GRAPH: kind})
+                                   META_SOURCE_SHA: source_sha256, META_GRAPH: kind,
+                                   META_PRECISION: precision})
     return model
 
 
@@ -209,17 +274,24 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def export_graphs(cfg: GAMConfig, weights: Mapping[str, np.ndarray], out_dir: Path,
-                  source_sha256: str = "") -> dict[str, Path]:
-    """Write model.onnx, step.onnx and their inlined twins atomically; returns {file name: path}."""
+def graph_file_name(kind: str, precision: str = "fp32", inlined: bool = False) -> str:
+    """model.onnx, step.fp16.onnx, model.bf16.inlined.onnx, …"""
+    stem = "model" if kind == "prefill" else "step"
+    return stem + ("" if precision == "fp32" else f".{precision}") + (".inlined" if inlined else "") + ".onnx"
+
+
+def export_graphs(cfg: GAMConfig, weights: Mapping[str, np.ndarray], out_dir: Path, source_sha256: str = "",
+                  precisions: tuple[str, ...] = ("fp32",)) -> dict[str, Path]:
+    """Write the prefill and step graphs (and inlined twins) at each precision atomically; {file name: path}."""
     from ..fsutil import atomic_write_bytes
 
     written = {}
-    for kind, stem in (("prefill", "model"), ("step", "step")):
-        model = build_graph(cfg, weights, kind, source_sha256)
-        for suffix, proto in (("", model), (".inlined", inline(model))):
-            path = Path(out_dir) / f"{stem}{suffix}.onnx"
-            written[path.name] = atomic_write_bytes(path, serialize(proto))
+    for precision in precisions:
+        for kind in ("prefill", "step"):
+            model = build_graph(cfg, weights, kind, source_sha256, precision=precision)
+            for inlined, proto in ((False, model), (True, inline(model))):
+                path = Path(out_dir) / graph_file_name(kind, precision, inlined)
+                written[path.name] = atomic_write_bytes(path, serialize(proto))
     return written
 
 

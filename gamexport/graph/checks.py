@@ -60,14 +60,52 @@ def structure_problems(model: onnx.ModelProto, cfg: GAMConfig) -> list[str]:
     return problems
 
 
-def check_graph_file(path: Path, cfg: GAMConfig) -> None:
-    """Run the ONNX checker (full_check) and the structural checks on a file; raise GraphError on failure."""
+def check_graph_file(path: Path, cfg: GAMConfig, precision: str = "fp32") -> None:
+    """Run the ONNX checker (full_check), the structural and the precision-plan checks on a file;
+    raise GraphError on failure."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise GraphError(f"{Path(path).name} fails the ONNX checker: {str(exc).splitlines()[0]}",
                          "this is a gamexport bug; please report it with --debug output") from exc
-    problems = structure_problems(onnx.load(str(path)), cfg)
+    model = onnx.load(str(path))
+    problems = structure_problems(model, cfg) + precision_problems(model, precision)
     if problems:
         raise GraphError(f"{Path(path).name} breaks the graph contract: {'; '.join(problems)}",
                          "this is a gamexport bug; please report it with --debug output")
+
+
+#: Ops that must compute in fp32 in every graph (the fp32 islands of a half-precision graph).
+FP32_ISLANDS = ("LayerNormalization", "Softmax", "Sigmoid", "Conv")
+
+
+def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
+    """Check that a graph computes the precision plan it claims, from inferred element types.
+
+    Every MatMul must take both operands in the graph's compute precision (fp16/bf16 for half graphs, fp32
+    otherwise) — so a graph that silently stayed fp32 fails — and LayerNorm, Softmax, the sigmoid gates and the
+    conv must take fp32 — so a graph that lost an fp32 island fails. Works on the inlined form.
+    """
+    from .builder import HALF_TYPES, inline
+
+    if model.functions:
+        model = inline(model)
+    typed = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
+    types.update({init.name: init.data_type for init in typed.graph.initializer})
+    want = HALF_TYPES.get(precision, onnx.TensorProto.FLOAT)
+    name = onnx.helper.tensor_dtype_to_string
+    problems = []
+    for node in typed.graph.node:
+        if node.op_type == "MatMul":
+            got = [types.get(i) for i in node.input]
+            if any(t != want for t in got):
+                problems.append(f"MatMul {node.name or node.output[0]} takes "
+                                f"{[name(t) if t else '?' for t in got]}, expected {name(want)}")
+        elif node.op_type in FP32_ISLANDS:
+            t = types.get(node.input[0])
+            if t != onnx.TensorProto.FLOAT:
+                problems.append(f"{node.op_type} {node.name or node.output[0]} takes {name(t) if t else '?'}, "
+                                "expected TensorProto.FLOAT (fp32 island)")
+    return problems
