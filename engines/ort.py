@@ -69,10 +69,54 @@ def optimized_matmul_precision(path: Path, threads: int | None, provider: str = 
     typed = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
     types.update({t.name: t.data_type for t in typed.graph.initializer})
-    seen = {types.get(node.input[0]) for node in typed.graph.node if node.op_type in ("MatMul", "Gemm")}
     names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
-    labels = {names.get(t, "unknown") for t in seen if t is not None}
-    return labels.pop() if len(labels) == 1 else "mixed"
+    labels = set()
+    for node in typed.graph.node:
+        if node.op_type in INT8_MATMULS:
+            labels.add("int8")
+        elif node.op_type in ("MatMul", "Gemm"):
+            labels.add(names.get(types.get(node.input[0]), "unknown"))
+    return labels.pop() if len(labels) == 1 else "mixed:" + "+".join(sorted(labels))
+
+
+#: Ops that multiply int8 operands in ONNX Runtime's CPU provider.
+INT8_MATMULS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
+def write_int8_dynamic(src: Path, dst: Path, threads: int | None = None) -> Path:
+    """``*.int8-dyn.onnx``: ONNX Runtime's dynamic quantization (int8 weights per channel, MatMulInteger).
+
+    ORT's quantizer skips local-function bodies and only quantizes a MatMul whose weight is an initializer, so
+    the source must be the inlined graph, and its ``Transpose(weight)`` nodes are folded first by an offline
+    basic-level optimization. CPU only.
+    """
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from gamexport.fsutil import atomic_write_bytes
+
+    ort = _import_ort()
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        so = session_options(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(folded)
+        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+        quantized = Path(tmp) / "quantized.onnx"
+        import logging
+        logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING
+        quantize_dynamic(str(folded), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
+        model = onnx.load(str(quantized))
+    # Keep gamexport's metadata (config, source hash), relabelled with this precision.
+    meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    meta["gamexport.precision"] = "int8-dyn"
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+    atomic_write_bytes(dst, model.SerializeToString(deterministic=True))
+    return dst
 
 
 class OrtRunner(Runner):

@@ -26,7 +26,8 @@ from gamexport.errors import ConfigError, GamexportError, OutputError, ParityErr
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir, sha256_file
 
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-dyn")
+GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")  # written by gamexport's own builder
 GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 
 Progress = Callable[[str], None]
@@ -142,7 +143,35 @@ def _pause_hook(stage: str) -> None:
     time.sleep(float(os.environ.get("GAMEXPORT_TEST_PAUSE_SECONDS", "60")))
 
 
-# ---- parity -------------------------------------------------------------------------------------------------
+# ---- parity ----
+HELD_OUT_NAME = "heldout.txt"
+
+
+def held_out_ids(ckpt: Checkpoint, max_rows: int = 8) -> np.ndarray | None:
+    """Real held-out text as token ids (rows of P tokens), when the source has a tokenizer and a held-out text.
+
+    The text is ``heldout.txt`` beside the weights, or the file named by config.json's ``heldout_text``
+    (relative to the checkpoint folder); training writes it from the validation split it recorded.
+    """
+    if ckpt.tokenizer_path is None or ckpt.source.startswith("<"):
+        return None
+    folder = Path(ckpt.source).parent
+    name = ckpt.meta.get("heldout_text", HELD_OUT_NAME)
+    path = (folder / str(name)).resolve()
+    if not path.is_file() or folder.resolve() not in path.parents:
+        return None
+    from gamexport.tokenizer import Tokenizer
+
+    P = ckpt.config.max_positions
+    text = path.read_text(encoding="utf-8", errors="replace")[: 64 * P * max_rows]
+    ids = np.asarray(Tokenizer.from_file(ckpt.tokenizer_path).encode(text), dtype=np.int64)
+    ids = ids[ids < ckpt.config.vocab_size]
+    if ids.size < P:
+        return ids[None, :] if ids.size >= 2 else None
+    rows = min(max_rows, ids.size // P)
+    return ids[: rows * P].reshape(rows, P)
+
+# ---- parity rows ------------------------------------------------------------------------------------------
 def _row(runtime: str, graph: str, artifact: str, reference: str, input_name: str, ids: np.ndarray,
          metrics: dict, precision: str = "fp32", **extra) -> dict:
     return {"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,
@@ -217,11 +246,12 @@ def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progr
     return rows
 
 
-def half_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
-                       text_ids: np.ndarray | None = None) -> list[dict]:
-    """Rows for a half-precision ONNX Runtime runner: against eager fp32 under the precision's gate, and
-    against an emulation of what it should compute (half-precision weights; fp32 compute where ORT computes
-    in fp32) under the fp32 tolerance — so a graph that silently kept fp32 weights fails."""
+def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
+                          text_ids: np.ndarray | None = None) -> list[dict]:
+    """Rows for a reduced-precision ONNX Runtime runner against eager fp32 under its precision's gate (the
+    INT8 gate — perplexity on real text — needs ``text_ids``; without it the rows are informational); and, for
+    half precision computed in fp32, against an emulation of exactly that (fp32 math on half-rounded weights)
+    under the fp32 tolerance — so a graph that silently kept fp32 weights fails."""
     from gamexport.engines.eager import EagerRunner
     from gamexport.graph.emulate import round_weights
     from gamexport.parity import chunk_plan, compare_logits, parity_inputs, tolerance
@@ -231,10 +261,14 @@ def half_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
     inputs = {"random": parity_inputs(cfg.vocab_size, cfg.max_positions)["random"]}
     if text_ids is not None:
         inputs["text"] = text_ids[:, : cfg.max_positions]
-    note = (f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
-            if runner.compute_precision == "fp32" else f"{p} weights and MatMuls")
+    if p.startswith("int8"):
+        note = f"{p}: int8 weights and MatMuls ({runner.compute_precision} in the optimized graph)"
+    elif runner.compute_precision == "fp32":
+        note = f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
+    else:
+        note = f"{p} weights and MatMuls"
     emulation = None
-    if runner.compute_precision == "fp32":
+    if p in ("fp16", "bf16") and runner.compute_precision == "fp32":
         emulation = EagerRunner(cfg, round_weights(ckpt.weights, p))
     sizes = chunk_plan(cfg.max_positions, cfg.kernel_size)
     rows = []
@@ -243,11 +277,15 @@ def half_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
         ref_logits, _ = eager.prefill(ids)
         logits, _ = runner.prefill(ids)
         extra = {"compute_precision": runner.compute_precision, "note": note}
+        # Perplexity needs the true next tokens: on real text only.
+        targets = ids[:, 1:] if name == "text" else None
+        cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
         rows.append(_row(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids,
-                         compare_logits(ref_logits, logits, tolerance(p)), precision=p, **extra))
+                         compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets), precision=p, **extra))
         step_logits, _ = run_chunks(runner, ids, sizes)
         rows.append(_row(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
-                         compare_logits(ref_logits, step_logits, tolerance(p)), precision=p, chunks=sizes, **extra))
+                         compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets), precision=p,
+                         chunks=sizes, **extra))
         if emulation is not None and name == "random":
             emu_logits, _ = emulation.prefill(ids)
             metrics = compare_logits(emu_logits, logits, tolerance("fp32"))
@@ -412,7 +450,15 @@ def build(opts: BuildOptions) -> BuildResult:
         + ("" if is_trained(ckpt) else " (untrained seeded weights)"))
     with locked_staging(out) as staging:
         stage(1, f"exporting ONNX graphs to {out}")
-        artifacts = sorted(export_graphs(cfg, ckpt.weights, staging, ckpt.sha256, precisions))
+        written = export_graphs(cfg, ckpt.weights, staging, ckpt.sha256,
+                                tuple(p for p in precisions if p in GRAPH_PRECISIONS))
+        if "int8-dyn" in precisions:
+            from gamexport.engines.ort import write_int8_dynamic
+
+            for kind in ("model", "step"):
+                path = write_int8_dynamic(staging / f"{kind}.inlined.onnx", staging / f"{kind}.int8-dyn.onnx")
+                written[path.name] = path
+        artifacts = sorted(written)
         atomic_write_json(staging / CONFIG_NAME, {**ckpt.meta, **cfg.to_dict(),
                                                   "source": {"path": ckpt.source, "sha256": ckpt.sha256}})
         if ckpt.tokenizer_path is not None:
@@ -422,23 +468,35 @@ def build(opts: BuildOptions) -> BuildResult:
         graph_checks = []
         for name in artifacts:
             precision = name.split(".")[1] if name.count(".") > 1 and name.split(".")[1] in PRECISIONS else "fp32"
-            check_graph_file(staging / name, cfg, precision)
-            graph_checks.append({"artifact": name, "precision": precision, "checks": [
-                "onnx.checker full_check", "structure (functions, opset, I/O)", "precision plan (MatMul types, "
-                "fp32 islands)"], "passed": True})
+            if precision == "int8-dyn":
+                from gamexport.graph.checks import check_int8_dynamic_file
+
+                check_int8_dynamic_file(staging / name, cfg)
+                checks = ["onnx.checker full_check", f"every weight MatMul quantized ({5 * cfg.n_layers + 1} "
+                          "MatMulInteger)"]
+            else:
+                check_graph_file(staging / name, cfg, precision)
+                checks = ["onnx.checker full_check", "structure (functions, opset, I/O)",
+                          "precision plan (MatMul types, fp32 islands)"]
+            graph_checks.append({"artifact": name, "precision": precision, "checks": checks, "passed": True})
 
         stage(3, "parity against eager PyTorch and the float64 reference")
         eager = EagerRunner(cfg, ckpt.weights, threads=threads)
         ort_runners = {"functions": OrtRunner(staging / "model.onnx", staging / "step.onnx", cfg, threads),
                        "inlined": OrtRunner(staging / "model.inlined.onnx", staging / "step.inlined.onnx", cfg,
                                             threads)}
-        parity = parity_checks(ckpt, eager, ort_runners, lambda m: say("      " + m))
+        text_ids = held_out_ids(ckpt)
+        if text_ids is not None:
+            say(f"      real text: {text_ids.shape[0]} × {text_ids.shape[1]} held-out tokens")
+        parity = parity_checks(ckpt, eager, ort_runners, lambda m: say("      " + m), text_ids)
         half_runners = []
-        if "fp16" in precisions:
-            half_runners.append(OrtRunner(staging / "model.fp16.onnx", staging / "step.fp16.onnx", cfg, threads,
-                                          precision="fp16"))
-            parity += half_parity_checks(ckpt, eager, half_runners[-1], lambda m: say("      " + m))
-        passed = all(r["passed"] for r in parity)
+        for precision in ("fp16", "int8-dyn"):
+            if precision in precisions:
+                half_runners.append(OrtRunner(staging / f"model.{precision}.onnx", staging / f"step.{precision}.onnx",
+                                              cfg, threads, precision=precision))
+                parity += variant_parity_checks(ckpt, eager, half_runners[-1], lambda m: say("      " + m),
+                                                text_ids)
+        passed = all(r["passed"] for r in parity)  # informational rows (gated: false) pass by definition
 
         latency: list[dict] = []
         if opts.latency:

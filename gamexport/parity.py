@@ -9,6 +9,11 @@ Metrics, on logits of shape (..., V):
 - ``top1_agreement``: fraction of positions where the argmax agrees, counted only where the reference's
   top-1/top-2 margin is ≥ ``margin`` (a near-tie may flip legitimately); ``top1_counted`` is how many counted.
 - ``kl_mean`` / ``kl_max``: KL(ref ‖ test) of the next-token distributions, in nats, over positions.
+- ``ppl_ref`` / ``ppl_test`` / ``ppl_rel_change``: perplexity of the true next tokens (only when targets are
+  given, i.e. on real text) and |ppl_test / ppl_ref − 1|: the INT8 gate.
+
+A tolerance left as None is not checked. A row whose precision's gate cannot be applied (INT8 without real
+text) is reported with ``gated: false``: informational, it does not fail the build.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ import numpy as np
 @dataclass(frozen=True)
 class Tolerance:
     max_abs: float | None  # × max(1, max|ref|); None: not gated
-    kl: float              # mean KL(ref ‖ test) in nats
-    top1: float            # minimum margin-counted top-1 agreement
+    kl: float | None       # mean KL(ref ‖ test) in nats
+    top1: float | None     # minimum margin-counted top-1 agreement
     margin: float          # reference top-1/top-2 logit margin below which top-1 is not counted
     reason: str
+    ppl_rel: float | None = None  # |ppl_test / ppl_ref − 1| on real text
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.ppl_rel is not None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,6 +50,10 @@ TOLERANCES: dict[str, Tolerance] = {
                       reason="half-precision weights and matmuls, fp32 LayerNorm/Softmax islands"),
     "bf16": Tolerance(max_abs=None, kl=1e-3, top1=0.99, margin=0.05,
                       reason="bfloat16 weights and matmuls, fp32 LayerNorm/Softmax islands"),
+    "int8": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02,
+                      reason="static INT8 Q/DQ: perplexity on held-out text within 2 % of fp32"),
+    "int8-dyn": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02,
+                          reason="dynamic INT8 (MatMulInteger): perplexity on held-out text within 2 % of fp32"),
 }
 
 
@@ -55,8 +69,20 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> dict[str, Any]:
-    """Metrics of ``test`` against ``ref`` (same shape, (..., V)), the tolerances, and ``passed``."""
+def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
+    """exp(mean cross-entropy) of ``targets`` (...,) under ``logits`` (..., V)."""
+    lp = _log_softmax(np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1]))
+    t = np.asarray(targets, dtype=np.int64).reshape(-1)
+    return float(np.exp(-lp[np.arange(t.size), t].mean()))
+
+
+def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance,
+                   targets: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics of ``test`` against ``ref`` (same shape, (..., V)), the tolerances, and ``passed``.
+
+    ``targets`` (same leading shape, the true next token of each position) adds perplexities; a tolerance
+    that needs them and gets none makes the row informational (``gated: false``).
+    """
     ref = np.asarray(ref, dtype=np.float64)
     test = np.asarray(test, dtype=np.float64)
     if ref.shape != test.shape:
@@ -79,10 +105,23 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> dict[st
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     kl_mean, kl_max = float(kl.mean()), float(kl.max())
     abs_limit = None if tol.max_abs is None else tol.max_abs * max(1.0, ref_scale)
-    checks = {"kl": kl_mean <= tol.kl, "top1": top1 >= tol.top1}
+    checks = {}
+    if tol.kl is not None:
+        checks["kl"] = kl_mean <= tol.kl
+    if tol.top1 is not None:
+        checks["top1"] = top1 >= tol.top1
     if abs_limit is not None:
         checks["max_abs"] = max_abs <= abs_limit
+    ppl = {}
+    if targets is not None:
+        ppl_ref, ppl_test = perplexity(ref, targets), perplexity(test, targets)
+        ppl = {"ppl_ref": ppl_ref, "ppl_test": ppl_test, "ppl_rel_change": abs(ppl_test / ppl_ref - 1.0)}
+        if tol.ppl_rel is not None:
+            checks["ppl_rel"] = ppl["ppl_rel_change"] <= tol.ppl_rel
+    gated = not (tol.needs_targets and targets is None)
     return {
+        **ppl,
+        "gated": gated,
         "max_abs_diff": max_abs,
         "max_abs_limit": abs_limit,
         "max_rel_diff": max_abs / ref_scale if ref_scale else max_abs,
@@ -94,7 +133,7 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> dict[st
         "kl_max": kl_max,
         "tolerances": tol.as_dict(),
         "failed_checks": sorted(k for k, ok in checks.items() if not ok),
-        "passed": all(checks.values()),
+        "passed": all(checks.values()) if gated else True,
     }
 
 

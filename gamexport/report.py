@@ -30,6 +30,12 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return str(value)
 
 
+def _result(row: dict) -> str:
+    if not row.get("gated", True):
+        return "info (gate needs real text)"
+    return "pass" if row["passed"] else "FAIL " + ", ".join(row.get("failed_checks", []))
+
+
 def render_markdown(report: dict) -> str:
     """A report a person can read: what was built, whether it matches eager, and how fast it runs."""
     src = report["source"]
@@ -57,8 +63,8 @@ def render_markdown(report: dict) -> str:
         "KL is the mean KL(ref‖test) of next-token distributions in nats.",
         "",
         "| runtime | graph | artifact | vs | input | B×T | max abs (limit) | cosine | top-1 (counted) "
-        "| KL mean (limit) | state max abs | result |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KL mean (limit) | ppl change (limit) | state max abs | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["parity"]:
         tol = r["tolerances"]
@@ -66,8 +72,9 @@ def render_markdown(report: dict) -> str:
             f"| {r['runtime']} {r['precision']} | {r['graph']} | {r['artifact']} | {r['reference']} | {r['input']} "
             f"| {r['batch']}×{r['seq_len']} | {_fmt(r.get('max_abs_diff'))} ({_fmt(r.get('max_abs_limit'))}) "
             f"| {_fmt(r.get('cosine'), '.9f')} | {_fmt(r.get('top1_agreement'))} ({_fmt(r.get('top1_counted'))}) "
-            f"| {_fmt(r.get('kl_mean'))} ({_fmt(tol['kl'])}) | {_fmt(r.get('state_max_abs_diff'))} "
-            f"| {'pass' if r['passed'] else 'FAIL ' + ', '.join(r.get('failed_checks', []))} |")
+            f"| {_fmt(r.get('kl_mean'))} ({_fmt(tol['kl'])}) "
+            f"| {_fmt(r.get('ppl_rel_change'))} ({_fmt(tol.get('ppl_rel'))}) | {_fmt(r.get('state_max_abs_diff'))} "
+            f"| {_result(r)} |")
     lines += [
         "",
         "## Latency",

@@ -36,10 +36,16 @@ def test_report_states_tolerance_beside_each_value(tiny_build):
     report = json.loads((tiny_build / "report.json").read_text())
     for row in report["parity"]:
         assert row["passed"]
+        tol = row["tolerances"]
+        if not row["gated"]:  # INT8 without real text: informational, and it says why
+            assert tol["ppl_rel"] is not None and "ppl_rel_change" not in row
+            continue
         if row["max_abs_limit"] is not None:
             assert row["max_abs_diff"] <= row["max_abs_limit"]
-        assert row["kl_mean"] <= row["tolerances"]["kl"]
-        assert row["top1_agreement"] >= row["tolerances"]["top1"]
+        if tol["kl"] is not None:
+            assert row["kl_mean"] <= tol["kl"]
+        if tol["top1"] is not None:
+            assert row["top1_agreement"] >= tol["top1"]
     graphs = {(r["runtime"], r["precision"], r["graph"]) for r in report["parity"]}
     assert {("eager", "fp32", "prefill"), ("eager", "fp32", "step"), ("onnxruntime-cpu", "fp32", "prefill"),
             ("onnxruntime-cpu", "fp32", "step"), ("onnxruntime-cpu", "fp16", "prefill"),

@@ -42,7 +42,8 @@ def test_build_writes_every_artifact(cli_build):
     modes = {(r["runtime"], r["mode"]) for r in report["latency"]}
     assert modes == {("eager", "prefill"), ("eager", "decode"), ("onnxruntime-cpu", "prefill"),
                      ("onnxruntime-cpu", "decode")}
-    assert {r["precision"] for r in report["latency"] if r["runtime"] == "onnxruntime-cpu"} == {"fp32", "fp16"}
+    assert {r["precision"] for r in report["latency"] if r["runtime"] == "onnxruntime-cpu"} == {"fp32", "fp16",
+                                                                                                  "int8-dyn"}
     manifest = json.loads((cli_build / "manifest.json").read_text())
     assert set(manifest["files"]) == names - {"manifest.json"}
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])

@@ -183,3 +183,24 @@ def test_bf16_graph_runs_in_the_onnx_reference_evaluator(tiny_cfg, tiny_weights)
     result = compare_logits(exact, logits, tolerance("bf16"))
     assert result["passed"], result
     assert result["max_abs_diff"] > 1e-4  # bf16 rounding is visible: it did not compute in fp32 throughout
+
+
+def test_int8_dynamic_quantizes_every_weight_matmul(tiny_build, tiny_cfg, tmp_path):
+    from gamexport.errors import GraphError
+    from gamexport.graph.checks import check_int8_dynamic_file
+
+    path = tiny_build / "model.int8-dyn.onnx"
+    check_int8_dynamic_file(path, tiny_cfg)  # 5 per block + head
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["gamexport.precision"] == "int8-dyn" and "gamexport.config" in meta
+    # The unquantized graph fails the same check: it can fail.
+    with pytest.raises(GraphError, match=r"quantizes 0 of 11 weight MatMuls \(11 float MatMuls left\)"):
+        check_int8_dynamic_file(tiny_build / "step.inlined.onnx", tiny_cfg)
+
+
+def test_int8_dynamic_is_deterministic(tiny_build, tmp_path):
+    from gamexport.engines.ort import write_int8_dynamic
+
+    again = write_int8_dynamic(tiny_build / "step.inlined.onnx", tmp_path / "step.int8-dyn.onnx")
+    assert again.read_bytes() == (tiny_build / "step.int8-dyn.onnx").read_bytes()

@@ -65,7 +65,7 @@ def check_graph_file(path: Path, cfg: GAMConfig, precision: str = "fp32") -> Non
     raise GraphError on failure."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise GraphError(f"{Path(path).name} fails the ONNX checker: {str(exc).splitlines()[0]}",
                          "this is a gamexport bug; please report it with --debug output") from exc
     model = onnx.load(str(path))
@@ -109,3 +109,23 @@ def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
                 problems.append(f"{node.op_type} {node.name or node.output[0]} takes {name(t) if t else '?'}, "
                                 "expected TensorProto.FLOAT (fp32 island)")
     return problems
+
+
+def check_int8_dynamic_file(path: Path, cfg: GAMConfig) -> None:
+    """An ``*.int8-dyn.onnx`` file: passes the checker, and every weight MatMul (five per block — memory scores,
+    memory read, gate, FFN in and out — and the head) consumes int8 weights; no float MatMul is left."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise GraphError(f"{Path(path).name} fails the ONNX checker: {str(exc).splitlines()[0]}",
+                         "this is a gamexport bug; please report it with --debug output") from exc
+    model = onnx.load(str(path))
+    int8 = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    quantized_weights = [n for n in int8 if inits.get(n.input[1]) == onnx.TensorProto.INT8]
+    floats = [n for n in model.graph.node if n.op_type == "MatMul"]
+    want = 5 * cfg.n_layers + 1
+    if len(quantized_weights) != want or floats:
+        raise GraphError(f"{Path(path).name} quantizes {len(quantized_weights)} of {want} weight MatMuls "
+                         f"({len(floats)} float MatMuls left)",
+                         "this is a gamexport bug; please report it with --debug output")
