@@ -19,7 +19,7 @@ def build(
     preset: Annotated[str | None, typer.Option(help="Without SOURCE: build seeded untrained weights of this "
                                                     "preset (paper, small, tiny).")] = None,
     precision: Annotated[str, typer.Option(
-        help="Graph precisions to write, comma-separated (fp32 always): fp32, fp16, bf16, int8-dyn.")] = "fp32,fp16,bf16,int8-dyn",
+        help="Graph precisions to write, comma-separated (fp32 always): fp32, fp16, bf16, int8, int8-dyn.")] = "fp32,fp16,bf16,int8,int8-dyn",
     threads: ThreadsOption = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
     prefill_len: Annotated[list[int] | None, typer.Option(

@@ -48,12 +48,12 @@ def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
                          "the file is corrupt or from an incompatible gamexport; rebuild it") from exc
 
 
-def optimized_matmul_precision(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> str:
-    """The precision ONNX Runtime really multiplies in: read from the session's optimized graph.
+def optimized_matmul_ops(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> dict[str, int]:
+    """What ONNX Runtime really multiplies with: the matrix-multiply ops of the session's optimized graph.
 
-    ORT's CPU provider has no fp16 MatMul kernel on x86 and computes an fp16 graph in fp32 (it inserts casts
-    around the op), so asking what the optimized graph's MatMuls (or fused Gemm/FusedMatMul) take is the only
-    honest label.
+    Keys are ``op_type`` (plus ``:fp16``/``:bf16``/``:fp32`` for float MatMul/Gemm/FusedMatMul), values counts.
+    ORT's CPU provider has no fp16 MatMul kernel on x86 and computes an fp16 graph in fp32 (it inserts casts);
+    it fuses Q/DQ around a MatMul into integer ops. Asking the optimized graph is the only honest label.
     """
     import tempfile
 
@@ -62,7 +62,7 @@ def optimized_matmul_precision(path: Path, threads: int | None, provider: str = 
     ort = _import_ort()
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keeps a standard-op graph
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable, fused
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), sess_options=so, providers=[provider])
         model = onnx.load(so.optimized_model_filepath, load_external_data=False)
@@ -70,17 +70,29 @@ def optimized_matmul_precision(path: Path, threads: int | None, provider: str = 
     types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
     types.update({t.name: t.data_type for t in typed.graph.initializer})
     names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
-    labels = set()
+    ops: dict[str, int] = {}
     for node in typed.graph.node:
         if node.op_type in INT8_MATMULS:
-            labels.add("int8")
-        elif node.op_type in ("MatMul", "Gemm"):
-            labels.add(names.get(types.get(node.input[0]), "unknown"))
-    return labels.pop() if len(labels) == 1 else "mixed:" + "+".join(sorted(labels))
+            key = node.op_type
+        elif node.op_type in ("MatMul", "Gemm", "FusedMatMul"):
+            key = f"{node.op_type}:{names.get(types.get(node.input[0]), 'other')}"
+        else:
+            continue
+        ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items()))
 
 
-#: Ops that multiply int8 operands in ONNX Runtime's CPU provider.
-INT8_MATMULS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+def compute_label(ops: dict[str, int]) -> str:
+    """One word for the optimized graph's matrix multiplies: fp32, fp16, bf16, int8, or mixed."""
+    kinds = {("int8" if op in INT8_COMPUTE else "int8w-fp32" if op in INT8_MATMULS else op.split(":")[1])
+             for op in ops}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+#: Ops that multiply int8 operands in ONNX Runtime's CPU provider…
+INT8_COMPUTE = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+#: …and all ops that take int8 weights (MatMulNBits dequantizes its 8-bit weights and multiplies in fp32).
+INT8_MATMULS = INT8_COMPUTE + ("MatMulNBits",)
 
 
 def write_int8_dynamic(src: Path, dst: Path, threads: int | None = None) -> Path:
@@ -135,8 +147,11 @@ class OrtRunner(Runner):
         self.precision = precision
         self.prefill_session = load_session(self.model_path, threads)
         self.step_session = load_session(self.step_path, threads)
-        self.compute_precision = (precision if precision == "fp32"
-                                  else optimized_matmul_precision(self.model_path, threads))
+        self.matmul_ops: dict[str, int] = {}
+        self.compute_precision = precision
+        if precision != "fp32":
+            self.matmul_ops = optimized_matmul_ops(self.model_path, threads)
+            self.compute_precision = compute_label(self.matmul_ops)
 
     @classmethod
     def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,

@@ -26,8 +26,8 @@ from gamexport.errors import ConfigError, GamexportError, OutputError, ParityErr
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir, sha256_file
 
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8-dyn")
-GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")  # written by gamexport's own builder
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
+GRAPH_PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # written by gamexport's own builder
 GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 
 Progress = Callable[[str], None]
@@ -172,6 +172,19 @@ def held_out_ids(ckpt: Checkpoint, max_rows: int = 8) -> np.ndarray | None:
     return ids[: rows * P].reshape(rows, P)
 
 # ---- parity rows ------------------------------------------------------------------------------------------
+def split_calibration(text_ids: np.ndarray | None, cfg: GAMConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(calibration ids, evaluation ids): disjoint halves of the held-out rows; random ids without text."""
+    if text_ids is None:
+        from gamexport.parity import parity_inputs
+
+        rng_ids = np.concatenate([v for v in parity_inputs(cfg.vocab_size, cfg.max_positions, seed=7).values()])
+        return rng_ids, None
+    if text_ids.shape[0] < 2:
+        return text_ids, text_ids  # too little text to split: the gate is measured on the calibration text
+    half = text_ids.shape[0] // 2
+    return text_ids[:half], text_ids[half:]
+
+
 def _row(runtime: str, graph: str, artifact: str, reference: str, input_name: str, ids: np.ndarray,
          metrics: dict, precision: str = "fp32", **extra) -> dict:
     return {"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,
@@ -261,8 +274,9 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
     inputs = {"random": parity_inputs(cfg.vocab_size, cfg.max_positions)["random"]}
     if text_ids is not None:
         inputs["text"] = text_ids[:, : cfg.max_positions]
+    ops = ", ".join(f"{v}× {k}" for k, v in runner.matmul_ops.items())
     if p.startswith("int8"):
-        note = f"{p}: int8 weights and MatMuls ({runner.compute_precision} in the optimized graph)"
+        note = f"{p}: ONNX Runtime's optimized graph multiplies with {ops}"
     elif runner.compute_precision == "fp32":
         note = f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
     else:
@@ -450,8 +464,23 @@ def build(opts: BuildOptions) -> BuildResult:
         + ("" if is_trained(ckpt) else " (untrained seeded weights)"))
     with locked_staging(out) as staging:
         stage(1, f"exporting ONNX graphs to {out}")
+        text_ids = held_out_ids(ckpt)
+        if text_ids is not None:
+            say(f"      real text: {text_ids.shape[0]} × {text_ids.shape[1]} held-out tokens")
+        calib_ids, eval_ids = split_calibration(text_ids, cfg)
+        calibration = None
+        if "int8" in precisions:
+            from gamexport.calibration import calibrate
+
+            calibration = calibrate(cfg, ckpt.weights, [calib_ids])
+            atomic_write_json(staging / "calibration.json", {
+                "source": ("held-out text, the first half of its rows (the INT8 gate uses the other half)"
+                           if text_ids is not None else "random token ids: no tokenizer and held-out text, so the "
+                           "INT8 gate is informational"),
+                "rows": int(calib_ids.shape[0]), "tokens_per_row": int(calib_ids.shape[1]),
+                "method": "max |activation|, symmetric, zero point 0", "amax": calibration})
         written = export_graphs(cfg, ckpt.weights, staging, ckpt.sha256,
-                                tuple(p for p in precisions if p in GRAPH_PRECISIONS))
+                                tuple(p for p in precisions if p in GRAPH_PRECISIONS), calibration)
         if "int8-dyn" in precisions:
             from gamexport.engines.ort import write_int8_dynamic
 
@@ -485,17 +514,14 @@ def build(opts: BuildOptions) -> BuildResult:
         ort_runners = {"functions": OrtRunner(staging / "model.onnx", staging / "step.onnx", cfg, threads),
                        "inlined": OrtRunner(staging / "model.inlined.onnx", staging / "step.inlined.onnx", cfg,
                                             threads)}
-        text_ids = held_out_ids(ckpt)
-        if text_ids is not None:
-            say(f"      real text: {text_ids.shape[0]} × {text_ids.shape[1]} held-out tokens")
         parity = parity_checks(ckpt, eager, ort_runners, lambda m: say("      " + m), text_ids)
         half_runners = []
-        for precision in ("fp16", "int8-dyn"):
+        for precision in ("fp16", "int8", "int8-dyn"):
             if precision in precisions:
                 half_runners.append(OrtRunner(staging / f"model.{precision}.onnx", staging / f"step.{precision}.onnx",
                                               cfg, threads, precision=precision))
                 parity += variant_parity_checks(ckpt, eager, half_runners[-1], lambda m: say("      " + m),
-                                                text_ids)
+                                                eval_ids)
         passed = all(r["passed"] for r in parity)  # informational rows (gated: false) pass by definition
 
         latency: list[dict] = []

@@ -35,15 +35,16 @@ def test_build_writes_every_artifact(cli_build):
     names = {p.name for p in cli_build.iterdir()}
     assert {"model.onnx", "step.onnx", "model.inlined.onnx", "step.inlined.onnx", "config.json", "report.json",
             "report.md", "manifest.json", "latency.png", "model.fp16.onnx", "step.fp16.onnx", "model.bf16.onnx",
-            "step.bf16.onnx", "model.bf16.inlined.onnx"} <= names
+            "step.bf16.onnx", "model.bf16.inlined.onnx", "model.int8.onnx", "step.int8.onnx", "model.int8-dyn.onnx",
+            "calibration.json"} <= names
     report = json.loads((cli_build / "report.json").read_text())
     assert report["passed"] and report["source"]["trained"] is False
     assert any(r["reference"] == "float64-numpy" and r["passed"] for r in report["parity"])
     modes = {(r["runtime"], r["mode"]) for r in report["latency"]}
     assert modes == {("eager", "prefill"), ("eager", "decode"), ("onnxruntime-cpu", "prefill"),
                      ("onnxruntime-cpu", "decode")}
-    assert {r["precision"] for r in report["latency"] if r["runtime"] == "onnxruntime-cpu"} == {"fp32", "fp16",
-                                                                                                  "int8-dyn"}
+    assert {r["precision"] for r in report["latency"] if r["runtime"] == "onnxruntime-cpu"} == {
+        "fp32", "fp16", "int8", "int8-dyn"}
     manifest = json.loads((cli_build / "manifest.json").read_text())
     assert set(manifest["files"]) == names - {"manifest.json"}
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])

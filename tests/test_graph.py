@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
@@ -204,3 +205,55 @@ def test_int8_dynamic_is_deterministic(tiny_build, tmp_path):
 
     again = write_int8_dynamic(tiny_build / "step.inlined.onnx", tmp_path / "step.int8-dyn.onnx")
     assert again.read_bytes() == (tiny_build / "step.int8-dyn.onnx").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def int8_graphs(tiny_cfg, tiny_weights):
+    from gamexport.calibration import calibrate
+
+    ids = np.random.default_rng(11).integers(0, tiny_cfg.vocab_size, size=(2, 64))
+    table = calibrate(tiny_cfg, tiny_weights, [ids])
+    return {kind: build_graph(tiny_cfg, tiny_weights, kind, precision="int8", calibration=table)
+            for kind in ("prefill", "step")}, table
+
+
+def test_int8_graph_quantizes_every_weight_matmul(int8_graphs, tiny_cfg, tiny_weights):
+    from gamexport.graph.checks import precision_problems
+
+    graphs, table = int8_graphs
+    assert set(table) == {f"blocks.{i}.act.{a}" for i in range(tiny_cfg.n_layers) for a in ("h", "hn", "gelu")} | {
+        "act.x_f"}
+    for model in graphs.values():
+        onnx.checker.check_model(model, full_check=True)
+        assert structure_problems(model, tiny_cfg) == []
+        assert precision_problems(model, "int8") == []
+        inits = {t.name: t for t in model.graph.initializer}
+        int8 = [name for name, t in inits.items() if t.data_type == onnx.TensorProto.INT8]
+        # Five weight MatMuls per block (memory scores and read use two int8 copies of M) and the tied head.
+        assert len(int8) == 5 * tiny_cfg.n_layers + 2
+        zero_points = [n for n in inline(model).graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                       and len(n.input) == 3]
+        for node in zero_points:  # symmetric: every explicit zero point is int8 0
+            producer = next(p for p in inline(model).graph.node if node.input[2] in p.output)
+            assert numpy_helper.to_array(producer.attribute[0].t) == 0
+    assert len(precision_problems(build_graph(tiny_cfg, tiny_weights, "step"), "int8")) > 0
+
+
+def test_int8_step_chunks_equal_int8_prefill(int8_graphs, tiny_cfg, tiny_weights):
+    """One calibration table for both graphs: streaming in chunks reproduces the INT8 prefill."""
+    graphs, _ = int8_graphs
+    pre, step = _session(graphs["prefill"]), _session(graphs["step"])
+    ids = np.random.default_rng(3).integers(0, tiny_cfg.vocab_size, size=(1, 40))
+    full, full_state = pre.run(None, {INPUT_IDS: ids})
+    state = np.zeros((1, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model), np.float32)
+    outs, pos = [], 0
+    for size in (1, 2, 3, 9, 25):
+        logits, state = step.run(None, {INPUT_IDS: ids[:, pos:pos + size], POSITION_IDS: np.array([[pos]]),
+                                        CONV_STATE: state})
+        outs.append(logits)
+        pos += size
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(state, full_state, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        exact = build_model(tiny_cfg, tiny_weights).prefill(torch.from_numpy(ids))[0].numpy()
+    assert 1e-3 < np.abs(full - exact).max() < 0.5 * np.abs(exact).max()  # quantized, but the same model

@@ -36,7 +36,7 @@ _DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 #: gate, FFN, tied embedding/head) and their biases are stored and multiplied in half precision; LayerNorm,
 #: Softmax, the sigmoid gates and fusion, the residual stream, the (tiny, depthwise) convolution and therefore
 #: the streaming state stay fp32 — the "fp32 islands". Graph inputs and outputs keep their types.
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 HALF_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 META_PRECISION = "gamexport.precision"
 
@@ -47,6 +47,28 @@ HALF_WEIGHTS = ("token_embedding.weight", "memory_bank", "gate.weight", "gate.bi
 
 def is_half_weight(name: str) -> bool:
     return name.endswith(HALF_WEIGHTS)
+
+
+#: INT8 (static Q/DQ, symmetric, zero point 0 — what TensorRT accepts): every weight MatMul takes int8 weights,
+#: quantized per output channel, through DequantizeLinear; its activation input is quantized per tensor with a
+#: scale calibrated on real text (``QuantizeLinear → DequantizeLinear``), except the memory read's softmax
+#: probabilities, which stay fp32: over S slots most probabilities are far below one int8 step of the largest.
+#: Everything else (LayerNorm, Softmax, gates, conv, residual, state) stays fp32.
+INT8_ACTIVATIONS = ("act.h", "act.hn", "act.gelu")   # per block: LN1 out, LN2 out, GELU out; plus "act.x_f"
+INT8_MAX = 127
+
+
+def quantize_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of ``w`` with one scale per index of ``axis``: (int8 values, fp32 scales)."""
+    amax = np.abs(w).max(axis=1 - axis)
+    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    shape = (1, -1) if axis == 1 else (-1, 1)
+    q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def activation_scale(amax: float) -> float:
+    return float(amax) / INT8_MAX if amax > 0 else 1.0
 
 
 def _initializer(name: str, value: np.ndarray, precision: str) -> onnx.TensorProto:
@@ -72,11 +94,38 @@ def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc
 
 
 class _Body:
-    """Collects the nodes of a function body; casts appear only in half-precision graphs."""
+    """Collects the nodes of a function body; casts appear only in half-precision graphs, Q/DQ only in INT8."""
 
-    def __init__(self, half: int | None):
+    def __init__(self, half: int | None, int8: bool = False):
         self.half = half
+        self.int8 = int8
         self.nodes: list[onnx.NodeProto] = []
+        self._zero: str | None = None
+
+    def zero_point(self) -> str:
+        if self._zero is None:
+            self._zero = "int8_zero"
+            self.nodes.append(helper.make_node("Constant", [], [self._zero],
+                                               value=helper.make_tensor("z", TensorProto.INT8, [], [0])))
+        return self._zero
+
+    def linear(self, x: str, w: str, out: str, transposed: bool = True, act_scale: str | None = None) -> str:
+        """``x · wᵀ`` (or ``x · w`` when not ``transposed``) for a weight function input ``w``.
+
+        INT8: the weight arrives as int8 ``w.qT`` (pre-transposed, [in, out]) or ``w.q`` plus per-column scales,
+        dequantized on the fly; ``act_scale`` adds a Q/DQ pair on ``x``.
+        """
+        if self.int8:
+            if act_scale is not None:
+                zp = self.zero_point()
+                q = self.op("QuantizeLinear", [x, act_scale, zp], f"{out}_xq")
+                x = self.op("DequantizeLinear", [q, act_scale, zp], f"{out}_xdq")
+            wq = weight_inputs(w, transposed, True)
+            wd = self.op("DequantizeLinear", wq, f"{out}_wdq", axis=1)
+            return self.op("MatMul", [x, wd], out)
+        if transposed:
+            w = self.op("Transpose", [w], f"{out}_wt", perm=[1, 0])
+        return self.op("MatMul", [x, w], out)
 
     def op(self, op_type: str, inputs: list[str], output: str | list[str], **attrs) -> str:
         outputs = [output] if isinstance(output, str) else output
@@ -108,8 +157,18 @@ def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.Functio
     """
     k1 = cfg.state_len
     half = HALF_TYPES.get(precision)
+    int8 = precision == "int8"
 
-    b = _Body(half)
+    def body() -> _Body:
+        return _Body(half, int8)
+
+    def w(name: str, transposed: bool = True) -> list[str]:
+        return weight_inputs(name, transposed, int8)
+
+    def scale(name: str) -> list[str]:
+        return [name + ".scale"] if int8 else []
+
+    b = body()
     b.op("Concat", ["past", "h"], "hcat", axis=1)                                   # (B, k-1+T, d)
     b.op("Transpose", ["hcat"], "hcat_t", perm=[0, 2, 1])                          # (B, d, k-1+T)
     b.op("Conv", ["hcat_t", "weight", "bias"], "y_t", group=cfg.d_model, kernel_shape=[cfg.kernel_size])
@@ -120,52 +179,54 @@ def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.Functio
                      "Local path: depthwise causal Conv1d over [past k-1 LN1 outputs, h]; returns the new past. "
                      "Always fp32 (k·d weights), so the streaming state is exact at every precision.")
 
-    b = _Body(half)
-    b.op("Transpose", ["memory"], "memory_t", perm=[1, 0])                         # (d, S)
-    scores = b.op("MatMul", ["h", "memory_t"], "scores")                           # (B, T, S), unscaled
+    b = body()
+    h_scale = "h.scale" if int8 else None
+    scores = b.linear("h", "memory", "scores", act_scale=h_scale)                 # (B, T, S), unscaled
     weights = b.op("Softmax", [b.to_float(scores, "scores_f")], "weights", axis=-1)
-    read = b.op("MatMul", [b.to_half(weights, "weights_h"), "memory"], "read")     # (B, T, d)
+    read = b.linear(b.to_half(weights, "weights_h"), "memory", "read", transposed=False)   # (B, T, d)
     b.output(read, "global")
-    memory = _function("MemoryRead", ["h", "memory"], ["global"], b.nodes,
+    memory_inputs = list(dict.fromkeys(["h", *w("memory"), *w("memory", False), *scale("h")]))  # fp: M once
+    memory = _function("MemoryRead", memory_inputs, ["global"], b.nodes,
                        "Global path: softmax(h · Mᵀ) · M over the learned memory slots, per token, no scaling.")
 
-    b = _Body(half)
-    b.op("Transpose", ["weight"], "weight_t", perm=[1, 0])                         # (d, 2d)
-    b.op("MatMul", ["h", "weight_t"], "g0")
-    g = b.to_float(b.op("Add", ["g0", "bias"], "g_h"), "g")                       # (B, T, 2d)
+    b = body()
+    b.linear("h", "weight", "g0", act_scale=h_scale)                               # (B, T, 2d)
+    g = b.to_float(b.op("Add", ["g0", "bias"], "g_h"), "g")
     b.op("Split", [g], ["g_local", "g_global"], axis=-1, num_outputs=2)
     b.op("Sigmoid", ["g_local"], "s_local")
     b.op("Sigmoid", ["g_global"], "s_global")
     b.op("Mul", ["s_local", "local"], "a")
     b.op("Mul", ["s_global", "global"], "b")
     b.op("Add", ["a", "b"], "fused")
-    fusion = _function("GatedFusion", ["h", "local", "global", "weight", "bias"], ["fused"], b.nodes,
+    fusion = _function("GatedFusion", ["h", "local", "global", *w("weight"), "bias", *scale("h")], ["fused"],
+                       b.nodes,
                        "Gate: Linear(d, 2d) split into two sigmoid gates weighting the local and global paths.")
 
-    b = _Body(half)
+    b = body()
     hn = b.op("LayerNormalization", ["x", "ln_weight", "ln_bias"], "hn", axis=-1, epsilon=cfg.ln_eps)
-    b.op("Transpose", ["w1"], "w1_t", perm=[1, 0])
-    b.op("MatMul", [b.to_half(hn, "hn_h"), "w1_t"], "u0")
+    b.linear(b.to_half(hn, "hn_h"), "w1", "u0", act_scale="hn.scale" if int8 else None)
     b.op("Add", ["u0", "b1"], "u")                                                  # (B, T, 4d)
     b.op("Gelu", ["u"], "a", approximate="none")
-    b.op("Transpose", ["w2"], "w2_t", perm=[1, 0])
-    b.op("MatMul", ["a", "w2_t"], "v0")
+    b.linear("a", "w2", "v0", act_scale="gelu.scale" if int8 else None)
     b.output(b.op("Add", ["v0", "b2"], "v"), "y")                                   # (B, T, d)
-    ffn = _function("FeedForward", ["x", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2"], ["y"], b.nodes,
+    ffn = _function("FeedForward", ["x", "ln_weight", "ln_bias", *w("w1"), "b1", *w("w2"), "b2",
+                                    *scale("hn"), *scale("gelu")], ["y"], b.nodes,
                     "Pre-LN feed-forward: LayerNorm → Linear(d, 4d) → exact GELU → Linear(4d, d).")
 
-    b = _Body(half)
+    b = body()
     h = b.op("LayerNormalization", ["x", "ln1.weight", "ln1.bias"], "h", axis=-1, epsilon=cfg.ln_eps)
     b.op("CausalConv", [h, "past", "causal_conv.weight", "causal_conv.bias"], ["local", "present"],
          domain=FUNCTION_DOMAIN)
     hm = b.to_half(h, "hm")
-    b.op("MemoryRead", [hm, "memory_bank"], "global", domain=FUNCTION_DOMAIN)
-    b.op("GatedFusion", [hm, "local", "global", "gate.weight", "gate.bias"], "fused", domain=FUNCTION_DOMAIN)
+    b.op("MemoryRead", list(dict.fromkeys([hm, *w("memory_bank"), *w("memory_bank", False), *scale("act.h")])),
+         "global", domain=FUNCTION_DOMAIN)
+    b.op("GatedFusion", [hm, "local", "global", *w("gate.weight"), "gate.bias", *scale("act.h")], "fused",
+         domain=FUNCTION_DOMAIN)
     b.op("Add", ["x", "fused"], "x1")
-    b.op("FeedForward", ["x1", "ln2.weight", "ln2.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight",
-                         "ffn.2.bias"], "f", domain=FUNCTION_DOMAIN)
+    b.op("FeedForward", ["x1", "ln2.weight", "ln2.bias", *w("ffn.0.weight"), "ffn.0.bias", *w("ffn.2.weight"),
+                         "ffn.2.bias", *scale("act.hn"), *scale("act.gelu")], "f", domain=FUNCTION_DOMAIN)
     b.op("Add", ["x1", "f"], "y")
-    block = _function("Block", ["x", "past", *BLOCK_PARAMS], ["y", "present"], b.nodes,
+    block = _function("Block", ["x", "past", *block_params(precision)], ["y", "present"], b.nodes,
                       "GAM block: x + gate(conv(LN1 x), memory(LN1 x)); then x + FFN(LN2 x).")
     return [conv, memory, fusion, ffn, block]
 
@@ -176,24 +237,90 @@ BLOCK_PARAMS = ["ln1.weight", "ln1.bias", "causal_conv.weight", "causal_conv.bia
                 "ffn.2.weight", "ffn.2.bias"]
 
 
+def weight_inputs(name: str, transposed: bool, int8: bool) -> list[str]:
+    """Names carrying a weight: itself, or in INT8 its int8 tensor and per-column scales."""
+    if not int8:
+        return [name]
+    q = f"{name}.qT" if transposed else f"{name}.q"
+    return [q, q + ".scale"]
+
+
+def block_params(precision: str) -> list[str]:
+    """gam.Block's weight parameters at a precision (INT8 replaces weights by int8 + scales, adds act scales)."""
+    if precision != "int8":
+        return BLOCK_PARAMS
+    params: list[str] = []
+    for p in BLOCK_PARAMS:
+        if p == "memory_bank":
+            params += weight_inputs(p, True, True) + weight_inputs(p, False, True)
+        elif p.endswith("weight") and not p.startswith(("ln", "causal_conv")):
+            params += weight_inputs(p, True, True)
+        else:
+            params.append(p)
+    return params + [a + ".scale" for a in INT8_ACTIVATIONS]
+
+
+def int8_initializers(cfg: GAMConfig, weights: Mapping[str, np.ndarray],
+                      calibration: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Every initializer of an INT8 graph: quantized weights with scales, fp32 rest, activation scales."""
+    out: dict[str, np.ndarray] = {}
+    emb = np.asarray(weights["token_embedding.weight"], dtype=np.float32)
+    q, s = quantize_per_channel(emb, axis=0)               # one scale per vocabulary row
+    out["token_embedding.weight.q"], out["token_embedding.weight.q.scale"] = q, s
+    out["token_embedding.weight.qT"], out["token_embedding.weight.qT.scale"] = np.ascontiguousarray(q.T), s
+    out["pos_embedding.weight"] = weights["pos_embedding.weight"]
+    for i in range(cfg.n_layers):
+        for p in block_params("int8"):
+            key = f"blocks.{i}.{p}"
+            if p.startswith("act."):
+                out[key] = np.array(activation_scale(calibration[key.removesuffix(".scale")]), np.float32)
+            elif p.endswith(".qT"):
+                w = np.asarray(weights[key.removesuffix(".qT")], dtype=np.float32)   # (out, in)
+                out[key], out[key + ".scale"] = quantize_per_channel(np.ascontiguousarray(w.T), axis=1)
+            elif p.endswith(".q"):
+                w = np.asarray(weights[key.removesuffix(".q")], dtype=np.float32)    # (S, d), used as x · M
+                out[key], out[key + ".scale"] = quantize_per_channel(w, axis=1)
+            elif not p.endswith(".scale"):
+                out[key] = weights[key]
+    out["ln_f.weight"], out["ln_f.bias"] = weights["ln_f.weight"], weights["ln_f.bias"]
+    out["act.x_f.scale"] = np.array(activation_scale(calibration["act.x_f"]), np.float32)
+    return out
+
+
 def _value_info(name: str, dtype: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, _DTYPES[dtype], shape)
 
 
 def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, source_sha256: str = "",
-                name: str = "gam", precision: str = "fp32") -> onnx.ModelProto:
-    """The ONNX model of one graph kind ("prefill" or "step") at one precision, weights as initializers."""
+                name: str = "gam", precision: str = "fp32",
+                calibration: Mapping[str, float] | None = None) -> onnx.ModelProto:
+    """The ONNX model of one graph kind ("prefill" or "step") at one precision, weights as initializers.
+
+    INT8 needs ``calibration``: the max |activation| per quantized activation (``blocks.{i}.act.h``, ``.act.hn``,
+    ``.act.gelu`` and ``act.x_f``), shared by the prefill and step graphs so that chunk steps equal prefill.
+    """
     if kind not in ("prefill", "step"):
         raise ValueError(f"kind must be 'prefill' or 'step', not {kind!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     half = HALF_TYPES.get(precision)
+    int8 = precision == "int8"
+    if int8 and calibration is None:
+        raise ValueError("an INT8 graph needs a calibration table")
     n = helper.make_node
     nodes: list[onnx.NodeProto] = []
     d, L, k1 = cfg.d_model, cfg.n_layers, cfg.state_len
     emb = "token_embedding.weight"
 
-    nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb_h" if half else "tok_emb"], axis=0))  # (B, T, d)
+    if int8:  # int8 rows × their per-row scales
+        nodes.append(n("Gather", [emb + ".q", INPUT_IDS], ["tok_emb_q"], axis=0))              # (B, T, d)
+        nodes.append(n("Gather", [emb + ".q.scale", INPUT_IDS], ["tok_scale"], axis=0))       # (B, T)
+        nodes.append(n("Cast", ["tok_emb_q"], ["tok_emb_f"], to=TensorProto.FLOAT))
+        nodes.append(_const_i64("minus_one", [-1]))
+        nodes.append(n("Unsqueeze", ["tok_scale", "minus_one"], ["tok_scale_3d"]))
+        nodes.append(n("Mul", ["tok_emb_f", "tok_scale_3d"], ["tok_emb"]))
+    else:
+        nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb_h" if half else "tok_emb"], axis=0))  # (B, T, d)
     if half:
         nodes.append(n("Cast", ["tok_emb_h"], ["tok_emb"], to=TensorProto.FLOAT))
     nodes.append(_const_i64("one", [1]))
@@ -225,7 +352,7 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
             past = f"past_{i}"
         else:
             past = "zero_state"
-        nodes.append(n("Block", [f"x_{i}", past, *[f"blocks.{i}.{p}" for p in BLOCK_PARAMS]],
+        nodes.append(n("Block", [f"x_{i}", past, *[f"blocks.{i}.{p}" for p in block_params(precision)]],
                        [f"x_{i + 1}", f"present_{i}"], domain=FUNCTION_DOMAIN, name=f"blocks.{i}"))
         nodes.append(n("Unsqueeze", [f"present_{i}", "one"], [f"present_{i}_4d"]))      # (B, 1, k-1, d)
         presents.append(f"present_{i}_4d")
@@ -233,16 +360,28 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
     nodes.append(n("Concat", presents, [state_out], axis=1))                           # (B, L, k-1, d)
     nodes.append(n("LayerNormalization", [f"x_{L}", "ln_f.weight", "ln_f.bias"], ["x_f"], axis=-1,
                    epsilon=cfg.ln_eps))
-    nodes.append(n("Transpose", [emb], ["head_t"], perm=[1, 0]))                       # (d, V), tied head
+    if int8:  # tied head: the same int8 values as the embedding rows, stored transposed
+        nodes.append(helper.make_node("Constant", [], ["int8_zero"],
+                                      value=helper.make_tensor("z", TensorProto.INT8, [], [0])))
+        nodes.append(n("QuantizeLinear", ["x_f", "act.x_f.scale", "int8_zero"], ["x_f_q"]))
+        nodes.append(n("DequantizeLinear", ["x_f_q", "act.x_f.scale", "int8_zero"], ["x_f_dq"]))
+        nodes.append(n("DequantizeLinear", [emb + ".qT", emb + ".qT.scale"], ["head_t"], axis=1))  # (d, V)
+        nodes.append(n("MatMul", ["x_f_dq", "head_t"], [LOGITS]))
+    else:
+        nodes.append(n("Transpose", [emb], ["head_t"], perm=[1, 0]))                   # (d, V), tied head
     if half:
         nodes.append(n("Cast", ["x_f"], ["x_f_h"], to=half))
         nodes.append(n("MatMul", ["x_f_h", "head_t"], ["logits_h"]))
         nodes.append(n("Cast", ["logits_h"], [LOGITS], to=TensorProto.FLOAT))         # (B, T, V)
-    else:
+    elif not int8:
         nodes.append(n("MatMul", ["x_f", "head_t"], [LOGITS]))                         # (B, T, V)
 
     spec = io_spec(cfg, kind)
-    inits = [_initializer(key, weights[key], precision) for key in _initializer_names(cfg)]
+    if int8:
+        table = int8_initializers(cfg, weights, calibration)
+        inits = [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in table.items()]
+    else:
+        inits = [_initializer(key, weights[key], precision) for key in _initializer_names(cfg)]
     graph = helper.make_graph(nodes, f"{name}_{kind}_{precision}",
                               [_value_info(*v) for v in spec["inputs"]],
                               [_value_info(*v) for v in spec["outputs"]], initializer=inits)
@@ -281,14 +420,15 @@ def graph_file_name(kind: str, precision: str = "fp32", inlined: bool = False) -
 
 
 def export_graphs(cfg: GAMConfig, weights: Mapping[str, np.ndarray], out_dir: Path, source_sha256: str = "",
-                  precisions: tuple[str, ...] = ("fp32",)) -> dict[str, Path]:
+                  precisions: tuple[str, ...] = ("fp32",),
+                  calibration: Mapping[str, float] | None = None) -> dict[str, Path]:
     """Write the prefill and step graphs (and inlined twins) at each precision atomically; {file name: path}."""
     from ..fsutil import atomic_write_bytes
 
     written = {}
     for precision in precisions:
         for kind in ("prefill", "step"):
-            model = build_graph(cfg, weights, kind, source_sha256, precision=precision)
+            model = build_graph(cfg, weights, kind, source_sha256, precision=precision, calibration=calibration)
             for inlined, proto in ((False, model), (True, inline(model))):
                 path = Path(out_dir) / graph_file_name(kind, precision, inlined)
                 written[path.name] = atomic_write_bytes(path, serialize(proto))

@@ -97,8 +97,22 @@ def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
     want = HALF_TYPES.get(precision, onnx.TensorProto.FLOAT)
     name = onnx.helper.tensor_dtype_to_string
     problems = []
+    producers = {o: node for node in typed.graph.node for o in node.output}
     for node in typed.graph.node:
-        if node.op_type == "MatMul":
+        if node.op_type == "MatMul" and precision == "int8":
+            # Weight operand: DequantizeLinear of an int8 initializer (per-channel, zero point 0).
+            dq = producers.get(node.input[1])
+            if dq is None or dq.op_type != "DequantizeLinear" or types.get(dq.input[0]) != onnx.TensorProto.INT8:
+                problems.append(f"MatMul {node.output[0]} does not take int8 weights through DequantizeLinear")
+            act = producers.get(node.input[0])
+            if act is not None and act.op_type == "DequantizeLinear":
+                q = producers.get(act.input[0])
+                if q is None or q.op_type != "QuantizeLinear" or types.get(act.input[0]) != onnx.TensorProto.INT8:
+                    problems.append(f"MatMul {node.output[0]}: activation Q/DQ is not int8")
+            elif act is None or act.op_type != "Softmax":
+                problems.append(f"MatMul {node.output[0]} takes an unquantized activation "
+                                f"({act.op_type if act else 'graph input'})")
+        elif node.op_type == "MatMul":
             got = [types.get(i) for i in node.input]
             if any(t != want for t in got):
                 problems.append(f"MatMul {node.name or node.output[0]} takes "
