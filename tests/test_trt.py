@@ -1,0 +1,628 @@
+"""TensorRT engines and runner.
+
+Without a GPU: the module imports with tensorrt blocked and says how to install it; profiles and the sidecar
+compatibility check are pure Python; and the builder and runner are driven end to end through a small stand-in
+``tensorrt`` module that mirrors the documented Python API of TensorRT 10 and 11 (11 lacks the removed
+FP16/INT8/BF16 builder flags and EXPLICIT_BATCH; STRONGLY_TYPED is bit 1 in 10 and bit 0 in 11), records every
+call, and computes with ONNX Runtime on CPU through the device addresses the runner hands it.
+
+With a GPU and TensorRT (``-m gpu``): a real engine for the tiny preset matches eager fp32 within 1e-3 max abs
+(TF32 disabled at build time, the default) for prefill and chunked step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+
+from gamexport.errors import ConfigError, GamexportError, GraphError, InputError
+from gamexport.engines import trt as trt_mod
+from gamexport.engines.trt import (EngineMismatchError, ProfileError, TensorRTError, TensorRTMissingError,
+                                   TrtProfile, build_engine, check_engine_compatible, default_profile,
+                                   engine_paths, make_profile, sidecar_path)
+
+ENV = {"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+# ---- (a) no tensorrt --------------------------------------------------------------------------------------------
+def test_imports_and_refuses_in_one_line_without_tensorrt():
+    code = textwrap.dedent("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] == 'tensorrt':
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Block())
+        import gamexport.engines.trt as m
+        assert 'tensorrt' not in sys.modules and 'torch' not in sys.modules
+        for call in (lambda: m.TrtRunner('model.fp32.plan', 'step.fp32.plan'),
+                     lambda: m.build_engine('model.onnx', 'model.plan', None)):
+            try:
+                call()
+            except m.TensorRTMissingError as e:
+                print(e.line())
+            else:
+                raise SystemExit('no error')
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert "TensorRT is not installed" in line and "pip install 'gamexport[tensorrt]'" in line
+
+
+def test_missing_tensorrt_in_process(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt → ModuleNotFoundError
+    with pytest.raises(TensorRTMissingError) as err:
+        trt_mod.TrtRunner("a.plan", "b.plan")
+    assert "\n" not in err.value.line() and "NVIDIA GPU" in err.value.line()
+    assert isinstance(err.value, GamexportError)
+
+
+# ---- (b) profiles -------------------------------------------------------------------------------------------------
+def test_default_profiles(tiny_cfg):
+    P = tiny_cfg.max_positions
+    pre, step = default_profile(tiny_cfg, "prefill"), default_profile(tiny_cfg, "step")
+    assert (pre.min, pre.opt, pre.max) == ((1, 1), (1, min(256, P)), (8, P))
+    assert (step.min, step.opt, step.max) == ((1, 1), (1, 1), (8, P))
+    assert make_profile(tiny_cfg, "step") == step
+
+
+def test_profile_input_shapes(tiny_cfg):
+    c = tiny_cfg
+    prof = make_profile(c, "step", {"min": "1x1", "opt": "2x4", "max": (4, 16)})
+    shapes = prof.input_shapes(c)
+    assert shapes["input_ids"] == ((1, 1), (2, 4), (4, 16))
+    assert shapes["position_ids"] == ((1, 1), (2, 1), (4, 1))
+    s = (c.n_layers, c.kernel_size - 1, c.d_model)
+    assert shapes["conv_state"] == ((1, *s), (2, *s), (4, *s))
+    assert set(make_profile(c, "prefill").input_shapes(c)) == {"input_ids"}
+    assert TrtProfile.from_dict(prof.to_dict()) == prof
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"min": "2x1", "opt": "1x1"}, "batch must satisfy 1 <= min <= opt <= max"),
+    ({"opt": "1x70", "max": "8x70"}, "exceeds the model's 64 learned positions"),
+    ({"max": "8x0"}, "sequence must satisfy"),
+    ({"max": "eight"}, "is not BATCHxTOKENS"),
+    ({"maximum": "8x8"}, "unknown profile keys"),
+])
+def test_bad_profiles_refused(tiny_cfg, spec, needle):
+    with pytest.raises(ProfileError) as err:
+        make_profile(tiny_cfg, "prefill", spec)
+    assert needle in err.value.line() and "\n" not in err.value.line()
+
+
+def test_profile_check(tiny_cfg):
+    prof = make_profile(tiny_cfg, "prefill", {"min": "1x4", "opt": "2x16", "max": "4x32"})
+    for batch, seq in ((1, 4), (4, 32), (2, 10)):
+        prof.check(batch, seq)
+    for batch, seq in ((5, 8), (1, 3), (2, 33), (0, 8)):
+        with pytest.raises(ProfileError) as err:
+            prof.check(batch, seq, "model.fp32.plan")
+        line = err.value.line()
+        assert f"batch {batch} × sequence {seq} is outside" in line
+        assert "batch 1..4, sequence 4..32" in line and "model.fp32.plan" in line
+        assert isinstance(err.value, InputError)
+
+
+# ---- (c) sidecar compatibility --------------------------------------------------------------------------------
+def _meta(**over):
+    meta = {"tensorrt_version": ENV["tensorrt_version"],
+            "gpu": {"name": ENV["gpu_name"], "compute_capability": ENV["compute_capability"]}}
+    meta.update(over)
+    return meta
+
+
+def test_compatible_engine_accepted():
+    check_engine_compatible(_meta(), ENV, "model.fp32.plan")
+
+
+@pytest.mark.parametrize("meta,needles", [
+    (_meta(tensorrt_version="10.3.0"), ["built by TensorRT 10.3.0", "this machine has TensorRT 10.9.0.34",
+                                        "tensorrt==10.3.0"]),
+    (_meta(tensorrt_version="11.0.0"), ["built by TensorRT 11.0.0"]),
+    (_meta(gpu={"name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0"}),
+     ["built for NVIDIA A100-SXM4-40GB (compute capability 8.0)", "this GPU is NVIDIA H100 80GB HBM3",
+      "rebuild the engine on this GPU"]),
+    (_meta(gpu={"name": "NVIDIA H100 PCIe", "compute_capability": "9.0"}), ["built for NVIDIA H100 PCIe"]),
+])
+def test_incompatible_engine_refused(meta, needles):
+    with pytest.raises(EngineMismatchError) as err:
+        check_engine_compatible(meta, ENV, "/x/model.fp32.plan")
+    line = err.value.line()
+    assert "\n" not in line and line.startswith("model.fp32.plan ")
+    for needle in needles:
+        assert needle.lower() in line.lower(), line
+
+
+# ---- the stand-in tensorrt module -------------------------------------------------------------------------------
+class HostMemory(bytes):
+    """IHostMemory stand-in: a buffer."""
+
+
+def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail_build: bool = False):
+    m = types.ModuleType("tensorrt")
+    m.__version__ = "10.9.0.34" if major == 10 else "11.1.0.4"
+    m.NetworkDefinitionCreationFlag = enum.IntEnum(
+        "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major == 10 else
+        {"STRONGLY_TYPED": 0})
+    flags = {"DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6}
+    if major == 10:  # removed in TensorRT 11
+        flags.update({"FP16": 0, "INT8": 1, "OBEY_PRECISION_CONSTRAINTS": 9, "BF16": 17})
+    m.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
+    m.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
+    m.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
+    m.DataType = enum.IntEnum("DataType", {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "INT64": 8})
+
+    class Severity(enum.IntEnum):
+        INTERNAL_ERROR = 0
+        ERROR = 1
+        WARNING = 2
+        INFO = 3
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    ILogger.Severity = Severity
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.onnx = flags, None
+
+    class ParserError:
+        def __init__(self, text):
+            self.text = text
+
+        def desc(self):
+            return self.text
+
+        def node_name(self):
+            return "blocks.0"
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.errors = network, []
+            calls.append(("OnnxParser", type(logger).__mro__[1] is ILogger))
+
+        def parse_from_file(self, path):
+            calls.append(("parse_from_file", path.rsplit("/", 1)[-1]))
+            if path.rsplit("/", 1)[-1] in refuse:
+                self.errors.append(ParserError("No importer registered for op: Block"))
+                return False
+            self.network.onnx = path
+            return True
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = bytes(data)
+
+        def serialize(self):
+            return HostMemory(b"timing-cache:" + self.data[-20:] + b"+")
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = [list(lo), list(opt), list(hi)]
+
+    class Config:
+        def __init__(self):
+            self.cleared, self.set, self.profiles, self.cache = [], [], [], None
+            self.builder_optimization_level = 3
+            self.pools = {}
+
+        def set_flag(self, flag):
+            self.set.append(flag.name)
+
+        def clear_flag(self, flag):
+            self.cleared.append(flag.name)
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool.name] = size
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data):
+            calls.append(("create_timing_cache", bytes(data)))
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+            calls.append(("Builder",))
+
+        def create_network(self, flags=0):
+            calls.append(("create_network", flags))
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls.append(("build", {"flags": network.flags, "set": config.set, "cleared": config.cleared,
+                                    "level": config.builder_optimization_level, "pools": config.pools,
+                                    "profiles": [p.shapes for p in config.profiles]}))
+            if fail_build:
+                self.logger.log(Severity.ERROR, "out of memory while timing tactics\nmore detail")
+                return None
+            return HostMemory(json.dumps({"trt": m.__version__, "onnx": network.onnx,
+                                          "profile": config.profiles[0].shapes}).encode())
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data):
+            plan = json.loads(bytes(data))
+            if plan["trt"] != m.__version__:
+                self.logger.log(Severity.ERROR, "The engine plan file is not compatible with this version")
+                return None
+            return Engine(plan)
+
+    class Engine:
+        def __init__(self, plan):
+            import onnx
+            import onnxruntime as ort
+
+            self.plan = plan
+            self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
+            model = onnx.load(plan["onnx"], load_external_data=False)
+            kinds = {onnx.TensorProto.INT64: m.DataType.INT64, onnx.TensorProto.FLOAT: m.DataType.FLOAT}
+
+            def table(values, mode):
+                return [(v.name, kinds[v.type.tensor_type.elem_type], mode,
+                         [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+
+            self.io = table(model.graph.input, m.TensorIOMode.INPUT) + table(model.graph.output,
+                                                                              m.TensorIOMode.OUTPUT)
+
+        @property
+        def num_io_tensors(self):
+            return len(self.io)
+
+        def get_tensor_name(self, i):
+            return self.io[i][0]
+
+        def _row(self, name):
+            return next(r for r in self.io if r[0] == name)
+
+        def get_tensor_dtype(self, name):
+            return self._row(name)[1]
+
+        def get_tensor_mode(self, name):
+            return self._row(name)[2]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addresses = engine, {}, {}
+
+        def set_input_shape(self, name, shape):
+            lo, _, hi = self.engine.plan["profile"][name]
+            calls.append(("set_input_shape", name, tuple(shape)))
+            if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def _symbols(self):
+            sym = {}
+            for name, _, mode, dims in self.engine.io:
+                if mode == m.TensorIOMode.INPUT:
+                    sym.update({d: s for d, s in zip(dims, self.shapes[name]) if isinstance(d, str)})
+            return sym
+
+        def get_tensor_shape(self, name):
+            sym = self._symbols()
+            return [sym.get(d, d) if isinstance(d, str) else d for d in self.engine._row(name)[3]]
+
+        def set_tensor_address(self, name, address):
+            self.addresses[name] = address
+            return True
+
+        def execute_async_v3(self, stream_handle):
+            calls.append(("execute_async_v3", stream_handle))
+            np_types = {m.DataType.INT64: np.int64, m.DataType.FLOAT: np.float32}
+            feeds = {}
+            for name, kind, mode, _ in self.engine.io:
+                if mode == m.TensorIOMode.INPUT:
+                    shape, dtype = self.shapes[name], np.dtype(np_types[kind])
+                    n = int(np.prod(shape)) * dtype.itemsize
+                    raw = (ctypes.c_char * n).from_address(self.addresses[name])
+                    feeds[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+            outs = self.engine.session.run(None, feeds)
+            for (name, *_), value in zip([r for r in self.engine.io if r[2] == m.TensorIOMode.OUTPUT], outs):
+                value = np.ascontiguousarray(value)
+                assert list(value.shape) == self.get_tensor_shape(name)
+                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+            return True
+
+    m.ILogger, m.OnnxParser, m.Builder, m.Runtime = ILogger, OnnxParser, Builder, Runtime
+    m.Logger = ILogger
+    return m
+
+
+class HostDevice:
+    """The runner's device layer on the CPU: NumPy buffers whose addresses the stand-in reads and writes."""
+
+    stream_handle = 1234
+
+    def __init__(self, index=0):
+        pass
+
+    def activate(self):
+        return contextlib.nullcontext()
+
+    def upload(self, array):
+        return np.array(array, copy=True, order="C")
+
+    def empty(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    @staticmethod
+    def address(buffer):
+        return buffer.ctypes.data
+
+    def download(self, buffer):
+        return buffer.copy()
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture(params=[10, 11], ids=["trt10", "trt11"])
+def fake_trt(request, monkeypatch):
+    """Install a stand-in tensorrt (10 or 11) and a CPU device; returns (module, calls, env)."""
+    calls: list = []
+    fake = make_fake_trt(request.param, calls)
+    env = dict(ENV, tensorrt_version=fake.__version__)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_mod, "runtime_environment", lambda device=0: dict(env))
+    monkeypatch.setattr(trt_mod, "TorchCudaDevice", HostDevice)
+    monkeypatch.setattr(trt_mod, "_device_scope", lambda device=0: contextlib.nullcontext())
+    return fake, calls, env
+
+
+def _build(build_dir, cfg, graph, out, **kw):
+    onnx_name = "model.onnx" if graph == "prefill" else "step.onnx"
+    return build_engine(build_dir / onnx_name, out, cfg, kw.pop("profile", None), **kw)
+
+
+def test_build_uses_documented_api(fake_trt, tiny_build, tiny_cfg, tmp_path):
+    fake, calls, env = fake_trt
+    engine = tmp_path / "step.fp32.plan"
+    meta = _build(tiny_build, tiny_cfg, "step", engine, profile={"max": "4x32"}, workspace_bytes=1 << 28)
+    build = next(c[1] for c in calls if c[0] == "build")
+    strongly = 1 << int(fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert build["flags"] == strongly == (2 if fake.__version__.startswith("10") else 1)
+    assert build["cleared"] == ["TF32"] and build["set"] == [], "fp32: TF32 off, no precision flags"
+    assert build["level"] == 3 and build["pools"] == {"WORKSPACE": 1 << 28}
+    c = tiny_cfg
+    state = [c.n_layers, c.kernel_size - 1, c.d_model]
+    assert build["profiles"] == [{"input_ids": [[1, 1], [1, 1], [4, 32]],
+                                  "position_ids": [[1, 1], [1, 1], [4, 1]],
+                                  "conv_state": [[1, *state], [1, *state], [4, *state]]}]
+    assert ("parse_from_file", "step.onnx") in calls and ("OnnxParser", True) in calls
+    # the plan and its sidecar
+    assert engine.is_file() and sidecar_path(engine) == tmp_path / "step.fp32.plan.json"
+    side = json.loads(sidecar_path(engine).read_text())
+    assert side == meta
+    assert side["tensorrt_version"] == env["tensorrt_version"]
+    assert side["gpu"] == {"name": env["gpu_name"], "compute_capability": "9.0"}
+    assert side["profile"] == {"graph": "step", "axes": ["batch", "chunk"], "min": [1, 1], "opt": [1, 1],
+                               "max": [4, 32]}
+    from gamexport.fsutil import sha256_file
+    assert side["onnx"] == {"file": "step.onnx", "sha256": sha256_file(tiny_build / "step.onnx")}
+    assert side["engine"]["sha256"] == sha256_file(engine) and side["precision"] == "fp32"
+    assert side["builder_settings"]["strongly_typed"] and not side["builder_settings"]["tf32"]
+
+
+def test_timing_cache_and_engine_reuse(fake_trt, tiny_build, tiny_cfg, tmp_path):
+    fake, calls, env = fake_trt
+    engine = tmp_path / "model.fp32.plan"
+    first = _build(tiny_build, tiny_cfg, "prefill", engine)
+    cache_file = tmp_path / first["timing_cache"]["file"]
+    assert first["timing_cache"]["status"] == "new" and cache_file.is_file()
+    assert f"trt{env['tensorrt_version']}-sm90" in cache_file.name
+    # same inputs: the plan is reused without building
+    n_builds = sum(c[0] == "build" for c in calls)
+    assert _build(tiny_build, tiny_cfg, "prefill", engine) == first
+    assert sum(c[0] == "build" for c in calls) == n_builds
+    # a new profile rebuilds, starting from the saved timing cache
+    second = _build(tiny_build, tiny_cfg, "prefill", engine, profile={"opt": "1x16"})
+    assert second["timing_cache"]["status"] == "reused" and second["key"] != first["key"]
+    loaded = [c[1] for c in calls if c[0] == "create_timing_cache"]
+    assert loaded[0] == b"" and loaded[-1].startswith(b"timing-cache:")
+
+
+def test_precision_is_the_graphs(fake_trt, tiny_build, tiny_cfg, tmp_path):
+    _fake, calls, _ = fake_trt
+    with pytest.raises(ConfigError) as err:
+        _build(tiny_build, tiny_cfg, "prefill", tmp_path / "m.plan", precision="fp16")
+    assert "holds a fp32 graph, but a fp16 engine was asked for" in err.value.line()
+    assert not any(c[0] == "build" for c in calls), "refused before building"
+    with pytest.raises(GraphError, match="is a prefill graph, not a step graph"):
+        build_engine(tiny_build / "model.onnx", tmp_path / "m.plan", tiny_cfg, graph="step")
+
+
+def test_parser_fallback_and_errors(monkeypatch, tiny_build, tiny_cfg, tmp_path):
+    calls: list = []
+    fake = make_fake_trt(11, calls, refuse=("model.onnx",))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_mod, "runtime_environment",
+                        lambda device=0: dict(ENV, tensorrt_version=fake.__version__))
+    monkeypatch.setattr(trt_mod, "_device_scope", lambda device=0: contextlib.nullcontext())
+    meta = _build(tiny_build, tiny_cfg, "prefill", tmp_path / "m.plan")
+    assert meta["onnx"]["file"] == "model.onnx" and meta["onnx"]["parsed_file"] == "model.inlined.onnx"
+    with pytest.raises(GraphError) as err:
+        _build(tiny_build, tiny_cfg, "prefill", tmp_path / "m2.plan", inlined=False)
+    line = err.value.line()
+    assert "parser refused model.onnx: No importer registered for op: Block (node blocks.0)" in line
+    assert "\n" not in line
+
+    fake = make_fake_trt(10, calls, fail_build=True)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    with pytest.raises(TensorRTError) as err:
+        _build(tiny_build, tiny_cfg, "prefill", tmp_path / "m3.plan")
+    assert "could not build m3.plan: out of memory while timing tactics." in err.value.line()
+    assert not (tmp_path / "m3.plan").exists()
+
+
+@pytest.fixture
+def fake_engines(fake_trt, tiny_build, tiny_cfg, tmp_path):
+    from gamexport.engines.trt import build_engines
+
+    folder = tmp_path / "build"
+    folder.mkdir()
+    for name in ("model.onnx", "step.onnx", "model.inlined.onnx", "step.inlined.onnx"):
+        (folder / name).write_bytes((tiny_build / name).read_bytes())
+    metas = build_engines(folder, tiny_cfg, profiles={"prefill": {"max": "2x64"}})
+    return folder, metas
+
+
+def test_runner_parity_through_the_stand_in(fake_engines, fake_trt, eager_tiny, tiny_cfg):
+    from gamexport.engines.pipeline import run_chunks
+    from gamexport.engines.trt import TrtRunner
+    from gamexport.parity import chunk_plan, compare_logits, compare_state, parity_inputs, tolerance
+
+    folder, _ = fake_engines
+    _fake, calls, _ = fake_trt
+    runner = TrtRunner.from_folder(folder)
+    assert runner.runtime == "tensorrt" and runner.precision == "fp32" and runner.config == tiny_cfg
+    ids = parity_inputs(tiny_cfg.vocab_size, tiny_cfg.max_positions)["random"]
+    ref_logits, ref_state = eager_tiny.prefill(ids)
+    logits, state = runner.prefill(ids)
+    tol = tolerance("fp32")
+    assert compare_logits(ref_logits, logits, tol)["passed"] and compare_state(ref_state, state, tol)[1]
+    logits, state = run_chunks(runner, ids, chunk_plan(tiny_cfg.max_positions, tiny_cfg.kernel_size))
+    assert compare_logits(ref_logits, logits, tol)["passed"] and compare_state(ref_state, state, tol)[1]
+    assert ("execute_async_v3", HostDevice.stream_handle) in calls
+    assert ("set_input_shape", "position_ids", (1, 1)) in calls
+    assert runner.generate([1, 2, 3], 5) == eager_tiny.generate([1, 2, 3], 5)
+    # outside the profile: refused in Python before TensorRT sees the shape
+    n = len(calls)
+    with pytest.raises(ProfileError) as err:
+        runner.prefill(np.zeros((3, 4), np.int64))
+    assert "batch 3 × sequence 4 is outside" in err.value.line() and "batch 1..2, sequence 1..64" in err.value.line()
+    assert len(calls) == n
+
+
+def test_runner_refuses_foreign_engines(fake_engines, fake_trt, monkeypatch):
+    from gamexport.engines.trt import TrtRunner
+
+    folder, _ = fake_engines
+    _fake, _calls, env = fake_trt
+    monkeypatch.setattr(trt_mod, "runtime_environment",
+                        lambda device=0: dict(env, tensorrt_version="10.0.1.6"))
+    with pytest.raises(EngineMismatchError, match="this machine has TensorRT 10.0.1.6"):
+        TrtRunner.from_folder(folder)
+    monkeypatch.setattr(trt_mod, "runtime_environment",
+                        lambda device=0: dict(env, gpu_name="NVIDIA L4", compute_capability="8.9"))
+    with pytest.raises(EngineMismatchError, match="this GPU is NVIDIA L4"):
+        TrtRunner.from_folder(folder)
+    monkeypatch.setattr(trt_mod, "runtime_environment", lambda device=0: dict(env))
+    paths = engine_paths(folder)
+    with pytest.raises(GraphError, match="is a step engine, not a prefill engine"):
+        TrtRunner(paths["step"], paths["prefill"])
+    paths["step"].write_bytes(paths["step"].read_bytes() + b" ")
+    with pytest.raises(EngineMismatchError, match="does not match its sidecar"):
+        TrtRunner.from_folder(folder)
+    sidecar_path(paths["prefill"]).unlink()
+    with pytest.raises(GraphError, match="has no sidecar"):
+        TrtRunner.from_folder(folder)
+
+
+# ---- (d) a real GPU with TensorRT -----------------------------------------------------------------------------
+def _gpu_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed (pip install 'gamexport[tensorrt]' on an NVIDIA machine)"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    return None
+
+
+_GPU_SKIP = _gpu_reason()
+
+
+@pytest.fixture(scope="module")
+def real_engines(tiny_build, tiny_cfg, tmp_path_factory):
+    from gamexport.engines.trt import build_engines
+
+    folder = tmp_path_factory.mktemp("trt_build")
+    for name in ("model.onnx", "step.onnx", "model.inlined.onnx", "step.inlined.onnx"):
+        (folder / name).write_bytes((tiny_build / name).read_bytes())
+    return folder, build_engines(folder, tiny_cfg, progress=print)  # TF32 off (the default)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_gpu_engine_parity_prefill_and_step(real_engines, eager_tiny, tiny_cfg):
+    """fp32 engine built with TF32 disabled vs eager fp32 on CPU: max abs ≤ 1e-3 (and state too)."""
+    from gamexport.engines.pipeline import run_chunks
+    from gamexport.engines.trt import TrtRunner
+    from gamexport.parity import chunk_plan, parity_inputs
+
+    folder, metas = real_engines
+    assert all(not m["builder_settings"]["tf32"] for m in metas.values())
+    with TrtRunner.from_folder(folder) as runner:
+        inputs = parity_inputs(tiny_cfg.vocab_size, tiny_cfg.max_positions)
+        batch = np.concatenate([inputs["random"], inputs["ngram"]], axis=0)
+        for ids in (inputs["random"], inputs["repeat"], batch):
+            ref_logits, ref_state = eager_tiny.prefill(ids)
+            logits, state = runner.prefill(ids)
+            assert np.abs(logits - ref_logits).max() <= 1e-3 and np.abs(state - ref_state).max() <= 1e-3
+            logits, state = run_chunks(runner, ids, chunk_plan(tiny_cfg.max_positions, tiny_cfg.kernel_size))
+            assert np.abs(logits - ref_logits).max() <= 1e-3 and np.abs(state - ref_state).max() <= 1e-3
+        assert runner.generate([3, 1, 4], 20) == eager_tiny.generate([3, 1, 4], 20)
+        with pytest.raises(ProfileError):
+            runner.prefill(np.zeros((9, 4), np.int64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_gpu_sidecar_describes_this_machine(real_engines):
+    from gamexport.engines.trt import runtime_environment
+
+    _folder, metas = real_engines
+    env = runtime_environment()
+    for meta in metas.values():
+        check_engine_compatible(meta, env)
