@@ -10,6 +10,15 @@ import typer
 from .common import DebugOption, ThreadsOption, run, say
 
 
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _profile(lo: str | None, opt: str | None, hi: str | None) -> dict | None:
+    given = {k: v for k, v in (("min", lo), ("opt", opt), ("max", hi)) if v is not None}
+    return given or None
+
+
 def build(
     source: Annotated[str | None, typer.Argument(
         help="Checkpoint (.safetensors, .pt, .pth) or a folder holding one; omitted: the embedded default.",
@@ -19,7 +28,13 @@ def build(
     preset: Annotated[str | None, typer.Option(help="Without SOURCE: build seeded untrained weights of this "
                                                     "preset (paper, small, tiny).")] = None,
     precision: Annotated[str, typer.Option(
-        help="Graph precisions to write, comma-separated (fp32 always): fp32, fp16, bf16, int8, int8-dyn.")] = "fp32,fp16,bf16,int8,int8-dyn",
+        help="Graph precisions to write, comma-separated (fp32 always): fp32, fp16, bf16, int8, int8-dyn.")] = "fp32",
+    engines: Annotated[str, typer.Option(
+        help="Engines, comma-separated: onnxruntime, tensorrt (TensorRT needs --device cuda).")] = "onnxruntime",
+    device: Annotated[str, typer.Option(help="cpu, or cuda for ONNX Runtime's CUDA provider and TensorRT.")] = "cpu",
+    trt_min: Annotated[str | None, typer.Option("--min", help="TensorRT profile minimum, BATCHxSEQ.")] = None,
+    trt_opt: Annotated[str | None, typer.Option("--opt", help="TensorRT profile optimum, BATCHxSEQ.")] = None,
+    trt_max: Annotated[str | None, typer.Option("--max", help="TensorRT profile maximum, BATCHxSEQ.")] = None,
     threads: ThreadsOption = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
     prefill_len: Annotated[list[int] | None, typer.Option(
@@ -38,7 +53,8 @@ def build(
 
         result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
                                         latency=latency, prefill_lengths=tuple(prefill_len or ()),
-                                        precisions=tuple(p.strip() for p in precision.split(",") if p.strip()),
+                                        precisions=_split(precision), engines=_split(engines), device=device,
+                                        trt_profile=_profile(trt_min, trt_opt, trt_max),
                                         progress=say))
         rep = result.report
         n = len(rep["parity"])

@@ -13,7 +13,9 @@ from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS, GAMConfig
 from gamexport.errors import GamexportError, GraphError
 from gamexport.runtime import Runner
 
-PROVIDERS = {"onnxruntime-cpu": "CPUExecutionProvider"}
+#: Report label of each execution provider gamexport runs.
+RUNTIMES = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
+            "TensorrtExecutionProvider": "onnxruntime-trt"}
 
 
 def _import_ort():
@@ -37,15 +39,28 @@ def session_options(threads: int | None):
 
 
 def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider"):
+    """An InferenceSession on exactly ``provider``: a GPU provider that ends up on the CPU is an error."""
     ort = _import_ort()
     if not Path(path).is_file():
         raise GraphError(f"{path} does not exist", "run gamexport build first, or pass the build folder")
+    if provider != "CPUExecutionProvider":
+        from gamexport.device import cuda_status
+
+        usable, why = cuda_status()
+        if not usable:
+            raise GamexportError(f"{RUNTIMES.get(provider, provider)} needs an NVIDIA GPU, but {why}",
+                                 "run on a machine with a GPU, or use --device cpu")
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=[provider])
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=[provider])
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, …)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise GraphError(f"ONNX Runtime cannot load {path}: {first}",
                          "the file is corrupt or from an incompatible gamexport; rebuild it") from exc
+    if session.get_providers()[0] != provider:
+        raise GamexportError(f"ONNX Runtime was asked for {provider} but runs {path.name} on "
+                             f"{session.get_providers()[0]}",
+                             "install onnxruntime-gpu (and uninstall onnxruntime) with a CUDA that matches it")
+    return session
 
 
 def optimized_matmul_ops(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> dict[str, int]:
@@ -132,7 +147,7 @@ def write_int8_dynamic(src: Path, dst: Path, threads: int | None = None) -> Path
 
 
 class OrtRunner(Runner):
-    """Runs the prefill and step graphs with ONNX Runtime's CPU provider.
+    """Runs the prefill and step graphs with ONNX Runtime on one execution provider (CPU, CUDA or TensorRT).
 
     ``precision`` is the graph's storage precision; ``compute_precision`` what ORT actually multiplies in
     (for an fp16 graph on the CPU provider: fp32 — "fp16 weights, fp32 compute").
@@ -141,15 +156,19 @@ class OrtRunner(Runner):
     runtime = "onnxruntime-cpu"
 
     def __init__(self, model_path: str | Path, step_path: str | Path, config: GAMConfig,
-                 threads: int | None = None, precision: str = "fp32"):
+                 threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider"):
         super().__init__(config)
+        if provider not in RUNTIMES:
+            raise GamexportError(f"unknown ONNX Runtime provider {provider!r}", f"use one of {', '.join(RUNTIMES)}")
         self.model_path, self.step_path = Path(model_path), Path(step_path)
         self.precision = precision
-        self.prefill_session = load_session(self.model_path, threads)
-        self.step_session = load_session(self.step_path, threads)
+        self.provider = provider
+        self.runtime = RUNTIMES[provider]
+        self.prefill_session = load_session(self.model_path, threads, provider)
+        self.step_session = load_session(self.step_path, threads, provider)
         self.matmul_ops: dict[str, int] = {}
         self.compute_precision = precision
-        if precision != "fp32":
+        if precision != "fp32" and provider == "CPUExecutionProvider":
             self.matmul_ops = optimized_matmul_ops(self.model_path, threads)
             self.compute_precision = compute_label(self.matmul_ops)
 

@@ -28,7 +28,8 @@ from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, r
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
 GRAPH_PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # written by gamexport's own builder
-GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
+ENGINES = ("onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
 
 Progress = Callable[[str], None]
 
@@ -42,7 +43,10 @@ class BuildOptions:
     latency: bool = True
     latency_runs: int = 20
     prefill_lengths: tuple[int, ...] = ()  # batch-1 prefill lengths to time; () = (min(256, P),)
-    precisions: tuple[str, ...] = PRECISIONS  # graph precisions to write; fp32 is always built
+    precisions: tuple[str, ...] = ("fp32",)  # graph precisions to write; fp32 is always built
+    engines: tuple[str, ...] = ("onnxruntime",)
+    device: str = "cpu"
+    trt_profile: dict | None = None   # {"min": "1x1", "opt": "1x256", "max": "8x256"} for TensorRT
     progress: Progress = field(default=lambda msg: None)
 
 
@@ -362,29 +366,94 @@ def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, 
     return rows
 
 
-def gpu_available() -> bool:
-    """A usable NVIDIA GPU, detected through torch (ONNX Runtime lists CUDA providers even without one)."""
-    try:
-        import torch
-        return bool(torch.cuda.is_available())
-    except Exception:  # a broken CUDA install is no GPU for our purposes
-        return False
+#: (runtime, precision) pairs that cannot run, and why.
+UNSUPPORTED = {
+    ("onnxruntime-cpu", "bf16"): "ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add, Sigmoid); the bf16 "
+                                 "graphs are for CUDA and TensorRT and are checked here structurally",
+    ("onnxruntime-cuda", "int8-dyn"): "dynamic quantization (MatMulInteger) is a CPU-provider format",
+    ("tensorrt", "int8-dyn"): "TensorRT takes explicit Q/DQ (int8), not MatMulInteger (int8-dyn)",
+}
 
 
-def skipped_rows(latency: bool, precisions: tuple[str, ...]) -> list[dict]:
-    rows = [{"runtime": "eager-compile", "reason": "torch.compile takes minutes to compile on CPU; "
-             "measured by the benchmark command, not by build"}]
-    if "bf16" in precisions:
-        rows.append({"runtime": "onnxruntime-cpu", "precision": "bf16",
-                     "reason": "ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add, Sigmoid); the bf16 "
-                               "graphs are for CUDA and TensorRT and are checked here structurally"})
-    gpu = gpu_available()
-    for runtime in GPU_RUNTIMES:
-        reason = ("this gamexport version has no GPU engine yet" if gpu else "no NVIDIA GPU on this machine")
-        rows.append({"runtime": runtime, "reason": reason})
-    if not latency:
-        rows.append({"runtime": "onnxruntime-cpu", "reason": "latency skipped (--no-latency)"})
-    return rows
+def plan_matrix(precisions: tuple[str, ...], engines: tuple[str, ...], device: str) -> tuple[list, list[dict]]:
+    """The (runtime, precision) pairs this build runs, and ``skipped`` rows for the rest (with reasons).
+
+    Asking for what this machine cannot have at all — a GPU that is not there, TensorRT that is not installed,
+    TensorRT on the CPU — is an error in one line, raised before any work.
+    """
+    from gamexport.errors import InputError
+
+    for engine in engines:
+        if engine not in ENGINES:
+            raise InputError(f"unknown engine {engine!r}", f"choose from {', '.join(ENGINES)}")
+    if device not in DEVICES:
+        raise InputError(f"unknown device {device!r}", f"choose from {', '.join(DEVICES)}")
+    if not engines:
+        raise InputError("no engine given", "pass --engines onnxruntime (or tensorrt on an NVIDIA GPU)")
+    if "tensorrt" in engines and device != "cuda":
+        raise InputError("TensorRT runs on NVIDIA GPUs only", "add --device cuda (on a machine with a GPU)")
+    skipped = [{"runtime": "eager-compile", "reason": "torch.compile takes minutes to compile on CPU; "
+                "measured by the benchmark command, not by build"}]
+    if device == "cuda":
+        from gamexport.device import cuda_status
+
+        usable, why = cuda_status()
+        if not usable:
+            raise InputError(f"--device cuda needs an NVIDIA GPU, but {why}",
+                             "run on a machine with a GPU, or use --device cpu")
+    else:
+        skipped += [{"runtime": r, "reason": "not requested: pass --device cuda (and --engines tensorrt) on an "
+                     "NVIDIA GPU"} for r in ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")]
+    if "tensorrt" in engines:
+        from gamexport.engines.trt import import_tensorrt
+
+        import_tensorrt()  # one line with the install command when missing
+    runtimes = []
+    if "onnxruntime" in engines:
+        runtimes.append("onnxruntime-cuda" if device == "cuda" else "onnxruntime-cpu")
+    if "tensorrt" in engines:
+        runtimes.append("tensorrt")
+    pairs = []
+    for runtime in runtimes:
+        for precision in precisions:
+            reason = UNSUPPORTED.get((runtime, precision))
+            if reason:
+                skipped.append({"runtime": runtime, "precision": precision, "reason": reason})
+            else:
+                pairs.append((runtime, precision))
+    return pairs, skipped
+
+
+def trt_profiles(cfg: GAMConfig, given: dict | None) -> dict | None:
+    """--min/--opt/--max BATCHxSEQ shape the prefill profile; the step profile keeps its chunk range (1..P,
+    opt 1 = decode) and takes the same batch bounds."""
+    if not given:
+        return None
+    from gamexport.engines.trt import default_profile, make_profile
+
+    prefill = make_profile(cfg, "prefill", given)
+    step = default_profile(cfg, "step")
+    return {"prefill": prefill, "step": {"min": f"{prefill.min[0]}x{step.min[1]}",
+                                         "opt": f"{prefill.opt[0]}x{step.opt[1]}",
+                                         "max": f"{prefill.max[0]}x{step.max[1]}"}}
+
+
+def open_variant_runner(staging: Path, cfg: GAMConfig, runtime: str, precision: str, threads: int | None,
+                        trt_profile: dict | None, say: Progress):
+    """A runner for one (runtime, precision) of the matrix over the staged graphs (TensorRT: builds engines)."""
+    from gamexport.engines.ort import OrtRunner
+    from gamexport.graph.builder import graph_file_name
+
+    if runtime == "tensorrt":
+        from gamexport.engines.trt import TrtRunner, build_engines
+
+        say(f"      tensorrt: building {precision} engines (prefill and step)")
+        build_engines(staging, cfg, profiles=trt_profiles(cfg, trt_profile), precision=precision,
+                      progress=lambda m: say("      " + m))
+        return TrtRunner.from_folder(staging, precision=precision)
+    provider = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}[runtime]
+    return OrtRunner(staging / graph_file_name("prefill", precision), staging / graph_file_name("step", precision),
+                     cfg, threads, precision=precision, provider=provider)
 
 
 # ---- report and manifest ------------------------------------------------------------------------------------
@@ -460,6 +529,9 @@ def build(opts: BuildOptions) -> BuildResult:
     cfg = ckpt.config
     check_prefill_lengths(cfg, opts.prefill_lengths)
     precisions = check_precisions(opts.precisions)
+    matrix, skipped = plan_matrix(precisions, tuple(opts.engines), opts.device)
+    if any(runtime == "tensorrt" for runtime, _ in matrix):
+        trt_profiles(cfg, opts.trt_profile)  # a malformed profile fails now, not after the export
     say(f"      {ckpt.source}: {cfg.n_params():,} parameters"
         + ("" if is_trained(ckpt) else " (untrained seeded weights)"))
     with locked_staging(out) as staging:
@@ -510,28 +582,30 @@ def build(opts: BuildOptions) -> BuildResult:
             graph_checks.append({"artifact": name, "precision": precision, "checks": checks, "passed": True})
 
         stage(3, "parity against eager PyTorch and the float64 reference")
+        progress = lambda m: say("      " + m)  # noqa: E731
         eager = EagerRunner(cfg, ckpt.weights, threads=threads)
+        # The fp32 graphs always run on ONNX Runtime's CPU provider, with functions and inlined, in full detail.
         ort_runners = {"functions": OrtRunner(staging / "model.onnx", staging / "step.onnx", cfg, threads),
                        "inlined": OrtRunner(staging / "model.inlined.onnx", staging / "step.inlined.onnx", cfg,
                                             threads)}
-        parity = parity_checks(ckpt, eager, ort_runners, lambda m: say("      " + m), text_ids)
-        half_runners = []
-        for precision in ("fp16", "int8", "int8-dyn"):
-            if precision in precisions:
-                half_runners.append(OrtRunner(staging / f"model.{precision}.onnx", staging / f"step.{precision}.onnx",
-                                              cfg, threads, precision=precision))
-                parity += variant_parity_checks(ckpt, eager, half_runners[-1], lambda m: say("      " + m),
-                                                eval_ids)
+        parity = parity_checks(ckpt, eager, ort_runners, progress, text_ids)
+        variants = []
+        for runtime, precision in matrix:
+            if (runtime, precision) == ("onnxruntime-cpu", "fp32"):
+                continue
+            variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say))
+            parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids)
         passed = all(r["passed"] for r in parity)  # informational rows (gated: false) pass by definition
 
         latency: list[dict] = []
         if opts.latency:
-            stage(4, f"latency, eager vs ONNX Runtime, {threads} threads")
-            latency = latency_rows(eager, [ort_runners["functions"], *half_runners], cfg, threads,
-                                   opts.latency_runs, lambda m: say("      " + m), opts.prefill_lengths)
+            stage(4, f"latency, eager vs every runtime and precision, {threads} threads")
+            timed = [ort_runners["functions"]] if ("onnxruntime-cpu", "fp32") in matrix else []
+            latency = latency_rows(eager, [*timed, *variants], cfg, threads, opts.latency_runs, progress,
+                                   opts.prefill_lengths)
         else:
-            stage(4, "latency skipped")
-        for runner in [*ort_runners.values(), *half_runners]:
+            stage(4, "latency skipped (--no-latency)")
+        for runner in [*ort_runners.values(), *variants]:
             runner.close()
 
         stage(5, "writing report")
@@ -542,7 +616,7 @@ def build(opts: BuildOptions) -> BuildResult:
             "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
             "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
             "machine": machine_info(threads), "artifacts": artifacts, "graph_checks": graph_checks,
-            "parity": parity, "latency": latency, "skipped": skipped_rows(opts.latency, precisions),
+            "parity": parity, "latency": latency, "skipped": skipped,
         }
         from gamexport.report import render_markdown
         atomic_write_text(staging / "report.json", dumps_json(report))

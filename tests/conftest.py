@@ -39,7 +39,8 @@ def tiny_build(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:
     src = tmp_path_factory.mktemp("tiny_ckpt")
     save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})
     out = tmp_path_factory.mktemp("builds") / "tiny"
-    build(BuildOptions(source=str(src), out=out, threads=1, latency_runs=3))
+    build(BuildOptions(source=str(src), out=out, threads=1, latency_runs=3,
+                       precisions=("fp32", "fp16", "bf16", "int8", "int8-dyn")))
     return out
 
 

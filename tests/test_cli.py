@@ -22,7 +22,8 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 @pytest.fixture(scope="module")
 def cli_build(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "build"
-    proc = run_cli("build", "--preset", "tiny", "--out", str(out), "--threads", "1")
+    proc = run_cli("build", "--preset", "tiny", "--out", str(out), "--threads", "1",
+                   "--precision", "fp32,fp16,bf16,int8,int8-dyn")
     assert proc.returncode == 0, proc.stderr
     import re
     m = re.search(r"parity: (\d+)/(\d+) checks passed", proc.stdout)
@@ -81,6 +82,9 @@ def test_inspect(cli_build):
     (["generate", "BUILD", "--ids", "5,97"], "token id 97 is outside the vocabulary [0, 97)", 2),
     (["generate", "BUILD", "--prompt", "hello"], "has no tokenizer.json", 2),
     (["inspect", "nowhere"], "nowhere does not exist", 2),
+    (["build", "--preset", "tiny", "--engines", "tensorrt"], "TensorRT runs on NVIDIA GPUs only", 2),
+    (["build", "--preset", "tiny", "--engines", "tvm"], "unknown engine 'tvm'", 2),
+    (["build", "--preset", "tiny", "--precision", "fp8"], "unknown precision 'fp8'", 2),
 ])
 def test_bad_input_is_one_line(cli_build, args, needle, code):
     args = [str(cli_build) if a == "BUILD" else a for a in args]
@@ -89,6 +93,16 @@ def test_bad_input_is_one_line(cli_build, args, needle, code):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine with no GPU")
+def test_asking_for_a_gpu_without_one(tmp_path):
+    proc = run_cli("build", "--preset", "tiny", "--device", "cuda", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--device cuda needs an NVIDIA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+    proc = run_cli("build", "--preset", "tiny", "--device", "cuda", "--engines", "tensorrt",
+                   "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1
 
 
 def test_debug_shows_the_traceback():
