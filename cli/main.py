@@ -11,6 +11,7 @@ from gamexport import __version__
 from .build import build
 from .generate import generate
 from .inspect import inspect
+from .parity import parity
 
 app = typer.Typer(
     name="gamexport",
@@ -41,6 +42,7 @@ def main_callback(
 app.command("build")(build)
 app.command("generate")(generate)
 app.command("inspect")(inspect)
+app.command("parity")(parity)
 
 
 def main() -> None:

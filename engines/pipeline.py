@@ -313,6 +313,50 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
     return rows
 
 
+PARITY_DIR = "parity"
+
+
+def write_parity_references(folder: Path, eager, cfg: GAMConfig, text_ids: np.ndarray | None) -> list[str]:
+    """Keep the parity inputs and eager fp32's outputs in the build folder (Polygraphy JSON), short enough to be
+    small (≤ 32 tokens), so ``gamexport parity`` and ``polygraphy run`` can re-check the graphs anywhere."""
+    from gamexport.parity import parity_inputs
+    from gamexport.polyjson import save_feeds, save_run_results
+
+    T = min(32, cfg.max_positions)
+    inputs = {k: v[:, :T] for k, v in parity_inputs(cfg.vocab_size, cfg.max_positions, seed=3).items()}
+    if text_ids is not None and text_ids.shape[1] >= 2:
+        inputs["text"] = text_ids[-1:, :T]  # the last row: held out from INT8 calibration
+    names = list(inputs)
+    feeds = [{"input_ids": inputs[n]} for n in names]
+    outs = []
+    for feed in feeds:
+        logits, state = eager.prefill(feed["input_ids"])
+        outs.append({"logits": logits, "conv_state": state})
+    d = folder / PARITY_DIR
+    d.mkdir(exist_ok=True)
+    save_feeds(d / "prefill_inputs.json", feeds)
+    save_run_results(d / "prefill_outputs.json", "eager-fp32", outs)
+    # Step feeds: a chunk from the middle (state from prefill) and one decode token, per input.
+    step_feeds, step_outs = [], []
+    for n in names:
+        ids = inputs[n]
+        for start, size in ((T // 2, min(4, T - T // 2)), (T - 1, 1)):
+            if start < 1 or size < 1:
+                continue
+            _, state = eager.prefill(ids[:, :start])
+            feed = {"input_ids": ids[:, start:start + size], "position_ids": np.full((ids.shape[0], 1), start, np.int64),
+                    "conv_state": state}
+            logits, new_state = eager.step(feed["input_ids"], feed["position_ids"], state)
+            step_feeds.append(feed)
+            step_outs.append({"logits": logits, "conv_state_out": new_state})
+    save_feeds(d / "step_inputs.json", step_feeds)
+    save_run_results(d / "step_outputs.json", "eager-fp32", step_outs)
+    atomic_write_json(d / "feeds.json", {"prefill": names, "step": [n for n in names for _ in range(
+        len(step_feeds) // len(names))], "tokens": T, "reference": "eager PyTorch fp32"})
+    return [f"{PARITY_DIR}/{f}" for f in ("prefill_inputs.json", "prefill_outputs.json", "step_inputs.json",
+                                          "step_outputs.json", "feeds.json")]
+
+
 # ---- latency ------------------------------------------------------------------------------------------------
 def check_precisions(precisions: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -596,6 +640,7 @@ def build(opts: BuildOptions) -> BuildResult:
             variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say))
             parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids)
         passed = all(r["passed"] for r in parity)  # informational rows (gated: false) pass by definition
+        write_parity_references(staging, eager, cfg, text_ids)
 
         latency: list[dict] = []
         if opts.latency:

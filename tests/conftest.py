@@ -49,3 +49,20 @@ def eager_tiny(tiny_cfg, tiny_weights):
     from gamexport.engines.eager import EagerRunner
 
     return EagerRunner(tiny_cfg, tiny_weights, threads=1)
+
+
+_BLOCKER = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def __init__(self, names): self.names = names
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in self.names:
+            raise ImportError(f'{name} is blocked by the test')
+sys.meta_path.insert(0, Block(NAMES))
+"""
+
+
+@pytest.fixture(scope="session")
+def blocker():
+    """Python source that makes importing the given top-level packages fail (prepend it to a subprocess's code)."""
+    return lambda names: _BLOCKER.replace("NAMES", repr(set(names)))

@@ -32,18 +32,10 @@ def test_subpackages_install_under_gamexport():
     assert gamexport.engines.__name__ == "gamexport.engines"
 
 
-BLOCKER = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def __init__(self, names): self.names = names
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in self.names:
-            raise ImportError(f'{name} is blocked by the test')
-sys.meta_path.insert(0, Block(NAMES))
-"""
 
 
-def test_every_module_imports_without_optional_dependencies():
+
+def test_every_module_imports_without_optional_dependencies(blocker):
     """Polygraphy-style: importing any module must not need tensorrt, pycuda or matplotlib."""
     import gamexport.cli
     import gamexport.engines
@@ -53,7 +45,7 @@ def test_every_module_imports_without_optional_dependencies():
     for pkg in (gamexport, gamexport.engines, gamexport.cli, gamexport.training):
         modules += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
     assert "gamexport.engines.ort" in modules and "gamexport.cli.main" in modules
-    code = BLOCKER.replace("NAMES", repr({"tensorrt", "pycuda", "cuda", "matplotlib"})) + textwrap.dedent(f"""
+    code = blocker({"tensorrt", "pycuda", "cuda", "matplotlib"}) + textwrap.dedent(f"""
         import importlib
         for name in {modules!r}:
             importlib.import_module(name)
@@ -63,8 +55,8 @@ def test_every_module_imports_without_optional_dependencies():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
-def test_ort_generation_runs_with_torch_blocked(tiny_build):
-    code = BLOCKER.replace("NAMES", repr({"torch"})) + textwrap.dedent(f"""
+def test_ort_generation_runs_with_torch_blocked(tiny_build, blocker):
+    code = blocker({"torch"}) + textwrap.dedent(f"""
         import sys
         sys.argv = ['gamexport', 'generate', {str(tiny_build)!r}, '--ids', '1,2,3', '--max-new-tokens', '5']
         from gamexport.cli.main import main

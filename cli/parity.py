@@ -1,0 +1,51 @@
+"""``gamexport parity``: re-check a build folder on this machine against the references it keeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DebugOption, ThreadsOption, run, say
+
+
+def parity(
+    folder: Annotated[Path, typer.Argument(help="A build folder (written by gamexport build).")],
+    engines: Annotated[str, typer.Option(help="Engines, comma-separated: onnxruntime, tensorrt.")] = "onnxruntime",
+    precision: Annotated[str | None, typer.Option(
+        help="Precisions to check, comma-separated (default: every precision the folder has).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    report: Annotated[Path, typer.Option(help="Where to write the parity report (JSON).")] = Path(
+        "parity-report.json"),
+    threads: ThreadsOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Re-run the folder's graphs here and compare them with the eager fp32 outputs saved at build time.
+
+    Needs no torch, so it runs on the edge box itself. Exits 1 when a gated check fails.
+    """
+
+    def body() -> None:
+        from gamexport.engines.recheck import recheck
+        from gamexport.fsutil import atomic_write_json
+
+        split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
+        result = recheck(folder, split(engines), split(precision) if precision else (), device, threads, say)
+        atomic_write_json(report, result)
+        for row in result["parity"]:
+            verdict = "pass" if row["passed"] else "FAIL"
+            if not row.get("gated", True):
+                verdict = "info"
+            extra = f"ppl change {row['ppl_rel_change']:.4f}" if "ppl_rel_change" in row else \
+                f"max abs {row['max_abs_diff']:.3g}, KL {row['kl_mean']:.3g}"
+            print(f"{verdict:4}  {row['runtime']} {row['precision']:<8} {row['graph']:<7} {row['input']:<6} "
+                  f"B{row['batch']}×{row['seq_len']}: {extra}")
+        for row in result["skipped"]:
+            say(f"skipped: {row['runtime']} {row.get('precision', '')}: {row['reason']}")
+        n = len(result["parity"])
+        print(f"parity: {sum(r['passed'] for r in result['parity'])}/{n} checks passed; report: {report}")
+        if not result["passed"]:
+            raise typer.Exit(1)
+
+    run(body, debug)

@@ -1,0 +1,90 @@
+"""``gamexport parity DIR``: re-check a build folder's graphs (and engines) on this machine, without torch.
+
+The build kept its parity inputs and eager fp32's outputs in ``DIR/parity/`` (Polygraphy JSON). This runs the
+folder's graphs on the engines and precisions asked for, compares them with those references under the same
+tolerance table as the build, and returns rows in the build report's format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gamexport.errors import GamexportError
+from gamexport.manifest import verify
+
+
+def available_precisions(folder: Path) -> tuple[str, ...]:
+    from gamexport.graph.builder import graph_file_name
+
+    from .pipeline import PRECISIONS
+
+    return tuple(p for p in PRECISIONS
+                 if (folder / graph_file_name("prefill", p)).is_file() and (folder / graph_file_name("step", p)).is_file())
+
+
+def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), precisions: tuple[str, ...] = (),
+            device: str = "cpu", threads: int | None = None, progress=lambda m: None) -> dict:
+    """Parity rows for every (runtime, precision) this machine supports over the folder's saved references."""
+    from gamexport.graph import read_graph_config
+    from gamexport.graph.builder import graph_file_name
+    from gamexport.parity import compare_logits, compare_state, tolerance
+    from gamexport.polyjson import load_feeds, load_run_results
+
+    from .pipeline import PARITY_DIR, open_variant_runner, plan_matrix
+
+    folder = Path(folder)
+    pdir = folder / PARITY_DIR
+    if not (pdir / "feeds.json").is_file():
+        raise GamexportError(f"{folder} has no {PARITY_DIR}/ references",
+                             "rebuild it with this gamexport version (gamexport build)")
+    have = available_precisions(folder)
+    wanted = tuple(precisions) or have
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        raise GamexportError(f"{folder} has no {missing[0]} graphs", f"it has: {', '.join(have)}")
+    verify(folder, [f"{PARITY_DIR}/{n}" for n in ("prefill_inputs.json", "prefill_outputs.json", "step_inputs.json",
+                                                   "step_outputs.json", "feeds.json")]
+           + [graph_file_name(k, p) for p in wanted for k in ("prefill", "step")])
+    cfg, _ = read_graph_config(folder / "model.onnx")
+    names = json.loads((pdir / "feeds.json").read_text())
+    pre_in, pre_out = load_feeds(pdir / "prefill_inputs.json"), load_run_results(pdir / "prefill_outputs.json")
+    step_in, step_out = load_feeds(pdir / "step_inputs.json"), load_run_results(pdir / "step_outputs.json")
+    matrix, skipped = plan_matrix(wanted, tuple(engines), device)
+    skipped = [row for row in skipped if row["runtime"] != "eager-compile"]  # no eager here
+    rows = []
+    for runtime, precision in matrix:
+        progress(f"parity: {runtime} {precision}")
+        runner = open_variant_runner(folder, cfg, runtime, precision, threads, None, progress)
+        tol = tolerance(precision)
+        try:
+            for graph, feeds, refs, labels in (("prefill", pre_in, pre_out, names["prefill"]),
+                                               ("step", step_in, step_out, names["step"])):
+                for feed, ref, label in zip(feeds, refs, labels):
+                    ids = feed["input_ids"]
+                    if graph == "prefill":
+                        logits, state = runner.prefill(ids)
+                        ref_state = ref["conv_state"]
+                    else:
+                        logits, state = runner.step(ids, feed["position_ids"], feed["conv_state"])
+                        ref_state = ref["conv_state_out"]
+                    targets = ids[:, 1:] if label == "text" and graph == "prefill" else None
+                    cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
+                    metrics = compare_logits(cut(ref["logits"]), cut(logits), tol, targets)
+                    if precision == "fp32":
+                        sdiff, sok = compare_state(ref_state, state, tol)
+                        metrics["state_max_abs_diff"] = sdiff
+                        metrics["passed"] = metrics["passed"] and sok
+                    path = getattr(runner, "model_path" if graph == "prefill" else "step_path", None)
+                    artifact = path.name if path is not None else f"tensorrt/{graph}.{precision}.plan"
+                    rows.append({"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,
+                                 "reference": "eager-fp32", "input": label, "batch": int(ids.shape[0]),
+                                 "seq_len": int(ids.shape[1]), **metrics})
+        finally:
+            runner.close()
+    from gamexport.bench import machine_info
+
+    return {"schema_version": 1, "folder": str(folder), "passed": all(r["passed"] for r in rows),
+            "machine": machine_info(threads), "parity": rows, "skipped": skipped}
