@@ -195,3 +195,32 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.prefill_session = self.step_session = None
+
+
+def write_ort_format(src: Path, out_dir: Path, threads: int | None = None) -> list[Path]:
+    """``<stem>.ort``: ONNX Runtime's own format, which its mobile and minimal builds load.
+
+    Written as ORT's converter does with the *Runtime* optimization style: basic optimizations applied, the
+    others recorded to be replayed at load time, so the file stays valid on any machine (the *Fixed* style bakes
+    in platform-specific ones). For a minimal ORT build, list its operators with ORT's
+    ``create_reduced_build_config`` tool.
+    """
+    import tempfile
+
+    from gamexport.fsutil import atomic_write_bytes
+
+    ort = _import_ort()
+    src = Path(src)
+    stem = src.name.removesuffix(".onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(tmp) / f"{stem}.ort")
+        so.add_session_config_entry("session.save_model_format", "ORT")
+        so.add_session_config_entry("optimization.minimal_build_optimizations", "save")
+        try:
+            ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT's own exception types
+            raise GraphError(f"ONNX Runtime could not write {src.name} in the ORT format: {str(exc)[:300]}",
+                             "this is a gamexport bug; please report it with --debug output") from exc
+        return [atomic_write_bytes(Path(out_dir) / f"{stem}.ort", (Path(tmp) / f"{stem}.ort").read_bytes())]

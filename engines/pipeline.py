@@ -235,7 +235,7 @@ def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progr
                              compare_logits(ref_logits, logits, tol), chunks=sizes,
                              state_max_abs_diff=compare_state(ref_state, state, tol)[0]))
         for artifact, runner in ort_runners.items():
-            if artifact.startswith("inlined") and name != "random":
+            if artifact != "functions" and name != "random":
                 continue
             progress(f"parity: onnxruntime-cpu {artifact} graphs vs eager on '{name}' tokens")
             logits, state = runner.prefill(ids)
@@ -557,6 +557,7 @@ def build(opts: BuildOptions) -> BuildResult:
     from gamexport.engines.eager import EagerRunner
     from gamexport.engines.ort import OrtRunner
     from gamexport.graph import export_graphs
+    from gamexport.graph.builder import graph_file_name
     from gamexport.graph.checks import check_graph_file
 
     say = opts.progress
@@ -603,6 +604,13 @@ def build(opts: BuildOptions) -> BuildResult:
             for kind in ("model", "step"):
                 path = write_int8_dynamic(staging / f"{kind}.inlined.onnx", staging / f"{kind}.int8-dyn.onnx")
                 written[path.name] = path
+        from gamexport.engines.ort import write_ort_format
+
+        for precision in ("fp32", "int8", "int8-dyn"):  # the CPU-provider precisions an edge box runs
+            if precision in precisions:
+                for kind in ("prefill", "step"):
+                    for path in write_ort_format(staging / graph_file_name(kind, precision), staging):
+                        written[path.name] = path
         artifacts = sorted(written)
         atomic_write_json(staging / CONFIG_NAME, {**ckpt.meta, **cfg.to_dict(),
                                                   "source": {"path": ckpt.source, "sha256": ckpt.sha256}})
@@ -612,6 +620,8 @@ def build(opts: BuildOptions) -> BuildResult:
         stage(2, "checking graphs (onnx checker, structure, ONNX Runtime load)")
         graph_checks = []
         for name in artifacts:
+            if not name.endswith(".onnx"):
+                continue  # .ort files are checked by running them (parity)
             precision = name.split(".")[1] if name.count(".") > 1 and name.split(".")[1] in PRECISIONS else "fp32"
             if precision == "int8-dyn":
                 from gamexport.graph.checks import check_int8_dynamic_file
@@ -631,7 +641,8 @@ def build(opts: BuildOptions) -> BuildResult:
         # The fp32 graphs always run on ONNX Runtime's CPU provider, with functions and inlined, in full detail.
         ort_runners = {"functions": OrtRunner(staging / "model.onnx", staging / "step.onnx", cfg, threads),
                        "inlined": OrtRunner(staging / "model.inlined.onnx", staging / "step.inlined.onnx", cfg,
-                                            threads)}
+                                            threads),
+                       "ort-format": OrtRunner(staging / "model.ort", staging / "step.ort", cfg, threads)}
         parity = parity_checks(ckpt, eager, ort_runners, progress, text_ids)
         variants = []
         for runtime, precision in matrix:

@@ -19,7 +19,7 @@ from gamexport.errors import ParityError
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_report_matches_its_schema(tiny_build):
@@ -50,6 +50,9 @@ def test_report_states_tolerance_beside_each_value(tiny_build):
     assert {("eager", "fp32", "prefill"), ("eager", "fp32", "step"), ("onnxruntime-cpu", "fp32", "prefill"),
             ("onnxruntime-cpu", "fp32", "step"), ("onnxruntime-cpu", "fp16", "prefill"),
             ("onnxruntime-cpu", "fp16", "step")} <= graphs
+    ort_format = {r["artifact"] for r in report["parity"] if r["artifact"].endswith(".ort")}
+    assert ort_format == {"model.ort", "step.ort"}  # the ORT-format files run and match too
+    assert {"model.int8.ort", "step.int8-dyn.ort"} <= set(report["artifacts"])
     fp16 = [r for r in report["parity"] if r["precision"] == "fp16"]
     assert all(r["compute_precision"] == "fp32" and "fp16 weights, fp32 compute" in r["note"] for r in fp16)
     assert any(r["reference"] == "emulation-fp16-weights" for r in fp16)

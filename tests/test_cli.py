@@ -47,7 +47,9 @@ def test_build_writes_every_artifact(cli_build):
     assert {r["precision"] for r in report["latency"] if r["runtime"] == "onnxruntime-cpu"} == {
         "fp32", "fp16", "int8", "int8-dyn"}
     manifest = json.loads((cli_build / "manifest.json").read_text())
-    assert set(manifest["files"]) == names - {"manifest.json"}
+    files = {p.relative_to(cli_build).as_posix() for p in cli_build.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == files - {"manifest.json"}
+    assert {"parity/prefill_inputs.json", "parity/step_outputs.json", "model.ort", "step.int8.ort"} <= files
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
 
 
