@@ -12,6 +12,7 @@ from .build import build
 from .generate import generate
 from .inspect import inspect
 from .parity import parity
+from .verify import verify
 
 app = typer.Typer(
     name="gamexport",
@@ -43,6 +44,7 @@ app.command("build")(build)
 app.command("generate")(generate)
 app.command("inspect")(inspect)
 app.command("parity")(parity)
+app.command("verify")(verify)
 
 
 def main() -> None:

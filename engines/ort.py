@@ -43,6 +43,10 @@ def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
     ort = _import_ort()
     if not Path(path).is_file():
         raise GraphError(f"{path} does not exist", "run gamexport build first, or pass the build folder")
+    if Path(path).suffix == ".onnx":
+        from gamexport.graph.checks import check_external_data
+
+        check_external_data(Path(path))
     if provider != "CPUExecutionProvider":
         from gamexport.device import cuda_status
 

@@ -47,6 +47,7 @@ class BuildOptions:
     engines: tuple[str, ...] = ("onnxruntime",)
     device: str = "cpu"
     trt_profile: dict | None = None   # {"min": "1x1", "opt": "1x256", "max": "8x256"} for TensorRT
+    triton: Path | None = None        # also write a Triton model repository here (fp32)
     progress: Progress = field(default=lambda msg: None)
 
 
@@ -694,6 +695,12 @@ def build(opts: BuildOptions) -> BuildResult:
                 f"read {failed_dir / 'report.md'} for the measured differences")
         stage(6, f"moving the finished build into {out}")
         replace_dir(staging, out)
+    if opts.triton is not None:
+        from gamexport.engines.triton import choose_backend, write_model_repository
+
+        backend, why = choose_backend(out, "fp32")
+        models = write_model_repository(out, Path(opts.triton), backend=backend, precision="fp32")
+        say(f"      triton: {', '.join(sorted(models))} in {opts.triton} ({why})")
     say(f"done in {time.perf_counter() - t_start:.1f}s: {out}")
     return BuildResult(out=out, report=report, passed=passed)
 

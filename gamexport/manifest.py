@@ -29,11 +29,26 @@ def read_manifest(folder: Path) -> dict:
     return data
 
 
-def verify(folder: Path, names: Iterable[str] | None = None) -> dict:
-    """Check files (all, or ``names``) against the manifest: present, same size, same sha256."""
+def verify(folder: Path, names: Iterable[str] | None = None, strict: bool = False) -> dict:
+    """Check files (all, or ``names``) against the manifest: present, same size, same sha256.
+
+    ``strict`` also refuses files the manifest does not list (something was added to the folder).
+    """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder", "pass a folder written by gamexport build")
     manifest = read_manifest(folder)
     files = manifest["files"]
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ManifestError(f"manifest entry {name!r} points outside {folder}", "rebuild the folder")
+    if strict:
+        present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        extra = sorted(present - set(files) - {MANIFEST_NAME})
+        if extra:
+            raise ManifestError(f"{folder / extra[0]} is not listed in the manifest"
+                                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
+                                "remove it, or rebuild the folder with gamexport build")
     for name in (names if names is not None else files):
         entry = files.get(name)
         if entry is None:

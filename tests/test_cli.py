@@ -143,8 +143,10 @@ def test_build_from_reference_pt_with_prefill_lengths(tmp_path):
     bad = run_cli("build", str(tmp_path / "ckpt"), "--out", str(out), "--prefill-len", "25")
     assert bad.returncode == 2 and "prefill length 25 is outside 1..24" in bad.stderr and not out.exists()
     proc = run_cli("build", str(tmp_path / "ckpt"), "--out", str(out), "--prefill-len", "4", "--prefill-len", "24",
-                   "-j", "1")
+                   "-j", "1", "--triton", str(tmp_path / "triton"))
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "triton" / "gam_step" / "config.pbtxt").is_file()
+    assert (tmp_path / "triton" / "gam_prefill" / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["config"]["vocab_size"] == 53 and report["parameters"] == cfg.n_params()
     assert sorted(r["seq_len"] for r in report["latency"]
