@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Iterable
 
 from gamexport.config import CONV_STATE, CONV_STATE_OUT, INPUT_IDS, POSITION_IDS
-from gamexport.errors import ConfigError, GraphError, OutputError
+from gamexport.errors import ConfigError, GamexportError, GraphError, OutputError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256_file
 
 VERSION = "1"
@@ -134,15 +134,14 @@ def _plan_sources(build_dir: Path, precision: str, max_batch_size: int) -> dict[
         raise MissingPlanError(f"{build_dir / ENGINE_DIR} has no {precision} TensorRT plan {', '.join(missing)}",
                                "build the engines on the serving GPU (gamexport.engines.trt.build_engines), "
                                "or write the onnxruntime backend")
+    from .trt import read_sidecar, sidecar_path
+
     for graph, plan in paths.items():
-        side = plan.with_name(plan.name + ".json")
+        side = sidecar_path(plan)
         try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise MissingPlanError(f"{plan.name} has no sidecar {side.name} (the ONNX it was built from, profile)",
-                                   "rebuild the engines with gamexport, which writes both") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise MissingPlanError(f"cannot read {side}: {exc}", "rebuild the engines") from exc
+            meta = read_sidecar(plan)  # the one reader of engine sidecars (pure Python, no TensorRT import)
+        except GamexportError as exc:
+            raise MissingPlanError(exc.message, exc.fix) from exc
         onnx_meta = meta.get("onnx") if isinstance(meta, dict) else None
         if not isinstance(onnx_meta, dict) or not onnx_meta.get("file") or meta.get("graph") != graph:
             raise MissingPlanError(f"{side.name} is not a gamexport {graph} engine sidecar",

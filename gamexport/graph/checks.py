@@ -60,15 +60,20 @@ def structure_problems(model: onnx.ModelProto, cfg: GAMConfig) -> list[str]:
     return problems
 
 
-def check_graph_file(path: Path, cfg: GAMConfig, precision: str = "fp32") -> None:
-    """Run the ONNX checker (full_check), the structural and the precision-plan checks on a file;
-    raise GraphError on failure."""
+def _checked_load(path: Path) -> onnx.ModelProto:
+    """The ONNX checker with full_check (shape inference included), then the loaded model."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise GraphError(f"{Path(path).name} fails the ONNX checker: {str(exc).splitlines()[0]}",
                          "this is a gamexport bug; please report it with --debug output") from exc
-    model = onnx.load(str(path))
+    return onnx.load(str(path))
+
+
+def check_graph_file(path: Path, cfg: GAMConfig, precision: str = "fp32") -> None:
+    """Run the ONNX checker (full_check), the structural and the precision-plan checks on a file;
+    raise GraphError on failure."""
+    model = _checked_load(path)
     problems = structure_problems(model, cfg) + precision_problems(model, precision)
     if problems:
         raise GraphError(f"{Path(path).name} breaks the graph contract: {'; '.join(problems)}",
@@ -128,12 +133,7 @@ def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
 def check_int8_dynamic_file(path: Path, cfg: GAMConfig) -> None:
     """An ``*.int8-dyn.onnx`` file: passes the checker, and every weight MatMul (five per block — memory scores,
     memory read, gate, FFN in and out — and the head) consumes int8 weights; no float MatMul is left."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise GraphError(f"{Path(path).name} fails the ONNX checker: {str(exc).splitlines()[0]}",
-                         "this is a gamexport bug; please report it with --debug output") from exc
-    model = onnx.load(str(path))
+    model = _checked_load(path)
     int8 = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
     inits = {t.name: t.data_type for t in model.graph.initializer}
     quantized_weights = [n for n in int8 if inits.get(n.input[1]) == onnx.TensorProto.INT8]
