@@ -8,6 +8,7 @@ import typer
 
 from gamexport import __version__
 
+from .bench import bench
 from .build import build
 from .generate import generate
 from .inspect import inspect
@@ -45,6 +46,7 @@ app.command("generate")(generate)
 app.command("inspect")(inspect)
 app.command("parity")(parity)
 app.command("verify")(verify)
+app.command("bench")(bench)
 
 
 def main() -> None:

@@ -1,0 +1,1027 @@
+"""``gamexport bench``: how close each runtime and precision runs to this machine's limits, measured in one run.
+
+The yardstick is not "faster than eager PyTorch" but the fraction of what the machine can do, measured in the same
+process, with the same engine (ONNX Runtime's CPU provider) and the same session options as the model graphs:
+
+* **compute** — fp32 ``MatMul`` 2048×2048×2048, GFLOP/s (prefill is measured against it);
+* **bandwidth** — ``MatMul`` [1, K]×[K, N] whose weight holds as many fp32 bytes as the model has, GB/s (batch-1
+  decode is measured against the roofline ``bandwidth ÷ bytes of weights a step reads``);
+* **batched** — the same weights at M = 32, GFLOP/s (batched decode is measured against it).
+
+Each limit is the median of ≥ 20 runs (fewer with ``quick``). Timings are benchmarks, never pass/fail: every row
+carries the harness's spread and ``noisy`` flag (:mod:`gamexport.bench`), and ``bench.json`` lists the noisy rows.
+
+The scaling section is the paper's Table 2 protocol at CPU scale: one GAM block and one Transformer block
+(pre-LN, 8 heads, ``scaled_dot_product_attention``), d 512, B 1, T from 256 to 8192, forward and
+forward+backward, both in PyTorch; each point runs in a fresh process forked from a "zygote" that has only
+imported torch (so the import is paid once), and its peak memory is that process's ``VmHWM`` after a reset
+through ``/proc/self/clear_refs``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gamexport import __version__
+from gamexport.config import GAMConfig
+from gamexport.errors import GamexportError, InputError
+
+SCHEMA_VERSION = 1
+BENCH_FILE = "bench.json"
+SCALING_PLOT = "scaling.png"
+FRACTIONS_PLOT = "fractions.png"
+
+#: Sections a run can skip (the limits are always measured: every fraction needs them).
+SECTIONS = ("prefill", "decode", "scaling", "startup")
+#: ONNX Runtime CPU precisions the bench measures (bf16 has no CPU kernels: a skipped row says so).
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dyn")
+#: Bytes per stored element of the weights a MatMul reads, per precision.
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-dyn": 1}
+
+# ---- the machine's limits (defined here, once) and the shapes measured against them ---------------------------
+COMPUTE_SHAPE = (2048, 2048, 2048)   # M, K, N of the compute limit
+BATCHED_M = 32                       # rows of the batched limit (the bandwidth limit's weights)
+PREFILL_LENGTHS = (64, 256)          # batch-1 prefill lengths, capped at P
+BATCHED_PREFILL = 8                  # batch of the batched prefill, at T = min(256, P)
+DECODE_BATCHES = (8, 32)             # batched decode, against the batched (M = 32) limit
+EDGE = 32                            # decode: medians of the first and last EDGE positions
+# Scaling (the paper's Table 2 protocol at CPU scale).
+SCALING_D = 512
+SCALING_HEADS = 8
+SCALING_SLOTS = 512
+SCALING_KERNEL = 3
+SCALING_MIN_T = 256
+SCALING_MAX_T = 8192
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How many runs each kind of measurement takes."""
+
+    limit_runs: int
+    limit_warmup: int
+    runs: int
+    warmup: int
+    max_seconds: float
+    batched_decode_steps: int
+    scaling_runs: int
+    scaling_max_seconds: float
+    help_runs: int
+    first_token_runs: int
+    startup_warmup: int
+
+
+FULL = Effort(limit_runs=20, limit_warmup=3, runs=20, warmup=2, max_seconds=30.0, batched_decode_steps=64,
+              scaling_runs=10, scaling_max_seconds=30.0, help_runs=5, first_token_runs=3, startup_warmup=1)
+QUICK = Effort(limit_runs=2, limit_warmup=1, runs=5, warmup=1, max_seconds=2.0, batched_decode_steps=16,
+               scaling_runs=2, scaling_max_seconds=3.0, help_runs=2, first_token_runs=1, startup_warmup=0)
+
+
+@dataclass
+class BenchOptions:
+    source: str | None = None        # checkpoint, folder holding one, or a build folder; None: seeded --preset
+    preset: str | None = None        # seeded weights of this preset when no source is given (default paper)
+    out: Path = Path("gamexport-bench")
+    threads: int = 2
+    precisions: tuple[str, ...] = PRECISIONS
+    compile: bool = False            # also time torch.compile (minutes to compile on CPU)
+    quick: bool = False
+    min_t: int | None = None         # scaling: shortest T (default min(256, max_t))
+    max_t: int = SCALING_MAX_T
+    skip: tuple[str, ...] = ()
+    progress: Progress = field(default=lambda msg: None)
+
+
+# ---- FLOPs and bytes -------------------------------------------------------------------------------------------
+def flops_per_token(cfg: GAMConfig) -> dict[str, int]:
+    """Multiply-add FLOPs (2 per MAC) one token costs in the GAM model, by term, and their total.
+
+    Per layer: memory read 4·S·d (``h·Mᵀ`` and ``softmax·M``), gate 4·d² (``Linear(d, 2d)``), FFN 16·d²
+    (``d→4d→d``), depthwise conv 2·k·d; once: the tied head 2·V·d. LayerNorm, softmax, sigmoid, GELU, biases and
+    the embedding gathers are not counted. The graphs (and eager PyTorch) compute the head at every position.
+    """
+    d, L, S, k, V = cfg.d_model, cfg.n_layers, cfg.n_slots, cfg.kernel_size, cfg.vocab_size
+    terms = {"memory_read": L * 4 * S * d, "gate": L * 4 * d * d, "ffn": L * 16 * d * d, "conv": L * 2 * k * d,
+             "head": 2 * V * d}
+    return {**terms, "total": sum(terms.values())}
+
+
+def gam_block_flops(T: int, d: int = SCALING_D, slots: int = SCALING_SLOTS, kernel: int = SCALING_KERNEL) -> int:
+    """Forward FLOPs of one GAM block over T tokens: T·(4·S·d + 20·d² + 2·k·d)."""
+    return T * (4 * slots * d + 20 * d * d + 2 * kernel * d)
+
+
+def transformer_block_flops(T: int, d: int = SCALING_D) -> int:
+    """Forward FLOPs of one pre-LN Transformer block over T tokens: T·(24·d² + 2·T·d).
+
+    24·d²: QKV 6·d², output projection 2·d², MLP 16·d². Causal attention: ``QKᵀ`` and ``AV`` over the T/2 keys a
+    query sees on average, 2 × 2·d·T/2 = 2·T·d per token (the count behind GAM's 2.33× FLOP advantage at T = 8192).
+    """
+    return T * (24 * d * d + 2 * T * d)
+
+
+def matmul_weight_elements(cfg: GAMConfig) -> int:
+    """Elements of the weights the model multiplies with: per layer M (S·d), gate (2·d²), FFN (8·d²); the head."""
+    d = cfg.d_model
+    return cfg.n_layers * (cfg.n_slots * d + 2 * d * d + 8 * d * d) + cfg.vocab_size * d
+
+
+def weight_bytes_per_step(cfg: GAMConfig, precision: str) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except the P−1 position rows it does not use.
+
+    The MatMul weights (memory bank, gate, FFN, tied embedding/head) count at the precision's storage size (plus
+    one fp32 scale per output channel for INT8); LayerNorms, biases and the conv stay fp32. A graph that reads a
+    weight twice (e.g. M and a folded Mᵀ) or in a wider type than it stores is measured against this, so the
+    duplication shows as a lower fraction.
+    """
+    d, L = cfg.d_model, cfg.n_layers
+    used = cfg.n_params() - (cfg.max_positions - 1) * d
+    mm = matmul_weight_elements(cfg)
+    nbytes = (used - mm) * 4 + mm * WEIGHT_BYTES[precision]
+    if precision.startswith("int8"):
+        nbytes += 4 * (L * (cfg.n_slots + d + 2 * d + 4 * d + d) + cfg.vocab_size)
+    return int(nbytes)
+
+
+def scaling_lengths(min_t: int, max_t: int) -> list[int]:
+    """T = min_t, 2·min_t, … ≤ max_t."""
+    out, T = [], min_t
+    while T <= max_t:
+        out.append(T)
+        T *= 2
+    return out
+
+
+# ---- options -----------------------------------------------------------------------------------------------------
+def check_options(opts: BenchOptions) -> tuple[tuple[str, ...], int, int]:
+    """(precisions, min_t, max_t) after checking every option; one-line InputError for a bad one."""
+    if not isinstance(opts.threads, int) or opts.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {opts.threads}", "e.g. --threads 2")
+    unknown = [p for p in opts.precisions if p not in PRECISIONS + ("bf16",)]
+    if unknown:
+        raise InputError(f"unknown precision {unknown[0]!r}", f"choose from {', '.join(PRECISIONS)}")
+    if not opts.precisions:
+        raise InputError("no precision given", f"pass --precision with some of {', '.join(PRECISIONS)}")
+    bad = [s for s in opts.skip if s not in SECTIONS]
+    if bad:
+        raise InputError(f"unknown section {bad[0]!r} in --skip", f"choose from {', '.join(SECTIONS)}")
+    if opts.max_t < 1:
+        raise InputError(f"--max-t must be at least 1, got {opts.max_t}", "e.g. --max-t 2048")
+    min_t = opts.min_t if opts.min_t is not None else min(SCALING_MIN_T, opts.max_t)
+    if min_t < 1 or min_t > opts.max_t:
+        raise InputError(f"--min-t {min_t} must be between 1 and --max-t {opts.max_t}",
+                         "lower --min-t or raise --max-t")
+    if opts.source is not None and opts.preset is not None:
+        raise InputError("--preset chooses seeded weights and cannot be combined with a SOURCE",
+                         "drop --preset (the config comes from the source)")
+    if opts.preset is not None:
+        from gamexport.config import preset
+
+        preset(opts.preset)  # one line for an unknown name, before any work
+    ordered = tuple(p for p in PRECISIONS + ("bf16",) if p in opts.precisions)
+    return ordered, min_t, opts.max_t
+
+
+def load_source(source: str | None, preset_name: str | None):
+    """A Checkpoint from a build folder (weights read back from its fp32 ``model.onnx``), a checkpoint, or the
+    seeded weights of a preset (paper by default). Returns (checkpoint, build folder or None)."""
+    from gamexport.checkpoint import Checkpoint, load_checkpoint
+    from gamexport.engines.pipeline import seeded_checkpoint
+    from gamexport.manifest import MANIFEST_NAME
+
+    if source is None:
+        return seeded_checkpoint(preset_name or "paper"), None
+    folder = Path(source)
+    if folder.is_dir() and (folder / MANIFEST_NAME).is_file():
+        import onnx
+        from onnx import numpy_helper
+
+        from gamexport.graph.builder import META_SOURCE_SHA, read_graph_config
+        from gamexport.manifest import verify
+
+        verify(folder, ["model.onnx"])
+        model = onnx.load(str(folder / "model.onnx"))
+        cfg, meta = read_graph_config(model)
+        weights = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
+        info = {}
+        if (folder / "config.json").is_file():
+            try:
+                info = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                info = {}
+        meta_out = {k: info[k] for k in ("trained", "label") if k in info}
+        return Checkpoint(config=cfg, weights=weights, source=str(folder), sha256=meta.get(META_SOURCE_SHA, ""),
+                          meta=meta_out), folder
+    return load_checkpoint(source), None
+
+
+# ---- limits ------------------------------------------------------------------------------------------------------
+def _matmul_session(M: int, K: int, N: int, threads: int, seed: int = 0):
+    """An ONNX Runtime session of one MatMul [M, K]×[K, N] with the [K, N] weight as an initializer, under the
+    session options the model graphs get."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gamexport.engines.ort import _import_ort, session_options
+    from gamexport.graph.builder import IR_VERSION, OPSET
+
+    ort = _import_ort()
+    w = (np.random.default_rng(seed).standard_normal((K, N), dtype=np.float32) * 0.02)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["c"])], "limit",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    data = model.SerializeToString()
+    del w, graph, model
+    return ort.InferenceSession(data, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def _time_matmul(M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
+    from gamexport.bench import measure
+
+    session = _matmul_session(M, K, N, threads)
+    a = np.random.default_rng(1).standard_normal((M, K), dtype=np.float32)
+    timing = measure(lambda: session.run(None, {"a": a}), warmup=effort.limit_warmup, runs=effort.limit_runs,
+                     max_seconds=max(effort.max_seconds, 10.0))
+    del session
+    gc.collect()
+    return {"shape": [M, K, N], "engine": "onnxruntime-cpu MatMul fp32", **timing.as_dict()}
+
+
+def bandwidth_shape(nbytes: int, K: int) -> tuple[int, int]:
+    """[K, N] fp32 holding about ``nbytes``: K fixed (the model's width), N = round(nbytes / 4 / K)."""
+    return K, max(1, round(nbytes / 4 / K))
+
+
+def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, effort: Effort,
+                   say: Progress) -> dict:
+    """The machine's limits (see the module docstring), plus the bandwidth at each reduced precision's byte count
+    (its decode roofline: an INT8 model's weights may fit in cache where fp32's do not)."""
+    M, K, N = COMPUTE_SHAPE
+    say(f"limits: compute, onnxruntime MatMul {M}×{K}×{N} fp32, {threads} threads")
+    compute = _time_matmul(M, K, N, threads, effort)
+    compute["gflops"] = 2 * M * K * N / (compute["p50_ms"] / 1e3) / 1e9
+
+    model_bytes = 4 * cfg.n_params()
+    Kb, Nb = bandwidth_shape(model_bytes, cfg.d_model)
+    say(f"limits: bandwidth, onnxruntime MatMul [1,{Kb}]×[{Kb},{Nb}] ({Kb * Nb * 4 / 1e6:.1f} MB of fp32 weights)")
+    bandwidth = _time_matmul(1, Kb, Nb, threads, effort)
+    bandwidth["bytes"] = Kb * Nb * 4
+    bandwidth["gbps"] = bandwidth["bytes"] / (bandwidth["p50_ms"] / 1e3) / 1e9
+
+    say(f"limits: batched, the same weights at M = {BATCHED_M}")
+    batched = _time_matmul(BATCHED_M, Kb, Nb, threads, effort)
+    batched["gflops"] = 2 * BATCHED_M * Kb * Nb / (batched["p50_ms"] / 1e3) / 1e9
+
+    by_precision: dict[str, dict] = {"fp32": {"bytes": bandwidth["bytes"], "gbps": bandwidth["gbps"],
+                                              "shape": bandwidth["shape"], "same_as": "bandwidth"}}
+    done: dict[int, dict] = {}
+    for p in precisions:
+        if p == "fp32" or p == "bf16":
+            continue
+        nbytes = weight_bytes_per_step(cfg, p)
+        Kp, Np = bandwidth_shape(nbytes, cfg.d_model)
+        if Kp * Np not in done:
+            say(f"limits: bandwidth over {Kp * Np * 4 / 1e6:.1f} MB (the {p} weights' bytes)")
+            t = _time_matmul(1, Kp, Np, threads, effort)
+            t["bytes"] = Kp * Np * 4
+            t["gbps"] = t["bytes"] / (t["p50_ms"] / 1e3) / 1e9
+            done[Kp * Np] = t
+        by_precision[p] = done[Kp * Np]
+    return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision}
+
+
+# ---- runners -----------------------------------------------------------------------------------------------------
+def export_for_bench(ckpt, folder: Path, precisions: tuple[str, ...], say: Progress) -> dict:
+    """Write the graphs each precision needs into ``folder`` with gamexport's own builder (INT8 calibrated on
+    random token ids — fine for speed, not for accuracy) and ONNX Runtime's dynamic quantizer."""
+    from gamexport.graph.builder import export_graphs
+
+    cfg = ckpt.config
+    graph_precisions = tuple(p for p in ("fp32", "fp16", "int8") if p == "fp32" or p in precisions)
+    calibration = None
+    if "int8" in precisions:
+        from gamexport.calibration import calibrate
+
+        ids = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, cfg.max_positions), dtype=np.int64)
+        calibration = calibrate(cfg, ckpt.weights, [ids])
+    say(f"export: {', '.join(graph_precisions)} graphs into a temporary folder")
+    written = export_graphs(cfg, ckpt.weights, folder, ckpt.sha256, graph_precisions, calibration)
+    if "int8-dyn" in precisions:
+        from gamexport.engines.ort import write_int8_dynamic
+
+        say("export: int8-dyn graphs (ONNX Runtime's dynamic quantization of the inlined fp32 graphs)")
+        for kind in ("model", "step"):
+            path = write_int8_dynamic(folder / f"{kind}.inlined.onnx", folder / f"{kind}.int8-dyn.onnx")
+            written[path.name] = path
+    return written
+
+
+def runner_plan(precisions: tuple[str, ...], compile: bool) -> tuple[list[tuple[str, str]], list[dict]]:
+    """(runtime, precision) pairs this machine runs, and ``skipped`` rows with reasons for the rest."""
+    from gamexport.engines.pipeline import UNSUPPORTED
+
+    pairs = [("eager", "fp32")]
+    skipped = []
+    if compile:
+        pairs.append(("eager-compile", "fp32"))
+    else:
+        skipped.append({"runtime": "eager-compile", "precision": "fp32",
+                        "reason": "torch.compile takes minutes to compile on CPU: pass --compile to time it"})
+    for p in PRECISIONS + ("bf16",):
+        reason = UNSUPPORTED.get(("onnxruntime-cpu", p))
+        if reason:
+            skipped.append({"runtime": "onnxruntime-cpu", "precision": p, "reason": reason})
+        elif p in precisions:
+            pairs.append(("onnxruntime-cpu", p))
+        else:
+            skipped.append({"runtime": "onnxruntime-cpu", "precision": p, "reason": "not requested (--precision)"})
+    skipped += gpu_skips()
+    return pairs, skipped
+
+
+def gpu_skips() -> list[dict]:
+    """Skipped rows for the GPU runtimes, with the reason this machine cannot (or the bench does not) run them."""
+    from gamexport.device import cuda_status
+
+    usable, why = cuda_status()
+    if not usable:
+        return [{"runtime": r, "reason": f"needs an NVIDIA GPU: {why}"}
+                for r in ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")]
+    try:
+        import onnxruntime as ort
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    cpu_build = "onnxruntime-gpu is not installed (this onnxruntime is the CPU build)"
+    checks = (("onnxruntime-cuda", "CUDAExecutionProvider" in providers, cpu_build),
+              ("onnxruntime-trt", "TensorrtExecutionProvider" in providers, cpu_build),
+              ("tensorrt", _has_tensorrt(), "tensorrt is not installed"))
+    return [{"runtime": runtime, "reason": missing if not ok else
+             f"GPU present ({why}), but bench measures CPU limits only; GPU rows need GPU limits first"}
+            for runtime, ok, missing in checks]
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def open_runner(runtime: str, precision: str, ckpt, folder: Path, threads: int):
+    from gamexport.graph.builder import graph_file_name
+
+    if runtime in ("eager", "eager-compile"):
+        from gamexport.engines.eager import EagerRunner
+
+        return EagerRunner(ckpt.config, ckpt.weights, threads=threads, compile=runtime == "eager-compile")
+    from gamexport.engines.ort import OrtRunner
+
+    return OrtRunner(folder / graph_file_name("prefill", precision), folder / graph_file_name("step", precision),
+                     ckpt.config, threads, precision=precision)
+
+
+def _describe(runner) -> dict:
+    return {"runtime": runner.runtime, "precision": runner.precision,
+            "compute_precision": getattr(runner, "compute_precision", runner.precision),
+            **({"matmul_ops": runner.matmul_ops} if getattr(runner, "matmul_ops", None) else {})}
+
+
+def _fraction(achieved: float, limit: float) -> float:
+    return achieved / limit if limit > 0 else 0.0
+
+
+def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: int, say: Progress) -> list[dict]:
+    """Batch-1 prefill at T ∈ {64, 256} (capped at P) and batched prefill, against the compute limit."""
+    from gamexport.bench import measure
+
+    P = cfg.max_positions
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(BATCHED_PREFILL, P), dtype=np.int64)
+    per_token = flops_per_token(cfg)["total"]
+    limit = limits["compute"]["gflops"]
+    shapes = [(1, T) for T in sorted({min(T, P) for T in PREFILL_LENGTHS})] + [(BATCHED_PREFILL, min(256, P))]
+    rows = []
+    for B, T in shapes:
+        say(f"prefill: {runner.runtime} {runner.precision}, batch {B} × {T} tokens")
+        x = np.ascontiguousarray(ids[:B, :T])
+        timing = measure(lambda: runner._prefill(x), warmup=effort.warmup, runs=effort.runs,
+                         max_seconds=effort.max_seconds)
+        flops = B * T * per_token
+        achieved = flops / (timing.p50_ms / 1e3) / 1e9
+        rows.append({**_describe(runner), "mode": "prefill", "batch": B, "seq_len": T, **timing.as_dict(),
+                     "tokens_per_s": B * T / (timing.p50_ms / 1e3), "flops": flops, "head_positions": "all",
+                     "achieved": achieved, "unit": "GFLOP/s", "limit": "compute", "limit_value": limit,
+                     "fraction": _fraction(achieved, limit), "threads": threads})
+    return rows
+
+
+def _decode_samples(runner, ids: np.ndarray, positions: list[int], warmup: int) -> list[float]:
+    """Per-step seconds of one-token decode steps at ``positions`` (state carried), as ``generate`` calls them."""
+    B = ids.shape[0]
+    _, state0 = runner._prefill(np.ascontiguousarray(ids[:, : positions[0]]))
+    pos_arrays = {p: np.full((B, 1), p, np.int64) for p in positions}
+    tokens = {p: np.ascontiguousarray(ids[:, p:p + 1]) for p in positions}
+    state = state0
+    for p in positions[:warmup]:
+        _, state = runner._step(tokens[p], pos_arrays[p], state)
+    state = state0
+    samples = []
+    for p in positions:
+        t0 = time.perf_counter()
+        _, state = runner._step(tokens[p], pos_arrays[p], state)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: int, say: Progress) -> list[dict]:
+    """Batch-1 decode over every position 1..P−1 against the bandwidth roofline; batched decode at B = 8 and 32
+    against the batched (M = 32) limit."""
+    from gamexport.bench import summarize
+
+    P = cfg.max_positions
+    if P < 2:
+        return []
+    per_token = flops_per_token(cfg)["total"]
+    rng = np.random.default_rng(2)
+    rows = []
+    say(f"decode: {runner.runtime} {runner.precision}, batch 1, positions 1..{P - 1}")
+    positions = list(range(1, P))
+    samples = _decode_samples(runner, rng.integers(0, cfg.vocab_size, size=(1, P), dtype=np.int64), positions,
+                              effort.warmup + 2)
+    timing = summarize(samples, effort.warmup + 2)
+    ms = np.asarray(samples) * 1e3
+    first, last = float(np.median(ms[:EDGE])), float(np.median(ms[-EDGE:]))
+    nbytes = weight_bytes_per_step(cfg, runner.precision)
+    bw = limits["bandwidth_by_precision"].get(runner.precision, limits["bandwidth_by_precision"]["fp32"])["gbps"]
+    roofline = bw * 1e9 / nbytes
+    tps = 1 / (timing.p50_ms / 1e3)
+    rows.append({**_describe(runner), "mode": "decode", "batch": 1, "seq_len": 1, "positions": [1, P - 1],
+                 **timing.as_dict(), "first_ms": first, "last_ms": last, "edge_positions": min(EDGE, len(ms)),
+                 "last_over_first": last / first, "tokens_per_s": tps, "flops_per_token": per_token,
+                 "bytes_per_step": nbytes, "bandwidth_gbps": bw, "achieved": tps, "unit": "tokens/s",
+                 "limit": "bandwidth-roofline", "limit_value": roofline, "fraction": _fraction(tps, roofline),
+                 "threads": threads})
+    limit = limits["batched"]["gflops"]
+    steps = min(P - 1, effort.batched_decode_steps)
+    for B in DECODE_BATCHES:
+        say(f"decode: {runner.runtime} {runner.precision}, batch {B}, positions 1..{steps}")
+        ids = rng.integers(0, cfg.vocab_size, size=(B, P), dtype=np.int64)
+        samples = _decode_samples(runner, ids, list(range(1, 1 + steps)), effort.warmup)
+        timing = summarize(samples, effort.warmup)
+        achieved = B * per_token / (timing.p50_ms / 1e3) / 1e9
+        rows.append({**_describe(runner), "mode": "decode", "batch": B, "seq_len": 1, "positions": [1, steps],
+                     **timing.as_dict(), "tokens_per_s": B / (timing.p50_ms / 1e3), "flops_per_token": per_token,
+                     "achieved": achieved, "unit": "GFLOP/s", "limit": "batched", "limit_value": limit,
+                     "fraction": _fraction(achieved, limit), "threads": threads})
+    return rows
+
+
+# ---- scaling: one GAM block vs one Transformer block -------------------------------------------------------------
+def make_transformer_block(d: int = SCALING_D, n_heads: int = SCALING_HEADS):
+    """A pre-LN Transformer block: x + proj(SDPA_causal(LN1 x)); x + MLP(LN2 x) with a 4d GELU MLP."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class TransformerBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n_heads = n_heads
+            self.ln1 = nn.LayerNorm(d)
+            self.qkv = nn.Linear(d, 3 * d)
+            self.proj = nn.Linear(d, d)
+            self.ln2 = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+        def forward(self, x):
+            B, T, _ = x.shape                                                      # x: (B, T, d)
+            q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)                       # 3 × (B, T, d)
+            q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)            # (B, H, T, d/H)
+            x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))                  # (B, T, d)
+            return x + self.mlp(self.ln2(x))                                       # (B, T, d)
+
+    return TransformerBlock()
+
+
+def make_gam_block(d: int = SCALING_D):
+    from gamexport.model import GAMBlock
+
+    return GAMBlock(GAMConfig(d_model=d, n_slots=SCALING_SLOTS, kernel_size=SCALING_KERNEL, dropout=0.0))
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return _proc_status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+PEAK_METHOD = ("peak RSS of the point's own process: VmHWM from /proc/self/status after resetting it through "
+               "/proc/self/clear_refs once the block and input exist (peak_extra_mb = that peak − the RSS then)")
+PEAK_FALLBACK = "getrusage(RUSAGE_SELF).ru_maxrss of the point's own process (includes its start-up)"
+
+
+def scaling_point(spec: dict) -> dict:
+    """Time one (block, mode, T) point in this process; runs inside a fresh process (see ``run_scaling``)."""
+    import resource
+
+    import torch
+
+    from gamexport.bench import measure
+
+    torch.set_num_threads(int(spec["threads"]))
+    torch.manual_seed(0)
+    T, d = int(spec["T"]), int(spec.get("d", SCALING_D))
+    block = make_gam_block(d) if spec["block"] == "gam" else make_transformer_block(d)
+    x = torch.randn(1, T, d)
+    past = torch.zeros(1, SCALING_KERNEL - 1, d)
+    call = (lambda: block(x, past)[0]) if spec["block"] == "gam" else (lambda: block(x))
+    if spec["mode"] == "forward":
+        block.eval()
+
+        def fn():
+            with torch.inference_mode():
+                call()
+    else:
+        block.train()
+
+        def fn():
+            block.zero_grad(set_to_none=True)
+            call().sum().backward()
+    rss0 = _proc_status_kib("VmRSS")
+    exact = _reset_peak_rss()
+    timing = measure(fn, warmup=int(spec.get("warmup", 1)), runs=int(spec["runs"]),
+                     max_seconds=float(spec["max_seconds"]))
+    if exact:
+        peak = _proc_status_kib("VmHWM") or 0
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {**timing.as_dict(), "peak_rss_mb": peak / 1024,
+            "peak_extra_mb": (peak - rss0) / 1024 if exact and rss0 is not None else None,
+            "peak_method": PEAK_METHOD if exact else PEAK_FALLBACK, "threads": torch.get_num_threads()}
+
+
+_ZYGOTE = r"""
+import json, os, sys
+import torch  # imported once here; every point runs in a fresh child forked before any torch op or thread
+from gamexport.engines.benchmark import scaling_point
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    spec = json.loads(line)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            result = scaling_point(spec)
+        except BaseException as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        with os.fdopen(w, "wb") as f:
+            f.write(json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        data = json.dumps({"error": f"the measuring process died (wait status {status}); out of memory?"}).encode()
+    sys.stdout.write(data.decode() + "\n")
+    sys.stdout.flush()
+"""
+
+
+class PointServer:
+    """Runs scaling points, each in a fresh process.
+
+    With ``os.fork``: a "zygote" interpreter imports torch once (started early, so its import overlaps the main
+    process's own start; ``ready()`` waits for it before anything is timed) and forks one child per point, before
+    any torch op or thread exists in it. Without: one fresh interpreter per point.
+    """
+
+    def __init__(self) -> None:
+        self.proc = None
+        self._ready = False
+        if hasattr(os, "fork"):
+            self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def ready(self) -> None:
+        if self.proc is not None and not self._ready:
+            line = self.proc.stdout.readline()
+            if line.strip() != "ready":
+                self.close()
+                self.proc = None  # fall back to one interpreter per point
+            self._ready = True
+
+    def point(self, spec: dict) -> dict:
+        self.ready()
+        if self.proc is None:
+            return _point_in_subprocess(spec)
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else {"error": "the measuring process exited"}
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if not self._ready:  # still importing: nothing to finish
+            self.proc.kill()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def _point_in_subprocess(spec: dict) -> dict:
+    """Fallback without ``os.fork``: one fresh interpreter per point."""
+    code = ("import json, sys; from gamexport.engines.benchmark import scaling_point; "
+            "print(json.dumps(scaling_point(json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_scaling(lengths: list[int], threads: int, effort: Effort, say: Progress,
+                server: PointServer | None = None) -> tuple[dict, list[dict]]:
+    """Every (block, mode, T) point, each in a fresh process; (section, skipped rows)."""
+    specs = [{"block": block, "mode": mode, "T": T, "d": SCALING_D, "threads": threads,
+              "runs": effort.scaling_runs, "warmup": 1, "max_seconds": effort.scaling_max_seconds}
+             for mode in ("forward", "forward+backward") for block in ("gam", "transformer") for T in lengths]
+    own = server is None
+    server = server or PointServer()
+    points, skipped = [], []
+    try:
+        for spec in specs:
+            say(f"scaling: {spec['block']} block {spec['mode']}, d {SCALING_D}, B 1, T {spec['T']}")
+            result = server.point(spec)
+            if "error" in result:
+                skipped.append({"runtime": "eager", "section": "scaling", "block": spec["block"],
+                                "mode": spec["mode"], "T": spec["T"], "reason": result["error"]})
+                continue
+            flops = (gam_block_flops(spec["T"]) if spec["block"] == "gam" else transformer_block_flops(spec["T"]))
+            flops *= 3 if spec["mode"] == "forward+backward" else 1
+            points.append({"block": spec["block"], "mode": spec["mode"], "T": spec["T"], "batch": 1, **result,
+                           "flops": flops, "achieved": flops / (result["p50_ms"] / 1e3) / 1e9, "unit": "GFLOP/s"})
+    finally:
+        if own:
+            server.close()
+    section = {"framework": "torch (eager)", "d_model": SCALING_D, "heads": SCALING_HEADS, "slots": SCALING_SLOTS,
+               "kernel_size": SCALING_KERNEL, "batch": 1, "lengths": lengths,
+               "flops": {"gam": "T·(4·S·d + 20·d² + 2·k·d)", "transformer": "T·(24·d² + 2·T·d), causal attention",
+                         "forward+backward": "3 × forward"},
+               "dropout": 0.0, "process": "a fresh process per point, forked from one that has only imported torch",
+               "peak_memory": points[0]["peak_method"] if points else PEAK_METHOD,
+               "points": points, "summary": scaling_summary(points)}
+    return section, skipped
+
+
+def scaling_summary(points: list[dict]) -> dict:
+    """Growth of each block's time from T to 8·T (linear cost: 8), and the Transformer ÷ GAM time per T."""
+    t = {(p["block"], p["mode"], p["T"]): p["p50_ms"] for p in points}
+    growth, ratio = [], []
+    for (block, mode, T), ms in sorted(t.items()):
+        if (block, mode, T * 8) in t:
+            growth.append({"block": block, "mode": mode, "from_T": T, "to_T": T * 8,
+                           "time_ratio": t[(block, mode, T * 8)] / ms})
+        if block == "gam" and ("transformer", mode, T) in t:
+            ratio.append({"mode": mode, "T": T, "transformer_over_gam": t[("transformer", mode, T)] / ms,
+                          "flop_ratio": transformer_block_flops(T) / gam_block_flops(T)})
+    return {"growth_8x": growth, "transformer_over_gam": ratio}
+
+
+# ---- start-up ----------------------------------------------------------------------------------------------------
+def gamexport_command() -> list[str]:
+    """How a user starts gamexport here: the console script beside this Python, else ``python -m``."""
+    script = Path(sys.executable).with_name("gamexport")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "gamexport.cli.main"]
+
+
+def time_command(argv: list[str], runs: int, warmup: int) -> dict:
+    """Wall time of a whole process (start to exit), median of ``runs`` after ``warmup`` untimed runs."""
+    from gamexport.bench import summarize
+
+    env = {**os.environ, "GAMEXPORT_DEBUG": ""}
+    samples = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        elapsed = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            raise GamexportError(f"{' '.join(argv[-6:])} failed while timing start-up: {tail}",
+                                 "run it by hand to see why")
+        if i >= warmup:
+            samples.append(elapsed)
+    return {"command": argv, **summarize(samples, warmup).as_dict()}
+
+
+def startup_section(ckpt, build_folder: Path | None, tmp: Path, threads: int, effort: Effort,
+                    say: Progress) -> dict:
+    """``gamexport --help`` and the time to first token of ``gamexport generate`` on a build folder."""
+    cmd = gamexport_command()
+    say(f"startup: {' '.join(cmd[-1:])} --help, {effort.help_runs} runs")
+    help_t = time_command([*cmd, "--help"], effort.help_runs, effort.startup_warmup)
+    folder = build_folder
+    note = "the SOURCE build folder"
+    if folder is None:
+        from gamexport.engines.pipeline import write_manifest
+
+        folder = tmp / "first-token-build"
+        folder.mkdir()
+        for name in ("model.onnx", "step.onnx"):
+            shutil.copyfile(tmp / "graphs" / name, folder / name)
+        write_manifest(folder, ckpt)
+        note = "a build folder of the fp32 graphs with a manifest (no report), written for this run"
+    argv = [*cmd, "generate", str(folder), "--ids", "1", "--max-new-tokens", "1", "--threads", str(threads)]
+    say(f"startup: gamexport generate (1 new token) on {note}, {effort.first_token_runs} runs")
+    first = time_command(argv, effort.first_token_runs, effort.startup_warmup)
+    return {"help": {**help_t, "what": "wall time of `gamexport --help`, process start to exit"},
+            "first_token": {**first, "folder": note,
+                            "what": "wall time of `gamexport generate FOLDER --ids 1 --max-new-tokens 1`, process "
+                                    "start to exit: imports, manifest check (sha256 of the graphs), ONNX Runtime "
+                                    "session creation, prefill and sampling of the first token"}}
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+def run_bench(opts: BenchOptions) -> dict:
+    """Measure everything, write ``bench.json`` and the plots into ``opts.out``; returns the bench dict."""
+    precisions, min_t, max_t = check_options(opts)
+    effort = QUICK if opts.quick else FULL
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        from gamexport.errors import OutputError
+        raise OutputError(f"output path {out} is a file, not a folder", "pass --out a folder path")
+    t_start = time.perf_counter()
+    # Started first, so that its torch import overlaps this process's own; nothing is timed until it is ready.
+    server = PointServer() if "scaling" not in opts.skip else None
+    try:
+        return _run(opts, precisions, min_t, max_t, effort, out, server, t_start)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int, effort: Effort, out: Path,
+         server: PointServer | None, t_start: float) -> dict:
+    from gamexport.bench import machine_info
+    from gamexport.fsutil import atomic_write_json
+
+    say = opts.progress
+    ckpt, build_folder = load_source(opts.source, opts.preset)
+    cfg = ckpt.config
+    threads = opts.threads
+    say(f"bench: {ckpt.source}: {cfg.n_params():,} parameters, {threads} threads"
+        + (", --quick (smoke run: too few runs to quote)" if opts.quick else ""))
+
+    from gamexport.device import cuda_status
+    machine = {**machine_info(threads), "gpu": cuda_status()[1]}
+    if server is not None:
+        server.ready()
+    limits = measure_limits(cfg, precisions, threads, effort, say)
+    pairs, skipped = runner_plan(precisions, opts.compile)
+    prefill: list[dict] = []
+    decode: list[dict] = []
+    scaling = None
+    startup = None
+    with tempfile.TemporaryDirectory(prefix="gamexport-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        need_graphs = ("prefill" not in opts.skip or "decode" not in opts.skip
+                       or ("startup" not in opts.skip and build_folder is None))
+        if need_graphs:
+            (tmp / "graphs").mkdir()
+            export_for_bench(ckpt, tmp / "graphs", tuple(p for _, p in pairs) if "prefill" not in opts.skip
+                             or "decode" not in opts.skip else ("fp32",), say)
+        if "prefill" not in opts.skip or "decode" not in opts.skip:
+            for runtime, precision in pairs:
+                if runtime == "eager-compile":
+                    say("compile: torch.compile of prefill and step (slow on CPU; compiled on the first calls)")
+                runner = open_runner(runtime, precision, ckpt, tmp / "graphs", threads)
+                try:
+                    rows_p = ([] if "prefill" in opts.skip else
+                              prefill_rows(runner, cfg, limits, effort, threads, say))
+                    rows_d = ([] if "decode" in opts.skip else
+                              decode_rows(runner, cfg, limits, effort, threads, say))
+                    prefill += rows_p
+                    decode += rows_d
+                except Exception as exc:  # torch.compile needs a working C++ toolchain; anything else is a bug
+                    if runtime != "eager-compile":
+                        raise
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    skipped.append({"runtime": runtime, "precision": precision,
+                                    "reason": f"torch.compile failed: {type(exc).__name__}: {first}"})
+                    say(f"compile: torch.compile failed, skipped ({type(exc).__name__})")
+                finally:
+                    runner.close()
+                    del runner
+                    gc.collect()
+        if "startup" not in opts.skip:
+            startup = startup_section(ckpt, build_folder, tmp, threads, effort, say)
+    if "scaling" not in opts.skip:
+        scaling, scaling_skipped = run_scaling(scaling_lengths(min_t, max_t), threads, effort, say, server)
+        skipped += scaling_skipped
+
+    timed = [*prefill, *decode, *(scaling["points"] if scaling else [])]
+    timed_limits = [(name, limits[name]) for name in ("compute", "bandwidth", "batched")]
+    noisy = [_row_label(r) for r in timed if r.get("noisy")] + [f"limit {n}" for n, v in timed_limits if v["noisy"]]
+    result = {
+        "schema_version": SCHEMA_VERSION, "kind": "gamexport-bench", "gamexport_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": bool(opts.quick), "threads": threads,
+        "source": {"path": ckpt.source, "sha256": ckpt.sha256, "trained": bool(ckpt.meta.get("trained", True)),
+                   "label": str(ckpt.meta.get("label", ""))},
+        "config": cfg.to_dict(), "parameters": cfg.n_params(), "machine": machine,
+        "flops_per_token": flops_per_token(cfg),
+        "weight_bytes_per_step": {p: weight_bytes_per_step(cfg, p) for p in ("fp32", *precisions) if p != "bf16"},
+        "limits": limits, "prefill": prefill, "decode": decode, "scaling": scaling, "startup": startup,
+        "skipped": skipped, "noisy": noisy,
+        "notes": [
+            "Fractions are achieved ÷ limit, both measured in this run with the same threads.",
+            "Prefill FLOPs count the head at every position: the prefill and step graphs (and eager PyTorch) "
+            "compute logits for every position.",
+            "INT8 (static Q/DQ) is calibrated on random token ids: fine for speed, not a statement on accuracy.",
+            "Reduced-precision decode rows are measured against the bandwidth over their own weight bytes "
+            "(limits.bandwidth_by_precision): smaller weights may sit in cache.",
+            "fp16 graphs on ONNX Runtime's CPU provider compute in fp32 (see compute_precision).",
+            "Runners are timed through the calls generate makes (no input checks).",
+        ],
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+    say(f"writing {out / BENCH_FILE} and the plots")
+    out.mkdir(parents=True, exist_ok=True)
+    result["plots"] = write_plots(result, out)
+    atomic_write_json(out / BENCH_FILE, result)
+    return result
+
+
+def _row_label(r: dict) -> str:
+    if "block" in r:
+        return f"scaling {r['block']} {r['mode']} T{r['T']}"
+    return f"{r['runtime']} {r['precision']} {r['mode']} B{r['batch']}×{r['seq_len']}"
+
+
+# ---- output ------------------------------------------------------------------------------------------------------
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def write_plots(result: dict, out: Path) -> list[str]:
+    """``scaling.png`` (time vs T, log-log, both blocks) and ``fractions.png`` (fraction of the limit per runtime
+    and precision); [] when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from gamexport.fsutil import atomic_write_bytes
+
+    written = []
+    scaling = result.get("scaling")
+    if scaling and scaling["points"]:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, mode in zip(axes, ("forward", "forward+backward")):
+            for block, color in (("gam", "#2a7ab9"), ("transformer", "#d9822b")):
+                pts = sorted((p["T"], p["p50_ms"]) for p in scaling["points"]
+                             if p["block"] == block and p["mode"] == mode)
+                if pts:
+                    ax.plot([t for t, _ in pts], [ms for _, ms in pts], "o-", color=color,
+                            label="GAM block" if block == "gam" else "Transformer block")
+            gam = sorted((p["T"], p["p50_ms"]) for p in scaling["points"] if p["block"] == "gam" and p["mode"] == mode)
+            if len(gam) > 1:  # a linear-cost guide through GAM's first point
+                ax.plot([gam[0][0], gam[-1][0]], [gam[0][1], gam[0][1] * gam[-1][0] / gam[0][0]], ":",
+                        color="#888888", label="linear in T")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ticks = sorted({p["T"] for p in scaling["points"]})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel("p50 ms")
+            ax.set_title(f"{mode}, d {scaling['d_model']}, B 1")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"one block, {result['threads']} threads, torch")
+        fig.tight_layout()
+        atomic_write_bytes(out / SCALING_PLOT, _png(fig))
+        plt.close(fig)
+        written.append(SCALING_PLOT)
+    rows = [*result["prefill"], *result["decode"]]
+    if rows:
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            key = (f"prefill B{r['batch']}×{r['seq_len']} (compute)" if r["mode"] == "prefill" else
+                   f"decode B{r['batch']} ({'bandwidth roofline' if r['batch'] == 1 else 'M=32 MatMul'})")
+            groups.setdefault(key, []).append(r)
+        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 0.45 * max(
+            len(g) for g in groups.values()) + 1.6), sharey=True, squeeze=False)
+        for ax, (title, group) in zip(axes[0], groups.items()):
+            names = [f"{r['runtime']} {r['precision']}" for r in group]
+            values = [r["fraction"] for r in group]
+            colors = ["#cc4444" if r.get("noisy") else "#2a7ab9" for r in group]
+            ax.barh(range(len(group)), values, color=colors)
+            ax.set_yticks(range(len(group)), names, fontsize=8)
+            ax.axvline(1.0, color="#444444", linewidth=0.8)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("fraction of limit")
+        axes[0][0].invert_yaxis()
+        fig.suptitle(f"fraction of this machine's limits, {result['threads']} threads (red: noisy)")
+        fig.tight_layout()
+        atomic_write_bytes(out / FRACTIONS_PLOT, _png(fig))
+        plt.close(fig)
+        written.append(FRACTIONS_PLOT)
+    return written
+
+
+def render_table(result: dict) -> str:
+    """The readable summary ``gamexport bench`` prints."""
+    lim = result["limits"]
+    lines = [f"gamexport bench — {result['machine']['cpu']}, {result['threads']} threads"
+             + ("  [--quick: smoke run, do not quote]" if result["quick"] else ""),
+             f"model: {result['parameters']:,} parameters, {result['flops_per_token']['total'] / 1e6:.2f} MFLOP "
+             f"per token (head at every position), {result['weight_bytes_per_step']['fp32'] / 1e6:.1f} MB fp32 "
+             "weights per decode step",
+             f"limits: compute {lim['compute']['gflops']:.1f} GFLOP/s (MatMul {'×'.join(map(str, COMPUTE_SHAPE))}), "
+             f"bandwidth {lim['bandwidth']['gbps']:.1f} GB/s (MatMul [1,{lim['bandwidth']['shape'][1]}]×"
+             f"[{lim['bandwidth']['shape'][1]},{lim['bandwidth']['shape'][2]}]), batched {lim['batched']['gflops']:.1f}"
+             f" GFLOP/s (M={BATCHED_M})", ""]
+    header = f"{'runtime':<16} {'prec':<8} {'mode':<7} {'B×T':>8} {'p50 ms':>9} {'achieved':>18} {'of limit':>9}"
+    rows = [*result["prefill"], *result["decode"]]
+    if rows:
+        lines += [header, "-" * len(header)]
+        for r in rows:
+            shape = f"{r['batch']}×{r['seq_len']}"
+            lines.append(f"{r['runtime']:<16} {r['precision']:<8} {r['mode']:<7} {shape:>8} {r['p50_ms']:>9.3f} "
+                         f"{r['achieved']:>9.1f} {r['unit']:<8} {r['fraction']:>8.2f}"
+                         + (f"  last/first {r['last_over_first']:.2f}" if "last_over_first" in r else "")
+                         + ("  [noisy]" if r["noisy"] else ""))
+        lines.append("")
+    scaling = result.get("scaling")
+    if scaling and scaling["points"]:
+        lines.append(f"scaling (one block, d {scaling['d_model']}, B 1, torch):")
+        head = f"{'block':<12} {'mode':<17} {'T':>6} {'p50 ms':>10} {'GFLOP/s':>8} {'peak MB':>8} {'+MB':>7}"
+        lines += [head, "-" * len(head)]
+        for p in scaling["points"]:
+            extra = f"{p['peak_extra_mb']:>7.0f}" if p.get("peak_extra_mb") is not None else f"{'-':>7}"
+            lines.append(f"{p['block']:<12} {p['mode']:<17} {p['T']:>6} {p['p50_ms']:>10.2f} {p['achieved']:>8.1f} "
+                         f"{p['peak_rss_mb']:>8.0f} {extra}" + ("  [noisy]" if p["noisy"] else ""))
+        for g in scaling["summary"]["growth_8x"]:
+            lines.append(f"  {g['block']} {g['mode']}: T={g['to_T']} ÷ T={g['from_T']} = {g['time_ratio']:.2f} "
+                         "(linear: 8)")
+        for r in scaling["summary"]["transformer_over_gam"]:
+            lines.append(f"  T={r['T']} {r['mode']}: Transformer ÷ GAM time {r['transformer_over_gam']:.2f} "
+                         f"(FLOPs {r['flop_ratio']:.2f})")
+        lines.append("")
+    st = result.get("startup")
+    if st:
+        lines.append(f"start-up: gamexport --help {st['help']['p50_ms']:.0f} ms; first token of gamexport generate "
+                     f"{st['first_token']['p50_ms']:.0f} ms")
+    for s in result["skipped"]:
+        what = " ".join(str(s[k]) for k in ("runtime", "precision", "block", "mode", "T") if k in s)
+        lines.append(f"skipped: {what}: {s['reason']}")
+    return "\n".join(lines)
+
+
+__all__ = ["BenchOptions", "run_bench", "render_table", "flops_per_token", "weight_bytes_per_step",
+           "gam_block_flops", "transformer_block_flops", "make_transformer_block", "make_gam_block",
+           "scaling_point", "SCHEMA_VERSION", "BENCH_FILE", "SCALING_PLOT", "FRACTIONS_PLOT"]

@@ -1,0 +1,196 @@
+"""``gamexport bench``: a quick smoke run writes a well-formed bench.json and plots; the FLOP formulas are right.
+
+Timings are never asserted: only that every measured number exists, is positive, and that every fraction is the
+value divided by the limit it names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from gamexport.config import PRESETS, GAMConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench_app() -> typer.Typer:
+    """The bench command in an app of its own (cli/main.py registers it as ``gamexport bench``)."""
+    from gamexport.cli.bench import bench
+
+    app = typer.Typer(pretty_exceptions_show_locals=False)
+
+    @app.callback()
+    def _root() -> None:
+        """gamexport"""
+
+    app.command("bench")(bench)
+    return app
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(bench_app(), ["bench", *args], env={"GAMEXPORT_DEBUG": ""})
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict, object]:
+    out = tmp_path_factory.mktemp("bench") / "out"
+    # One thread: two threads of torch on cores other work is using stall at every OpenMP barrier.
+    result = invoke("--preset", "tiny", "--quick", "--max-t", "32", "--threads", "1", "--out", str(out))
+    assert result.exit_code == 0, result.stderr + repr(result.exception)
+    return out, json.loads((out / "bench.json").read_text()), result
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_bench_json_structure(quick):
+    out, bench, result = quick
+    assert bench["schema_version"] == 1 and bench["kind"] == "gamexport-bench" and bench["quick"] is True
+    assert bench["threads"] == 1 and bench["machine"]["threads"] == 1
+    assert {"limits", "prefill", "decode", "scaling", "startup", "skipped", "noisy", "flops_per_token",
+            "weight_bytes_per_step", "config", "source", "machine", "plots"} <= set(bench)
+    assert bench["config"]["d_model"] == PRESETS["tiny"].d_model and bench["source"]["trained"] is False
+
+    lim = bench["limits"]
+    assert lim["compute"]["shape"] == [2048, 2048, 2048]
+    assert lim["batched"]["shape"][0] == 32 and lim["batched"]["shape"][1:] == lim["bandwidth"]["shape"][1:]
+    for name, key in (("compute", "gflops"), ("bandwidth", "gbps"), ("batched", "gflops")):
+        assert _positive(lim[name][key]) and _positive(lim[name]["p50_ms"]) and lim[name]["runs"] >= 1
+    # Recompute each limit from its timing.
+    M, K, N = lim["compute"]["shape"]
+    assert lim["compute"]["gflops"] == pytest.approx(2 * M * K * N / (lim["compute"]["p50_ms"] / 1e3) / 1e9)
+    bw = lim["bandwidth"]
+    assert bw["gbps"] == pytest.approx(bw["bytes"] / (bw["p50_ms"] / 1e3) / 1e9)
+    assert abs(lim["bandwidth"]["bytes"] - 4 * bench["parameters"]) <= 4 * K  # as many bytes as the model has
+
+    # Every runtime and precision this CPU has, with prefill at T=min(64, P) (and 256 capped) plus batched.
+    pairs = {(r["runtime"], r["precision"]) for r in bench["prefill"]}
+    assert pairs == {("eager", "fp32"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "fp16"),
+                     ("onnxruntime-cpu", "int8"), ("onnxruntime-cpu", "int8-dyn")}
+    assert {(r["batch"], r["seq_len"]) for r in bench["prefill"]} == {(1, 64), (8, 64)}
+    assert {r["batch"] for r in bench["decode"]} == {1, 8, 32}
+    assert {r["runtime"] for r in bench["skipped"]} >= {"eager-compile", "onnxruntime-cuda", "tensorrt"}
+    assert all(r["reason"] for r in bench["skipped"])
+
+    for row in [*bench["prefill"], *bench["decode"]]:
+        for key in ("p50_ms", "p90_ms", "tokens_per_s", "achieved", "limit_value", "fraction"):
+            assert _positive(row[key]), (row["runtime"], row["precision"], key, row[key])
+        assert isinstance(row["noisy"], bool) and row["threads"] == 1
+        assert row["fraction"] == pytest.approx(row["achieved"] / row["limit_value"])
+        limit = {"compute": lim["compute"]["gflops"], "batched": lim["batched"]["gflops"]}.get(row["limit"])
+        if row["limit"] == "bandwidth-roofline":
+            bw = lim["bandwidth_by_precision"][row["precision"]]["gbps"]
+            limit = bw * 1e9 / row["bytes_per_step"]
+            assert row["bytes_per_step"] == bench["weight_bytes_per_step"][row["precision"]]
+            assert _positive(row["first_ms"]) and _positive(row["last_ms"])
+        assert row["limit_value"] == pytest.approx(limit)
+
+    # One fraction recomputed from first principles: prefill FLOPs over the p50 time, over the compute limit.
+    row = next(r for r in bench["prefill"] if r["runtime"] == "onnxruntime-cpu" and r["precision"] == "fp32"
+               and r["batch"] == 1)
+    flops = row["batch"] * row["seq_len"] * bench["flops_per_token"]["total"]
+    assert row["flops"] == flops
+    assert row["fraction"] == pytest.approx(flops / (row["p50_ms"] / 1e3) / 1e9 / lim["compute"]["gflops"])
+    row = next(r for r in bench["decode"] if r["runtime"] == "onnxruntime-cpu" and r["precision"] == "fp32"
+               and r["batch"] == 1)
+    roofline = lim["bandwidth"]["gbps"] * 1e9 / bench["weight_bytes_per_step"]["fp32"]
+    assert row["fraction"] == pytest.approx(1e3 / row["p50_ms"] / roofline)
+
+    sc = bench["scaling"]
+    assert sc["lengths"] == [32] and sc["d_model"] == 512
+    assert {(p["block"], p["mode"]) for p in sc["points"]} == {
+        (b, m) for b in ("gam", "transformer") for m in ("forward", "forward+backward")}
+    for p in sc["points"]:
+        for key in ("p50_ms", "achieved", "flops", "peak_rss_mb"):
+            assert _positive(p[key]), (p["block"], p["mode"], key)
+    assert sc["summary"]["transformer_over_gam"]
+
+    st = bench["startup"]
+    assert _positive(st["help"]["p50_ms"]) and _positive(st["first_token"]["p50_ms"])
+    assert st["help"]["command"][-1] == "--help" and "generate" in st["first_token"]["command"]
+
+
+def test_plots_and_table(quick):
+    out, bench, result = quick
+    assert set(bench["plots"]) == {"scaling.png", "fractions.png"}
+    for name in bench["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
+    assert "limits: compute" in result.stdout and "onnxruntime-cpu" in result.stdout
+    assert "bench.json" in result.stdout
+    assert "limits: bandwidth" in result.stderr  # progress goes to stderr
+
+
+def test_flops_per_token_by_hand():
+    """The paper config (V 10000, d 512, L 6, S 512, k 3), counted term by term from the issue's formula."""
+    from gamexport.engines.benchmark import flops_per_token, gam_block_flops, transformer_block_flops
+
+    f = flops_per_token(GAMConfig())
+    per_layer = 4 * 512 * 512 + 4 * 512 ** 2 + 16 * 512 ** 2 + 2 * 3 * 512   # 6,294,528
+    assert per_layer == 6_294_528
+    assert f["head"] == 2 * 10_000 * 512 == 10_240_000
+    assert f["total"] == 6 * per_layer + 10_240_000 == 48_007_168
+    # The Transformer's FLOP disadvantage at T = 8192 that the issue quotes (2.33×).
+    assert transformer_block_flops(8192) / gam_block_flops(8192) == pytest.approx(2.33, abs=0.005)
+
+
+def test_flops_against_torch_flop_counter():
+    """The matmul terms against torch's own count: one GAM block, the whole tiny model, a Transformer block."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gamexport.engines.benchmark import (flops_per_token, gam_block_flops, make_gam_block,
+                                             make_transformer_block, transformer_block_flops)
+    from gamexport.model import build_model
+
+    T, d = 8, 512
+    x = torch.randn(1, T, d)
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        make_gam_block(d).eval()(x, torch.zeros(1, 2, d))
+    assert fc.get_total_flops() == gam_block_flops(T)   # mm (memory read), addmm (gate, FFN), convolution
+
+    cfg = PRESETS["tiny"]
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        build_model(cfg, seed=0).prefill(torch.zeros(1, T, dtype=torch.long))
+    assert fc.get_total_flops() == T * flops_per_token(cfg)["total"]   # blocks + the head at every position
+
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        make_transformer_block(d).eval()(x)
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    assert counts["aten.addmm"] == 24 * d * d * T   # QKV, output projection, MLP
+    # Attention: torch counts QKᵀ and AV over all T keys; the causal count in the formula is half of that.
+    q = torch.randn(1, 8, T, d // 8)
+    with FlopCounterMode(display=False) as fc:
+        torch.softmax(q @ q.transpose(-1, -2), -1) @ q
+    assert transformer_block_flops(T, d) - 24 * d * d * T == fc.get_total_flops() // 2
+
+
+def test_weight_bytes_per_step():
+    from gamexport.engines.benchmark import weight_bytes_per_step
+
+    cfg = GAMConfig()
+    fp32 = weight_bytes_per_step(cfg, "fp32")
+    assert fp32 == 4 * (22_599_680 - 255 * 512)   # every parameter but the unused position rows
+    assert weight_bytes_per_step(cfg, "int8") < weight_bytes_per_step(cfg, "fp16") < fp32
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--precision", "fp64"], "unknown precision 'fp64'"),
+    (["--skip", "everything"], "unknown section 'everything' in --skip"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--max-t", "64", "--min-t", "128"], "--min-t 128 must be between 1 and --max-t 64"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+])
+def test_bad_option_is_one_line(tmp_path, args, needle):
+    result = invoke("--out", str(tmp_path / "o"), *args)
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()
