@@ -30,8 +30,8 @@ def open_runner(source: str | None, threads: int | None = None) -> Iterator[tupl
     if folder is not None and folder.is_dir() and (folder / MANIFEST_NAME).is_file():
         from .ort import OrtRunner
 
-        verify(folder, ["model.onnx", "step.onnx"])
-        runner = OrtRunner.from_folder(folder, threads)
+        verify(folder, ["step.onnx"])
+        runner = OrtRunner.from_folder(folder, threads, step_only=True)  # one session: prefill is a chunk
         label = f"onnxruntime-cpu, {folder}"
         tok_path = folder / "tokenizer.json"
     else:

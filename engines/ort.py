@@ -159,17 +159,21 @@ class OrtRunner(Runner):
 
     runtime = "onnxruntime-cpu"
 
-    def __init__(self, model_path: str | Path, step_path: str | Path, config: GAMConfig,
+    def __init__(self, model_path: str | Path | None, step_path: str | Path, config: GAMConfig,
                  threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider"):
+        """``model_path=None``: step graph only — prefill runs as a chunk from the zero state at position 0
+        (identical by construction), so generation needs one session and one copy of the weights."""
         super().__init__(config)
         if provider not in RUNTIMES:
             raise GamexportError(f"unknown ONNX Runtime provider {provider!r}", f"use one of {', '.join(RUNTIMES)}")
-        self.model_path, self.step_path = Path(model_path), Path(step_path)
+        self.step_path = Path(step_path)
+        self.model_path = Path(model_path) if model_path is not None else self.step_path
         self.precision = precision
         self.provider = provider
         self.runtime = RUNTIMES[provider]
-        self.prefill_session = load_session(self.model_path, threads, provider)
         self.step_session = load_session(self.step_path, threads, provider)
+        self.prefill_session = (load_session(self.model_path, threads, provider) if model_path is not None
+                                else None)
         self.matmul_ops: dict[str, int] = {}
         self.compute_precision = precision
         if precision != "fp32" and provider == "CPUExecutionProvider":
@@ -178,17 +182,20 @@ class OrtRunner(Runner):
 
     @classmethod
     def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,
-                    precision: str = "fp32") -> "OrtRunner":
+                    precision: str = "fp32", step_only: bool = False) -> "OrtRunner":
         """A runner over a build folder; the config is read from the graph's metadata."""
         from gamexport.graph import read_graph_config
         from gamexport.graph.builder import graph_file_name
 
         folder = Path(folder)
         model_path = folder / graph_file_name("prefill", precision, inlined)
-        cfg, _ = read_graph_config(model_path)
-        return cls(model_path, folder / graph_file_name("step", precision, inlined), cfg, threads, precision)
+        step_path = folder / graph_file_name("step", precision, inlined)
+        cfg, _ = read_graph_config(step_path if step_only else model_path)
+        return cls(None if step_only else model_path, step_path, cfg, threads, precision)
 
     def _prefill(self, ids):
+        if self.prefill_session is None:
+            return self._step(ids, np.zeros((ids.shape[0], 1), np.int64), self.empty_state(ids.shape[0]))
         logits, state = self.prefill_session.run(None, {INPUT_IDS: ids})
         return logits, state
 
