@@ -13,6 +13,7 @@ from .build import build
 from .generate import generate
 from .inspect import inspect
 from .parity import parity
+from .train import train
 from .verify import verify
 
 app = typer.Typer(
@@ -47,6 +48,7 @@ app.command("inspect")(inspect)
 app.command("parity")(parity)
 app.command("verify")(verify)
 app.command("bench")(bench)
+app.command("train")(train)
 
 
 def main() -> None:

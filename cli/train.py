@@ -4,14 +4,17 @@
     gamexport train --out runs/ts-small --resume          # after Ctrl-C: continues exactly where it stopped
 
 Registered by cli/main.py as ``app.command("train")(train)``. Heavy imports (torch, tokenizers) happen inside
-the command body, so ``gamexport --help`` stays fast. Problems the user can fix are raised as GamexportError,
-which the app prints as one line.
+the command body, so ``gamexport --help`` stays fast. Problems the user can fix are GamexportErrors, printed as
+one line by ``cli.common.run`` (exit code 2; the traceback with --debug); Ctrl-C exits with 130 and says which
+checkpoint ``--resume`` will continue from.
 """
 
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from .common import DebugOption, run, say
 
 
 def train(
@@ -38,24 +41,34 @@ def train(
     checkpoint_every: Annotated[Optional[int], typer.Option(
         "--checkpoint-every", min=1, help="Steps between checkpoints (one is also written at the end).")] = None,
     threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, show_default="torch's choice", help="CPU threads for torch.")] = None,
+        "--threads", "-j", min=1, show_default="torch's choice", help="CPU threads for torch.")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(
         "--vocab-size", min=258, help="Tokenizer vocabulary instead of the preset's.")] = None,
     device: Annotated[Optional[str], typer.Option(
         "--device", show_default="cuda if available (bf16/fp16 autocast), else cpu", help="cpu | cuda.")] = None,
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="Show a progress bar on stderr.")] = True,
+    debug: DebugOption = False,
 ) -> None:
     """Train a GAM language model: BPE tokenizer, AdamW with warm-up and cosine decay, resumable checkpoints."""
-    from gamexport.training.loop import train as run_training
-
     if device is not None and device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"{device!r} is not cpu or cuda", param_hint="--device")
-    summary = run_training(
-        dataset=dataset, preset=preset, out=out, max_steps=max_steps, resume=resume, seed=seed,
-        data_dir=data_dir, eval_every=eval_every, checkpoint_every=checkpoint_every, threads=threads,
-        vocab_size=vocab_size, device=device, progress=progress,
-    )
+
+    def body() -> dict:
+        from gamexport.training.loop import TrainingInterrupted
+        from gamexport.training.loop import train as run_training
+
+        try:
+            return run_training(
+                dataset=dataset, preset=preset, out=out, max_steps=max_steps, resume=resume, seed=seed,
+                data_dir=data_dir, eval_every=eval_every, checkpoint_every=checkpoint_every, threads=threads,
+                vocab_size=vocab_size, device=device, progress=progress,
+            )
+        except TrainingInterrupted as exc:   # Ctrl-C: say how to continue, exit like an interrupted program
+            say(f"interrupted: {exc.line()}")
+            raise typer.Exit(130) from None
+
+    summary = run(body, debug)
     dataset_record = summary["dataset"]
     typer.echo(f"trained {summary['steps']} steps ({summary['epochs']:.2f} epochs) of preset {summary['preset']} "
                f"on {dataset_record['name']} [{dataset_record['flavour']}], seed {summary['seed']}")

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_a_tiny_run_writes_a_loadable_resumable_run(tmp_path):
     assert steps == [8, 12]
     folder = out / "checkpoints" / "step-000012"
     assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "model.safetensors", STATE_NAME,
-                                                               "tokenizer.json"])
+                                                               "tokenizer.json", "heldout.txt"])
     state = load_trainer_state(folder)
     assert state["step"] == 12 and isinstance(state["rng"]["torch"], torch.Tensor)
     assert len(state["optimizer"]["state"]) == len(list(build_model(ckpt.config).parameters()))
@@ -91,6 +92,9 @@ def test_a_tiny_run_writes_a_loadable_resumable_run(tmp_path):
     # Validation perplexity is over the whole held-out split: recompute it independently.
     corpus = data.load_corpus(str(text))
     stream = np.concatenate([np.append(tok.encode(doc), tok.eos_id) for doc in corpus.valid])
+    # heldout.txt (for `gamexport build`'s parity on real text) encodes to exactly that stream.
+    assert meta["heldout_text"] == "heldout.txt"
+    assert tok.encode((out / "heldout.txt").read_text(encoding="utf-8")) == stream.tolist()
     model = build_model(ckpt.config, ckpt.weights)
     T = summary["training"]["seq_len"]
     nll, count = 0.0, 0
@@ -173,4 +177,29 @@ def test_cli_command(tmp_path):
     assert "trained 3 steps" in result.output and "perplexity" in result.output
     assert load_checkpoint(out).meta["step"] == 3
     again = CliRunner().invoke(app, ["train", "--dataset", str(text), "--out", str(out)])
-    assert isinstance(again.exception, GamexportError)                 # main maps it to one line
+    assert again.exit_code == 2
+    assert again.output.strip().splitlines() == [f"error: {out} already holds a training run. "
+                                                 "Pass --resume to continue it, or choose another --out"]
+    with pytest.raises(GamexportError):                                # --debug lets the error through
+        CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--seed", "9", "--debug"],
+                           catch_exceptions=False)
+
+
+DEMO = Path(__file__).resolve().parents[1] / "gamexport" / "demo"
+
+
+@pytest.mark.skipif(not (DEMO / "model.safetensors").is_file(), reason="no bundled demo model")
+def test_bundled_demo_model_matches_its_card():
+    ckpt = load_checkpoint(DEMO)
+    tok = Tokenizer.from_file(DEMO)
+    assert (DEMO / "model.safetensors").stat().st_size <= 8 * 2**20
+    assert ckpt.meta["trained"] is True and ckpt.meta["dataset"]["name"] == "tinystories"
+    assert ckpt.config.vocab_size == tok.vocab_size and tok.eos_id == 1
+    assert f"{ckpt.meta['val_ppl']:.2f}" in (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
+    # Its recorded validation perplexity is reproduced from heldout.txt by the evaluation code.
+    from gamexport.training.loop import evaluate
+
+    stream = np.asarray(tok.encode((DEMO / "heldout.txt").read_text(encoding="utf-8")), dtype=np.int32)
+    model = build_model(ckpt.config, ckpt.weights)
+    val_loss, val_ppl = evaluate(model, stream, ckpt.meta["training"]["seq_len"], 8, torch.device("cpu"))
+    assert val_loss == pytest.approx(ckpt.meta["val_loss"], rel=1e-5)

@@ -15,8 +15,9 @@ The path from text to batches, in four steps:
 
 2. **Split into documents** (``split_documents``), by the first rule that applies to the text:
    ``<|endoftext|>`` separators (TinyStories); else WikiText top-level headings — a line `` = Title = `` between
-   two blank lines starts a new article (600 / 60 / 60 articles in WikiText-2's train / valid / test; ` = = Section
-   = = ` lines and table rows such as `` = Played , W = `` stay inside their article); else blank lines (paragraphs).
+   two blank lines starts a new article (600 / 60 / 60 articles in WikiText-2's train / valid / test; section
+   headings `` = = Section = = `` and table rows such as `` = Played , W = `` stay inside their article); else
+   blank lines (paragraphs).
    WikiText articles keep their text byte for byte; stories and paragraphs are stripped of surrounding whitespace.
 
 3. **Tokenize** (``encode_documents``): every document, followed by the end-of-document token ``<|endoftext|>``,
@@ -135,6 +136,7 @@ def _load_wikitext2(folder: Path) -> Corpus:
                             "pass --data-dir the folder that holds wikitext-2/{train,valid}.txt")
     corpus = _load_folder(folder.resolve(), VALID_FRACTION)
     corpus.name, corpus.flavour = "wikitext2", WIKITEXT2_FLAVOUR
+    corpus.held_out = "valid.txt, WikiText-2's own validation split (test.txt is not used)"
     return corpus
 
 

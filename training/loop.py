@@ -1,4 +1,4 @@
-"""The training loop: tokenizer → token streams → AdamW with warm-up and cosine decay → checkpoints you can resume.
+"""The training loop: tokenizer → token streams → AdamW, warm-up and cosine decay → checkpoints you can resume.
 
     from gamexport.training.loop import train
     summary = train("tinystories", "small", "runs/ts-small", max_steps=2000, seed=0)
@@ -8,12 +8,14 @@ What one run writes into its OUT folder:
     OUT/
       model.safetensors, config.json, tokenizer.json   the latest checkpoint's model: OUT is a SOURCE for
                                                        `gamexport build OUT` and `gamexport generate OUT`
+      heldout.txt                                      the validation split as text (config.json "heldout_text"):
+                                                       build checks parity on it
       run.json                                         the run's arguments (what --resume continues)
       metrics.jsonl                                    one line per step: step, epoch, train_loss, val_loss,
                                                        val_ppl, tokens_per_s, lr (val_* null between evaluations)
       loss.png, perplexity.png, summary.json           written at the end
       checkpoints/step-000500/                         the last two checkpoints, each complete: model.safetensors,
-                                                       config.json, tokenizer.json, trainer_state.pt
+                                                       config.json, tokenizer.json, heldout.txt, trainer_state.pt
 
 ``trainer_state.pt`` holds the optimizer, the learning-rate schedule, the random-number generators (torch,
 numpy, python; converted to tensors and lists so that ``torch.load(weights_only=True)`` reads them) and the data
@@ -55,6 +57,7 @@ from . import data
 from .presets import TrainPreset, train_preset
 from .tokenizer import save_tokenizer, train_tokenizer
 
+HELD_OUT_NAME = "heldout.txt"        # the validation split as text, read by `gamexport build` for parity on real text
 RUN_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -146,7 +149,7 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def save_training_checkpoint(out: Path, step: int, model: GAM, tokenizer: Tokenizer,
-                             trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+                             trainer_state: dict[str, Any], meta: dict[str, Any], held_out_text: str) -> Path:
     """Write checkpoints/step-NNNNNN atomically, refresh OUT's own model files, keep the last two checkpoints."""
     weights = state_dict_numpy(model)
     folder = out / CHECKPOINTS
@@ -155,6 +158,7 @@ def save_training_checkpoint(out: Path, step: int, model: GAM, tokenizer: Tokeni
     tmp.mkdir(parents=True)
     save_checkpoint(tmp, model.config, weights, meta)                     # model.safetensors + config.json
     save_tokenizer(tokenizer, tmp / TOKENIZER_NAME)
+    atomic_write_text(tmp / HELD_OUT_NAME, held_out_text)
     buffer = io.BytesIO()
     torch.save(trainer_state, buffer)
     atomic_write_bytes(tmp / STATE_NAME, buffer.getvalue())
@@ -162,6 +166,8 @@ def save_training_checkpoint(out: Path, step: int, model: GAM, tokenizer: Tokeni
     replace_dir(tmp, final)
     # OUT itself always holds the latest model, so it can be passed as a SOURCE to build and generate.
     save_tokenizer(tokenizer, out / TOKENIZER_NAME)
+    if not (out / HELD_OUT_NAME).is_file():
+        atomic_write_text(out / HELD_OUT_NAME, held_out_text)
     save_checkpoint(out, model.config, weights, meta)
     for _, old in list_checkpoints(out)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
@@ -199,7 +205,7 @@ def _pick(name: str, given, saved: dict[str, Any], key: str, default=None):
 
 
 def train(
-    dataset: str | None = None,
+    dataset: str | os.PathLike | None = None,
     preset: str | None = None,
     out: str | os.PathLike = "runs/gam",
     max_steps: int | None = None,
@@ -238,9 +244,11 @@ def train(
         checkpoints = list_checkpoints(out)
         if not checkpoints:
             raise TrainingError(f"{out} holds no checkpoint yet (the run stopped before its first one)",
-                                "start it again without --resume (delete the folder or pick another --out)")
+                                "start it again with the same command without --resume")
         resume_from = checkpoints[-1]
-    elif run_path.exists() or list_checkpoints(out):
+    elif out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file", "pass a folder path (it is created if missing)")
+    elif list_checkpoints(out):
         raise TrainingError(f"{out} already holds a training run",
                             "pass --resume to continue it, or choose another --out")
 
@@ -269,7 +277,12 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise TrainingError(f"unknown device {device!r}", "pass cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device cuda was asked for, but torch sees no CUDA GPU", "pass --device cpu")
     amp_dtype = None
     if dev.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -284,7 +297,10 @@ def train(
     if resume and saved.get("files") and saved["files"] != corpus.files:
         raise TrainingError(f"the files of dataset {dataset!r} changed since the run started",
                             "restore the original files to resume, or start a new run")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"cannot create {out}: {exc.strerror or exc}", "choose an --out you can write to") from exc
     for stale in (out / CHECKPOINTS).glob(".tmp-step-*"):      # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     if resume:
@@ -292,6 +308,9 @@ def train(
     else:
         tokenizer = train_tokenizer(corpus.train, vocab_size or recipe.vocab_size)   # training split only
         save_tokenizer(tokenizer, out / TOKENIZER_NAME)
+    # The validation split as one text that encodes to exactly the validation token stream (documents closed by
+    # <|endoftext|>); saved beside every checkpoint so `gamexport build` can check parity on real held-out text.
+    held_out_text = "".join(doc + data.EOS for doc in corpus.valid)
     train_tokens = data.encode_documents(tokenizer, corpus.train)
     valid_tokens = data.encode_documents(tokenizer, corpus.valid)
     T, B = recipe.seq_len, recipe.batch_size
@@ -307,7 +326,13 @@ def train(
 
     # ---- model and optimizer ----
     cfg = recipe.model.replace(vocab_size=tokenizer.vocab_size)
-    model = build_model(cfg, seed=seed).to(dev).train()        # train mode: dropout active
+    model = build_model(cfg, seed=seed)
+    if recipe.embedding_init_std is not None and not resume:   # see presets.py: why not the reference init
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for embedding in (model.token_embedding, model.pos_embedding):
+                embedding.weight.normal_(0.0, recipe.embedding_init_std, generator=generator)
+    model = model.to(dev).train()                              # train mode: dropout active
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas,
                                   weight_decay=recipe.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
@@ -334,17 +359,22 @@ def train(
             "files": corpus.files, "gamexport_version": __version__})
         metrics_path.write_text("", encoding="utf-8")
 
-    recipe_record = {"batch_size": B, "seq_len": T, "lr": recipe.lr, "betas": list(recipe.betas),
-                     "weight_decay": recipe.weight_decay, "warmup_steps": warmup, "schedule": "linear warm-up, cosine to 0",
-                     "grad_clip": recipe.grad_clip, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                     "dropout": cfg.dropout, "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"}
+    recipe_record = {
+        "batch_size": B, "seq_len": T, "lr": recipe.lr, "betas": list(recipe.betas),
+        "weight_decay": recipe.weight_decay, "warmup_steps": warmup, "schedule": "linear warm-up, cosine to 0",
+        "grad_clip": recipe.grad_clip, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+        "dropout": cfg.dropout, "embedding_init_std": recipe.embedding_init_std,
+        "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"}
     tokenizer_record = {"file": TOKENIZER_NAME, "type": "byte-level BPE (Hugging Face tokenizers)",
-                        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "trained_on": "training split only"}
+                        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+                        "trained_on": "training split only"}
 
     def meta(val_loss: float | None, val_ppl: float | None) -> dict[str, Any]:
-        return {"trained": True, "preset": preset_name, "seed": seed, "step": step,
-                "epoch": round(step / steps_per_epoch, 4), "val_loss": val_loss, "val_ppl": val_ppl,
-                "dataset": corpus.record(), "tokenizer": tokenizer_record,
+        label = f"trained: {corpus.name}, preset {preset_name}, seed {seed}, step {step}" + (
+            f", val ppl {val_ppl:.2f}" if val_ppl is not None else "")
+        return {"trained": True, "label": label, "heldout_text": HELD_OUT_NAME, "preset": preset_name,
+                "seed": seed, "step": step, "epoch": round(step / steps_per_epoch, 4), "val_loss": val_loss,
+                "val_ppl": val_ppl, "dataset": corpus.record(), "tokenizer": tokenizer_record,
                 "training": recipe_record, "gamexport_version": __version__}
 
     def trainer_state() -> dict[str, Any]:
@@ -361,9 +391,13 @@ def train(
     session_tokens, session_time = 0, 0.0
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, file=sys.stderr, unit="step", dynamic_ncols=True,
-                   desc=f"train {corpus.name}/{preset_name}")
+        try:
+            from tqdm import tqdm
+        except ImportError:          # no progress bar without tqdm; metrics.jsonl still records every step
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=total_steps, initial=step, file=sys.stderr, unit="step", dynamic_ncols=True,
+                       desc=f"train {corpus.name}/{preset_name}")
     order_epoch, order = -1, None
     try:
         with metrics_path.open("a", encoding="utf-8") as metrics_file:
@@ -410,7 +444,8 @@ def train(
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 if do_checkpoint:
-                    save_training_checkpoint(out, step, model, tokenizer, trainer_state(), meta(*last_val))
+                    save_training_checkpoint(out, step, model, tokenizer, trainer_state(), meta(*last_val),
+                                             held_out_text)
                     last_checkpoint = step
                 if bar is not None:
                     postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{session_tokens / session_time:,.0f}"}
