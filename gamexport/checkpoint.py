@@ -184,7 +184,9 @@ def save_checkpoint(folder: str | os.PathLike, config: GAMConfig, weights: Mappi
 
     folder = Path(folder)
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items() if k != "head.weight"}
-    data = save(tensors, metadata={"format": "gamexport", "tied": "head.weight=token_embedding.weight"})
+    # One metadata key: safetensors stores the metadata map in hash order, so several keys would make the bytes
+    # (and the sha256 that keys build caches) differ between saves of the same weights.
+    data = save(tensors, metadata={"gamexport": "tied head.weight=token_embedding.weight"})
     path = atomic_write_bytes(folder / WEIGHTS_NAME, data)
     atomic_write_json(folder / CONFIG_NAME, {**(dict(meta) if meta else {}), **config.to_dict()})
     return path

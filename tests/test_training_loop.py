@@ -203,3 +203,30 @@ def test_bundled_demo_model_matches_its_card():
     model = build_model(ckpt.config, ckpt.weights)
     val_loss, val_ppl = evaluate(model, stream, ckpt.meta["training"]["seq_len"], 8, torch.device("cpu"))
     assert val_loss == pytest.approx(ckpt.meta["val_loss"], rel=1e-5)
+
+
+def test_train_then_build_then_generate(tmp_path):
+    """The whole user path on the tiny preset: train a few steps, build the run folder, generate from the build."""
+    import os
+    import subprocess
+    import sys
+
+    text = write_stories(tmp_path / "stories.txt", 30)
+    out, build_dir = tmp_path / "run", tmp_path / "build"
+    cli = [sys.executable, "-m", "gamexport.cli.main"]
+    env = {**os.environ, "GAMEXPORT_DEBUG": ""}
+    trained = subprocess.run([*cli, "train", "--dataset", str(text), "--preset", "tiny", "--out", str(out),
+                              "--max-steps", "4", "--threads", "1", "--no-progress"], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    built = subprocess.run([*cli, "build", str(out), "--out", str(build_dir), "--no-latency", "-j", "1",
+                            "--precision", "fp32,int8"], capture_output=True, text=True, env=env, timeout=300)
+    assert built.returncode == 0, built.stderr
+    report = json.loads((build_dir / "report.json").read_text())
+    assert report["passed"] and report["source"]["trained"]
+    assert any(r["input"] == "text" for r in report["parity"])            # real held-out text was used
+    assert (build_dir / "tokenizer.json").is_file()
+    generated = subprocess.run([*cli, "generate", str(build_dir), "--prompt", "Once upon a time",
+                                "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=300)
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("Once upon a time") and len(generated.stdout) > len("Once upon a time")
