@@ -235,3 +235,20 @@ def write_ort_format(src: Path, out_dir: Path, threads: int | None = None) -> li
             raise GraphError(f"ONNX Runtime could not write {src.name} in the ORT format: {str(exc)[:300]}",
                              "this is a gamexport bug; please report it with --debug output") from exc
         return [atomic_write_bytes(Path(out_dir) / f"{stem}.ort", (Path(tmp) / f"{stem}.ort").read_bytes())]
+
+
+def block_outputs(model_path: Path, ids: np.ndarray, n_layers: int, threads: int | None = None) -> list[np.ndarray]:
+    """The residual stream after every block (``x_1 … x_L``) of a prefill graph, read by exposing those values as
+    extra graph outputs — Polygraphy-style per-layer comparison, to localise where a variant diverges."""
+    import onnx
+
+    ort = _import_ort()
+    model = onnx.load(str(model_path))
+    names = [f"x_{i + 1}" for i in range(n_layers)]
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(names, {INPUT_IDS: np.asarray(ids, dtype=np.int64)})

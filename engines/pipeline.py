@@ -264,6 +264,36 @@ def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progr
     return rows
 
 
+def localise_divergence(ckpt: Checkpoint, runner, ids: np.ndarray) -> dict | None:
+    """For a failing row: the relative error of the residual stream after every block, eager fp32 vs the graph,
+    and the block where it grows most — where to look first. ONNX Runtime CPU graphs only."""
+    if runner.runtime != "onnxruntime-cpu" or runner.model_path.suffix != ".onnx":
+        return None
+    import torch
+
+    from gamexport.engines.ort import block_outputs
+    from gamexport.model import build_model
+
+    model = build_model(ckpt.config, ckpt.weights)
+    captured: list[np.ndarray] = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: captured.append(out[0].detach().numpy()))
+             for b in model.blocks]
+    with torch.inference_mode():
+        model.prefill(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+    for h in hooks:
+        h.remove()
+    try:
+        graph = block_outputs(runner.model_path, ids, ckpt.config.n_layers)
+    except Exception as exc:  # a diagnostic must never hide the parity failure itself
+        return {"error": f"could not read block outputs: {str(exc)[:200]}"}
+    errors = [float(np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-30)) for g, r in zip(graph, captured)]
+    growth = [errors[0]] + [b - a for a, b in zip(errors, errors[1:])]
+    worst = int(np.argmax(growth))
+    return {"block_rel_errors": errors, "largest_growth_block": f"blocks.{worst}",
+            "summary": f"relative error of the residual stream grows most in blocks.{worst} "
+                       f"({(errors[worst - 1] if worst else 0.0):.2%} → {errors[worst]:.2%})"}
+
+
 def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
                           text_ids: np.ndarray | None = None) -> list[dict]:
     """Rows for a reduced-precision ONNX Runtime runner against eager fp32 under its precision's gate (the
@@ -299,8 +329,14 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
         # Perplexity needs the true next tokens: on real text only.
         targets = ids[:, 1:] if name == "text" else None
         cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
-        rows.append(_row(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids,
-                         compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets), precision=p, **extra))
+        metrics = compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets)
+        if not metrics["passed"]:
+            where = localise_divergence(ckpt, runner, ids)
+            if where is not None:
+                metrics["divergence"] = where
+                progress(f"parity: {runner.runtime} {p} fails on '{name}'; {where.get('summary', where.get('error'))}")
+        rows.append(_row(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids, metrics,
+                         precision=p, **extra))
         step_logits, _ = run_chunks(runner, ids, sizes)
         rows.append(_row(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
                          compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets), precision=p,
@@ -688,10 +724,12 @@ def build(opts: BuildOptions) -> BuildResult:
             os.replace(staging, failed_dir)
             bad = [r for r in parity if not r["passed"]]
             first = bad[0]
+            where = next((r["divergence"]["summary"] for r in bad if "summary" in r.get("divergence", {})), None)
             raise ParityError(
-                f"{len(bad)} of {len(parity)} parity checks failed (first: {first['runtime']} {first['graph']} "
-                f"on '{first['input']}': {', '.join(first.get('failed_checks', [])) or 'state differs'}); "
-                f"{out} was left as it was",
+                f"{len(bad)} of {len(parity)} parity checks failed (first: {first['runtime']} {first['precision']} "
+                f"{first['graph']} on '{first['input']}': "
+                f"{', '.join(first.get('failed_checks', [])) or 'state differs'}"
+                + (f"; {where}" if where else "") + f"); {out} was left as it was",
                 f"read {failed_dir / 'report.md'} for the measured differences")
         stage(6, f"moving the finished build into {out}")
         replace_dir(staging, out)

@@ -90,6 +90,12 @@ def render_markdown(report: dict) -> str:
             f"| {r['runtime']} | {r['precision']} | {r['mode']} | {r['batch']}×{r['seq_len']} | {r['p50_ms']:.3f} "
             f"| {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['tokens_per_s']:.1f} "
             f"| {_fmt(r.get('speedup_vs_eager'), '.2f')}× | {r['runs']} | {'noisy' if r['noisy'] else ''} |")
+    for r in report["parity"]:
+        d = r.get("divergence") or {}
+        if "block_rel_errors" in d:
+            lines += ["", f"**{r['runtime']} {r['precision']} {r['graph']} on '{r['input']}' failed** — {d['summary']}. "
+                      "Relative error of the residual stream after each block: "
+                      + ", ".join(f"blocks.{i} {e:.2%}" for i, e in enumerate(d["block_rel_errors"])) + "."]
     notes = sorted({r["note"] for r in report["parity"] if r.get("note")})
     if notes:
         lines += ["", "Precision labels: " + "; ".join(notes) + "."]
