@@ -230,3 +230,22 @@ def test_train_then_build_then_generate(tmp_path):
                                 "--max-new-tokens", "8"], capture_output=True, text=True, env=env, timeout=300)
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("Once upon a time") and len(generated.stdout) > len("Once upon a time")
+
+
+def test_a_corrupted_last_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    text = write_stories(tmp_path / "stories.txt", 20)
+    kwargs = dict(dataset=str(text), preset="tiny", max_steps=8, eval_every=4, checkpoint_every=2, seed=3,
+                  progress=False)
+    train(out=tmp_path / "straight", **kwargs)
+
+    def ctrl_c_at_step_7(record):
+        if record["step"] == 7:
+            raise KeyboardInterrupt
+    with pytest.raises(TrainingInterrupted):
+        train(out=tmp_path / "stopped", on_step=ctrl_c_at_step_7, **kwargs)
+    latest = tmp_path / "stopped" / "checkpoints" / "step-000006" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:64])                       # a torn write of the newest checkpoint
+    resumed = train(out=tmp_path / "stopped", resume=True, progress=False)
+    assert resumed["resumed_from"] == 4
+    assert "warning: checkpoint step-000006 is damaged" in capsys.readouterr().err
+    assert metrics(tmp_path / "stopped") == metrics(tmp_path / "straight")   # still exact from step 4

@@ -184,6 +184,27 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
                             "the checkpoint is damaged; delete that step folder to resume from the one before") from exc
 
 
+def usable_checkpoint(checkpoints: list[tuple[int, Path]]) -> tuple[int, Path]:
+    """The newest checkpoint that reads completely (weights, tokenizer, trainer state); a damaged newer one is
+    skipped with a warning, so a corrupted last checkpoint falls back to the one before it."""
+    import sys
+
+    problems = []
+    for step, folder in reversed(checkpoints):
+        try:
+            load_checkpoint(folder)
+            Tokenizer.from_file(folder / TOKENIZER_NAME)
+            load_trainer_state(folder)
+        except GamexportError as exc:
+            problems.append(exc.line())
+            print(f"warning: checkpoint {folder.name} is damaged ({exc.message}); trying the one before it",
+                  file=sys.stderr, flush=True)
+            continue
+        return step, folder
+    raise TrainingError(f"no checkpoint of this run can be read ({len(problems)} damaged): {problems[0]}",
+                        "start the run again without --resume, in a new --out")
+
+
 # ---- metrics ---------------------------------------------------------------------------------------------------
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -245,7 +266,7 @@ def train(
         if not checkpoints:
             raise TrainingError(f"{out} holds no checkpoint yet (the run stopped before its first one)",
                                 "start it again with the same command without --resume")
-        resume_from = checkpoints[-1]
+        resume_from = usable_checkpoint(checkpoints)
     elif out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file", "pass a folder path (it is created if missing)")
     elif list_checkpoints(out):
