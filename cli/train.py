@@ -23,7 +23,8 @@ def train(
                             "config.json and tokenizer.json, so it can be passed to `gamexport build` / `generate`.")],
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", "-d", help="wikitext2 | tinystories (from --data-dir) | PATH: a text file (its last 5% of "
-                                "documents is held out) or a folder with train.txt and valid.txt.")] = None,
+                                "documents is held out) or a folder with train.txt and valid.txt | hf:NAME[:CONFIG] (Hugging Face "
+                                "datasets, optional, needs a reachable hub).")] = None,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", "-p", show_default="small", help="Model shape and recipe: paper | small | tiny | demo.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(

@@ -176,3 +176,17 @@ def test_evaluation_covers_the_whole_split(n_tokens, T, B):
     assert rebuilt == expected
     assert n_targets == data.n_eval_targets(n_tokens, T)
     assert n_targets >= (n_tokens - 1) * T // (T + 1)
+
+
+def test_hub_datasets_are_optional_and_fail_in_one_line(monkeypatch):
+    """``--dataset hf:NAME`` needs the 'datasets' package and a hub; without them, one line with the fix."""
+    import sys
+
+    from gamexport.training.data import DataError, load_corpus
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it raises ImportError
+    with pytest.raises(DataError, match="needs the 'datasets' package") as err:
+        load_corpus("hf:wikitext:wikitext-2-raw-v1")
+    assert "\n" not in err.value.line()
+    with pytest.raises(DataError, match="needs a dataset name"):
+        load_corpus("hf:")

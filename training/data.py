@@ -110,6 +110,8 @@ def load_corpus(dataset: str | os.PathLike, data_dir: str | os.PathLike | None =
                 valid_fraction: float = VALID_FRACTION) -> Corpus:
     """Resolve ``dataset`` (a name in ``DATASET_NAMES`` or a path) to its training and validation documents."""
     dataset = os.fspath(dataset)
+    if dataset.startswith("hf:"):
+        return load_hub_corpus(dataset[3:], valid_fraction)
     key = _key(dataset)
     if key in DATASET_NAMES:
         root = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -127,6 +129,40 @@ def load_corpus(dataset: str | os.PathLike, data_dir: str | os.PathLike | None =
     if path.is_dir():
         return _load_folder(path.resolve(), valid_fraction)
     return _load_file(path.resolve(), valid_fraction)
+
+
+def load_hub_corpus(spec: str, valid_fraction: float = VALID_FRACTION) -> Corpus:
+    """``hf:NAME[:CONFIG]`` — a Hugging Face ``datasets`` dataset with a ``text`` column, where a hub is reachable.
+
+    Optional: nothing in gamexport needs it, and it is the only loader that touches the network. The
+    ``validation`` split is used when the dataset has one, else the tail of ``train`` is held out. For the
+    paper's WikiText-2 (raw) that is ``hf:wikitext:wikitext-2-raw-v1``; TinyStories is ``hf:roneneldan/TinyStories``.
+    """
+    name, _, config = spec.partition(":")
+    if not name:
+        raise DataError("hf: needs a dataset name", "e.g. --dataset hf:wikitext:wikitext-2-raw-v1")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("--dataset hf:… needs the 'datasets' package", "pip install datasets (and network access "
+                        "to the Hugging Face hub), or pass a local text file or folder") from None
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as exc:  # network, missing dataset, auth: all end the same way for the user
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot load {name!r} from the Hugging Face hub: {first}",
+                        "check the name and your network, or download the text and pass it as a path") from exc
+    if "train" not in loaded or "text" not in loaded["train"].column_names:
+        raise DataError(f"{name!r} has no train split with a 'text' column", "pass a dataset of plain text")
+    train = [t for t in loaded["train"]["text"] if t and t.strip()]
+    if "validation" in loaded:
+        valid = [t for t in loaded["validation"]["text"] if t and t.strip()]
+        held_out = "the dataset's own validation split"
+    else:
+        train, valid = hold_out_tail(train, valid_fraction, f"hf:{spec}")
+        held_out = f"the last {valid_fraction:.0%} of the train split's documents"
+    return Corpus(name=f"hf:{spec}", flavour=f"Hugging Face dataset {name}" + (f" ({config})" if config else ""),
+                  train=train, valid=valid, held_out=held_out)
 
 
 def _load_wikitext2(folder: Path) -> Corpus:
