@@ -30,7 +30,7 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
     """Parity rows for every (runtime, precision) this machine supports over the folder's saved references."""
     from gamexport.graph import read_graph_config
     from gamexport.graph.builder import graph_file_name
-    from gamexport.parity import compare_logits, compare_state, tolerance
+    from gamexport.parity import compare_logits, tolerance
     from gamexport.polyjson import load_feeds, load_run_results
 
     from .pipeline import PARITY_DIR, open_variant_runner, plan_matrix
@@ -72,11 +72,8 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
                         ref_state = ref["conv_state_out"]
                     targets = ids[:, 1:] if label == "text" and graph == "prefill" else None
                     cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
-                    metrics = compare_logits(cut(ref["logits"]), cut(logits), tol, targets)
-                    if precision == "fp32":
-                        sdiff, sok = compare_state(ref_state, state, tol)
-                        metrics["state_max_abs_diff"] = sdiff
-                        metrics["passed"] = metrics["passed"] and sok
+                    metrics = compare_logits(cut(ref["logits"]), cut(logits), tol, targets,
+                                             states=(ref_state, state) if precision == "fp32" else None)
                     path = getattr(runner, "model_path" if graph == "prefill" else "step_path", None)
                     artifact = path.name if path is not None else f"tensorrt/{graph}.{precision}.plan"
                     rows.append({"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,

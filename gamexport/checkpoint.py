@@ -19,11 +19,11 @@ import numpy as np
 from .config import GAMConfig, expected_shapes, infer_config
 from .errors import CheckpointError, ConfigError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from .tokenizer import TOKENIZER_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass

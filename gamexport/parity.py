@@ -77,11 +77,13 @@ def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance,
-                   targets: np.ndarray | None = None) -> dict[str, Any]:
+                   targets: np.ndarray | None = None,
+                   states: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Metrics of ``test`` against ``ref`` (same shape, (..., V)), the tolerances, and ``passed``.
 
     ``targets`` (same leading shape, the true next token of each position) adds perplexities; a tolerance
-    that needs them and gets none makes the row informational (``gated: false``).
+    that needs them and gets none makes the row informational (``gated: false``). ``states`` (reference,
+    test) adds ``state_max_abs_diff``, gated by the abs tolerance as the ``state`` check.
     """
     ref = np.asarray(ref, dtype=np.float64)
     test = np.asarray(test, dtype=np.float64)
@@ -118,9 +120,14 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance,
         ppl = {"ppl_ref": ppl_ref, "ppl_test": ppl_test, "ppl_rel_change": abs(ppl_test / ppl_ref - 1.0)}
         if tol.ppl_rel is not None:
             checks["ppl_rel"] = ppl["ppl_rel_change"] <= tol.ppl_rel
+    state = {}
+    if states is not None:
+        state_diff, checks["state"] = compare_state(states[0], states[1], tol)
+        state = {"state_max_abs_diff": state_diff}
     gated = not (tol.needs_targets and targets is None)
     return {
         **ppl,
+        **state,
         "gated": gated,
         "max_abs_diff": max_abs,
         "max_abs_limit": abs_limit,
