@@ -411,8 +411,6 @@ def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: 
 
     P = cfg.max_positions
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(BATCHED_PREFILL, P), dtype=np.int64)
-    per_token = flops_per_token(cfg)["total"]
-    limit = limits["compute"]["gflops"]
     shapes = [(1, T) for T in sorted({min(T, P) for T in PREFILL_LENGTHS})] + [(BATCHED_PREFILL, min(256, P))]
     rows = []
     for B, T in shapes:
@@ -420,13 +418,57 @@ def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: 
         x = np.ascontiguousarray(ids[:B, :T])
         timing = measure(lambda: runner._prefill(x), warmup=effort.warmup, runs=effort.runs,
                          max_seconds=effort.max_seconds)
-        flops = B * T * per_token
-        achieved = flops / (timing.p50_ms / 1e3) / 1e9
         rows.append({**_describe(runner), "mode": "prefill", "batch": B, "seq_len": T, **timing.as_dict(),
-                     "tokens_per_s": B * T / (timing.p50_ms / 1e3), "flops": flops, "head_positions": "all",
-                     "achieved": achieved, "unit": "GFLOP/s", "limit": "compute", "limit_value": limit,
-                     "fraction": _fraction(achieved, limit), "threads": threads})
+                     "tokens_per_s": B * T / (timing.p50_ms / 1e3), "head_positions": "all",
+                     **prefill_against_limit(cfg, B, T, timing.p50_ms, limits), "threads": threads})
     return rows
+
+
+def prefill_against_limit(cfg: GAMConfig, batch: int, seq_len: int, p50_ms: float, limits: dict) -> dict:
+    """A prefill timing as achieved GFLOP/s and its fraction of the compute limit."""
+    flops = batch * seq_len * flops_per_token(cfg)["total"]
+    achieved = flops / (p50_ms / 1e3) / 1e9
+    limit = limits["compute"]["gflops"]
+    return {"flops": flops, "achieved": achieved, "unit": "GFLOP/s", "limit": "compute", "limit_value": limit,
+            "fraction": _fraction(achieved, limit)}
+
+
+def decode_against_limit(cfg: GAMConfig, precision: str, p50_ms: float, limits: dict) -> dict:
+    """A batch-1 decode step's timing as tokens/s and its fraction of the bandwidth roofline (bandwidth ÷ bytes of
+    weights one step reads, at the precision's own bandwidth measurement)."""
+    nbytes = weight_bytes_per_step(cfg, precision)
+    by_precision = limits["bandwidth_by_precision"]
+    bw = by_precision.get(precision, by_precision["fp32"])["gbps"]
+    roofline = bw * 1e9 / nbytes
+    tps = 1 / (p50_ms / 1e3)
+    return {"bytes_per_step": nbytes, "bandwidth_gbps": bw, "achieved": tps, "unit": "tokens/s",
+            "limit": "bandwidth-roofline", "limit_value": roofline, "fraction": _fraction(tps, roofline)}
+
+
+#: The build measures the limits with fewer runs than ``gamexport bench`` (it is a build, not a benchmark).
+BUILD_LIMITS = Effort(limit_runs=5, limit_warmup=1, runs=10, warmup=2, max_seconds=10.0, batched_decode_steps=16,
+                      scaling_runs=0, scaling_max_seconds=0.0, help_runs=0, first_token_runs=0, startup_warmup=0)
+
+
+def limits_summary(limits: dict) -> dict:
+    """The limits as the build report's ``machine.limits`` carries them."""
+    return {"compute_gflops": limits["compute"]["gflops"], "bandwidth_gbps": limits["bandwidth"]["gbps"],
+            "batched_gflops": limits["batched"]["gflops"],
+            "bandwidth_by_precision_gbps": {p: v["gbps"] for p, v in limits["bandwidth_by_precision"].items()},
+            "definition": f"onnxruntime-cpu fp32 MatMul: compute {'x'.join(map(str, COMPUTE_SHAPE))}; bandwidth "
+                          f"[1,K]x[K,N] over the model's weight bytes; batched the same at M={BATCHED_M}; "
+                          "medians (see docs/benchmarks.md)"}
+
+
+def annotate_latency(rows: list[dict], cfg: GAMConfig, limits: dict) -> None:
+    """Add achieved / limit / fraction to the build's CPU latency rows (GPU rows have no CPU limit to meet)."""
+    for row in rows:
+        if row["runtime"] not in ("eager", "onnxruntime-cpu") or row.get("device", "cpu") != "cpu":
+            continue
+        if row["mode"] == "prefill":
+            row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
+        elif row["batch"] == 1:
+            row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits))
 
 
 def _decode_samples(runner, ids: np.ndarray, positions: list[int], warmup: int) -> list[float]:
@@ -465,16 +507,11 @@ def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: i
     timing = summarize(samples, effort.warmup + 2)
     ms = np.asarray(samples) * 1e3
     first, last = float(np.median(ms[:EDGE])), float(np.median(ms[-EDGE:]))
-    nbytes = weight_bytes_per_step(cfg, runner.precision)
-    bw = limits["bandwidth_by_precision"].get(runner.precision, limits["bandwidth_by_precision"]["fp32"])["gbps"]
-    roofline = bw * 1e9 / nbytes
-    tps = 1 / (timing.p50_ms / 1e3)
     rows.append({**_describe(runner), "mode": "decode", "batch": 1, "seq_len": 1, "positions": [1, P - 1],
                  **timing.as_dict(), "first_ms": first, "last_ms": last, "edge_positions": min(EDGE, len(ms)),
-                 "last_over_first": last / first, "tokens_per_s": tps, "flops_per_token": per_token,
-                 "bytes_per_step": nbytes, "bandwidth_gbps": bw, "achieved": tps, "unit": "tokens/s",
-                 "limit": "bandwidth-roofline", "limit_value": roofline, "fraction": _fraction(tps, roofline),
-                 "threads": threads})
+                 "last_over_first": last / first, "tokens_per_s": 1 / (timing.p50_ms / 1e3),
+                 "flops_per_token": per_token,
+                 **decode_against_limit(cfg, runner.precision, timing.p50_ms, limits), "threads": threads})
     limit = limits["batched"]["gflops"]
     steps = min(P - 1, effort.batched_decode_steps)
     for B in DECODE_BATCHES:

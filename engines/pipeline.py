@@ -403,6 +403,19 @@ def check_prefill_lengths(cfg: GAMConfig, lengths: tuple[int, ...]) -> tuple[int
     return lengths or (min(256, cfg.max_positions),)
 
 
+def build_limits(cfg: GAMConfig, matrix, threads: int | None, progress: Progress) -> dict:
+    """The machine's limits as ``gamexport bench`` defines them, measured in the build's own run (fewer runs)."""
+    from gamexport.engines.benchmark import BUILD_LIMITS, measure_limits
+
+    cpu_precisions = tuple(p for runtime, p in matrix if runtime == "onnxruntime-cpu") or ("fp32",)
+    return measure_limits(cfg, cpu_precisions, threads or 1, BUILD_LIMITS, progress)
+
+
+def _limits_summary(limits: dict) -> dict:
+    from gamexport.engines.benchmark import limits_summary
+    return limits_summary(limits)
+
+
 def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, runs: int,
                  progress: Progress, prefill_lengths: tuple[int, ...] = ()) -> list[dict]:
     """Batch-1 prefill at each length (default min(256, P)) and per-token decode with state, for eager and
@@ -681,11 +694,15 @@ def build(opts: BuildOptions) -> BuildResult:
         write_parity_references(staging, eager, cfg, text_ids)
 
         latency: list[dict] = []
+        limits: dict = {}
         if opts.latency:
             stage(4, f"latency, eager vs every runtime and precision, {threads} threads")
             timed = [ort_runners["functions"]] if ("onnxruntime-cpu", "fp32") in matrix else []
             latency = latency_rows(eager, [*timed, *variants], cfg, threads, opts.latency_runs, progress,
                                    opts.prefill_lengths)
+            from gamexport.engines.benchmark import annotate_latency
+            limits = build_limits(cfg, matrix, threads, progress)
+            annotate_latency(latency, cfg, limits)
         else:
             stage(4, "latency skipped (--no-latency)")
         for runner in [*ort_runners.values(), *variants]:
@@ -698,7 +715,8 @@ def build(opts: BuildOptions) -> BuildResult:
                        "label": str(ckpt.meta.get("label", ""))},
             "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
             "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
-            "machine": machine_info(threads), "artifacts": artifacts, "graph_checks": graph_checks,
+            "machine": {**machine_info(threads), **({"limits": _limits_summary(limits)} if limits else {})},
+            "artifacts": artifacts, "graph_checks": graph_checks,
             "parity": parity, "latency": latency, "skipped": skipped,
         }
         from gamexport.report import render_markdown

@@ -82,14 +82,21 @@ def render_markdown(report: dict) -> str:
         f"Measured in this run on {report['machine']['threads']} threads; a benchmark, not a test. "
         "`noisy` marks runs whose (p90−p10)/p50 exceeds 0.3.",
         "",
-        "| runtime | precision | mode | B×T | p50 ms | p90 ms | p99 ms | tokens/s | vs eager | runs | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| runtime | precision | mode | B×T | p50 ms | p90 ms | p99 ms | tokens/s | vs eager | of limit | runs | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["latency"]:
+        of_limit = (f"{r['fraction']:.2f} of {'compute' if r['limit'] == 'compute' else 'roofline'}"
+                    if "fraction" in r else "")
         lines.append(
             f"| {r['runtime']} | {r['precision']} | {r['mode']} | {r['batch']}×{r['seq_len']} | {r['p50_ms']:.3f} "
             f"| {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['tokens_per_s']:.1f} "
-            f"| {_fmt(r.get('speedup_vs_eager'), '.2f')}× | {r['runs']} | {'noisy' if r['noisy'] else ''} |")
+            f"| {_fmt(r.get('speedup_vs_eager'), '.2f')}× | {of_limit} | {r['runs']} | {'noisy' if r['noisy'] else ''} |")
+    limits = report["machine"].get("limits")
+    if limits:
+        lines += ["", f"Limits measured in this run ({limits['definition']}): compute "
+                  f"{limits['compute_gflops']:.1f} GFLOP/s, bandwidth {limits['bandwidth_gbps']:.1f} GB/s, batched "
+                  f"{limits['batched_gflops']:.1f} GFLOP/s. Prefill counts the head at every position."]
     for r in report["parity"]:
         d = r.get("divergence") or {}
         if "block_rel_errors" in d:

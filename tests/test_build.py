@@ -62,6 +62,33 @@ def test_report_states_tolerance_beside_each_value(tiny_build):
     assert "float64-numpy" in md and "PASSED" in md
 
 
+def test_latency_rows_are_measured_against_the_machine_limits(tiny_build, tiny_cfg):
+    """Issue 6: the build's report carries the limits under ``machine`` and a fraction on every CPU row.
+
+    FLOPs per token are recounted here from the paper's shapes (per layer h·Mᵀ and softmax·M: 2·2·S·d; gate
+    d→2d: 2·2·d²; FFN d→4d→d: 2·8·d²; conv 2·k·d; the head 2·V·d), independently of engines/benchmark.py.
+    """
+    report = json.loads((tiny_build / "report.json").read_text())
+    limits = report["machine"]["limits"]
+    assert limits["compute_gflops"] > 0 and limits["bandwidth_gbps"] > 0 and limits["batched_gflops"] > 0
+    c = tiny_cfg
+    per_layer = 2 * 2 * c.n_slots * c.d_model + 2 * 2 * c.d_model ** 2 + 2 * 8 * c.d_model ** 2 \
+        + 2 * c.kernel_size * c.d_model
+    per_token = c.n_layers * per_layer + 2 * c.vocab_size * c.d_model
+    cpu_rows = [r for r in report["latency"] if r["runtime"] in ("eager", "onnxruntime-cpu")]
+    assert cpu_rows and all("fraction" in r for r in cpu_rows)
+    for r in cpu_rows:
+        assert r["fraction"] == pytest.approx(r["achieved"] / r["limit_value"])
+        if r["mode"] == "prefill":
+            assert r["limit"] == "compute" and r["limit_value"] == limits["compute_gflops"]
+            assert r["achieved"] == pytest.approx(per_token * r["seq_len"] / (r["p50_ms"] / 1e3) / 1e9)
+        else:
+            assert r["limit"] == "bandwidth-roofline"
+            assert r["achieved"] == pytest.approx(1e3 / r["p50_ms"])
+            assert r["limit_value"] == pytest.approx(r["bandwidth_gbps"] * 1e9 / r["bytes_per_step"])
+    assert "of compute" in (tiny_build / "report.md").read_text()
+
+
 def test_onnx_files_are_deterministic(tiny_build, tmp_path):
     other = tmp_path / "again"
     src = json.loads((tiny_build / "config.json").read_text())["source"]["path"]
