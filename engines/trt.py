@@ -16,6 +16,13 @@ Written against TensorRT's Python API for 10.x and 11.x:
   line, an engine from another TensorRT version or for another GPU — a plan is only valid for both.
 - a timing cache file beside the engines is loaded before and saved after every build, so a second build on the
   same GPU and TensorRT skips most tactic timing.
+- a folder of engines is a cache that several processes may share: a builder holds an exclusive ``flock`` on
+  ``<folder>/.gamexport-engines.lock`` from its reuse check to its last write, so two builds of one engine at
+  once build it once (the second waits and reuses the first's plan) and never pair one's plan with the other's
+  sidecar; a runner holds the lock shared while it reads a plan and its sidecar, so it never sees one without
+  the other. Plans, sidecars and timing caches are written atomically; a writer's leftover temporaries are
+  removed by the next builder. A plan that no longer matches its sidecar (truncated, replaced) is rebuilt by
+  ``build_engine`` and refused in one line by the runner.
 
 TensorRT and torch are imported inside functions only: this module imports on machines without them.
 Device buffers are torch CUDA tensors (torch is on every GPU machine gamexport targets); inputs and outputs cross
@@ -38,11 +45,12 @@ import numpy as np
 from gamexport import __version__
 from gamexport.config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
 from gamexport.errors import ConfigError, GamexportError, GraphError, InputError
-from gamexport.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from gamexport.fsutil import atomic_write_bytes, atomic_write_json, file_lock, remove_temporaries, sha256_file
 from gamexport.runtime import Runner
 
 SIDECAR_SCHEMA = 1
 ENGINE_DIR = "tensorrt"
+CACHE_LOCK = ".gamexport-engines.lock"  # in every folder gamexport writes engines into
 GRAPH_STEMS = {"prefill": "model", "step": "step"}
 TOKEN_AXIS = {"prefill": "sequence", "step": "chunk"}
 DEFAULT_MAX_BATCH = 8
@@ -295,6 +303,14 @@ def sidecar_path(engine_path: str | Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
+def cache_lock(folder: str | Path, *, shared: bool = False, progress: Callable[[str], None] | None = None):
+    """The engine-cache lock of ``folder`` (see the module notes): exclusive for a builder, shared for a reader."""
+    lock = Path(folder) / CACHE_LOCK
+    waiting = (lambda: progress(f"waiting for another process writing TensorRT engines in {Path(folder)}")
+               ) if progress else None
+    return file_lock(lock, shared=shared, waiting=waiting)
+
+
 def engine_paths(folder: str | Path, precision: str = "fp32") -> dict[str, Path]:
     """Where :func:`build_engines` puts the prefill and step plans of a build folder."""
     folder = Path(folder) / ENGINE_DIR
@@ -480,26 +496,44 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: GAMConfig,
         "precision": found, "profile": prof.to_dict(), "builder_settings": settings,
         "onnx": {"file": onnx_path.name, "sha256": onnx_sha}, "config": cfg.to_dict(),
     }
-    key = _key(meta)
-    side = sidecar_path(engine_path)
-    if reuse and engine_path.is_file() and side.is_file():
-        try:
-            old = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
-        if old.get("key") == key and (old.get("engine") or {}).get("sha256") == sha256_file(engine_path):
-            if progress:
-                progress(f"TensorRT engine {engine_path.name} is up to date (same ONNX, TensorRT, GPU, profile)")
-            return old
-
-    meta["key"] = key
+    meta["key"] = _key(meta)
     if timing_cache == "auto":
         cc = env["compute_capability"].replace(".", "")
         cache_path = engine_path.parent / f"timing-trt{env['tensorrt_version']}-sm{cc}.cache"
     else:
         cache_path = Path(timing_cache) if timing_cache is not None else None
-    with _device_scope(device):
-        return _build_plan(trt, onnx_path, engine_path, cfg, prof, meta, inlined, cache_path, progress)
+    # From the reuse check to the last write: one builder at a time per engine folder (module notes).
+    with cache_lock(engine_path.parent, progress=progress):
+        for path in (engine_path, sidecar_path(engine_path), cache_path):
+            if path is not None and path.parent == engine_path.parent:
+                remove_temporaries(path)  # what a killed builder left; no live writer, we hold the lock
+        if reuse:
+            old = _reusable(engine_path, meta["key"], progress)
+            if old is not None:
+                return old
+        with _device_scope(device):
+            return _build_plan(trt, onnx_path, engine_path, cfg, prof, meta, inlined, cache_path, progress)
+
+
+def _reusable(engine_path: Path, key: str, progress) -> dict | None:
+    """The sidecar of an existing plan built with the same cache key and still matching it, else None."""
+    side = sidecar_path(engine_path)
+    if not (engine_path.is_file() and side.is_file()):
+        return None
+    try:
+        old = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("key") != key:
+        return None
+    if (old.get("engine") or {}).get("sha256") != sha256_file(engine_path):
+        if progress:
+            progress(f"TensorRT engine {engine_path.name} does not match its sidecar (truncated or replaced): "
+                     "rebuilding it")
+        return None
+    if progress:
+        progress(f"TensorRT engine {engine_path.name} is up to date (same ONNX, TensorRT, GPU, profile)")
+    return old
 
 
 def _build_plan(trt, onnx_path: Path, engine_path: Path, cfg: GAMConfig, prof: TrtProfile, meta: dict,
@@ -616,6 +650,31 @@ def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def read_engine(path: str | Path, graph: str | None = None) -> tuple[dict[str, Any], bytes]:
+    """(sidecar, plan bytes) of one engine, read together under the cache lock and checked against each other.
+
+    Refuses in one line a missing plan or sidecar, an engine of the other graph, and a plan whose sha256 is not
+    its sidecar's (truncated, replaced or corrupt). The bytes returned are the ones checked: load those, not
+    the file again.
+    """
+    path = Path(path)
+    with cache_lock(path.parent, shared=True):
+        if not path.is_file():
+            raise GraphError(f"{path} does not exist", "build the TensorRT engines first")
+        meta = read_sidecar(path)
+        try:
+            plan = path.read_bytes()
+        except OSError as exc:
+            raise GraphError(f"cannot read {path}: {exc.strerror or exc}", "check the file's permissions") from exc
+    if graph is not None and meta.get("graph") != graph:
+        raise GraphError(f"{path.name} is a {meta.get('graph')} engine, not a {graph} engine",
+                         "pass the prefill engine first and the step engine second")
+    if (meta.get("engine") or {}).get("sha256") != hashlib.sha256(plan).hexdigest():
+        raise EngineMismatchError(f"{path.name} does not match its sidecar {sidecar_path(path).name} "
+                                  "(the plan was replaced or is corrupt)", "rebuild the engine")
+    return meta, plan
+
+
 # ---- running --------------------------------------------------------------------------------------------------
 _NP_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
               "UINT8": "uint8", "BOOL": "bool"}
@@ -668,9 +727,9 @@ class TorchCudaDevice:
 class _Engine:
     """One deserialized engine, its execution context and I/O tensor table."""
 
-    def __init__(self, trt, runtime, path: Path, meta: dict, records: list):
+    def __init__(self, trt, runtime, path: Path, meta: dict, records: list, plan: bytes):
         mark = len(records)
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = runtime.deserialize_cuda_engine(plan)  # the bytes whose sha256 matched the sidecar
         if engine is None:
             raise EngineMismatchError(f"TensorRT could not load {path.name}: {_last_error(records[mark:])}",
                                       "rebuild the engine on this machine")
@@ -730,18 +789,9 @@ class TrtRunner(Runner):
                  device: int = 0):
         trt = import_tensorrt()
         paths = {"prefill": Path(prefill_engine), "step": Path(step_engine)}
-        metas = {}
+        metas, plans = {}, {}
         for graph, path in paths.items():
-            if not path.is_file():
-                raise GraphError(f"{path} does not exist", "build the TensorRT engines first")
-            meta = read_sidecar(path)
-            if meta.get("graph") != graph:
-                raise GraphError(f"{path.name} is a {meta.get('graph')} engine, not a {graph} engine",
-                                 "pass the prefill engine first and the step engine second")
-            if (meta.get("engine") or {}).get("sha256") != sha256_file(path):
-                raise EngineMismatchError(f"{path.name} does not match its sidecar {sidecar_path(path).name} "
-                                          "(the plan was replaced or is corrupt)", "rebuild the engine")
-            metas[graph] = meta
+            metas[graph], plans[graph] = read_engine(path, graph)
         cfgs = {g: GAMConfig.from_dict(m.get("config") or {}) for g, m in metas.items()}
         if cfgs["prefill"] != cfgs["step"]:
             raise ConfigError("the prefill and step engines were built from different models",
@@ -762,7 +812,7 @@ class TrtRunner(Runner):
         self._logger = _logger(trt)
         with self.device.activate():
             self._runtime = trt.Runtime(self._logger)
-            self.engines = {g: _Engine(trt, self._runtime, p, metas[g], self._logger.records)
+            self.engines = {g: _Engine(trt, self._runtime, p, metas[g], self._logger.records, plans[g])
                             for g, p in paths.items()}
         for graph, eng in self.engines.items():
             want = {n for n, _, _ in io_spec(self.config, graph)["inputs"]}
@@ -802,6 +852,6 @@ class TrtRunner(Runner):
 
 
 __all__ = ["TrtRunner", "TrtProfile", "build_engine", "build_engines", "check_engine_compatible",
-           "default_profile", "engine_paths", "graph_precision", "import_tensorrt", "make_profile",
-           "read_sidecar", "runtime_environment", "sidecar_path", "EngineMismatchError", "ProfileError",
+           "cache_lock", "default_profile", "engine_paths", "graph_precision", "import_tensorrt", "make_profile",
+           "read_engine", "read_sidecar", "runtime_environment", "sidecar_path", "EngineMismatchError", "ProfileError",
            "TensorRTError", "TensorRTMissingError"]

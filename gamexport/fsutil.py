@@ -1,18 +1,23 @@
 """Atomic file output: every file is written to a temporary name in its folder, flushed, then renamed.
 
 A reader therefore sees either the previous complete file or the new complete file, never a partial one.
+A writer killed half-way leaves only its temporary (``.<name>.<random>.tmp``), which :func:`remove_temporaries`
+clears once the caller holds the lock that guards ``<name>`` (:func:`file_lock`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
+import glob
 import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .errors import OutputError
 
@@ -52,6 +57,64 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
                               "free disk space or choose another output folder") from exc
         raise
     return path
+
+
+def remove_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete what :func:`atomic_write_bytes` leaves of ``path`` when killed mid-write; returns what it removed.
+
+    Only safe while the caller holds the lock that every writer of ``path`` takes (a live writer's temporary
+    would otherwise vanish under it).
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if tmp.name.count(".") == path.name.count(".") + 3:  # .<name>.<random>.tmp, not another file's
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, *, shared: bool = False,
+              waiting: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Hold an advisory ``flock`` on ``path`` (a lock file) for the ``with`` block; yields whether it is held.
+
+    Exclusive (writers) creates the lock file and its folder; it raises :class:`OutputError` when it cannot.
+    Shared (readers) never creates anything: without a lock file (no gamexport writer has used the folder) or
+    without read access to it, the block runs unlocked and ``False`` is yielded. ``waiting`` is called once
+    when another process holds the lock and this one has to wait. The kernel drops the lock when its holder
+    exits, however it exits (SIGKILL included), so a dead writer never blocks the next one.
+    """
+    path = Path(path)
+    if shared:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            fd = None
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as exc:
+            raise OutputError(f"cannot create the lock file {path}: {exc.strerror or exc}",
+                              "choose a folder you can write to") from exc
+    if fd is None:
+        yield False
+        return
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, mode)
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

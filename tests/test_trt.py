@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import numpy as np
@@ -152,7 +153,9 @@ class HostMemory(bytes):
     """IHostMemory stand-in: a buffer."""
 
 
-def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail_build: bool = False):
+def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail_build: bool = False,
+                  before_build=None):
+    """``before_build()`` runs inside every build (tests use it to hold a build open at a known point)."""
     m = types.ModuleType("tensorrt")
     m.__version__ = "10.9.0.34" if major == 10 else "11.1.0.4"
     m.NetworkDefinitionCreationFlag = enum.IntEnum(
@@ -275,10 +278,14 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
             calls.append(("build", {"flags": network.flags, "set": config.set, "cleared": config.cleared,
                                     "level": config.builder_optimization_level, "pools": config.pools,
                                     "profiles": [p.shapes for p in config.profiles]}))
+            if before_build is not None:
+                before_build()
             if fail_build:
                 self.logger.log(Severity.ERROR, "out of memory while timing tactics\nmore detail")
                 return None
-            return HostMemory(json.dumps({"trt": m.__version__, "onnx": network.onnx,
+            # Like TensorRT's, two builds of one network give different bytes (here: a build number).
+            builds = sum(c[0] == "build" for c in calls)
+            return HostMemory(json.dumps({"trt": m.__version__, "onnx": network.onnx, "build": builds,
                                           "profile": config.profiles[0].shapes}).encode())
 
     class Runtime:
@@ -286,7 +293,13 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
             self.logger = logger
 
         def deserialize_cuda_engine(self, data):
-            plan = json.loads(bytes(data))
+            try:  # like TensorRT: an unreadable plan logs an error and returns None
+                plan = json.loads(bytes(data))
+                assert isinstance(plan, dict) and {"trt", "onnx", "profile"} <= set(plan)
+            except (ValueError, AssertionError):
+                self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
+                                "(Serialization assertion magicTagRead == kMAGIC_TAG failed.)")
+                return None
             if plan["trt"] != m.__version__:
                 self.logger.log(Severity.ERROR, "The engine plan file is not compatible with this version")
                 return None
@@ -565,6 +578,130 @@ def test_runner_refuses_foreign_engines(fake_engines, fake_trt, monkeypatch):
     sidecar_path(paths["prefill"]).unlink()
     with pytest.raises(GraphError, match="has no sidecar"):
         TrtRunner.from_folder(folder)
+
+
+# ---- the engine folder as a cache shared by processes -------------------------------------------------------------
+CACHE_BUILDER = textwrap.dedent("""
+    import contextlib, json, os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])  # tests/, for the stand-in
+    import test_trt
+    from gamexport.config import PRESETS
+    from gamexport.engines import trt as trt_mod
+
+    role, onnx_path, engine, marker = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+    lock = engine.parent / trt_mod.CACHE_LOCK
+
+    def hold_until_the_other_is_blocked():
+        # The first builder stays inside its build until the second one is blocked on the cache lock: a '->'
+        # line for the lock file's inode in /proc/locks. Without the lock it would never block (timeout).
+        marker.write_text("building")
+        ino, deadline = (os.stat(lock).st_ino if lock.exists() else None), time.time() + 15
+        while time.time() < deadline:
+            if ino is not None and any(line.split()[1] == "->" and line.split()[-3].endswith(f":{ino}")
+                                       for line in open("/proc/locks")):
+                return
+            time.sleep(0.02)
+
+    calls = []
+    fake = test_trt.make_fake_trt(10, calls, before_build=hold_until_the_other_is_blocked if role == "first"
+                                  else None)
+    sys.modules["tensorrt"] = fake
+    trt_mod.runtime_environment = lambda device=0: dict(test_trt.ENV, tensorrt_version=fake.__version__)
+    trt_mod._device_scope = lambda device=0: contextlib.nullcontext()
+    said = []
+    meta = trt_mod.build_engine(onnx_path, engine, PRESETS["tiny"], progress=said.append)
+    print(json.dumps({"builds": sum(c[0] == "build" for c in calls), "sha": meta["engine"]["sha256"],
+                      "progress": said}))
+""")
+
+
+def test_two_builds_into_one_engine_cache_at_once_build_once(tiny_build, tmp_path):
+    """Two processes build the same engine into one folder at the same moment: the second waits on the cache lock
+    while the first is inside its build, then reuses the first's plan; the folder ends with one plan, its
+    sidecar and the timing cache, and no temporaries."""
+    import os
+
+    folder = tmp_path / "cache"
+    engine = folder / "model.fp32.plan"
+    marker = tmp_path / "first-is-building"
+    tests = str(os.path.dirname(__file__))
+    argv = [sys.executable, "-c", CACHE_BUILDER, tests, "ROLE", str(tiny_build / "model.onnx"), str(engine),
+            str(marker)]
+    first = subprocess.Popen([a if a != "ROLE" else "first" for a in argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        second = subprocess.run([a if a != "ROLE" else "second" for a in argv], capture_output=True, text=True,
+                                timeout=120)
+        out_first, err_first = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and second.returncode == 0, err_first[-2000:] + second.stderr[-2000:]
+    a, b = json.loads(out_first), json.loads(second.stdout)
+    assert (a["builds"], b["builds"]) == (1, 0), "the second builder reused the first's plan"
+    assert any("waiting for another process writing TensorRT engines" in m for m in b["progress"]), b["progress"]
+    assert any("is up to date" in m for m in b["progress"])
+    assert a["sha"] == b["sha"]
+    side = json.loads(sidecar_path(engine).read_text())
+    from gamexport.fsutil import sha256_file
+    assert side["engine"]["sha256"] == sha256_file(engine) == a["sha"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted([".gamexport-engines.lock", "model.fp32.plan", "model.fp32.plan.json",
+                            side["timing_cache"]["file"]]), names
+
+
+def test_a_runner_never_reads_a_plan_while_it_is_written(fake_engines, fake_trt):
+    """While a builder holds the cache lock, a runner opening the folder waits; then it loads a matching pair."""
+    import threading
+
+    from gamexport.engines.trt import TrtRunner, cache_lock
+
+    folder, _ = fake_engines
+    result = {}
+
+    def open_runner():
+        try:
+            result["runner"] = TrtRunner.from_folder(folder)
+        except Exception as exc:  # reported by the assertion below
+            result["error"] = exc
+
+    with cache_lock(folder / "tensorrt"):
+        reader = threading.Thread(target=open_runner, daemon=True)
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not result, "the runner must wait for the writer"
+    reader.join(60)
+    assert "error" not in result, result.get("error")
+    assert result["runner"].prefill(np.array([[1, 2, 3]]))[0].shape == (1, 3, 97)
+
+
+def test_truncated_plan_in_the_cache_is_rebuilt_and_leftovers_removed(fake_trt, tiny_build, tiny_cfg, tmp_path):
+    _fake, calls, _env = fake_trt
+    engine = tmp_path / "model.fp32.plan"
+    first = _build(tiny_build, tiny_cfg, "prefill", engine)
+    engine.write_bytes(engine.read_bytes()[:20])  # truncated in the cache
+    cache_name = first["timing_cache"]["file"]
+    leftovers = [tmp_path / f".model.fp32.plan.{tag}.tmp" for tag in ("k2j4_x9q",)] + [
+        tmp_path / ".model.fp32.plan.json.a1b2c3d4.tmp", tmp_path / f".{cache_name}.zz99yy88.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a file from a killed builder")
+    unrelated = tmp_path / ".notes.txt.abcd1234.tmp"
+    unrelated.write_bytes(b"someone else's")
+    said = []
+    n = sum(c[0] == "build" for c in calls)
+    meta = _build(tiny_build, tiny_cfg, "prefill", engine, progress=said.append)
+    assert sum(c[0] == "build" for c in calls) == n + 1
+    assert any("model.fp32.plan does not match its sidecar (truncated or replaced): rebuilding it" in m
+               for m in said), said
+    from gamexport.fsutil import sha256_file
+    assert meta["engine"]["sha256"] == sha256_file(engine) and meta["key"] == first["key"]
+    assert not any(p.exists() for p in leftovers) and unrelated.exists()
 
 
 # ---- (d) a real GPU with TensorRT -----------------------------------------------------------------------------
