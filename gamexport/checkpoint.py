@@ -151,6 +151,14 @@ def normalize_weights(raw: Mapping[str, np.ndarray], config: GAMConfig | None = 
     return cfg, weights
 
 
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of one weights file (.safetensors, or a .pt/.pth state_dict read without running code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist", "pass a checkpoint file or a folder holding one")
+    return _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+
+
 def _read_config(path: Path) -> tuple[GAMConfig | None, dict]:
     if not path.is_file():
         return None, {}
@@ -158,6 +166,16 @@ def _read_config(path: Path) -> tuple[GAMConfig | None, dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}", "fix or delete config.json (shapes are inferred without it)") from exc
+    # `gamexport train --model transformer|mamba` writes checkpoints of the same layout whose config.json says
+    # "architecture". Everything here (graph export, engines, parity, generate) is built for GAM's computation, so
+    # such a checkpoint is refused in one line rather than half-read into a GAM of the same width.
+    arch = data.get("architecture", "gam") if isinstance(data, dict) else "gam"
+    if arch != "gam":
+        raise CheckpointError(
+            f"{path.parent} is a {arch} baseline checkpoint ({path.name} says architecture {arch!r}); gamexport "
+            "build, generate, parity and inspect export and run GAM models only",
+            "load it in PyTorch with gamexport.training.baselines.lm_from_config, or export it with "
+            "gamexport.training.torch_export")
     cfg = GAMConfig.from_dict(data)
     meta = {k: v for k, v in data.items() if k not in cfg.to_dict()}
     return cfg, meta
@@ -168,7 +186,7 @@ def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
     weights_path = find_weights(Path(source))
     folder = weights_path.parent
     config, meta = _read_config(folder / CONFIG_NAME)
-    raw = _read_safetensors(weights_path) if weights_path.suffix == ".safetensors" else _read_torch(weights_path)
+    raw = read_tensors(weights_path)
     cfg, weights = normalize_weights(raw, config)
     if config is not None:  # keep dropout/eps from the file
         cfg = config
@@ -179,7 +197,11 @@ def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
 
 def save_checkpoint(folder: str | os.PathLike, config: GAMConfig, weights: Mapping[str, np.ndarray],
                     meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` (tied tensor once) and ``config.json`` atomically; returns the weights path."""
+    """Write ``model.safetensors`` (tied tensor once) and ``config.json`` atomically; returns the weights path.
+
+    ``config`` is a GAMConfig, or any config with ``to_dict()`` (the training loop saves its baselines'
+    TransformerConfig / MambaConfig here too; their dict carries "architecture", which ``load_checkpoint``
+    refuses)."""
     from safetensors.numpy import save
 
     folder = Path(folder)

@@ -47,13 +47,16 @@ import torch
 import torch.nn.functional as F
 
 from gamexport import __version__
-from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_checkpoint, save_checkpoint
-from gamexport.errors import GamexportError
+from gamexport.config import GAMConfig
+from gamexport.checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_checkpoint, read_tensors,
+                                  save_checkpoint)
+from gamexport.errors import CheckpointError, ConfigError, GamexportError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, replace_dir
-from gamexport.model import GAM, build_model, state_dict_numpy
+from gamexport.model import build_model, state_dict_numpy
 from gamexport.tokenizer import Tokenizer
 
-from . import data
+from . import data, distributed
+from .distributed import Dist
 from .presets import TrainPreset, train_preset
 from .tokenizer import save_tokenizer, train_tokenizer
 
@@ -119,20 +122,33 @@ def seed_everything(seed: int) -> None:
 # ---- evaluation ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: GAM, tokens: np.ndarray, seq_len: int, batch_size: int, device: torch.device,
-             autocast=contextlib.nullcontext) -> tuple[float, float]:
-    """Mean cross-entropy over every target token of the split, and its exponential (the perplexity)."""
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, device: torch.device,
+             autocast=contextlib.nullcontext, dist: Dist | None = None) -> tuple[float, float]:
+    """Mean cross-entropy over every target token of the split, and its exponential (the perplexity).
+
+    Data-parallel (``dist`` of several ranks), rank r evaluates batches r, r+W, ...; the per-batch sums are
+    gathered into one vector (each entry filled by one rank, zeros elsewhere, so the sum over ranks is exact)
+    and added up in batch order on every rank: the same numbers as one process, bit for bit, in 1/W the time.
+    """
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
-    total_nll, n_targets = 0.0, 0
-    for x, y in data.eval_batches(tokens, seq_len, batch_size):
+    per_batch: list[float] = []
+    n_targets = 0
+    for i, (x, y) in enumerate(data.eval_batches(tokens, seq_len, batch_size)):
+        n_targets += y.size
+        if i % dist.world_size != dist.rank:
+            per_batch.append(0.0)
+            continue
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         with autocast():
             logits, _ = model(x)                                                     # (b, t, V)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        total_nll += nll.item()
-        n_targets += y.numel()
+        per_batch.append(nll.item())
     model.train(was_training)
+    total_nll = 0.0
+    for value in dist.all_reduce_sum(per_batch):
+        total_nll += value
     mean = total_nll / n_targets
     return mean, math.exp(mean)
 
@@ -148,10 +164,16 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_training_checkpoint(out: Path, step: int, model: GAM, tokenizer: Tokenizer,
-                             trainer_state: dict[str, Any], meta: dict[str, Any], held_out_text: str) -> Path:
-    """Write checkpoints/step-NNNNNN atomically, refresh OUT's own model files, keep the last two checkpoints."""
-    weights = state_dict_numpy(model)
+def save_training_checkpoint(out: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer,
+                             trainer_state: dict[str, Any], meta: dict[str, Any], held_out_text: str,
+                             weights: dict[str, np.ndarray] | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN atomically, refresh OUT's own model files, keep the last two checkpoints.
+
+    Any architecture: model.safetensors holds the weights with the tied head stored once (as
+    ``token_embedding.weight``, which every model here ties ``head.weight`` to), config.json the model's
+    ``config.to_dict()`` (a baseline's says ``"architecture"``) plus ``meta``."""
+    if weights is None:
+        weights = state_dict_numpy(model)
     folder = out / CHECKPOINTS
     tmp = folder / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -174,6 +196,56 @@ def save_training_checkpoint(out: Path, step: int, model: GAM, tokenizer: Tokeni
     return final
 
 
+def load_run_weights(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config dict, weights with the tied pair once) of a training checkpoint of any architecture, validated:
+    a GAM's by ``load_checkpoint``; a baseline's by building it from its config and loading the weights."""
+    config_path = folder / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        config = {}                               # a GAM's shape is inferred from its tensors
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {config_path}: {exc}", "the checkpoint is damaged") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is not a JSON object", "the checkpoint is damaged")
+    if config.get("architecture", config.get("model_type", "gam")) == "gam":
+        ckpt = load_checkpoint(folder)
+        return {**ckpt.meta, **ckpt.config.to_dict()}, ckpt.weights
+    from .baselines import architecture_of, lm_from_config
+
+    arch = architecture_of(config)          # ConfigError for an unknown one
+    weights = read_tensors(folder / WEIGHTS_NAME)
+    try:
+        model = lm_from_config(config)
+    except TypeError as exc:
+        raise ConfigError(f"{config_path} is not a valid {arch} config: {exc}", "the checkpoint is damaged") from exc
+    _load_weights(model, weights, source=folder / WEIGHTS_NAME)
+    return config, weights
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, np.ndarray], source: Path | None = None) -> None:
+    """Load weights saved with the tied pair once (``head.weight`` = ``token_embedding.weight``), strictly."""
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
+    if "token_embedding.weight" in tensors:
+        tensors.setdefault("head.weight", tensors["token_embedding.weight"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"the weights in {source or 'the checkpoint'} do not fit the model: {first}",
+                              "the checkpoint is damaged or from another run") from exc
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor {name} in {source or 'the checkpoint'} holds NaN or Inf values",
+                                  "use an earlier checkpoint")
+
+
+def _tokenizer_from_json(text: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return Tokenizer(HFTokenizer.from_str(text))
+
+
 def load_trainer_state(folder: Path) -> dict[str, Any]:
     path = folder / STATE_NAME
     try:
@@ -187,12 +259,10 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
 def usable_checkpoint(checkpoints: list[tuple[int, Path]]) -> tuple[int, Path]:
     """The newest checkpoint that reads completely (weights, tokenizer, trainer state); a damaged newer one is
     skipped with a warning, so a corrupted last checkpoint falls back to the one before it."""
-    import sys
-
     problems = []
     for step, folder in reversed(checkpoints):
         try:
-            load_checkpoint(folder)
+            load_run_weights(folder)
             Tokenizer.from_file(folder / TOKENIZER_NAME)
             load_trainer_state(folder)
         except GamexportError as exc:
@@ -240,19 +310,51 @@ def train(
     device: str | None = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    model: str | None = None,
+    dropout: float | None = None,
 ) -> dict[str, Any]:
-    """Train a GAM language model and return a summary (also written to OUT/summary.json).
+    """Train a language model (GAM, or a baseline of matched size) and return a summary (also OUT/summary.json).
 
     dataset: "wikitext2", "tinystories" (looked up in ``data_dir``, default ../shared/data) or a text file/folder
     (see ``gamexport.training.data``). preset: a name in ``TRAIN_PRESETS`` (default "small"). max_steps: the
     run's length in optimizer steps (default: the preset's epochs); the cosine schedule ends there.
-    resume: continue the run in ``out`` from its latest checkpoint; dataset, preset, seed, max_steps and
-    vocab_size then default to the run's own and may not change. eval_every / checkpoint_every: steps between
-    validation passes / checkpoints (preset defaults; both also happen at the last step). threads: torch CPU
-    threads. vocab_size: tokenizer size instead of the preset's. device: "cpu" or "cuda" (default: cuda if
-    available, with bf16 or fp16 autocast). on_step: called with each step's metrics record.
+    resume: continue the run in ``out`` from its latest checkpoint; dataset, preset, seed, max_steps,
+    vocab_size, model and dropout then default to the run's own and may not change. eval_every /
+    checkpoint_every: steps between validation passes / checkpoints (preset defaults; both also happen at the
+    last step). threads: torch CPU threads. vocab_size: tokenizer size instead of the preset's. device: "cpu"
+    or "cuda" (default: cuda if available, with bf16 or fp16 autocast). on_step: called with each step's
+    metrics record. model: "gam" (default), "transformer" or "mamba" — a baseline is sized by
+    ``baselines.matched_config`` from the preset's GAM shape (same vocabulary, layers and positions, the width
+    whose parameter count is within ±5 % of GAM's), and trained with the same recipe, data and seed.
+    dropout: instead of the preset's (0.1); 0 makes a run deterministic given its data, which is what compares a
+    data-parallel run with a single process exactly.
+
+    Data-parallel: started by ``torchrun`` (WORLD_SIZE > 1), every worker runs this same function; see
+    ``gamexport.training.distributed``. The preset's batch_size is the global batch, split between the ranks;
+    rank 0 alone writes files. With dropout 0 the losses and weights equal a single process's up to float
+    rounding (the gradient is summed in another order); with dropout > 0 each rank draws its own masks (rank 0
+    the single process's stream, rank r > 0 a stream seeded from (seed, r)), so the run is as reproducible —
+    resume included, every rank's generator is checkpointed — but not equal to a single-process run.
     """
     started = time.time()
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise TrainingError(f"unknown device {device!r}", "pass cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device cuda was asked for, but torch sees no CUDA GPU", "pass --device cpu")
+    with distributed.session(dev.type) as ctx:
+        if ctx.enabled and dev.type == "cuda":
+            dev = torch.device("cuda", ctx.local_rank)      # one GPU per worker
+        return _train(ctx, dev, started, dataset=dataset, preset=preset, out=out, max_steps=max_steps,
+                      resume=resume, seed=seed, data_dir=data_dir, eval_every=eval_every,
+                      checkpoint_every=checkpoint_every, threads=threads, vocab_size=vocab_size, progress=progress,
+                      on_step=on_step, model=model, dropout=dropout)
+
+
+def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out, max_steps, resume, seed, data_dir,
+           eval_every, checkpoint_every, threads, vocab_size, progress, on_step, model, dropout) -> dict[str, Any]:
+    """``train`` on one rank (the only one, or one of ``ctx.world_size``)."""
     out = Path(out)
     run_path = out / RUN_NAME
     saved: dict[str, Any] = {}
@@ -266,7 +368,10 @@ def train(
         if not checkpoints:
             raise TrainingError(f"{out} holds no checkpoint yet (the run stopped before its first one)",
                                 "start it again with the same command without --resume")
-        resume_from = usable_checkpoint(checkpoints)
+        # Rank 0 chooses (and warns about damaged ones); every rank then reads the one it chose.
+        chosen = usable_checkpoint(checkpoints) if ctx.is_main else None
+        resume_step = ctx.broadcast_object(chosen[0] if chosen else None)
+        resume_from = (resume_step, out / CHECKPOINTS / f"step-{resume_step:06d}")
     elif out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file", "pass a folder path (it is created if missing)")
     elif list_checkpoints(out):
@@ -284,6 +389,14 @@ def train(
     seed = _pick("--seed", seed, saved, "seed", default=0)
     max_steps = _pick("--max-steps", max_steps, saved, "max_steps")
     vocab_size = _pick("vocab_size", vocab_size, saved, "vocab_size")
+    kind = _pick("--model", model, saved, "model", default="gam")
+    dropout = _pick("--dropout", dropout, saved, "dropout")
+    if kind != "gam":                        # the baselines are imported only when asked for
+        from .baselines import MODEL_KINDS
+        if kind not in MODEL_KINDS:
+            raise TrainingError(f"unknown model {kind!r}", f"choose one of: {', '.join(MODEL_KINDS)}")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise TrainingError(f"--dropout must be in [0, 1), got {dropout}", "pass a dropout such as 0 or 0.1")
     if data_dir is None:
         data_dir = saved.get("data_dir") or (data.default_data_dir() if data.is_named(dataset) else None)
     recipe: TrainPreset = train_preset(preset_name)
@@ -295,15 +408,13 @@ def train(
                         ("--checkpoint-every", checkpoint_every), ("--threads", threads)):
         if value is not None and value < 1:
             raise TrainingError(f"{name} must be at least 1, got {value}", f"pass a positive {name}")
+    if recipe.batch_size % ctx.world_size:
+        raise distributed.DistributedError(
+            f"preset {preset_name}'s batch of {recipe.batch_size} sequences (the global batch) does not split "
+            f"evenly over {ctx.world_size} processes", "start a number of processes that divides it")
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise TrainingError(f"unknown device {device!r}", "pass cpu or cuda") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device cuda was asked for, but torch sees no CUDA GPU", "pass --device cpu")
     amp_dtype = None
     if dev.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -318,17 +429,28 @@ def train(
     if resume and saved.get("files") and saved["files"] != corpus.files:
         raise TrainingError(f"the files of dataset {dataset!r} changed since the run started",
                             "restore the original files to resume, or start a new run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainingError(f"cannot create {out}: {exc.strerror or exc}", "choose an --out you can write to") from exc
-    for stale in (out / CHECKPOINTS).glob(".tmp-step-*"):      # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    if ctx.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"cannot create {out}: {exc.strerror or exc}",
+                                "choose an --out you can write to") from exc
+        for stale in (out / CHECKPOINTS).glob(".tmp-step-*"):      # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
     if resume:
         tokenizer = Tokenizer.from_file(resume_from[1] / TOKENIZER_NAME)
     else:
-        tokenizer = train_tokenizer(corpus.train, vocab_size or recipe.vocab_size)   # training split only
-        save_tokenizer(tokenizer, out / TOKENIZER_NAME)
+        # Rank 0 trains the tokenizer and sends it to the others: the other ranks neither spend the time (nor
+        # the shared cores) nor depend on BPE training giving the same merges in every process, and need no
+        # shared filesystem to see it.
+        tokenizer_json = None
+        if ctx.is_main:
+            tokenizer = train_tokenizer(corpus.train, vocab_size or recipe.vocab_size)   # training split only
+            save_tokenizer(tokenizer, out / TOKENIZER_NAME)
+            tokenizer_json = tokenizer.to_json()
+        tokenizer_json = ctx.broadcast_object(tokenizer_json)
+        if not ctx.is_main:
+            tokenizer = _tokenizer_from_json(tokenizer_json)
     # The validation split as one text that encodes to exactly the validation token stream (documents closed by
     # <|endoftext|>); saved beside every checkpoint so `gamexport build` can check parity on real held-out text.
     held_out_text = "".join(doc + data.EOS for doc in corpus.valid)
@@ -346,39 +468,77 @@ def train(
     warmup = min(recipe.warmup_steps, max(1, total_steps // 2))
 
     # ---- model and optimizer ----
-    cfg = recipe.model.replace(vocab_size=tokenizer.vocab_size)
-    model = build_model(cfg, seed=seed)
+    gam_cfg = recipe.model.replace(vocab_size=tokenizer.vocab_size,
+                                   **({"dropout": float(dropout)} if dropout is not None else {}))
+    resumed_config, resumed_weights = load_run_weights(resume_from[1]) if resume else (None, None)
+    if resume:                       # the shape the run was started with (even if the preset changed since)
+        saved_kind = resumed_config.get("architecture", "gam")
+        if saved_kind != kind:
+            raise TrainingError(f"run.json says --model {kind}, but {resume_from[1]} holds a {saved_kind} model",
+                                "the run folder is inconsistent; start a new run")
+        if kind == "gam":
+            net = build_model(GAMConfig.from_dict(resumed_config))
+        else:
+            from .baselines import lm_from_config
+            net = lm_from_config(resumed_config)
+    elif kind == "gam":
+        net = build_model(gam_cfg, seed=seed)
+    else:
+        from .baselines import build_lm
+        net = build_lm(kind, gam_cfg, seed=seed)                    # width matched to gam_cfg's parameters
+    cfg = net.config
     if recipe.embedding_init_std is not None and not resume:   # see presets.py: why not the reference init
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for embedding in (model.token_embedding, model.pos_embedding):
-                embedding.weight.normal_(0.0, recipe.embedding_init_std, generator=generator)
-    model = model.to(dev).train()                              # train mode: dropout active
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas,
+            for name in ("token_embedding", "pos_embedding"):   # whichever the architecture has
+                embedding = getattr(net, name, None)
+                if embedding is not None:
+                    embedding.weight.normal_(0.0, recipe.embedding_init_std, generator=generator)
+    net = net.to(dev).train()                                  # train mode: dropout active
+    optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, betas=recipe.betas,
                                   weight_decay=recipe.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     step, epoch, batch_index = 0, 0, 0
     metrics_path = out / METRICS_NAME
     if resume:
         step, folder = resume_from
-        ckpt = load_checkpoint(folder)
-        model.load_state_dict({**{k: torch.from_numpy(v) for k, v in ckpt.weights.items()},
-                               "head.weight": torch.from_numpy(ckpt.weights["token_embedding.weight"])})
+        _load_weights(net, resumed_weights)
         state = load_trainer_state(folder)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         epoch, batch_index = state["epoch"], state["batch_index"]
-        set_rng_state(state["rng"])
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]    # drop steps after the checkpoint
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        by_rank = state.get("rng_by_rank")
+        if by_rank and len(by_rank) == ctx.world_size:
+            set_rng_state(by_rank[ctx.rank])                   # every rank continues its own dropout stream
+        else:
+            set_rng_state(state["rng"])
+            if ctx.rank > 0:
+                torch.manual_seed(distributed.derived_seed(seed, ctx.rank) ^ step)
+            saved_world = len(by_rank) if by_rank else 1
+            if ctx.is_main and saved_world != ctx.world_size and cfg.dropout > 0:
+                print(f"warning: the run was checkpointed by {saved_world} process(es) and continues in "
+                      f"{ctx.world_size}: data order and optimizer are exact, dropout masks differ from an "
+                      "uninterrupted run", file=sys.stderr, flush=True)
+        if ctx.is_main:
+            kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]   # drop steps after the checkpoint
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     else:
-        atomic_write_json(run_path, {
-            "dataset": dataset, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-            "preset": preset_name, "seed": seed, "max_steps": max_steps, "vocab_size": vocab_size,
-            "eval_every": eval_every, "checkpoint_every": checkpoint_every, "threads": threads,
-            "files": corpus.files, "gamexport_version": __version__})
-        metrics_path.write_text("", encoding="utf-8")
+        if ctx.rank > 0:       # rank 0 keeps the single-process stream; the others draw their own dropout masks
+            torch.manual_seed(distributed.derived_seed(seed, ctx.rank))
+        if ctx.is_main:
+            atomic_write_json(run_path, {
+                "dataset": dataset, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+                "preset": preset_name, "seed": seed, "max_steps": max_steps, "vocab_size": vocab_size,
+                "model": kind, "dropout": dropout,
+                "eval_every": eval_every, "checkpoint_every": checkpoint_every, "threads": threads,
+                "files": corpus.files, "gamexport_version": __version__})
+            metrics_path.write_text("", encoding="utf-8")
+    if ctx.enabled:
+        # Starting DDP broadcasts rank 0's parameters; they are already equal (same seed, or the same checkpoint).
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    else:
+        ddp = net
 
     recipe_record = {
         "batch_size": B, "seq_len": T, "lr": recipe.lr, "betas": list(recipe.betas),
@@ -386,24 +546,47 @@ def train(
         "grad_clip": recipe.grad_clip, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "dropout": cfg.dropout, "embedding_init_std": recipe.embedding_init_std,
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"}
+    if ctx.enabled:
+        recipe_record["data_parallel"] = {"world_size": ctx.world_size, "backend": ctx.backend,
+                                          "per_rank_batch": B // ctx.world_size}
     tokenizer_record = {"file": TOKENIZER_NAME, "type": "byte-level BPE (Hugging Face tokenizers)",
                         "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
                         "trained_on": "training split only"}
 
     def meta(val_loss: float | None, val_ppl: float | None) -> dict[str, Any]:
-        label = f"trained: {corpus.name}, preset {preset_name}, seed {seed}, step {step}" + (
+        what = "" if kind == "gam" else f"{kind} baseline, "
+        label = f"trained: {what}{corpus.name}, preset {preset_name}, seed {seed}, step {step}" + (
             f", val ppl {val_ppl:.2f}" if val_ppl is not None else "")
         return {"trained": True, "label": label, "heldout_text": HELD_OUT_NAME, "preset": preset_name,
-                "seed": seed, "step": step, "epoch": round(step / steps_per_epoch, 4), "val_loss": val_loss,
-                "val_ppl": val_ppl, "dataset": corpus.record(), "tokenizer": tokenizer_record,
+                "model": kind, "seed": seed, "step": step, "epoch": round(step / steps_per_epoch, 4),
+                "val_loss": val_loss, "val_ppl": val_ppl, "dataset": corpus.record(), "tokenizer": tokenizer_record,
                 "training": recipe_record, "gamexport_version": __version__}
 
-    def trainer_state() -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "batch_index": batch_index, "seed": seed,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "scheduler": {"kind": "warmup_cosine", "peak_lr": recipe.lr, "warmup_steps": warmup,
-                              "total_steps": total_steps},
-                "rng": rng_state()}
+    def trainer_state(rng_by_rank: list[dict[str, Any]], digests: list[str] | None) -> dict[str, Any]:
+        state = {"step": step, "epoch": epoch, "batch_index": batch_index, "seed": seed,
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                 "scheduler": {"kind": "warmup_cosine", "peak_lr": recipe.lr, "warmup_steps": warmup,
+                               "total_steps": total_steps},
+                 "rng": rng_by_rank[0], "rng_by_rank": rng_by_rank, "world_size": ctx.world_size}
+        if digests is not None:
+            state["weights_sha256_by_rank"] = digests
+        return state
+
+    def checkpoint(last_val: tuple[float | None, float | None]) -> None:
+        """Every rank takes part (generator states and weight digests are gathered); rank 0 writes."""
+        weights = state_dict_numpy(net)
+        rng_by_rank = ctx.all_gather_object(rng_state())
+        digests = None
+        if ctx.enabled:
+            digests = ctx.all_gather_object(distributed.weights_digest(weights))
+            if len(set(digests)) > 1:
+                raise TrainingError(f"the weights of the {ctx.world_size} processes differ at step {step} "
+                                    "(data-parallel ranks out of step)",
+                                    "resume from the last checkpoint; report it if it happens again")
+        if ctx.is_main:
+            save_training_checkpoint(out, step, net, tokenizer, trainer_state(rng_by_rank, digests),
+                                     meta(*last_val), held_out_text, weights=weights)
+        ctx.barrier()          # the others continue only once the checkpoint is on disk (a resume must see it)
 
     # ---- the loop ----
     start_step = step
@@ -411,38 +594,60 @@ def train(
     last_checkpoint = step if resume else None
     session_tokens, session_time = 0, 0.0
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         try:
             from tqdm import tqdm
         except ImportError:          # no progress bar without tqdm; metrics.jsonl still records every step
             tqdm = None
         if tqdm is not None:
+            label = "" if kind == "gam" else f"{kind} "
             bar = tqdm(total=total_steps, initial=step, file=sys.stderr, unit="step", dynamic_ncols=True,
-                       desc=f"train {corpus.name}/{preset_name}")
+                       desc=f"train {label}{corpus.name}/{preset_name}" + (
+                           f" ×{ctx.world_size}" if ctx.enabled else ""))
     order_epoch, order = -1, None
     try:
-        with metrics_path.open("a", encoding="utf-8") as metrics_file:
+        with (metrics_path.open("a", encoding="utf-8") if ctx.is_main else contextlib.nullcontext()) as metrics_file:
             while step < total_steps:
                 if order_epoch != epoch:
                     order, order_epoch = data.epoch_order(n_chunks, seed, epoch), epoch
-                x, y = data.train_batch(train_tokens, order, batch_index, B, T)       # 2 × (b, T)
-                x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+                x, y = data.train_batch(train_tokens, order, batch_index, B, T)       # 2 × (b, T): global batch
+                n_targets = y.size
                 lr = lr_at(step, recipe.lr, warmup, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
                 t0 = time.perf_counter()
-                with autocast():
-                    _, loss = model(x, y)
+                if ctx.enabled:
+                    # This rank's rows of the global batch. Its loss is its SUMMED cross-entropy × W / (targets
+                    # of the global batch): DDP averages gradients over the W ranks, so the update is the
+                    # gradient of the global mean loss, also when the rows do not split evenly. A rank left
+                    # without rows (a last batch smaller than W) runs row 0 with weight 0, because every rank
+                    # must take part in the gradient all-reduce.
+                    lo, hi = ctx.shard(len(x))
+                    weight = ctx.world_size / n_targets if hi > lo else 0.0
+                    if hi == lo:
+                        lo, hi = 0, 1
+                    xs, ys = torch.from_numpy(x[lo:hi]).to(dev), torch.from_numpy(y[lo:hi]).to(dev)
+                    with autocast():
+                        logits, _ = ddp(xs)
+                    nll = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten(), reduction="sum")
+                    loss = nll * weight
+                else:
+                    xs, ys = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+                    with autocast():
+                        _, loss = ddp(xs, ys)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
-                train_loss = loss.item()                                               # waits for the step
+                if ctx.enabled:      # the global mean loss, for the log: Σ over ranks of their summed losses / targets
+                    train_loss = ctx.all_reduce_sum([nll.item() if weight else 0.0])[0] / n_targets
+                else:
+                    train_loss = loss.item()                                           # waits for the step
                 dt = time.perf_counter() - t0
-                session_tokens += y.numel()
+                session_tokens += n_targets
                 session_time += dt
 
                 step += 1
@@ -457,16 +662,16 @@ def train(
                 do_eval = do_checkpoint or step % eval_every == 0
                 val_loss = val_ppl = None
                 if do_eval:
-                    val_loss, val_ppl = evaluate(model, valid_tokens, T, B, dev, autocast)
+                    val_loss, val_ppl = evaluate(net, valid_tokens, T, B, dev, autocast, dist=ctx)
                     last_val = (val_loss, val_ppl)
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": train_loss,
-                          "val_loss": val_loss, "val_ppl": val_ppl, "tokens_per_s": round(y.numel() / dt, 1),
+                          "val_loss": val_loss, "val_ppl": val_ppl, "tokens_per_s": round(n_targets / dt, 1),
                           "lr": lr}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
                 if do_checkpoint:
-                    save_training_checkpoint(out, step, model, tokenizer, trainer_state(), meta(*last_val),
-                                             held_out_text)
+                    checkpoint(last_val)
                     last_checkpoint = step
                 if bar is not None:
                     postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{session_tokens / session_time:,.0f}"}
@@ -485,21 +690,26 @@ def train(
             bar.close()
 
     # ---- the end: plots and summary ----
-    from .plots import plot_metrics
-
     if last_val[0] is None:            # resumed at the last step: nothing ran, evaluate for the summary
-        last_val = evaluate(model, valid_tokens, T, B, dev, autocast)
-    plots = plot_metrics(read_metrics(metrics_path), out)
-    summary = {
-        "out": str(out), "steps": step, "total_steps": total_steps, "epochs": round(step / steps_per_epoch, 4),
-        "resumed_from": start_step if resume else None, "val_loss": last_val[0], "val_ppl": last_val[1],
-        "tokens_per_s": round(session_tokens / session_time, 1) if session_time else None,
-        "wall_s": round(time.time() - started, 1), "device": str(dev), "threads": torch.get_num_threads(),
-        "params": model.num_parameters(), "preset": preset_name, "seed": seed, "config": cfg.to_dict(),
-        "dataset": corpus.record(), "tokens": {"train": int(len(train_tokens)), "valid": int(len(valid_tokens))},
-        "tokenizer": tokenizer_record, "training": recipe_record,
-        "weights": str(out / WEIGHTS_NAME), "config_file": str(out / CONFIG_NAME),
-        "plots": [str(p) for p in plots],
-    }
-    atomic_write_json(out / SUMMARY_NAME, summary)
-    return summary
+        last_val = evaluate(net, valid_tokens, T, B, dev, autocast, dist=ctx)
+    summary = None
+    if ctx.is_main:
+        from .plots import plot_metrics
+
+        plots = plot_metrics(read_metrics(metrics_path), out)
+        summary = {
+            "out": str(out), "model": kind, "steps": step, "total_steps": total_steps,
+            "epochs": round(step / steps_per_epoch, 4),
+            "resumed_from": start_step if resume else None, "val_loss": last_val[0], "val_ppl": last_val[1],
+            "tokens_per_s": round(session_tokens / session_time, 1) if session_time else None,
+            "wall_s": round(time.time() - started, 1), "device": str(dev), "threads": torch.get_num_threads(),
+            "world_size": ctx.world_size,
+            "params": net.num_parameters(), "preset": preset_name, "seed": seed, "config": cfg.to_dict(),
+            "dataset": corpus.record(), "tokens": {"train": int(len(train_tokens)), "valid": int(len(valid_tokens))},
+            "tokenizer": tokenizer_record, "training": recipe_record,
+            "weights": str(out / WEIGHTS_NAME), "config_file": str(out / CONFIG_NAME),
+            "plots": [str(p) for p in plots],
+        }
+        atomic_write_json(out / SUMMARY_NAME, summary)
+    # Every rank returns rank 0's summary, once the run folder is complete.
+    return ctx.broadcast_object(summary)
