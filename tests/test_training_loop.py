@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,8 @@ def test_a_tiny_run_writes_a_loadable_resumable_run(tmp_path):
     ckpt = load_checkpoint(out)
     tok = Tokenizer.from_file(out)
     assert ckpt.config.vocab_size == tok.vocab_size == summary["tokenizer"]["vocab_size"]
-    assert ckpt.config.d_model == 32 and ckpt.config.n_layers == 2
+    assert ckpt.config.d_model == 40 and ckpt.config.n_layers == 2 and ckpt.config.n_slots == 76
+    assert "architecture" not in json.loads((out / "config.json").read_text())   # GAM checkpoints stay as they were
     meta = ckpt.meta
     assert meta["trained"] is True and meta["step"] == 12 and meta["seed"] == 3 and meta["preset"] == "tiny"
     assert meta["dataset"]["name"] == "stories" and "3 of 60" in meta["dataset"]["held_out"]
@@ -158,6 +160,80 @@ def test_runs_refuse_what_would_break_them(tmp_path):
     with pytest.raises(TrainingError, match="fewer than one sequence"):
         (tmp_path / "short.txt").write_text("Hi.\n<|endoftext|>\nYo.\n<|endoftext|>\n")
         train(str(tmp_path / "short.txt"), "tiny", tmp_path / "short", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mamba"])
+def test_a_baseline_trains_resumes_exactly_and_is_refused_by_the_gam_tools(tmp_path, kind):
+    from gamexport.config import GAMConfig
+    from gamexport.errors import CheckpointError
+    from gamexport.training.baselines import lm_from_config
+
+    text = write_stories(tmp_path / "stories.txt", 20)
+    straight = tmp_path / "straight"
+    summary = train(str(text), "tiny", straight, max_steps=6, eval_every=3, checkpoint_every=3, seed=2,
+                    model=kind, threads=1, progress=False)
+
+    # config.json names the architecture; summary and run.json record the kind; its size is GAM's, ±5 %.
+    config = json.loads((straight / "config.json").read_text())
+    assert config["architecture"] == kind and config["step"] == 6 and config["model"] == kind
+    assert summary["model"] == kind and summary["config"]["architecture"] == kind
+    assert json.loads((straight / "run.json").read_text())["model"] == kind
+    gam = GAMConfig.from_dict({k: v for k, v in summary["config"].items()
+                               if k in ("vocab_size", "n_layers", "max_positions")}).replace(d_model=40, n_slots=76)
+    assert summary["params"] == pytest.approx(gam.n_params(), rel=0.05)
+    model = lm_from_config(config)
+    assert type(model).__name__ == {"transformer": "TransformerLM", "mamba": "MambaLM"}[kind]
+    assert summary["params"] == model.num_parameters()
+    # The tied head is stored once, as GAM's; the saved weights load into the model the config describes.
+    saved = load_file(str(straight / "model.safetensors"))
+    assert "head.weight" not in saved and "token_embedding.weight" in saved
+    model.load_state_dict({**{k: torch.from_numpy(v) for k, v in saved.items()},
+                           "head.weight": torch.from_numpy(saved["token_embedding.weight"])})
+    rows = metrics(straight)
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[5]["val_loss"] < rows[2]["val_loss"]
+
+    # Resume from step 3 (the step-6 checkpoint lost, as in a crash while writing it): bit for bit the same.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    again = train(out=resumed, resume=True, progress=False)
+    assert again["resumed_from"] == 3 and again["model"] == kind
+    assert metrics(resumed) == rows
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].tobytes() == wb[k].tobytes() for k in wa)
+    with pytest.raises(TrainingError, match=f"--model {kind!r}"):
+        train(out=resumed, resume=True, model="gam", progress=False)
+
+    # gamexport build / generate read checkpoints through load_checkpoint: one line, naming the way out.
+    with pytest.raises(CheckpointError, match=f"is a {kind} baseline checkpoint") as info:
+        load_checkpoint(straight)
+    assert "\n" not in str(info.value) and "torch_export" in str(info.value)
+    from typer.testing import CliRunner
+
+    from gamexport.cli.main import app
+
+    result = CliRunner().invoke(app, ["generate", str(straight), "--prompt", "Once", "--max-new-tokens", "2"],
+                                env={"GAMEXPORT_DEBUG": ""})
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {info.value}"]
+
+
+def test_model_choices(tmp_path):
+    from typer.testing import CliRunner
+
+    from gamexport.cli.main import app
+    from gamexport.cli.train import MODEL_CHOICES
+    from gamexport.training.baselines import MODEL_KINDS
+
+    assert MODEL_CHOICES == MODEL_KINDS                     # the CLI's copy (kept to keep --help light)
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--model", "foo"])
+    assert result.exit_code == 2
+    # typer's usage error (as for every option): its one message, in a box, after the usage line.
+    assert "'foo' is not one of 'gam', 'transformer', 'mamba'" in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TrainingError, match="unknown model 'foo'"):
+        train(str(write_stories(tmp_path / "s.txt", 20)), "tiny", tmp_path / "run", model="foo", progress=False)
 
 
 def test_cli_command(tmp_path):

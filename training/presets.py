@@ -2,8 +2,15 @@
 
 ``paper`` is the paper's recipe (GPU-sized: 22.6M parameters, 5 epochs). ``small`` and ``tiny`` are for CPU:
 ``small`` trains in minutes on two cores, ``tiny`` in seconds (tests). ``demo`` is the recipe of the bundled
-demo model (``gamexport/demo``). Model shapes come from ``gamexport.config.PRESETS``; the embedding size is then
+demo model (``gamexport/demo``). ``compare`` is the shape and recipe of the GAM / Transformer / Mamba comparison
+(``gamexport.training.compare``). Model shapes come from ``gamexport.config.PRESETS``; the embedding size is then
 set to the trained tokenizer's real vocabulary, which can be a little smaller than ``vocab_size`` on small data.
+
+Every preset also trains the baselines (``--model transformer|mamba``): ``baselines.matched_config`` picks the
+baseline width (a multiple of 8) whose parameter count is within ±5 % of the preset's GAM. That is why ``tiny``
+is wider than ``gamexport.config.PRESETS["tiny"]`` (d 40 and 76 slots instead of d 32 and 16): at ~34k
+parameters one width step of 8 moves a baseline's count by 30-45 %, and no Transformer or Mamba width lands
+within ±5 %; at d 40 / 76 slots (~54k) both do, within 1 %, for every vocabulary from 258 to 300.
 
 Initialisation. The reference code (and ``gamexport.model.GAM``) keeps PyTorch's default initialisation: the
 position embedding is drawn from N(0, 1) while the token embedding — tied to the output head, so initialised as
@@ -66,9 +73,14 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {
         description="the bundled demo model (gamexport/demo): the small shape with a 2,048-token vocabulary, "
                     "8 epochs of the TinyStories subset in about 12 minutes on 2 CPU cores"),
     "tiny": TrainPreset(
-        "tiny", PRESETS["tiny"], vocab_size=300, batch_size=4, seq_len=64, epochs=1,
-        lr=3e-3, warmup_steps=5, eval_every=10, checkpoint_every=10,
-        description="d 32, L 2, S 16: every code path in seconds (tests)"),
+        "tiny", PRESETS["tiny"].replace(d_model=40, n_slots=76), vocab_size=300, batch_size=4, seq_len=64,
+        epochs=1, lr=3e-3, warmup_steps=5, eval_every=10, checkpoint_every=10,
+        description="d 40, L 2, S 76: every code path in seconds (tests); sized so the baselines can match it"),
+    "compare": TrainPreset(
+        "compare", PRESETS["small"].replace(max_positions=128), vocab_size=4096, batch_size=16, seq_len=128,
+        epochs=1, lr=1e-3, warmup_steps=100, eval_every=200, checkpoint_every=200,
+        description="the GAM / Transformer / Mamba comparison (gamexport.training.compare): d 128, L 4, S 128, "
+                    "batch 16 × 128, AdamW 1e-3"),
 }
 
 
