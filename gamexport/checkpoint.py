@@ -174,8 +174,8 @@ def _read_config(path: Path) -> tuple[GAMConfig | None, dict]:
         raise CheckpointError(
             f"{path.parent} is a {arch} baseline checkpoint ({path.name} says architecture {arch!r}); gamexport "
             "build, generate, parity and inspect export and run GAM models only",
-            "load it in PyTorch with gamexport.training.baselines.lm_from_config, or export it with "
-            "gamexport.training.torch_export")
+            "load it in PyTorch with gamexport.training.baselines.lm_from_config and export it to ONNX with "
+            "gamexport.training.torch_export.export_onnx")
     cfg = GAMConfig.from_dict(data)
     meta = {k: v for k, v in data.items() if k not in cfg.to_dict()}
     return cfg, meta

@@ -138,8 +138,8 @@ def _env_int(name: str, default: int | None = None) -> int:
     try:
         return int(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DistributedError(f"WORLD_SIZE is set but {name} is {raw!r}",
-                               "launch with torchrun, which sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT") from None
+        raise DistributedError(f"WORLD_SIZE is set but {name} is {raw!r}", "launch with torchrun, which sets "
+                               "RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT") from None
 
 
 def init(device_type: str) -> Dist:

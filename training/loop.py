@@ -25,6 +25,13 @@ so a crash never leaves a half-written one.
 Resuming is exact: the chunk order of an epoch is a pure function of (seed, epoch), and everything else that
 decides the next step is in the checkpoint, so on CPU a run that is stopped and resumed produces the same losses
 and the same final weights, bit for bit, as one that never stopped (tested in tests/test_training_loop.py).
+
+Baselines: ``train(..., model="transformer"|"mamba")`` trains ``gamexport.training.baselines``' models, sized to
+the preset's GAM, through the same loop; their checkpoints have the same layout, and their config.json says
+``"architecture"`` (which ``gamexport.checkpoint.load_checkpoint``, and so build/generate, refuse in one line).
+
+Data-parallel: the same function under ``torchrun`` (see ``gamexport.training.distributed`` and ``train``);
+tested in tests/test_ddp.py against a single process with the same global batch.
 """
 
 from __future__ import annotations
