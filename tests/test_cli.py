@@ -1,4 +1,4 @@
-"""The gamexport command end to end, as a user runs it: build, generate, inspect, and failing cases."""
+"""The gamexport command end to end, as a user runs it: build, generate, inspect (bad input: test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -77,51 +77,6 @@ def test_inspect(cli_build):
     assert "parameters: 27,680" in proc.stdout
 
 
-@pytest.mark.parametrize("args,needle,code", [
-    (["build", "does-not-exist.pt"], "does-not-exist.pt does not exist", 2),
-    (["build", "--preset", "huge"], "unknown preset 'huge'. Choose one of: paper, small, tiny", 2),
-    (["generate", "--ids", "1,x"], "--ids must be comma-separated integers", 2),
-    (["generate", "BUILD", "--ids", "5,97"], "token id 97 is outside the vocabulary [0, 97)", 2),
-    (["generate", "BUILD", "--prompt", "hello"], "has no tokenizer.json", 2),
-    (["inspect", "nowhere"], "nowhere does not exist", 2),
-    (["build", "--preset", "tiny", "--engines", "tensorrt"], "TensorRT runs on NVIDIA GPUs only", 2),
-    (["build", "--preset", "tiny", "--engines", "tvm"], "unknown engine 'tvm'", 2),
-    (["build", "--preset", "tiny", "--precision", "fp8"], "unknown precision 'fp8'", 2),
-])
-def test_bad_input_is_one_line(cli_build, args, needle, code):
-    args = [str(cli_build) if a == "BUILD" else a for a in args]
-    proc = run_cli(*args)
-    assert proc.returncode == code, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine with no GPU")
-def test_asking_for_a_gpu_without_one(tmp_path):
-    proc = run_cli("build", "--preset", "tiny", "--device", "cuda", "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "--device cuda needs an NVIDIA GPU" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
-    proc = run_cli("build", "--preset", "tiny", "--device", "cuda", "--engines", "tensorrt",
-                   "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2 and proc.stderr.count("error:") == 1
-
-
-def test_debug_shows_the_traceback():
-    proc = run_cli("build", "does-not-exist.pt", "--debug")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
-    proc = run_cli("build", "does-not-exist.pt", env={"GAMEXPORT_DEBUG": "1"})
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
-
-
-def test_output_path_that_is_a_file(tmp_path):
-    target = tmp_path / "file"
-    target.write_text("keep me")
-    proc = run_cli("build", "--preset", "tiny", "--out", str(target), "--no-latency")
-    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr
-    assert target.read_text() == "keep me"
-
-
 def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
@@ -140,8 +95,6 @@ def test_build_from_reference_pt_with_prefill_lengths(tmp_path):
     (tmp_path / "ckpt").mkdir()
     torch.save(build_model(cfg, seed=5).state_dict(), tmp_path / "ckpt" / "gam_model.pt")
     out = tmp_path / "out"
-    bad = run_cli("build", str(tmp_path / "ckpt"), "--out", str(out), "--prefill-len", "25")
-    assert bad.returncode == 2 and "prefill length 25 is outside 1..24" in bad.stderr and not out.exists()
     proc = run_cli("build", str(tmp_path / "ckpt"), "--out", str(out), "--prefill-len", "4", "--prefill-len", "24",
                    "-j", "1", "--triton", str(tmp_path / "triton"))
     assert proc.returncode == 0, proc.stderr

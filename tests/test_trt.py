@@ -30,7 +30,7 @@ from gamexport.errors import ConfigError, GamexportError, GraphError, InputError
 from gamexport.engines import trt as trt_mod
 from gamexport.engines.trt import (EngineMismatchError, ProfileError, TensorRTError, TensorRTMissingError,
                                    TrtProfile, build_engine, check_engine_compatible, default_profile,
-                                   engine_paths, make_profile, sidecar_path)
+                                   make_profile, sidecar_path)
 
 ENV = {"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
@@ -547,37 +547,11 @@ def test_runner_parity_through_the_stand_in(fake_engines, fake_trt, eager_tiny, 
     assert ("execute_async_v3", HostDevice.stream_handle) in calls
     assert ("set_input_shape", "position_ids", (1, 1)) in calls
     assert runner.generate([1, 2, 3], 5) == eager_tiny.generate([1, 2, 3], 5)
-    # outside the profile: refused in Python before TensorRT sees the shape
+    # outside the profile: refused in Python before TensorRT sees the shape (the message: test_bad_input.py)
     n = len(calls)
-    with pytest.raises(ProfileError) as err:
+    with pytest.raises(ProfileError):
         runner.prefill(np.zeros((3, 4), np.int64))
-    assert "batch 3 × sequence 4 is outside" in err.value.line() and "batch 1..2, sequence 1..64" in err.value.line()
     assert len(calls) == n
-
-
-def test_runner_refuses_foreign_engines(fake_engines, fake_trt, monkeypatch):
-    from gamexport.engines.trt import TrtRunner
-
-    folder, _ = fake_engines
-    _fake, _calls, env = fake_trt
-    monkeypatch.setattr(trt_mod, "runtime_environment",
-                        lambda device=0: dict(env, tensorrt_version="10.0.1.6"))
-    with pytest.raises(EngineMismatchError, match="this machine has TensorRT 10.0.1.6"):
-        TrtRunner.from_folder(folder)
-    monkeypatch.setattr(trt_mod, "runtime_environment",
-                        lambda device=0: dict(env, gpu_name="NVIDIA L4", compute_capability="8.9"))
-    with pytest.raises(EngineMismatchError, match="this GPU is NVIDIA L4"):
-        TrtRunner.from_folder(folder)
-    monkeypatch.setattr(trt_mod, "runtime_environment", lambda device=0: dict(env))
-    paths = engine_paths(folder)
-    with pytest.raises(GraphError, match="is a step engine, not a prefill engine"):
-        TrtRunner(paths["step"], paths["prefill"])
-    paths["step"].write_bytes(paths["step"].read_bytes() + b" ")
-    with pytest.raises(EngineMismatchError, match="does not match its sidecar"):
-        TrtRunner.from_folder(folder)
-    sidecar_path(paths["prefill"]).unlink()
-    with pytest.raises(GraphError, match="has no sidecar"):
-        TrtRunner.from_folder(folder)
 
 
 # ---- the engine folder as a cache shared by processes -------------------------------------------------------------

@@ -1,0 +1,599 @@
+"""Bad input, one table: every case of the reliability issue, each through the CLI (or the Python API where no
+command reaches it on a machine without a GPU: TensorRT engines, through the stand-in ``tensorrt`` module).
+
+Every row asserts: the exit code (or the exception type); that stderr ends with exactly one ``error:`` line and
+holds nothing else but progress lines (no traceback, no warning, no usage box); that the line matches the row's
+pattern, which names the thing (file, tensor with both shapes, token id, …); that the line carries a fix; and that
+nothing was written — the test's folder (inputs, previous outputs, the working directory of the command) is
+byte-identical afterwards, except for a build's empty lock file beside its output folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from gamexport.engines.trt import EngineMismatchError, ProfileError, TrtRunner
+from gamexport.errors import GraphError
+
+GAMEXPORT = [sys.executable, "-m", "gamexport.cli.main"]
+# Progress lines: the build's stages and their indented details, the parity command's steps.
+PROGRESS = re.compile(r"^(\[\d/\d\] |      |parity: (onnxruntime|tensorrt)\S* \S+$)")
+ENOSPC_HOOK = """
+import errno, os
+_under = os.environ.get("GAMEXPORT_TEST_ENOSPC_UNDER")
+if _under:
+    _fsync = os.fsync
+    def fsync(fd):
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            where = ""
+        if where.startswith(_under):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return _fsync(fd)
+    os.fsync = fsync
+"""
+
+
+@dataclass
+class Ctx:
+    """What a row's setup may use: the test's folder and the shared tiny model."""
+
+    tmp: Path
+    cfg: Any
+    weights: dict
+    ckpt_src: Path
+    build_src: Path
+    monkeypatch: Any
+
+    def ckpt(self, name: str = "ck") -> Path:
+        dst = self.tmp / name
+        shutil.copytree(self.ckpt_src, dst)
+        return dst
+
+    def build(self, name: str = "build") -> Path:
+        dst = self.tmp / name
+        shutil.copytree(self.build_src, dst)
+        return dst
+
+    def save_weights(self, weights: dict, name: str = "ck") -> Path:
+        from safetensors.numpy import save_file
+
+        folder = self.ckpt(name)
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "model.safetensors"))
+        return folder
+
+    def edit_config(self, changes: dict, name: str = "ck") -> Path:
+        folder = self.ckpt(name)
+        data = json.loads((folder / "config.json").read_text())
+        data.update(changes)
+        (folder / "config.json").write_text(json.dumps(data))
+        return folder
+
+    def reference_pt(self, name: str = "gam.pt") -> Path:
+        import torch
+
+        from gamexport.model import build_model
+
+        path = self.tmp / name
+        torch.save(build_model(self.cfg, self.weights).state_dict(), path)
+        return path
+
+
+# ---- setups: each makes one bad input and returns the values the row's argv names ------------------------------
+def _weights(ctx, **edits) -> dict:
+    weights = {k: v.copy() for k, v in ctx.weights.items()}
+    for name, value in edits.items():
+        name = name.replace("__", ".")
+        if value is None:
+            del weights[name]
+        else:
+            weights[name] = value
+    return weights
+
+
+def _nan_weights(ctx, name, index, value):
+    weights = _weights(ctx)
+    weights[name].reshape(-1)[index] = value
+    return ctx.save_weights(weights)
+
+
+def _mutate(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "empty":
+        data = bytearray()
+    elif how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "corrupt":  # overwrite the start, where the structure is
+        data[8:40] = bytes(b ^ 0x5A for b in data[8:40])
+    path.write_bytes(bytes(data))
+
+
+def ck_file(how: str):
+    def setup(ctx):
+        folder = ctx.ckpt()
+        _mutate(folder / "model.safetensors", how)
+        return {"src": folder}
+    return setup
+
+
+def pt_file(how: str):
+    def setup(ctx):
+        path = ctx.reference_pt()
+        _mutate(path, how)
+        return {"src": path}
+    return setup
+
+
+def evil_pickle(ctx):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    path = ctx.tmp / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    return {"src": path}
+
+
+def tokenizer_file(how: str):
+    def setup(ctx):
+        folder = ctx.ckpt()
+        shutil.copy(Path(__file__).resolve().parents[1] / "gamexport" / "demo" / "tokenizer.json", folder)
+        _mutate(folder / "tokenizer.json", how)
+        return {"src": folder}
+    return setup
+
+
+def tokenizer_changed(ctx):
+    """A build folder whose manifest lists a tokenizer.json, which was then edited (still valid JSON)."""
+    from gamexport.fsutil import sha256_file
+
+    folder = ctx.build()
+    shutil.copy(Path(__file__).resolve().parents[1] / "gamexport" / "demo" / "tokenizer.json", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["tokenizer.json"] = {"size": (folder / "tokenizer.json").stat().st_size,
+                                           "sha256": sha256_file(folder / "tokenizer.json")}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with open(folder / "tokenizer.json", "a") as f:
+        f.write("\n")
+    return {"build": folder}
+
+
+def tokenizer_too_big(ctx):
+    folder = ctx.ckpt()
+    shutil.copy(Path(__file__).resolve().parents[1] / "gamexport" / "demo" / "tokenizer.json", folder)
+    return {"src": folder}
+
+
+def onnx_file(how: str | None):
+    def setup(ctx):
+        path = ctx.tmp / "graphs" / "model.onnx"
+        path.parent.mkdir()
+        if how is not None:
+            shutil.copy(ctx.build_src / "model.onnx", path)
+            _mutate(path, how)
+        return {"onnx": path}
+    return setup
+
+
+def build_file(name: str, how: str):
+    def setup(ctx):
+        folder = ctx.build()
+        path = folder / name
+        if how == "delete":
+            path.unlink()
+        elif how == "append":
+            with open(path, "ab") as f:
+                f.write(b" ")
+        else:
+            _mutate(path, how)
+        return {"build": folder}
+    return setup
+
+
+def stray_file(ctx):
+    folder = ctx.build()
+    (folder / "stray.bin").write_bytes(b"x")
+    return {"build": folder}
+
+
+def external_data(location: str):
+    """A forged build folder whose manifest agrees with a step.onnx that reads a tensor from ``location``."""
+    def setup(ctx):
+        import onnx
+
+        from gamexport.fsutil import sha256_file
+
+        folder = ctx.build()
+        model = onnx.load(str(folder / "step.onnx"))
+        tensor = next(t for t in model.graph.initializer if t.name == "ln_f.bias")
+        tensor.ClearField("raw_data")
+        del tensor.float_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", "0"), ("length", "128")):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        (folder / "step.onnx").write_bytes(model.SerializeToString())
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["step.onnx"] = {"size": (folder / "step.onnx").stat().st_size,
+                                          "sha256": sha256_file(folder / "step.onnx")}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return {"build": folder}
+    return setup
+
+
+def a_file(ctx):
+    path = ctx.tmp / "a-file"
+    path.write_text("keep me")
+    return {"src": ctx.ckpt(), "out": path}
+
+
+def read_only_folder(ctx):
+    """A folder this process cannot write into: mode 555, or (root ignores modes) a path in /sys."""
+    folder = ctx.tmp / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)  # the ctx fixture makes it writable again for pytest's clean-up
+    src = ctx.ckpt()
+    try:
+        (folder / "probe").mkdir()
+    except OSError:
+        return {"src": src, "out": folder / "out"}
+    (folder / "probe").rmdir()
+    try:
+        os.mkdir("/sys/gamexport-probe")
+    except OSError:
+        return {"src": src, "out": Path("/sys/gamexport-test/out")}
+    os.rmdir("/sys/gamexport-probe")
+    pytest.skip("no folder here refuses writes to this user")
+
+
+def full_disk(ctx):
+    """The previous good build in ``out``; every fsync under the test's folder fails with ENOSPC."""
+    out = ctx.build("out")
+    hooks = ctx.tmp / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(ENOSPC_HOOK)
+    env = {"PYTHONPATH": str(hooks), "GAMEXPORT_TEST_ENOSPC_UNDER": str(ctx.tmp)}
+    return {"src": ctx.ckpt(), "out": out, "env": env}
+
+
+def full_disk_report(ctx):
+    values = full_disk(ctx)
+    (ctx.tmp / "report.json").write_text('{"previous": true}\n')
+    return {**values, "build": values["out"]}
+
+
+def plain(ctx):
+    return {}
+
+
+def config_not_json(ctx):
+    folder = ctx.ckpt()
+    (folder / "config.json").write_text('{"vocab')
+    return {"src": folder}
+
+
+def with_build(ctx):
+    return {"build": ctx.build()}
+
+
+def with_ckpt(ctx):
+    return {"src": ctx.ckpt()}
+
+
+# ---- engines through the stand-in tensorrt (no GPU here) ---------------------------------------------------------
+def _engines(ctx, mutate: Callable[[dict], None] | None = None, env_change: dict | None = None):
+    """Stand-in TensorRT installed, tiny engines built (prefill profile batch 1..2 × sequence 1..16)."""
+    import contextlib
+
+    from test_trt import ENV, HostDevice, make_fake_trt
+
+    from gamexport.engines import trt as trt_mod
+
+    fake = make_fake_trt(10, [])
+    env = dict(ENV, tensorrt_version=fake.__version__)
+    ctx.monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    ctx.monkeypatch.setattr(trt_mod, "runtime_environment", lambda device=0: dict(env))
+    ctx.monkeypatch.setattr(trt_mod, "TorchCudaDevice", HostDevice)
+    ctx.monkeypatch.setattr(trt_mod, "_device_scope", lambda device=0: contextlib.nullcontext())
+    folder = ctx.tmp / "engines"
+    folder.mkdir()
+    for name in ("model.onnx", "step.onnx"):
+        shutil.copy(ctx.build_src / name, folder)
+    trt_mod.build_engines(folder, ctx.cfg, profiles={"prefill": {"opt": "1x16", "max": "2x16"}})
+    paths = trt_mod.engine_paths(folder)
+    if mutate is not None:
+        mutate(paths)
+    if env_change:
+        env.update(env_change)
+    return folder, paths
+
+
+def engine(change: Callable[[dict], None] | None = None, env_change: dict | None = None,
+           call: Callable | None = None):
+    def setup(ctx):
+        from gamexport.engines.trt import TrtRunner
+
+        folder, paths = _engines(ctx, change, env_change)
+        if call is None:
+            return {"call": lambda: TrtRunner.from_folder(folder)}
+        runner = TrtRunner.from_folder(folder)
+        return {"call": lambda: call(runner, paths)}
+    return setup
+
+
+def _plan(how: str):
+    def change(paths):
+        _mutate(paths["prefill"], how) if how != "delete" else paths["prefill"].unlink()
+    return change
+
+
+def _forged_plan(paths):
+    """Garbage plan bytes with a sidecar updated to match them: TensorRT itself refuses to load it."""
+    from gamexport.engines.trt import sidecar_path
+
+    paths["prefill"].write_bytes(b"not a TensorRT plan")
+    side = sidecar_path(paths["prefill"])
+    meta = json.loads(side.read_text())
+    meta["engine"]["sha256"] = hashlib.sha256(b"not a TensorRT plan").hexdigest()
+    side.write_text(json.dumps(meta))
+
+
+def _sidecar(how: str):
+    def change(paths):
+        from gamexport.engines.trt import sidecar_path
+
+        side = sidecar_path(paths["prefill"])
+        side.unlink() if how == "delete" else _mutate(side, how)
+    return change
+
+
+# ---- the table ------------------------------------------------------------------------------------------------
+def row(case_id, argv, setup, expect, pattern, *, xfail: str | None = None, no_gpu: bool = False):
+    marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
+    if no_gpu:  # the message for a machine without a GPU (evaluated when the row runs)
+        marks.append(pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="this machine has a GPU"))
+    return pytest.param(argv, setup, expect, pattern, id=case_id, marks=marks)
+
+
+BUILD = ["build", "{src}", "--out", "{tmp}/out", "--no-latency", "-j", "1"]
+OPTS = ["build", "{src}", "--no-latency", "-j", "1"]  # option rows: a source that loads without torch
+API = None  # argv of a Python API row: the setup returns the call
+
+TABLE = [
+    # checkpoints: missing, empty, truncated, corrupt; .safetensors and .pt
+    row("ckpt-missing", ["build", "{tmp}/nope.safetensors", "--out", "{tmp}/out"], plain, 2,
+        r"nope\.safetensors does not exist\. Pass a checkpoint"),
+    row("ckpt-empty", BUILD, ck_file("empty"), 2, r"cannot read \S*model\.safetensors: .*header too small"),
+    row("ckpt-truncated", BUILD, ck_file("truncate"), 2, r"cannot read \S*model\.safetensors: .*truncated"),
+    row("ckpt-corrupt", BUILD, ck_file("corrupt"), 2, r"cannot read \S*model\.safetensors: Error while deserial"),
+    row("pt-empty", BUILD, pt_file("empty"), 2, r"cannot read \S*gam\.pt: EOFError"),
+    row("pt-truncated", BUILD, pt_file("truncate"), 2, r"cannot read \S*gam\.pt: .* truncated or not a torch"),
+    row("pt-corrupt", BUILD, pt_file("corrupt"), 2, r"cannot read \S*gam\.pt: .* truncated or not a torch",
+        xfail="a .pt whose bytes are damaged is reported as 'asks to run code or build objects beyond plain "
+              "tensors; refused': every UnpicklingError is taken for a refused global (gamexport/checkpoint.py)"),
+    # tensors: missing, extra, wrongly shaped (both shapes), NaN / Inf (named)
+    row("tensor-missing", BUILD, lambda c: {"src": c.save_weights(_weights(c, blocks__1__memory_bank=None))}, 2,
+        r"missing 1 tensor\(s\): blocks\.1\.memory_bank"),
+    row("tensor-extra", BUILD, lambda c: {"src": c.save_weights(_weights(c, blocks__0__extra=np.zeros(1,
+                                                                                                  np.float32)))},
+        2, r"1 unexpected tensor\(s\): blocks\.0\.extra"),
+    row("tensor-shape", BUILD, lambda c: {"src": c.save_weights(_weights(c, blocks__0__gate__bias=np.zeros(
+        5, np.float32)))}, 2, r"tensor blocks\.0\.gate\.bias has shape \(5,\), expected \(64,\)"),
+    row("tensor-nan", BUILD, lambda c: {"src": _nan_weights(c, "blocks.1.ffn.0.bias", 3, np.nan)}, 2,
+        r"tensor blocks\.1\.ffn\.0\.bias holds NaN"),
+    row("tensor-inf", BUILD, lambda c: {"src": _nan_weights(c, "ln_f.weight", 0, np.inf)}, 2,
+        r"tensor ln_f\.weight holds NaN or Inf"),
+    # config.json: disagrees with the weights, unreadable, invalid
+    row("config-disagrees", BUILD, lambda c: {"src": c.edit_config({"n_slots": 99})}, 2,
+        r"config\.json and the weights disagree \(n_slots: config 99 vs weights 16\)"),
+    row("config-not-json", BUILD, config_not_json, 2, r"cannot read \S*config\.json: .*Fix or delete config\.json"),
+    row("config-baseline-architecture", BUILD, lambda c: {"src": c.edit_config({"architecture": "transformer"})},
+        2, r"is a transformer baseline checkpoint \(config\.json says architecture 'transformer'\)"),
+    row("config-bad-value", BUILD, lambda c: {"src": c.edit_config({"d_model": "big"})}, 2,
+        r"config field d_model must be a positive integer, got 'big'"),
+    # untrusted pickles run no code
+    row("pt-pickle-runs-code", BUILD, evil_pickle, 2, r"evil\.pt asks to run code .*; refused",
+        xfail="torch.load(weights_only=True) prints a UserWarning about the pickle protocol on stderr before the "
+              "error line (gamexport/checkpoint.py: silence warnings around torch.load)"),
+    # tokenizers
+    row("tokenizer-missing", ["generate", "{build}", "--prompt", "hello"], with_build, 2,
+        r"has no tokenizer\.json, so --prompt cannot be encoded"),
+    row("tokenizer-empty", ["generate", "{src}", "--prompt", "hello"], tokenizer_file("empty"), 2,
+        r"cannot read tokenizer \S*tokenizer\.json: EOF while parsing"),
+    row("tokenizer-truncated-build", BUILD, tokenizer_file("truncate"), 2, r"cannot read tokenizer \S*tokenizer\.json",
+        xfail="build copies a truncated tokenizer.json into the output without reading it (load_checkpoint in "
+              "gamexport/checkpoint.py should open it with Tokenizer.from_file)"),
+    row("tokenizer-changed-in-build", ["generate", "{build}", "--ids", "1,2"], tokenizer_changed, 2,
+        r"tokenizer\.json does not match its manifest entry",
+        xfail="generate checks only step.onnx against the manifest and then loads tokenizer.json unchecked "
+              "(engines/loader.py open_runner)"),
+    row("tokenizer-bigger-than-vocab", BUILD, tokenizer_too_big, 2, r"tokenizer\.json .*97",
+        xfail="a tokenizer with more ids than the model's vocab_size is accepted and copied into the build "
+              "(load_checkpoint should compare Tokenizer.vocab_size with config.vocab_size)"),
+    # ONNX files: missing, empty, truncated, corrupt; external data outside the folder
+    row("onnx-missing", ["inspect", "{tmp}/graphs/gone.onnx"], onnx_file(None), 2, r"gone\.onnx does not exist"),
+    row("onnx-empty", ["inspect", "{onnx}"], onnx_file("empty"), 2, r"model\.onnx",
+        xfail="an empty .onnx file gives 'ONNX file has no gamexport config metadata', naming no file "
+              "(read_graph_config in gamexport/graph/builder.py)"),
+    row("onnx-truncated", ["inspect", "{onnx}"], onnx_file("truncate"), 2,
+        r"cannot read ONNX file \S*model\.onnx: DecodeError\. The file is truncated or corrupt"),
+    row("onnx-corrupt", ["inspect", "{onnx}"], onnx_file("corrupt"), 2, r"cannot read ONNX file \S*model\.onnx"),
+    row("onnx-external-data-parent", ["generate", "{build}", "--ids", "1,2"], external_data("../../etc/passwd"),
+        2, r"step\.onnx: tensor 'ln_f\.bias' reads external data from '\.\./\.\./etc/passwd', outside"),
+    row("onnx-external-data-absolute", ["generate", "{build}", "--ids", "1,2"], external_data("/etc/passwd"), 2,
+        r"reads external data from '/etc/passwd', outside"),
+    # build folders against their manifest: runners check before loading, verify checks every file
+    row("build-file-corrupt", ["generate", "{build}", "--ids", "1,2"], build_file("step.onnx", "corrupt"), 2,
+        r"step\.onnx does not match its manifest entry"),
+    row("build-file-missing", ["generate", "{build}", "--ids", "1,2"], build_file("step.onnx", "delete"), 2,
+        r"step\.onnx is missing"),
+    row("build-manifest-corrupt", ["generate", "{build}", "--ids", "1,2"], build_file("manifest.json", "truncate"),
+        2, r"cannot read \S*manifest\.json"),
+    row("verify-changed-file", ["verify", "{build}"], build_file("parity/feeds.json", "append"), 2,
+        r"feeds\.json does not match its manifest entry"),
+    row("verify-stray-file", ["verify", "{build}"], stray_file, 2, r"stray\.bin is not listed in the manifest"),
+    row("verify-not-a-build", ["verify", "{src}"], with_ckpt, 2, r"has no manifest\.json"),
+    # token ids and positions
+    row("token-id-too-big", ["generate", "{build}", "--ids", "5,97"], with_build, 2,
+        r"token id 97 is outside the vocabulary \[0, 97\)"),
+    row("token-id-negative", ["generate", "{build}", "--ids=-1,2"], with_build, 2,
+        r"token id -1 is outside the vocabulary"),
+    row("token-ids-not-integers", ["generate", "{build}", "--ids", "1,x"], with_build, 2,
+        r"--ids must be comma-separated integers"),
+    row("positions-past-limit", ["generate", "{build}", "--ids", ",".join(["1"] * 65)], with_build, 2,
+        r"positions 0\.\.64 exceed the model's 64 learned positions"),
+    row("prefill-length-past-limit", [*BUILD, "--prefill-len", "65"], with_ckpt, 2,
+        r"prefill length 65 is outside 1\.\.64"),
+    # engines (Python API, stand-in TensorRT): missing, empty, truncated, corrupt, foreign, outside the profile
+    row("engine-missing", API, engine(_plan("delete")), GraphError, r"model\.fp32\.plan does not exist"),
+    row("engine-empty", API, engine(_plan("empty")), EngineMismatchError,
+        r"model\.fp32\.plan does not match its sidecar model\.fp32\.plan\.json"),
+    row("engine-truncated", API, engine(_plan("truncate")), EngineMismatchError,
+        r"model\.fp32\.plan does not match its sidecar"),
+    row("engine-corrupt", API, engine(_forged_plan), EngineMismatchError,
+        r"TensorRT could not load model\.fp32\.plan: .*Serialization"),
+    row("engine-sidecar-missing", API, engine(_sidecar("delete")), GraphError,
+        r"model\.fp32\.plan has no sidecar model\.fp32\.plan\.json"),
+    row("engine-sidecar-corrupt", API, engine(_sidecar("truncate")), GraphError,
+        r"cannot read \S*model\.fp32\.plan\.json"),
+    row("engine-other-tensorrt", API, engine(env_change={"tensorrt_version": "10.0.1.6"}), EngineMismatchError,
+        r"model\.fp32\.plan was built by TensorRT 10\.9\.0\.34, but this machine has TensorRT 10\.0\.1\.6"),
+    row("engine-other-gpu", API, engine(env_change={"gpu_name": "NVIDIA L4", "compute_capability": "8.9"}),
+        EngineMismatchError, r"built for NVIDIA H100 80GB HBM3 \(compute capability 9\.0\), but this GPU is NVIDIA L4"),
+    row("engine-swapped", API, engine(call=lambda _r, p: TrtRunner(p["step"], p["prefill"])), GraphError,
+        r"step\.fp32\.plan is a step engine, not a prefill engine"),
+    row("engine-batch-outside-profile", API, engine(call=lambda r, _p: r.prefill(np.zeros((3, 4), np.int64))),
+        ProfileError, r"batch 3 × sequence 4 is outside the optimization profile of model\.fp32\.plan "
+                        r"\(batch 1\.\.2, sequence 1\.\.16\)"),
+    row("engine-sequence-outside-profile", API, engine(call=lambda r, _p: r.prefill(np.zeros((1, 20), np.int64))),
+        ProfileError, r"batch 1 × sequence 20 is outside .*rebuild the engine with a profile max of at least 2x20"),
+    # output paths: a file, not writable, a full disk
+    row("out-is-a-file", [*OPTS, "--out", "{out}"], a_file, 2, r"output path \S*a-file is a file, not a folder"),
+    row("out-not-writable", [*OPTS, "--out", "{out}"], read_only_folder, 2,
+        r"cannot write beside \S*out: (Permission denied|Operation not permitted)"),
+    row("out-full-disk", [*OPTS, "--out", "{out}"], full_disk, 2,
+        r"cannot write \S*: No space left on device\. Free disk space"),
+    row("report-full-disk", ["parity", "{build}", "--precision", "fp32", "-j", "1", "--report", "{tmp}/report.json"],
+        full_disk_report, 2, r"cannot write \S*report\.json: No space left on device"),
+    # unknown options and values
+    row("unknown-option", ["build", "--frobnicate"], plain, 2, r"--frobnicate",
+        xfail="typer prints its usage box (Usage:, Try ..., a boxed Error) instead of one error: line "
+              "(cli/main.py: catch the usage error, see the report)"),
+    row("unknown-command", ["frobnicate"], plain, 2, r"frobnicate",
+        xfail="typer's usage box, not one error: line (cli/main.py)"),
+    row("option-out-of-range", ["build", "--threads", "0"], plain, 2, r"--threads",
+        xfail="typer's usage box, not one error: line (cli/main.py)"),
+    row("unknown-preset", ["build", "--preset", "huge"], plain, 2,
+        r"unknown preset 'huge'\. Choose one of: paper, small, tiny"),
+    row("unknown-engine", [*OPTS, "--engines", "tvm"], with_ckpt, 2, r"unknown engine 'tvm'"),
+    row("unknown-precision", [*OPTS, "--precision", "fp8"], with_ckpt, 2, r"unknown precision 'fp8'"),
+    row("unknown-device", [*OPTS, "--device", "tpu"], with_ckpt, 2, r"unknown device 'tpu'\. Choose from cpu, cuda"),
+    row("parity-precision-not-built", ["parity", "{build}", "--precision", "fp8"], with_build, 2,
+        r"has no fp8 graphs\. It has: fp32"),
+    row("prompt-and-ids", ["generate", "{build}", "--ids", "1", "--prompt", "x"], with_build, 2,
+        r"give exactly one of --prompt and --ids"),
+    row("tensorrt-on-cpu", [*OPTS, "--engines", "tensorrt"], with_ckpt, 2, r"TensorRT runs on NVIDIA GPUs only"),
+    row("cuda-without-gpu", [*OPTS, "--device", "cuda"], with_ckpt, 2, r"--device cuda needs an NVIDIA GPU",
+        no_gpu=True),
+    row("tensorrt-without-gpu", [*OPTS, "--device", "cuda", "--engines", "tensorrt"], with_ckpt, 2,
+        r"--device cuda needs an NVIDIA GPU", no_gpu=True),
+]
+
+
+# ---- the test -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ckpt_src(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:
+    from gamexport.checkpoint import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("bad_input_ckpt")
+    save_checkpoint(folder, tiny_cfg, tiny_weights, meta={"trained": False})
+    return folder
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_cfg, tiny_weights, ckpt_src, tiny_build, monkeypatch) -> Ctx:
+    work = tmp_path / "work"
+    work.mkdir()
+    yield Ctx(work, tiny_cfg, tiny_weights, ckpt_src, tiny_build, monkeypatch)
+    for path in [work, *work.rglob("*")]:  # a read-only folder would stop pytest from cleaning up
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root``, hidden ones included: relative path → sha256 (or 'dir')."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    """What was written, leaving out a build's empty lock file (``.<out>.lock``, kept on purpose)."""
+    empty = hashlib.sha256(b"").hexdigest()
+    diff = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return [k for k in diff if not (k not in before and Path(k).name.startswith(".") and k.endswith(".lock")
+                                    and after[k] == empty)]
+
+
+def run_cli(argv: list[str], values: dict, cwd: Path, extra_env: dict | None = None):
+    args = [a.format(tmp=cwd, **{k: v for k, v in values.items() if k != "env"}) for a in argv]
+    env = {**os.environ, "GAMEXPORT_DEBUG": "", **values.get("env", {}), **(extra_env or {})}
+    return subprocess.run([*GAMEXPORT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def check_error_line(stderr: str, pattern: str) -> str:
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert lines and lines[-1].startswith("error: "), stderr[-3000:]
+    others = [line for line in lines[:-1] if not PROGRESS.match(line)]
+    assert not others, f"stderr holds more than progress and the error line: {others[:5]}"
+    line = lines[-1]
+    assert re.search(pattern, line), line
+    assert re.search(r"\. \S", line), f"no fix after the problem: {line}"
+    return line
+
+
+@pytest.mark.parametrize("argv,setup,expect,pattern", TABLE)
+def test_bad_input(ctx, argv, setup, expect, pattern):
+    values = setup(ctx)
+    before = snapshot(ctx.tmp)
+    if argv is API:
+        with pytest.raises(expect) as err:
+            values["call"]()
+        stderr = "error: " + err.value.line()
+    else:
+        proc = run_cli(argv, values, ctx.tmp)
+        assert "Traceback" not in proc.stdout
+        stderr = proc.stderr
+    # First what was written (also where the message is still wrong: a refused pickle must run nothing).
+    assert changes(before, snapshot(ctx.tmp)) == [], "nothing may be written"
+    check_error_line(stderr, pattern)
+    if argv is not API:
+        assert proc.returncode == expect, stderr[-2000:]
+
+
+def test_debug_shows_the_traceback(ctx):
+    """The first row again, with --debug and with GAMEXPORT_DEBUG=1: the traceback is shown."""
+    argv = TABLE[0].values[0]
+    for extra, env in ((["--debug"], None), ([], {"GAMEXPORT_DEBUG": "1"})):
+        proc = run_cli([*argv, *extra], {}, ctx.tmp, env)
+        assert proc.returncode != 0 and "Traceback (most recent call last)" in proc.stderr
+        assert "CheckpointError: " in proc.stderr and "find_weights" in proc.stderr
