@@ -145,7 +145,7 @@ def train_recall(model: nn.Module, task: RecallTask, steps: int, batch: int = 64
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
