@@ -39,7 +39,7 @@ def train(
                                 "documents is held out) or a folder with train.txt and valid.txt | hf:NAME[:CONFIG] (Hugging Face "
                                 "datasets, optional, needs a reachable hub).")] = None,
     preset: Annotated[Optional[str], typer.Option(
-        "--preset", "-p", show_default="small", help="Model shape and recipe: paper | small | tiny | demo.")] = None,
+        "--preset", "-p", show_default="small", help="Model shape and recipe: paper | small | demo | compare | tiny.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
         "--max-steps", min=1, show_default="the preset's epochs",
         help="Length of the run in optimizer steps (the cosine schedule ends there).")] = None,

@@ -30,7 +30,7 @@ def open_runner(source: str | None, threads: int | None = None) -> Iterator[tupl
     if folder is not None and folder.is_dir() and (folder / MANIFEST_NAME).is_file():
         from .ort import OrtRunner
 
-        verify(folder, ["step.onnx"])
+        verify(folder, ["step.onnx", *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])])
         runner = OrtRunner.from_folder(folder, threads, step_only=True)  # one session: prefill is a chunk
         label = f"onnxruntime-cpu, {folder}"
         tok_path = folder / "tokenizer.json"

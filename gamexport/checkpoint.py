@@ -77,12 +77,18 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     except ImportError as exc:
         raise CheckpointError(f"reading {path.name} needs torch", "pip install torch, or convert to safetensors") from exc
     import pickle
+    import warnings
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():      # torch warns about pickle protocols on stderr; the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} asks to run code or build objects beyond plain tensors; refused",
-                              "re-save it as torch.save(model.state_dict()) or as safetensors") from exc
+        if _pickle_imports_code(path):
+            raise CheckpointError(f"{path} asks to run code or build objects beyond plain tensors; refused",
+                                  "re-save it as torch.save(model.state_dict()) or as safetensors") from exc
+        raise CheckpointError(f"cannot read {path}: its pickle data is damaged",
+                              "the file is truncated or not a torch checkpoint; re-save it") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read {path}: {first}",
@@ -101,6 +107,41 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         name = name.removeprefix("module.").removeprefix("_orig_mod.")
         out[name] = tensor.detach().to(torch.float32).cpu().numpy()
     return out
+
+
+def _pickle_imports_code(path: Path) -> bool:
+    """True when the checkpoint's pickle parses and names a global (a class or function to import and call).
+
+    ``torch.load(weights_only=True)`` refuses both such a pickle and a damaged one with the same exception; this
+    tells them apart by reading the opcodes only (``pickletools`` never executes them). A ``torch.save`` zip holds
+    its pickle in ``*/data.pkl``; a legacy file is one pickle stream.
+    """
+    import pickletools
+    import zipfile
+
+    plain = {"torch", "torch._utils", "collections"}      # what a plain state_dict pickle references
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                data = archive.read(names[0]) if names else b""
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []                                # string pushes: STACK_GLOBAL's module and name
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST"):                  # arg is "module name"
+                module = str(arg).split(" ")[0]
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                module = strings[-2]
+            else:
+                continue
+            if module not in plain:                            # e.g. a whole nn.Module, os.system
+                return True
+        return False
+    except Exception:           # not parseable: damaged, not malicious
+        return False
 
 
 def normalize_weights(raw: Mapping[str, np.ndarray], config: GAMConfig | None = None) -> tuple[GAMConfig, dict]:
@@ -191,8 +232,21 @@ def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
     if config is not None:  # keep dropout/eps from the file
         cfg = config
     tok = folder / TOKENIZER_NAME
+    if tok.is_file():
+        _check_tokenizer(tok, cfg)
     return Checkpoint(config=cfg, weights=weights, source=str(weights_path), sha256=sha256_file(weights_path),
                       tokenizer_path=tok if tok.is_file() else None, meta=meta)
+
+
+def _check_tokenizer(path: Path, cfg: GAMConfig) -> None:
+    """A tokenizer beside the weights must load and fit the model's vocabulary, or a build would ship a
+    tokenizer that cannot be used (or that emits ids the embedding does not have)."""
+    from .tokenizer import Tokenizer
+
+    n = Tokenizer.from_file(path).vocab_size
+    if n > cfg.vocab_size:
+        raise ConfigError(f"{path} has {n:,} ids but the model's vocabulary is {cfg.vocab_size:,}",
+                          "put the tokenizer the model was trained with beside it")
 
 
 def save_checkpoint(folder: str | os.PathLike, config: GAMConfig, weights: Mapping[str, np.ndarray],

@@ -384,9 +384,7 @@ TABLE = [
     row("ckpt-corrupt", BUILD, ck_file("corrupt"), 2, r"cannot read \S*model\.safetensors: Error while deserial"),
     row("pt-empty", BUILD, pt_file("empty"), 2, r"cannot read \S*gam\.pt: EOFError"),
     row("pt-truncated", BUILD, pt_file("truncate"), 2, r"cannot read \S*gam\.pt: .* truncated or not a torch"),
-    row("pt-corrupt", BUILD, pt_file("corrupt"), 2, r"cannot read \S*gam\.pt: .* truncated or not a torch",
-        xfail="a .pt whose bytes are damaged is reported as 'asks to run code or build objects beyond plain "
-              "tensors; refused': every UnpicklingError is taken for a refused global (gamexport/checkpoint.py)"),
+    row("pt-corrupt", BUILD, pt_file("corrupt"), 2, r"cannot read \S*gam\.pt: .* truncated or not a torch"),
     # tensors: missing, extra, wrongly shaped (both shapes), NaN / Inf (named)
     row("tensor-missing", BUILD, lambda c: {"src": c.save_weights(_weights(c, blocks__1__memory_bank=None))}, 2,
         r"missing 1 tensor\(s\): blocks\.1\.memory_bank"),
@@ -408,29 +406,19 @@ TABLE = [
     row("config-bad-value", BUILD, lambda c: {"src": c.edit_config({"d_model": "big"})}, 2,
         r"config field d_model must be a positive integer, got 'big'"),
     # untrusted pickles run no code
-    row("pt-pickle-runs-code", BUILD, evil_pickle, 2, r"evil\.pt asks to run code .*; refused",
-        xfail="torch.load(weights_only=True) prints a UserWarning about the pickle protocol on stderr before the "
-              "error line (gamexport/checkpoint.py: silence warnings around torch.load)"),
+    row("pt-pickle-runs-code", BUILD, evil_pickle, 2, r"evil\.pt asks to run code .*; refused"),
     # tokenizers
     row("tokenizer-missing", ["generate", "{build}", "--prompt", "hello"], with_build, 2,
         r"has no tokenizer\.json, so --prompt cannot be encoded"),
     row("tokenizer-empty", ["generate", "{src}", "--prompt", "hello"], tokenizer_file("empty"), 2,
         r"cannot read tokenizer \S*tokenizer\.json: EOF while parsing"),
-    row("tokenizer-truncated-build", BUILD, tokenizer_file("truncate"), 2, r"cannot read tokenizer \S*tokenizer\.json",
-        xfail="build copies a truncated tokenizer.json into the output without reading it (load_checkpoint in "
-              "gamexport/checkpoint.py should open it with Tokenizer.from_file)"),
+    row("tokenizer-truncated-build", BUILD, tokenizer_file("truncate"), 2, r"cannot read tokenizer \S*tokenizer\.json"),
     row("tokenizer-changed-in-build", ["generate", "{build}", "--ids", "1,2"], tokenizer_changed, 2,
-        r"tokenizer\.json does not match its manifest entry",
-        xfail="generate checks only step.onnx against the manifest and then loads tokenizer.json unchecked "
-              "(engines/loader.py open_runner)"),
-    row("tokenizer-bigger-than-vocab", BUILD, tokenizer_too_big, 2, r"tokenizer\.json .*97",
-        xfail="a tokenizer with more ids than the model's vocab_size is accepted and copied into the build "
-              "(load_checkpoint should compare Tokenizer.vocab_size with config.vocab_size)"),
+        r"tokenizer\.json does not match its manifest entry"),
+    row("tokenizer-bigger-than-vocab", BUILD, tokenizer_too_big, 2, r"tokenizer\.json .*97"),
     # ONNX files: missing, empty, truncated, corrupt; external data outside the folder
     row("onnx-missing", ["inspect", "{tmp}/graphs/gone.onnx"], onnx_file(None), 2, r"gone\.onnx does not exist"),
-    row("onnx-empty", ["inspect", "{onnx}"], onnx_file("empty"), 2, r"model\.onnx",
-        xfail="an empty .onnx file gives 'ONNX file has no gamexport config metadata', naming no file "
-              "(read_graph_config in gamexport/graph/builder.py)"),
+    row("onnx-empty", ["inspect", "{onnx}"], onnx_file("empty"), 2, r"model\.onnx"),
     row("onnx-truncated", ["inspect", "{onnx}"], onnx_file("truncate"), 2,
         r"cannot read ONNX file \S*model\.onnx: DecodeError\. The file is truncated or corrupt"),
     row("onnx-corrupt", ["inspect", "{onnx}"], onnx_file("corrupt"), 2, r"cannot read ONNX file \S*model\.onnx"),
@@ -492,13 +480,9 @@ TABLE = [
     row("report-full-disk", ["parity", "{build}", "--precision", "fp32", "-j", "1", "--report", "{tmp}/report.json"],
         full_disk_report, 2, r"cannot write \S*report\.json: No space left on device"),
     # unknown options and values
-    row("unknown-option", ["build", "--frobnicate"], plain, 2, r"--frobnicate",
-        xfail="typer prints its usage box (Usage:, Try ..., a boxed Error) instead of one error: line "
-              "(cli/main.py: catch the usage error, see the report)"),
-    row("unknown-command", ["frobnicate"], plain, 2, r"frobnicate",
-        xfail="typer's usage box, not one error: line (cli/main.py)"),
-    row("option-out-of-range", ["build", "--threads", "0"], plain, 2, r"--threads",
-        xfail="typer's usage box, not one error: line (cli/main.py)"),
+    row("unknown-option", ["build", "--frobnicate"], plain, 2, r"--frobnicate"),
+    row("unknown-command", ["frobnicate"], plain, 2, r"frobnicate"),
+    row("option-out-of-range", ["build", "--threads", "0"], plain, 2, r"--threads"),
     row("unknown-preset", ["build", "--preset", "huge"], plain, 2,
         r"unknown preset 'huge'\. Choose one of: paper, small, tiny"),
     row("unknown-engine", [*OPTS, "--engines", "tvm"], with_ckpt, 2, r"unknown engine 'tvm'"),

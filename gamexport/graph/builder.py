@@ -444,11 +444,15 @@ def read_graph_config(model: onnx.ModelProto | str | Path) -> tuple[GAMConfig, d
         except Exception as exc:  # onnx raises DecodeError and others for corrupt files
             raise GraphError(f"cannot read ONNX file {path}: {type(exc).__name__}",
                              "the file is truncated or corrupt; rebuild it with gamexport build") from exc
+        where = str(path)
+    else:
+        where = f"ONNX model {model.graph.name or '(unnamed)'}"
     meta = {p.key: p.value for p in model.metadata_props}
     if META_CONFIG not in meta:
-        raise GraphError("ONNX file has no gamexport config metadata", "build it with gamexport build")
+        raise GraphError(f"{where} is empty or not a gamexport graph (no gamexport config metadata)",
+                         "build it with gamexport build")
     try:
         cfg = GAMConfig.from_dict(json.loads(meta[META_CONFIG]))
     except json.JSONDecodeError as exc:
-        raise GraphError("ONNX file's gamexport config metadata is not JSON", "rebuild it") from exc
+        raise GraphError(f"{where}: its gamexport config metadata is not JSON", "rebuild it") from exc
     return cfg, meta
