@@ -54,11 +54,12 @@ class Protocol:
     datasets: tuple[str, ...] = ("wikitext2", "tinystories")
     kinds: tuple[str, ...] = ("gam", "transformer", "mamba")
     seeds: tuple[int, ...] = (0, 1)
-    max_steps: int = 400
-    eval_every: int = 200
+    max_steps: int = 150
+    eval_every: int = 150
     threads: int = 2
     latency_seq: int = 128
     recall_steps: int = 1500
+    recall_batch: int = 32
     recall_sequences: int = 2048
 
 
@@ -126,7 +127,7 @@ def one_run(protocol: Protocol, dataset: str, kind: str, seed: int, runs: Path, 
         if record.get("protocol") == _protocol_key(protocol):
             log(f"{folder.name}: reusing the finished run")
             return record
-    load_before = os.getloadavg()[0]
+    cpu_before = _cpu_seconds()
     started = time.perf_counter()
     resume = (folder / "run.json").is_file() and not (folder / SUMMARY_NAME).is_file()
     if (folder / SUMMARY_NAME).is_file():
@@ -155,16 +156,43 @@ def one_run(protocol: Protocol, dataset: str, kind: str, seed: int, runs: Path, 
         "epoch_s": training["steps_per_epoch"] * tokens_per_step / summary["tokens_per_s"],
         "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"],
         "ort_prefill_ms": ort["median_ms"], "eager_prefill_ms": eager["median_ms"],
-        "curve": [(r["step"] * tokens_per_step, r["val_loss"]) for r in read_metrics(folder / "metrics.jsonl")
-                  if r.get("val_loss") is not None],
+        "curve": [(r["step"] * tokens_per_step, r["train_loss"]) for r in read_metrics(folder / "metrics.jsonl")
+                  if r.get("train_loss") is not None],
         "flavour": summary["dataset"].get("flavour"), "held_out": summary["dataset"].get("held_out"),
-        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+        "other_cpu_cores": _others(cpu_before, _cpu_seconds(), time.perf_counter() - started),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(record_path, record)
     log(f"{folder.name}: val ppl {record['val_ppl']:.2f}, {record['tokens_per_s']:,.0f} tokens/s, "
         f"ORT prefill {record['ort_prefill_ms']:.2f} ms")
     return record
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this process and its children have used), or None
+    where /proc/stat is missing. The difference over a run is what OTHER work took from the cores meanwhile —
+    unlike the load average, it does not count the run's own threads (or the previous run's, which linger in a
+    one-minute average)."""
+    import resource
+
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")      # all but idle and iowait
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return busy, own
+
+
+def _others(before, after, wall: float) -> float | None:
+    """Cores' worth of CPU that other processes used, on average, while the run took ``wall`` seconds."""
+    if before is None or after is None or wall <= 0:
+        return None
+    return round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall, 3)
+
+
+BUSY_CORES = 0.2        # a run during which other processes used more than this many cores is marked (busy)
 
 
 def _protocol_key(protocol: Protocol) -> dict[str, Any]:
@@ -187,7 +215,8 @@ def table(records: list[dict[str, Any]], protocol: Protocol) -> dict[str, list[d
                 "model": kind, "params": runs[0]["params"], "d_model": runs[0]["d_model"], "seeds": len(runs),
                 **{f"{key}_mean": _mean_std(v)[0] for key, v in column.items()},
                 **{f"{key}_std": _mean_std(v)[1] for key, v in column.items()},
-                "busy": [r["seed"] for r in runs if r["load_before"] > 0.5 * protocol.threads],
+                "busy": [r["seed"] for r in runs if (r.get("other_cpu_cores") or 0.0) > BUSY_CORES],
+                "unmeasured": [r["seed"] for r in runs if r.get("other_cpu_cores") is None],
             })
     return rows
 
@@ -214,8 +243,8 @@ def analyses(protocol: Protocol, runs: Path, log) -> dict[str, Any]:
         out["receptive_field"][kind] = result
         log(f"receptive field of {folder.name}: {result['receptive_field']} tokens")
     task = RecallTask()
-    out["recall"] = recall_study(("gam", "transformer"), task, steps=protocol.recall_steps, seed=0,
-                                 log=log)
+    out["recall"] = recall_study(("gam", "transformer"), task, steps=protocol.recall_steps,
+                                 batch=protocol.recall_batch, seed=0, log=log)
     return out
 
 
@@ -238,11 +267,19 @@ def _save(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def _label(dataset: str) -> str:
+    from .data import is_named
+
+    return dataset if is_named(dataset) else Path(dataset).name
+
+
 def plots(records: list[dict[str, Any]], extra: dict[str, Any], protocol: Protocol, out: Path) -> list[Path]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return []
+    from .plots import moving_average
+
     written = []
     fig = _figure(3.4 * len(protocol.datasets), 3.4)
     for i, dataset in enumerate(protocol.datasets):
@@ -250,13 +287,13 @@ def plots(records: list[dict[str, Any]], extra: dict[str, Any], protocol: Protoc
         for kind in protocol.kinds:
             for j, r in enumerate(r for r in records if r["dataset"] == dataset and r["model"] == kind):
                 xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-                ax.plot([x / 1e6 for x in xs], ys, marker="o", ms=3, color=f"C{protocol.kinds.index(kind)}",
-                        alpha=0.85, label=KIND_LABEL[kind] if j == 0 else None)
-        ax.set_title(dataset)
+                ax.plot([x / 1e6 for x in xs], moving_average(list(ys), 10), lw=1.2,
+                        color=f"C{protocol.kinds.index(kind)}", alpha=0.85, label=KIND_LABEL[kind] if j == 0 else None)
+        ax.set_title(_label(dataset))
         ax.set_xlabel("training tokens (millions)")
-        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_ylabel("training loss (nats/token, 10-step mean)")
         ax.legend(fontsize=8)
-    written.append(_save(fig, out / "validation-loss.png"))
+    written.append(_save(fig, out / "training-loss.png"))
 
     rf = extra.get("receptive_field", {})
     if rf:
@@ -336,12 +373,14 @@ def markdown(result: dict[str, Any], figures: list[str], images: str = "results"
         "- Time per epoch is extrapolated from the measured training tokens/s (the runs are shorter than an epoch). "
         f"Latency: prefill of batch 1 × {p['latency_seq']} tokens, median of 20, for the graph exported by "
         "`torch.onnx.export` and run by ONNX Runtime (CPU), and for eager PyTorch.",
-        "- The runs are made one at a time and are meant to have the machine to themselves; a run whose start saw "
-        "a load average above half the threads is marked (busy) and its timings are void.",
+        "- The runs are made one at a time and are meant to have the machine to themselves: during each run the "
+        "driver measures the CPU that other processes took (all CPU time in /proc/stat minus its own); a model "
+        f"whose runs saw more than {BUSY_CORES} of a core taken is marked (busy) and its timings are void, one "
+        "whose runs predate that measurement is marked (unmeasured).",
         "",
     ]
     for dataset, rows in result["table"].items():
-        lines += [f"## {dataset}", "",
+        lines += [f"## {_label(dataset)}", "",
                   "| model | params | d | time/epoch (s) | tokens/s | val loss | val ppl | ORT prefill (ms) | "
                   "eager prefill (ms) |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -349,7 +388,7 @@ def markdown(result: dict[str, Any], figures: list[str], images: str = "results"
             def cell(key, digits):
                 mean, std = row[f"{key}_mean"], row[f"{key}_std"]
                 return "—" if math.isnan(mean) else f"{mean:,.{digits}f} ± {std:,.{digits}f}"
-            flag = " (busy)" if row["busy"] else ""
+            flag = " (busy)" if row["busy"] else " (unmeasured)" if row.get("unmeasured") else ""
             lines.append(f"| {KIND_LABEL[row['model']]}{flag} | {row['params']:,} | {row['d_model']} | "
                          f"{cell('epoch_s', 0)} | {cell('tokens_per_s', 0)} | {cell('val_loss', 3)} | "
                          f"{cell('val_ppl', 2)} | {cell('ort_prefill_ms', 2)} | {cell('eager_prefill_ms', 2)} |")
@@ -359,8 +398,8 @@ def markdown(result: dict[str, Any], figures: list[str], images: str = "results"
                               if ppl is not None)
             lines += ["", f"The paper (one unseeded run each, T4 GPU, 22.6M-parameter models): {cited}."]
         lines.append("")
-    if "validation-loss.png" in figures:
-        lines += ["![validation loss against training tokens](IMAGES/validation-loss.png)", ""]
+    if "training-loss.png" in figures:
+        lines += ["![training loss against training tokens, every run](IMAGES/training-loss.png)", ""]
     rf = result["analyses"].get("receptive_field", {})
     if rf:
         lines += ["## Receptive field of the trained models", "",
@@ -414,9 +453,18 @@ def run_compare(out: Path, runs: Path, protocol: Protocol = Protocol(), data_dir
             for seed in protocol.seeds:
                 log(f"[{len(records) + 1}/{total}] {dataset} {kind} seed {seed}")
                 records.append(one_run(protocol, dataset, kind, seed, runs, data_dir, log))
-    extra = analyses(protocol, runs, log)
+    cached = out / "results.json"
+    key = {"runs": [(r["dataset"], r["model"], r["seed"], r["val_loss"]) for r in records],
+           "recall_steps": protocol.recall_steps, "recall_batch": protocol.recall_batch}
+    previous = json.loads(cached.read_text(encoding="utf-8")) if cached.is_file() else {}
+    if previous.get("analyses_key") == json.loads(json.dumps(key)):
+        log("analyses: reusing the previous results (same runs, same recall protocol)")
+        extra = previous["analyses"]
+    else:
+        extra = analyses(protocol, runs, log)
     result = {"protocol": {**asdict(protocol)}, "machine": machine(), "table": table(records, protocol),
-              "tokens_per_run": records[0]["tokens"] if records else 0, "runs": records, "analyses": extra}
+              "tokens_per_run": records[0]["tokens"] if records else 0, "runs": records, "analyses": extra,
+              "analyses_key": key}
     figures = [p.name for p in plots(records, extra, protocol, out)]
     atomic_write_json(out / "results.json", result)
     if doc is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from gamexport.fsutil import atomic_write_bytes
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def moving_average(values: list[float], window: int) -> list[float]:
     """Trailing moving average, so the train-loss trend is readable through batch-to-batch noise."""
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -52,7 +52,7 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path) -> list[Path]:
     window = len(train) // 50
     if window > 1:
         ax.plot(steps, train, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
-        ax.plot(steps, _smooth(train, window), color="tab:blue", linewidth=1.5,
+        ax.plot(steps, moving_average(train, window), color="tab:blue", linewidth=1.5,
                 label=f"train (mean of last {window} steps)")
     else:
         ax.plot(steps, train, color="tab:blue", linewidth=1.2, label="train")
