@@ -208,9 +208,15 @@ def run_chunks(runner, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, n
     return np.concatenate(outs, axis=1), state
 
 
-def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progress: Progress,
-                  text_ids: np.ndarray | None = None) -> list[dict]:
-    """Every parity row of a build: eager vs float64 NumPy; each ONNX Runtime graph vs eager fp32."""
+def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, Callable[[], object]], progress: Progress,
+                  text_ids: np.ndarray | None = None) -> tuple[list[dict], object]:
+    """Every parity row of a build: eager vs float64 NumPy; each ONNX Runtime graph vs eager fp32.
+
+    ``ort_runners`` maps each fp32 artifact ("functions", "inlined", "ort-format") to a function that opens its
+    runner. They are opened one at a time and closed after their rows — each holds the model's weights (and ONNX
+    Runtime's pre-packed copies), so three at once would triple the build's peak memory. The "functions" runner
+    is returned open, for the latency stage.
+    """
     from gamexport.parity import chunk_plan, compare_logits, parity_inputs, tolerance
     from gamexport.reference import reference_logits
 
@@ -228,15 +234,18 @@ def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progr
                      compare_logits(ref64, eager.prefill(short)[0], tol)))
 
     sizes = chunk_plan(cfg.max_positions, cfg.kernel_size)
-    for name, ids in inputs.items():
-        ref_logits, ref_state = eager.prefill(ids)
-        if name == "random":
-            logits, state = run_chunks(eager, ids, sizes)
-            rows.append(_row("eager", "step", "gamexport.model (PyTorch)", "eager-fp32", name, ids,
-                             compare_logits(ref_logits, logits, tol, states=(ref_state, state)), chunks=sizes))
-        for artifact, runner in ort_runners.items():
+    refs = {name: eager.prefill(ids) for name, ids in inputs.items()}
+    ref_logits, ref_state = refs["random"]
+    logits, state = run_chunks(eager, inputs["random"], sizes)
+    rows.append(_row("eager", "step", "gamexport.model (PyTorch)", "eager-fp32", "random", inputs["random"],
+                     compare_logits(ref_logits, logits, tol, states=(ref_state, state)), chunks=sizes))
+    kept = None
+    for artifact, open_runner in ort_runners.items():
+        runner = open_runner()
+        for name, ids in inputs.items():
             if artifact != "functions" and name != "random":
                 continue
+            ref_logits, ref_state = refs[name]
             progress(f"parity: onnxruntime-cpu {artifact} graphs vs eager on '{name}' tokens")
             logits, state = runner.prefill(ids)
             rows.append(_row("onnxruntime-cpu", "prefill", runner.model_path.name, "eager-fp32", name, ids,
@@ -244,14 +253,17 @@ def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, object], progr
             logits, state = run_chunks(runner, ids, sizes)
             rows.append(_row("onnxruntime-cpu", "step", runner.step_path.name, "eager-fp32", name, ids,
                              compare_logits(ref_logits, logits, tol, states=(ref_state, state)), chunks=sizes))
-    batch = np.concatenate([inputs["random"], inputs["ngram"]], axis=0)
-    runner = ort_runners["functions"]
-    progress("parity: onnxruntime-cpu prefill at batch 2")
-    ref_logits, ref_state = eager.prefill(batch)
-    logits, state = runner.prefill(batch)
-    rows.append(_row("onnxruntime-cpu", "prefill", runner.model_path.name, "eager-fp32", "random+ngram", batch,
-                     compare_logits(ref_logits, logits, tol, states=(ref_state, state))))
-    return rows
+        if artifact != "functions":
+            runner.close()
+            continue
+        kept = runner
+        batch = np.concatenate([inputs["random"], inputs["ngram"]], axis=0)
+        progress("parity: onnxruntime-cpu prefill at batch 2")
+        ref_logits, ref_state = eager.prefill(batch)
+        logits, state = runner.prefill(batch)
+        rows.append(_row("onnxruntime-cpu", "prefill", runner.model_path.name, "eager-fp32", "random+ngram",
+                         batch, compare_logits(ref_logits, logits, tol, states=(ref_state, state))))
+    return rows, kept
 
 
 def localise_divergence(ckpt: Checkpoint, runner, ids: np.ndarray) -> dict | None:
@@ -679,11 +691,12 @@ def build(opts: BuildOptions) -> BuildResult:
         progress = lambda m: say("      " + m)  # noqa: E731
         eager = EagerRunner(cfg, ckpt.weights, threads=threads)
         # The fp32 graphs always run on ONNX Runtime's CPU provider, with functions and inlined, in full detail.
-        ort_runners = {"functions": OrtRunner(staging / "model.onnx", staging / "step.onnx", cfg, threads),
-                       "inlined": OrtRunner(staging / "model.inlined.onnx", staging / "step.inlined.onnx", cfg,
-                                            threads),
-                       "ort-format": OrtRunner(staging / "model.ort", staging / "step.ort", cfg, threads)}
-        parity = parity_checks(ckpt, eager, ort_runners, progress, text_ids)
+        ort_runners = {
+            artifact: (lambda m=m, st=st: OrtRunner(staging / m, staging / st, cfg, threads))
+            for artifact, m, st in (("functions", "model.onnx", "step.onnx"),
+                                    ("inlined", "model.inlined.onnx", "step.inlined.onnx"),
+                                    ("ort-format", "model.ort", "step.ort"))}
+        parity, fp32_runner = parity_checks(ckpt, eager, ort_runners, progress, text_ids)
         variants = []
         for runtime, precision in matrix:
             if (runtime, precision) == ("onnxruntime-cpu", "fp32"):
@@ -697,7 +710,7 @@ def build(opts: BuildOptions) -> BuildResult:
         limits: dict = {}
         if opts.latency:
             stage(4, f"latency, eager vs every runtime and precision, {threads} threads")
-            timed = [ort_runners["functions"]] if ("onnxruntime-cpu", "fp32") in matrix else []
+            timed = [fp32_runner] if ("onnxruntime-cpu", "fp32") in matrix else []
             latency = latency_rows(eager, [*timed, *variants], cfg, threads, opts.latency_runs, progress,
                                    opts.prefill_lengths)
             from gamexport.engines.benchmark import annotate_latency
@@ -705,7 +718,7 @@ def build(opts: BuildOptions) -> BuildResult:
             annotate_latency(latency, cfg, limits)
         else:
             stage(4, "latency skipped (--no-latency)")
-        for runner in [*ort_runners.values(), *variants]:
+        for runner in [fp32_runner, *variants]:
             runner.close()
 
         stage(5, "writing report")
