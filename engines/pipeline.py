@@ -687,8 +687,12 @@ def build(opts: BuildOptions) -> BuildResult:
                           "precision plan (MatMul types, fp32 islands)"]
             graph_checks.append({"artifact": name, "precision": precision, "checks": checks, "passed": True})
 
-        stage(3, "parity against eager PyTorch and the float64 reference")
         progress = lambda m: say("      " + m)  # noqa: E731
+        # The machine's limits for the latency rows, measured now, before any model runner is open: the limits'
+        # own weight matrices (as many bytes as the model) would otherwise add to the build's peak memory.
+        limits = build_limits(cfg, matrix, threads, progress) if opts.latency else {}
+
+        stage(3, "parity against eager PyTorch and the float64 reference")
         eager = EagerRunner(cfg, ckpt.weights, threads=threads)
         # The fp32 graphs always run on ONNX Runtime's CPU provider, with functions and inlined, in full detail.
         ort_runners = {
@@ -707,19 +711,18 @@ def build(opts: BuildOptions) -> BuildResult:
         write_parity_references(staging, eager, cfg, text_ids)
 
         latency: list[dict] = []
-        limits: dict = {}
         if opts.latency:
             stage(4, f"latency, eager vs every runtime and precision, {threads} threads")
             timed = [fp32_runner] if ("onnxruntime-cpu", "fp32") in matrix else []
             latency = latency_rows(eager, [*timed, *variants], cfg, threads, opts.latency_runs, progress,
                                    opts.prefill_lengths)
-            from gamexport.engines.benchmark import annotate_latency
-            limits = build_limits(cfg, matrix, threads, progress)
-            annotate_latency(latency, cfg, limits)
         else:
             stage(4, "latency skipped (--no-latency)")
         for runner in [fp32_runner, *variants]:
             runner.close()
+        if opts.latency:
+            from gamexport.engines.benchmark import annotate_latency
+            annotate_latency(latency, cfg, limits)
 
         stage(5, "writing report")
         report = {
