@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     typer would print its usage box; gamexport's rule is one ``error:`` line with the fix, exit 2, as for every
     other bad input. The same line with the traceback comes with ``GAMEXPORT_DEBUG=1``.
     """
-    import os
     import sys
+
+    from .common import debug_enabled
 
     usage_error = typer.BadParameter.__mro__[1]        # typer's own (vendored) click UsageError
     click_error = typer.BadParameter.__mro__[2]        # ... and ClickException
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":   # bare `gamexport`: the help, as asked for
             exc.show()
             sys.exit(exc.exit_code)
-        if os.environ.get("GAMEXPORT_DEBUG"):
+        if debug_enabled():
             raise
         message = exc.format_message().rstrip(".")
         command = exc.ctx.command_path if exc.ctx is not None else "gamexport"

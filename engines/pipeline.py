@@ -22,6 +22,7 @@ import numpy as np
 from gamexport import __version__
 from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, Checkpoint, load_checkpoint
 from gamexport.config import GAMConfig, preset as get_preset
+from gamexport.engines.benchmark import BUILD_LIMITS, annotate_latency, limits_summary, measure_limits
 from gamexport.errors import ConfigError, GamexportError, OutputError, ParityError
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir, sha256_file
 
@@ -417,15 +418,8 @@ def check_prefill_lengths(cfg: GAMConfig, lengths: tuple[int, ...]) -> tuple[int
 
 def build_limits(cfg: GAMConfig, matrix, threads: int | None, progress: Progress) -> dict:
     """The machine's limits as ``gamexport bench`` defines them, measured in the build's own run (fewer runs)."""
-    from gamexport.engines.benchmark import BUILD_LIMITS, measure_limits
-
     cpu_precisions = tuple(p for runtime, p in matrix if runtime == "onnxruntime-cpu") or ("fp32",)
     return measure_limits(cfg, cpu_precisions, threads or 1, BUILD_LIMITS, progress)
-
-
-def _limits_summary(limits: dict) -> dict:
-    from gamexport.engines.benchmark import limits_summary
-    return limits_summary(limits)
 
 
 def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, runs: int,
@@ -690,7 +684,7 @@ def build(opts: BuildOptions) -> BuildResult:
         progress = lambda m: say("      " + m)  # noqa: E731
         # The machine's limits for the latency rows, measured now, before any model runner is open: the limits'
         # own weight matrices (as many bytes as the model) would otherwise add to the build's peak memory.
-        limits = build_limits(cfg, matrix, threads, progress) if opts.latency else {}
+        limits = build_limits(cfg, matrix, threads, progress) if opts.latency else None
 
         stage(3, "parity against eager PyTorch and the float64 reference")
         eager = EagerRunner(cfg, ckpt.weights, threads=threads)
@@ -716,13 +710,11 @@ def build(opts: BuildOptions) -> BuildResult:
             timed = [fp32_runner] if ("onnxruntime-cpu", "fp32") in matrix else []
             latency = latency_rows(eager, [*timed, *variants], cfg, threads, opts.latency_runs, progress,
                                    opts.prefill_lengths)
+            annotate_latency(latency, cfg, limits)
         else:
             stage(4, "latency skipped (--no-latency)")
         for runner in [fp32_runner, *variants]:
             runner.close()
-        if opts.latency:
-            from gamexport.engines.benchmark import annotate_latency
-            annotate_latency(latency, cfg, limits)
 
         stage(5, "writing report")
         report = {
@@ -731,7 +723,7 @@ def build(opts: BuildOptions) -> BuildResult:
                        "label": str(ckpt.meta.get("label", ""))},
             "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
             "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
-            "machine": {**machine_info(threads), **({"limits": _limits_summary(limits)} if limits else {})},
+            "machine": {**machine_info(threads), **({"limits": limits_summary(limits)} if limits else {})},
             "artifacts": artifacts, "graph_checks": graph_checks,
             "parity": parity, "latency": latency, "skipped": skipped,
         }

@@ -25,10 +25,19 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def save_png(fig, path: Path) -> Path:
+    """Render a matplotlib ``Figure`` on the Agg canvas and write it as a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_metrics(records: list[dict[str, Any]], out: str | Path) -> list[Path]:
     """Write ``loss.png`` (train and validation loss) and ``perplexity.png`` (validation) into ``out``."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         warnings.warn("matplotlib is not installed: no loss/perplexity plots (pip install matplotlib)")
@@ -39,12 +48,6 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path) -> list[Path]:
     val = [(r["step"], r["val_loss"], r["val_ppl"]) for r in records if r.get("val_loss") is not None]
     if not steps:
         return []
-
-    def save(fig, name: str) -> Path:
-        FigureCanvasAgg(fig)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        return atomic_write_bytes(out / name, buffer.getvalue())
 
     written = []
     fig = Figure(figsize=(7, 4.2))
@@ -64,7 +67,7 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path) -> list[Path]:
     ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(save(fig, "loss.png"))
+    written.append(save_png(fig, out / "loss.png"))
 
     if val:
         fig = Figure(figsize=(7, 4.2))
@@ -77,5 +80,5 @@ def plot_metrics(records: list[dict[str, Any]], out: str | Path) -> list[Path]:
         ax.set_xlabel("step")
         ax.set_ylabel("perplexity = exp(loss)")
         ax.grid(alpha=0.3, which="both")
-        written.append(save(fig, "perplexity.png"))
+        written.append(save_png(fig, out / "perplexity.png"))
     return written
