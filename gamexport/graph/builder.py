@@ -169,15 +169,28 @@ def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.Functio
         return [name + ".scale"] if int8 else []
 
     b = body()
+    k = cfg.kernel_size
+    end = int(np.iinfo(np.int64).max)
     b.op("Concat", ["past", "h"], "hcat", axis=1)                                   # (B, k-1+T, d)
-    b.op("Transpose", ["hcat"], "hcat_t", perm=[0, 2, 1])                          # (B, d, k-1+T)
-    b.op("Conv", ["hcat_t", "weight", "bias"], "y_t", group=cfg.d_model, kernel_shape=[cfg.kernel_size])
-    b.op("Transpose", ["y_t"], "local", perm=[0, 2, 1])                            # (B, T, d)
-    b.nodes += [_const_i64("start", [-k1]), _const_i64("end", [np.iinfo(np.int64).max]), _const_i64("axis", [1])]
+    # Depthwise conv as k shifted multiply-adds in the (B, T, d) layout: tap j weights hcat[:, j : j+T], the
+    # input j - (k-1) rows before the output. Same sums as Conv(group=d), without the two layout transposes and
+    # ONNX Runtime's per-channel grouped Conv, which cost more than the model's GEMVs around them when decoding.
+    b.nodes += [_const_i64("taps_shape", [cfg.d_model, k]), _const_i64("axis", [1])]
+    b.op("Transpose", [b.op("Reshape", ["weight", "taps_shape"], "w_dk")], "w_kd", perm=[1, 0])  # (k, d)
+    acc = "bias"
+    for j in range(k):
+        b.nodes += [_const_i64(f"start{j}", [j]), _const_i64(f"end{j}", [j - k1 if j < k1 else end]),
+                    helper.make_node("Constant", [], [f"tap{j}"],
+                                     value=helper.make_tensor(f"tap{j}", TensorProto.INT64, [], [j]))]
+        rows = b.op("Slice", ["hcat", f"start{j}", f"end{j}", "axis"], f"rows{j}")  # (B, T, d)
+        tap = b.op("Gather", ["w_kd", f"tap{j}"], f"w{j}", axis=0)                   # (d,): folds to a constant
+        acc = b.op("Add", [acc, b.op("Mul", [rows, tap], f"m{j}")], "local" if j == k - 1 else f"acc{j}")
+    b.nodes += [_const_i64("start", [-k1]), _const_i64("end", [end])]
     b.op("Slice", ["hcat", "start", "end", "axis"], "present")                     # (B, k-1, d) newest rows
     conv = _function("CausalConv", ["h", "past", "weight", "bias"], ["local", "present"], b.nodes,
-                     "Local path: depthwise causal Conv1d over [past k-1 LN1 outputs, h]; returns the new past. "
-                     "Always fp32 (k·d weights), so the streaming state is exact at every precision.")
+                     "Local path: depthwise causal Conv1d over [past k-1 LN1 outputs, h] written as k shifted "
+                     "multiply-adds; returns the new past. Always fp32 (k·d weights), so the streaming state is "
+                     "exact at every precision.")
 
     b = body()
     h_scale = "h.scale" if int8 else None
@@ -192,9 +205,7 @@ def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.Functio
     b = body()
     b.linear("h", "weight", "g0", act_scale=h_scale)                               # (B, T, 2d)
     g = b.to_float(b.op("Add", ["g0", "bias"], "g_h"), "g")
-    b.op("Split", [g], ["g_local", "g_global"], axis=-1, num_outputs=2)
-    b.op("Sigmoid", ["g_local"], "s_local")
-    b.op("Sigmoid", ["g_global"], "s_global")
+    b.op("Split", [b.op("Sigmoid", [g], "s")], ["s_local", "s_global"], axis=-1, num_outputs=2)
     b.op("Mul", ["s_local", "local"], "a")
     b.op("Mul", ["s_global", "global"], "b")
     b.op("Add", ["a", "b"], "fused")

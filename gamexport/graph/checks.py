@@ -81,15 +81,16 @@ def check_graph_file(path: Path, cfg: GAMConfig, precision: str = "fp32") -> Non
 
 
 #: Ops that must compute in fp32 in every graph (the fp32 islands of a half-precision graph).
-FP32_ISLANDS = ("LayerNormalization", "Softmax", "Sigmoid", "Conv")
+FP32_ISLANDS = ("LayerNormalization", "Softmax", "Sigmoid", "Mul")  # Mul: the conv taps and the gate fusion
 
 
 def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
     """Check that a graph computes the precision plan it claims, from inferred element types.
 
     Every MatMul must take both operands in the graph's compute precision (fp16/bf16 for half graphs, fp32
-    otherwise) — so a graph that silently stayed fp32 fails — and LayerNorm, Softmax, the sigmoid gates and the
-    conv must take fp32 — so a graph that lost an fp32 island fails. Works on the inlined form.
+    otherwise) — so a graph that silently stayed fp32 fails — and LayerNorm, Softmax, the sigmoid gates, the
+    conv's multiply-adds and the gate fusion must take fp32 — so a graph that lost an fp32 island fails. Works on
+    the inlined form.
     """
     from .builder import HALF_TYPES, inline
 
