@@ -26,7 +26,9 @@ Written against TensorRT's Python API for 10.x and 11.x:
 
 TensorRT and torch are imported inside functions only: this module imports on machines without them.
 Device buffers are torch CUDA tensors (torch is on every GPU machine gamexport targets); inputs and outputs cross
-as NumPy arrays, like every other runner.
+as NumPy arrays, like every other runner. The step engine reuses its buffers while the (batch, chunk) shape stays
+the same, keeps the streaming state on the GPU between steps, and can capture decode steps into CUDA graphs
+(``TrtRunner(..., cuda_graph=True)``; see :class:`TrtRunner`).
 """
 
 from __future__ import annotations
@@ -684,8 +686,16 @@ def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", str(dtype)).split(".")[-1]
 
 
+def _host_array(array: np.ndarray, dtype: str | None = None) -> np.ndarray:
+    """A C-contiguous, writeable host array (torch.from_numpy warns on read-only ones)."""
+    array = np.ascontiguousarray(array, dtype=dtype)
+    return array if array.flags.writeable else array.copy()
+
+
 class TorchCudaDevice:
-    """Device buffers as torch CUDA tensors and one CUDA stream; host arrays cross as NumPy."""
+    """Device buffers as torch CUDA tensors, one CUDA stream, and CUDA graphs captured on that stream with torch's
+    ``torch.cuda.graph``; host arrays cross as NumPy. Everything is enqueued on the runner's own (non-default)
+    stream, which is also the stream TensorRT executes on."""
 
     def __init__(self, index: int = 0):
         torch = _import_torch_cuda()
@@ -702,9 +712,8 @@ class TorchCudaDevice:
         return int(self.stream.cuda_stream)
 
     def upload(self, array: np.ndarray):
-        array = np.ascontiguousarray(array)
-        if not array.flags.writeable:  # torch.from_numpy warns on read-only arrays
-            array = array.copy()
+        """A new device buffer holding ``array``."""
+        array = _host_array(array)
         with self.torch.cuda.stream(self.stream):
             return self.torch.from_numpy(array).to(self.device, non_blocking=False)
 
@@ -712,16 +721,52 @@ class TorchCudaDevice:
         with self.torch.cuda.stream(self.stream):
             return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
 
+    def copy_in(self, buffer, array: np.ndarray) -> None:
+        """``array`` into an existing device buffer of its shape and dtype (the buffer keeps its address)."""
+        source = self.torch.from_numpy(_host_array(array))
+        with self.torch.cuda.stream(self.stream):
+            buffer.copy_(source)
+
+    def copy(self, dst, src) -> None:
+        """Device to device on the stream; no host round trip."""
+        with self.torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+
     @staticmethod
     def address(buffer) -> int:
         return int(buffer.data_ptr())
 
     def download(self, buffer) -> np.ndarray:
+        """A host copy, never a view: reused buffers are overwritten by the next call."""
         with self.torch.cuda.stream(self.stream):
-            return buffer.cpu().numpy()
+            return buffer.to("cpu", copy=True).numpy()
 
     def synchronize(self) -> None:
         self.stream.synchronize()
+
+    # CUDA graphs (torch's: the runner already works over torch CUDA tensors)
+    def new_graph(self):
+        return self.torch.cuda.CUDAGraph()
+
+    def capture(self, graph):
+        """Context that captures what is enqueued on the runner's stream into ``graph`` instead of running it.
+
+        ``thread_local``: only this thread's CUDA calls may not be capture-unsafe while it captures."""
+        return self.torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local")
+
+    def replay(self, graph) -> None:
+        with self.torch.cuda.stream(self.stream):  # CUDAGraph.replay launches on the current stream
+            graph.replay()
+
+
+@dataclass
+class _Binding:
+    """An execution context configured for one set of input shapes: a device buffer per I/O tensor, whose addresses
+    were set once, and the CUDA graph captured over exactly these shapes and addresses (None: not captured)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    buffers: dict[str, Any]
+    graph: Any = None
 
 
 class _Engine:
@@ -741,6 +786,7 @@ class _Engine:
         self.profile = TrtProfile.from_dict(meta["profile"])
         self.inputs, self.outputs = [], []
         self.dtypes: dict[str, str] = {}
+        self.binding: _Binding | None = None
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             kind = _dtype_name(engine.get_tensor_dtype(name))
@@ -751,42 +797,108 @@ class _Engine:
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(name)
 
-    def run(self, device, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ctx = self.context
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, shape):
+            raise ProfileError(f"TensorRT refused shape {shape} for {name} of {self.path.name}",
+                               f"stay within the engine's profile ({self.profile.bounds()})")
+
+    def _set_address(self, device, name: str, buffer) -> None:
+        if self.context.set_tensor_address(name, device.address(buffer)) is False:
+            raise TensorRTError(f"TensorRT refused the device buffer of {name} of {self.path.name}: "
+                                f"{_last_error(self.records)}", "report it: the buffer is a fresh torch CUDA tensor")
+
+    def _output_shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(int(s) for s in self.context.get_tensor_shape(name))
+        if any(s < 0 for s in shape):
+            raise TensorRTError(f"TensorRT could not infer the shape of {name} ({shape})",
+                                "rebuild the engine; the graph's shapes do not resolve")
+        return shape
+
+    def execute(self, device) -> None:
+        mark = len(self.records)
+        if not self.context.execute_async_v3(device.stream_handle):
+            raise TensorRTError(f"TensorRT failed to run {self.path.name}: {_last_error(self.records[mark:])}",
+                                "rebuild the engine on this machine; if it persists, check GPU memory")
+
+    def run(self, device, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One call with fresh buffers (prefill: its shapes vary call to call): host outputs and the device
+        output buffers (nothing else holds them; the caller may keep one)."""
+        self.binding = None  # shapes and addresses below replace any earlier configuration
         keep = []
         for name in self.inputs:
             array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            if not ctx.set_input_shape(name, tuple(int(s) for s in array.shape)):
-                raise ProfileError(f"TensorRT refused shape {array.shape} for {name} of {self.path.name}",
-                                   f"stay within the engine's profile ({self.profile.bounds()})")
+            self._set_shape(name, tuple(int(s) for s in array.shape))
             buf = device.upload(array)
             keep.append(buf)
-            ctx.set_tensor_address(name, device.address(buf))
+            self._set_address(device, name, buf)
         outs = {}
         for name in self.outputs:
-            shape = tuple(int(s) for s in ctx.get_tensor_shape(name))
-            if any(s < 0 for s in shape):
-                raise TensorRTError(f"TensorRT could not infer the shape of {name} ({shape})",
-                                    "rebuild the engine; the graph's shapes do not resolve")
-            outs[name] = device.empty(shape, self.dtypes[name])
-            ctx.set_tensor_address(name, device.address(outs[name]))
-        mark = len(self.records)
-        if not ctx.execute_async_v3(device.stream_handle):
-            raise TensorRTError(f"TensorRT failed to run {self.path.name}: {_last_error(self.records[mark:])}",
-                                "rebuild the engine on this machine; if it persists, check GPU memory")
+            outs[name] = device.empty(self._output_shape(name), self.dtypes[name])
+            self._set_address(device, name, outs[name])
+        self.execute(device)
         result = {name: device.download(buf) for name, buf in outs.items()}
         device.synchronize()
         del keep
-        return result
+        return result, outs
+
+    def bind(self, device, shapes: dict[str, tuple[int, ...]]) -> _Binding:
+        """The context configured for ``shapes`` with a buffer per I/O tensor: the current binding when the shapes
+        are unchanged (no TensorRT call at all), else a new one (set_input_shape and set_tensor_address for every
+        tensor). A new binding drops the old one and its CUDA graph, which captured the old shapes and addresses."""
+        if self.binding is not None and self.binding.shapes == shapes:
+            return self.binding
+        self.binding = None
+        buffers = {}
+        for name in self.inputs:
+            self._set_shape(name, shapes[name])
+            buffers[name] = device.empty(shapes[name], self.dtypes[name])
+            self._set_address(device, name, buffers[name])
+        for name in self.outputs:
+            buffers[name] = device.empty(self._output_shape(name), self.dtypes[name])
+            self._set_address(device, name, buffers[name])
+        self.binding = _Binding(dict(shapes), buffers)
+        return self.binding
+
+    def capture(self, device) -> tuple[Any, str | None]:
+        """A CUDA graph of one execute_async_v3 over the current binding, or (None, why it failed).
+
+        Call it only after an un-captured execute_async_v3 with the same shapes: TensorRT defers work after input
+        shape changes to the next enqueue, and that work cannot be captured."""
+        graph = device.new_graph()
+        mark = len(self.records)
+        try:
+            with device.capture(graph):
+                ok = self.context.execute_async_v3(device.stream_handle)
+        except Exception as exc:  # torch's capture_end, or TensorRT raising inside the capture
+            return None, _first_line(exc)
+        if not ok:
+            return None, f"execute_async_v3 failed while capturing: {_last_error(self.records[mark:])}"
+        return graph, None
 
 
 class TrtRunner(Runner):
-    """Runs a prefill and a step engine (TensorRT plans with gamexport sidecars) on one CUDA GPU."""
+    """Runs a prefill and a step engine (TensorRT plans with gamexport sidecars) on one CUDA GPU.
+
+    The step engine keeps device buffers for its current (batch, chunk) shape and reuses them while the shape
+    stays the same: no set_input_shape / set_tensor_address, no allocation per call. The streaming state stays on
+    the GPU between calls: the Runner API hands it out as a NumPy array, and when the same values come back
+    (bit for bit, as from ``generate`` and any decode loop) the step copies its own device copy instead of
+    uploading it; any other state is uploaded.
+
+    ``cuda_graph=True`` (opt-in): a decode step (a chunk of 1 token, any batch) runs execute_async_v3 once
+    un-captured at a new shape — which flushes TensorRT's deferred shape work, as TensorRT requires before a
+    capture, and gives that step's output — then captures execute_async_v3 into a CUDA graph on the runner's
+    stream (``torch.cuda.graph``) and replays the graph for every later decode step of that shape. A step of
+    another shape (a new batch, or a chunk of several tokens, which always runs un-captured) rebinds the context
+    and drops the graph; the next decode step captures again. If a capture fails, the runner falls back to
+    un-captured execution for the rest of its life and records why: ``cuda_graph_status["fallback_reason"]``.
+    ``cuda_graph_status`` counts captures, replays and uploads; ``cuda_graph_note()`` says it in one line.
+    """
 
     runtime = "tensorrt"
 
     def __init__(self, prefill_engine: str | Path, step_engine: str | Path, config: GAMConfig | None = None,
-                 device: int = 0):
+                 device: int = 0, cuda_graph: bool = False):
         trt = import_tensorrt()
         paths = {"prefill": Path(prefill_engine), "step": Path(step_engine)}
         metas, plans = {}, {}
@@ -805,6 +917,9 @@ class TrtRunner(Runner):
             raise ConfigError(f"the engines have different precisions {sorted(precisions)}",
                               "build both engines at one precision")
         self.precision = precisions.pop()
+        #: strongly typed networks compute in the graph's precision (TF32 off for fp32)
+        self.compute_precision = self.precision
+        self.matmul_ops: dict[str, int] = {}  # ONNX Runtime's optimized-graph census; TensorRT has none to read
         env = runtime_environment(device)
         for graph, path in paths.items():
             check_engine_compatible(metas[graph], env, path)
@@ -822,32 +937,126 @@ class TrtRunner(Runner):
                                  "rebuild the engine from a gamexport graph")
         self.meta = metas
         self.paths = paths
+        self.cuda_graph = bool(cuda_graph)
+        self._stats: dict[str, Any] = {"captures": 0, "replays": 0, "uncaptured_steps": 0, "state_uploads": 0,
+                                       "state_kept_on_device": 0, "captured_shapes": [], "fallback_reason": None}
+        self._state_device = None  # the device tensor holding the last state this runner returned
+        self._state_host = None    # a private host copy of it, to recognise that state when it comes back
 
     @property
     def profiles(self) -> dict[str, TrtProfile]:
         return {g: e.profile for g, e in self.engines.items()}
 
-    @classmethod
-    def from_folder(cls, folder: str | Path, precision: str = "fp32", device: int = 0) -> "TrtRunner":
-        paths = engine_paths(folder, precision)
-        return cls(paths["prefill"], paths["step"], device=device)
+    @property
+    def model_path(self) -> Path:
+        return self.paths["prefill"]
 
+    @property
+    def step_path(self) -> Path:
+        return self.paths["step"]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, precision: str = "fp32", device: int = 0,
+                    cuda_graph: bool = False) -> "TrtRunner":
+        paths = engine_paths(folder, precision)
+        return cls(paths["prefill"], paths["step"], device=device, cuda_graph=cuda_graph)
+
+    # ---- CUDA graph bookkeeping --------------------------------------------------------------------------
+    @property
+    def cuda_graph_status(self) -> dict[str, Any]:
+        """requested, used (a decode output came from a replayed graph), captures, replays, uncaptured_steps,
+        captured_shapes ([batch, chunk] per capture), state_uploads / state_kept_on_device, fallback_reason."""
+        stats = {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
+        return {"requested": self.cuda_graph, "used": stats["replays"] > 0, **stats}
+
+    def cuda_graph_note(self) -> str:
+        s = self._stats
+        if not self.cuda_graph:
+            return "CUDA graphs: off (not requested)"
+        if s["fallback_reason"]:
+            return (f"CUDA graphs: requested, capture failed ({s['fallback_reason']}); steps ran un-captured "
+                    f"after {s['replays']} replays")
+        shapes = sorted({f"{b}x{t}" for b, t in s["captured_shapes"]})
+        return (f"CUDA graphs: on for decode, {s['captures']} captures ({', '.join(shapes) or 'none yet'}), "
+                f"{s['replays']} replays, {s['uncaptured_steps']} un-captured steps")
+
+    # ---- the state kept on the device --------------------------------------------------------------------
+    def _forget_state(self) -> None:
+        self._state_device = self._state_host = None
+
+    def _remember_state(self, device_buffer, host: np.ndarray) -> None:
+        self._state_device, self._state_host = device_buffer, host.copy()
+
+    def _state_is_current(self, state: np.ndarray) -> bool:
+        """Is ``state`` bit for bit the last state this runner returned (whose device copy it still holds)?"""
+        snap = self._state_host
+        if snap is None or self._state_device is None or state.shape != snap.shape or state.dtype != snap.dtype:
+            return False
+        return bool(np.array_equal(np.ascontiguousarray(state).view(np.uint8), snap.view(np.uint8)))
+
+    # ---- runner hooks --------------------------------------------------------------------------------------
     def _prefill(self, ids):
         eng = self.engines["prefill"]
         eng.profile.check(ids.shape[0], ids.shape[1], eng.path.name)
+        self._forget_state()
         with self.device.activate():
-            out = eng.run(self.device, {INPUT_IDS: ids})
-        return out[LOGITS].astype(np.float32, copy=False), out[CONV_STATE].astype(np.float32, copy=False)
+            out, buffers = eng.run(self.device, {INPUT_IDS: ids})
+        logits, state = out[LOGITS].astype(np.float32, copy=False), out[CONV_STATE].astype(np.float32, copy=False)
+        self._remember_state(buffers[CONV_STATE], state)
+        return logits, state
 
     def _step(self, ids, position_ids, state):
         eng = self.engines["step"]
         eng.profile.check(ids.shape[0], ids.shape[1], eng.path.name)
-        with self.device.activate():
-            out = eng.run(self.device, {INPUT_IDS: ids, POSITION_IDS: position_ids, CONV_STATE: state})
-        return out[LOGITS].astype(np.float32, copy=False), out[CONV_STATE_OUT].astype(np.float32, copy=False)
+        dev = self.device
+        kept = self._state_device if self._state_is_current(state) else None
+        self._forget_state()  # until this step has succeeded
+        feeds = {INPUT_IDS: ids, POSITION_IDS: position_ids, CONV_STATE: state}
+        with dev.activate():
+            binding = eng.bind(dev, {name: tuple(int(s) for s in np.shape(feeds[name])) for name in eng.inputs})
+            bufs = binding.buffers
+            dev.copy_in(bufs[INPUT_IDS], np.ascontiguousarray(ids, dtype=eng.dtypes[INPUT_IDS]))
+            dev.copy_in(bufs[POSITION_IDS], np.ascontiguousarray(position_ids, dtype=eng.dtypes[POSITION_IDS]))
+            if kept is not None:  # this binding's own output, or the prefill's / an earlier binding's
+                dev.copy(bufs[CONV_STATE], kept)
+                self._stats["state_kept_on_device"] += 1
+            else:
+                dev.copy_in(bufs[CONV_STATE], np.ascontiguousarray(state, dtype=eng.dtypes[CONV_STATE]))
+                self._stats["state_uploads"] += 1
+            self._execute_step(eng, binding, decode=ids.shape[1] == 1)
+            logits = dev.download(bufs[LOGITS])
+            new_state = dev.download(bufs[CONV_STATE_OUT])
+            dev.synchronize()
+        logits, new_state = logits.astype(np.float32, copy=False), new_state.astype(np.float32, copy=False)
+        self._remember_state(bufs[CONV_STATE_OUT], new_state)
+        return logits, new_state
+
+    def _execute_step(self, eng: _Engine, binding: _Binding, decode: bool) -> None:
+        if binding.graph is not None:
+            try:
+                self.device.replay(binding.graph)
+            except Exception as exc:
+                raise TensorRTError(f"replaying the CUDA graph of {eng.path.name} failed: {_first_line(exc)}",
+                                    "open the runner without cuda_graph=True, and report it") from exc
+            self._stats["replays"] += 1
+            return
+        eng.execute(self.device)  # the step's output; before a capture, also TensorRT's required warm-up
+        self._stats["uncaptured_steps"] += 1
+        if not (self.cuda_graph and decode) or self._stats["fallback_reason"]:
+            return
+        graph, why = eng.capture(self.device)
+        if graph is None:
+            self._stats["fallback_reason"] = why
+            return
+        binding.graph = graph
+        self._stats["captures"] += 1
+        self._stats["captured_shapes"].append(list(binding.shapes[INPUT_IDS]))
 
     def close(self) -> None:
+        for eng in self.engines.values():
+            eng.binding = None  # graphs before the contexts they captured
         self.engines = {}
+        self._forget_state()
         self._runtime = None
 
 

@@ -153,6 +153,10 @@ class HostMemory(bytes):
     """IHostMemory stand-in: a buffer."""
 
 
+#: stream handle -> the fake CUDA graph capturing it (set by FakeCuda.graph, read by the stand-in's contexts)
+CUDA_CAPTURE: dict = {}
+
+
 def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail_build: bool = False,
                   before_build=None):
     """``before_build()`` runs inside every build (tests use it to hold a build open at a known point)."""
@@ -303,14 +307,14 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
             if plan["trt"] != m.__version__:
                 self.logger.log(Severity.ERROR, "The engine plan file is not compatible with this version")
                 return None
-            return Engine(plan)
+            return Engine(plan, self.logger)
 
     class Engine:
-        def __init__(self, plan):
+        def __init__(self, plan, logger):
             import onnx
             import onnxruntime as ort
 
-            self.plan = plan
+            self.plan, self.logger = plan, logger
             self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
             model = onnx.load(plan["onnx"], load_external_data=False)
             kinds = {onnx.TensorProto.INT64: m.DataType.INT64, onnx.TensorProto.FLOAT: m.DataType.FLOAT}
@@ -342,47 +346,75 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
             return Context(self)
 
     class Context:
+        """IExecutionContext: shapes and addresses set by the runner; execute_async_v3 computes with ONNX Runtime
+        through those addresses. On a stream that is capturing (``CUDA_CAPTURE``, kept by the fake torch.cuda) it
+        records the work with the shapes and addresses of that moment and runs nothing — as CUDA stream capture
+        does — and, like TensorRT, it cannot capture the deferred work of input shapes changed since the last
+        un-captured enqueue."""
+
         def __init__(self, engine):
             self.engine, self.shapes, self.addresses = engine, {}, {}
+            self.shapes_pending = False  # an input shape changed since the last un-captured execute_async_v3
 
         def set_input_shape(self, name, shape):
             lo, _, hi = self.engine.plan["profile"][name]
             calls.append(("set_input_shape", name, tuple(shape)))
             if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
                 return False
+            if self.shapes.get(name) != tuple(shape):
+                self.shapes_pending = True
             self.shapes[name] = tuple(shape)
             return True
 
-        def _symbols(self):
+        def _symbols(self, shapes):
             sym = {}
             for name, _, mode, dims in self.engine.io:
                 if mode == m.TensorIOMode.INPUT:
-                    sym.update({d: s for d, s in zip(dims, self.shapes[name]) if isinstance(d, str)})
+                    sym.update({d: s for d, s in zip(dims, shapes[name]) if isinstance(d, str)})
             return sym
 
-        def get_tensor_shape(self, name):
-            sym = self._symbols()
+        def _shape(self, name, shapes):
+            sym = self._symbols(shapes)
             return [sym.get(d, d) if isinstance(d, str) else d for d in self.engine._row(name)[3]]
 
+        def get_tensor_shape(self, name):
+            return self._shape(name, self.shapes)
+
         def set_tensor_address(self, name, address):
+            calls.append(("set_tensor_address", name, address))
             self.addresses[name] = address
             return True
 
-        def execute_async_v3(self, stream_handle):
-            calls.append(("execute_async_v3", stream_handle))
+        def _compute(self, shapes, addresses):
             np_types = {m.DataType.INT64: np.int64, m.DataType.FLOAT: np.float32}
             feeds = {}
             for name, kind, mode, _ in self.engine.io:
                 if mode == m.TensorIOMode.INPUT:
-                    shape, dtype = self.shapes[name], np.dtype(np_types[kind])
+                    shape, dtype = shapes[name], np.dtype(np_types[kind])
                     n = int(np.prod(shape)) * dtype.itemsize
-                    raw = (ctypes.c_char * n).from_address(self.addresses[name])
+                    raw = (ctypes.c_char * n).from_address(addresses[name])
                     feeds[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
             outs = self.engine.session.run(None, feeds)
             for (name, *_), value in zip([r for r in self.engine.io if r[2] == m.TensorIOMode.OUTPUT], outs):
                 value = np.ascontiguousarray(value)
-                assert list(value.shape) == self.get_tensor_shape(name)
-                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+                assert list(value.shape) == self._shape(name, shapes)
+                ctypes.memmove(addresses[name], value.ctypes.data, value.nbytes)
+
+        def execute_async_v3(self, stream_handle):
+            graph = CUDA_CAPTURE.get(stream_handle)
+            if graph is not None:
+                calls.append(("execute_async_v3", stream_handle, "captured"))
+                if self.shapes_pending:
+                    self.engine.logger.log(Severity.ERROR, "enqueueV3: deferred input-shape work cannot run while "
+                                           "the stream is capturing; enqueue once before capturing")
+                    graph.invalidated = True
+                    return False
+                shapes, addresses = dict(self.shapes), dict(self.addresses)
+                graph.work.append(lambda: self._compute(shapes, addresses))
+                return True
+            calls.append(("execute_async_v3", stream_handle))
+            self._compute(self.shapes, self.addresses)
+            self.shapes_pending = False
             return True
 
     m.ILogger, m.OnnxParser, m.Builder, m.Runtime = ILogger, OnnxParser, Builder, Runtime
@@ -396,7 +428,7 @@ class HostDevice:
     stream_handle = 1234
 
     def __init__(self, index=0):
-        pass
+        self.log: list = []  # copies into device buffers, by destination address
 
     def activate(self):
         return contextlib.nullcontext()
@@ -406,6 +438,15 @@ class HostDevice:
 
     def empty(self, shape, dtype):
         return np.zeros(shape, dtype=dtype)
+
+    def copy_in(self, buffer, array):
+        assert buffer.shape == array.shape and buffer.dtype == array.dtype, "copy_in never reshapes or converts"
+        self.log.append(("copy_in", buffer.ctypes.data))
+        buffer[...] = array
+
+    def copy(self, dst, src):
+        self.log.append(("copy", dst.ctypes.data, src.ctypes.data))
+        dst[...] = src
 
     @staticmethod
     def address(buffer):
@@ -429,6 +470,129 @@ def fake_trt(request, monkeypatch):
     monkeypatch.setattr(trt_mod, "TorchCudaDevice", HostDevice)
     monkeypatch.setattr(trt_mod, "_device_scope", lambda device=0: contextlib.nullcontext())
     return fake, calls, env
+
+
+# ---- a fake torch.cuda for the real TorchCudaDevice: CPU tensors, a recording stream, CUDA graphs ----------------
+class FakeStream:
+    def __init__(self, cuda, handle):
+        self.cuda, self.cuda_stream = cuda, handle
+
+    def synchronize(self):
+        self.cuda.calls.append(("stream.synchronize", self.cuda_stream))
+
+
+class FakeGraph:
+    """torch.cuda.CUDAGraph stand-in: what was enqueued on the capturing stream, run again on replay() with the
+    shapes and addresses of capture time (a graph does not see later set_input_shape / set_tensor_address)."""
+
+    def __init__(self, cuda):
+        self.cuda, self.work, self.invalidated, self.captured_on = cuda, [], False, None
+
+    def replay(self):
+        assert self.captured_on is not None, "replay of a graph whose capture did not end cleanly"
+        self.cuda.calls.append(("replay", self.cuda.current.cuda_stream))
+        for work in self.work:
+            work()
+
+
+class FakeCuda:
+    """``torch.cuda`` as TorchCudaDevice uses it. Calls are appended to the stand-in's call list, so one list holds
+    TensorRT's and CUDA's calls in order. ``fail_capture``: capture ends with this RuntimeError, like torch's
+    ``capture_end`` when the capture was invalidated."""
+
+    def __init__(self, calls, fail_capture=None):
+        self.calls, self.fail_capture = calls, fail_capture
+        self.current = FakeStream(self, 0)  # the legacy default stream
+        self.next_handle = 5678
+
+    def is_available(self):
+        return True
+
+    def Stream(self, device=None):
+        stream = FakeStream(self, self.next_handle)
+        self.next_handle += 1
+        return stream
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def device(self, device):
+        return contextlib.nullcontext()
+
+    def synchronize(self):
+        self.calls.append(("synchronize",))
+
+    def CUDAGraph(self):
+        return FakeGraph(self)
+
+    @contextlib.contextmanager
+    def graph(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+        assert stream is not None and stream.cuda_stream != 0, "capture on the runner's own non-default stream"
+        handle = stream.cuda_stream
+        self.calls.append(("capture_begin", handle, capture_error_mode))
+        CUDA_CAPTURE[handle] = cuda_graph
+        previous, self.current = self.current, stream
+        try:
+            yield cuda_graph
+        finally:
+            self.current = previous
+            del CUDA_CAPTURE[handle]
+            self.calls.append(("capture_end", handle))
+        if self.fail_capture:
+            raise RuntimeError(self.fail_capture)
+        if cuda_graph.invalidated:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        cuda_graph.captured_on = handle
+
+
+class FakeTorch:
+    """torch with ``torch.cuda`` replaced and CUDA devices mapped to the CPU: buffers are real CPU tensors, whose
+    data_ptr() the stand-in reads and writes like device memory."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def device(self, kind, index=None):
+        assert kind == "cuda"
+        import torch
+
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch, name)
+
+
+class RecordingDevice(trt_mod.TorchCudaDevice):
+    """The real device layer, also recording the copies into device buffers (by destination address)."""
+
+    def copy_in(self, buffer, array):
+        self.torch.cuda.calls.append(("copy_in", self.address(buffer)))
+        super().copy_in(buffer, array)
+
+    def copy(self, dst, src):
+        self.torch.cuda.calls.append(("copy", self.address(dst), self.address(src)))
+        super().copy(dst, src)
+
+
+@pytest.fixture
+def fake_cuda(fake_trt, monkeypatch):
+    """Install the real TorchCudaDevice over a FakeCuda; returns ``install(fail_capture=None) -> FakeCuda``."""
+    _fake, calls, _env = fake_trt
+
+    def install(fail_capture=None):
+        cuda = FakeCuda(calls, fail_capture)
+        monkeypatch.setattr(trt_mod, "_import_torch_cuda", lambda: FakeTorch(cuda))
+        monkeypatch.setattr(trt_mod, "TorchCudaDevice", RecordingDevice)
+        return cuda
+
+    return install
 
 
 def _build(build_dir, cfg, graph, out, **kw):
@@ -552,6 +716,217 @@ def test_runner_parity_through_the_stand_in(fake_engines, fake_trt, eager_tiny, 
     with pytest.raises(ProfileError):
         runner.prefill(np.zeros((3, 4), np.int64))
     assert len(calls) == n
+
+
+# ---- the step engine: buffers reused, state kept on the device, CUDA graphs for decode --------------------------
+BINDING = ("set_input_shape", "set_tensor_address")
+STEP_IO = {"input_ids", "position_ids", "conv_state", "logits", "conv_state_out"}
+
+
+def _of(calls, start, *kinds):
+    return [c for c in calls[start:] if c[0] in kinds]
+
+
+def test_step_reuses_its_buffers_and_keeps_the_state_on_the_device(fake_engines, fake_trt, eager_tiny, tiny_cfg):
+    """Decode steps of one shape: set_input_shape / set_tensor_address once, then only copies into the same
+    buffers; the state comes from the device (prefill's output, then the step's own) unless the caller passes
+    a state that differs, bit for bit, from the last one returned (mutated in place, older, or another)."""
+    from gamexport.engines.trt import TrtRunner
+    from gamexport.parity import compare_logits, tolerance
+
+    folder, _ = fake_engines
+    _fake, calls, _ = fake_trt
+    tol = tolerance("fp32")
+    ids = np.random.default_rng(5).integers(0, tiny_cfg.vocab_size, size=(1, 20))
+    runner = TrtRunner.from_folder(folder)
+    dev = runner.device
+
+    def check(pos, size, state, ref_state):
+        logits, new_state = runner.step(ids[:, pos:pos + size], pos, state)
+        ref_logits, new_ref = eager_tiny.step(ids[:, pos:pos + size], pos, ref_state)
+        result = compare_logits(ref_logits, logits, tol, states=(new_ref, new_state))
+        assert result["passed"], result
+        return new_state, new_ref
+
+    _, state = runner.prefill(ids[:, :4])
+    _, ref = eager_tiny.prefill(ids[:, :4])
+    addresses = {}
+    for pos in range(4, 9):
+        n, k = len(calls), len(dev.log)
+        state, ref = check(pos, 1, state, ref)
+        bound = {c[1]: c[2] for c in _of(calls, n, "set_tensor_address")}
+        if pos == 4:
+            assert {c[1] for c in _of(calls, n, "set_input_shape")} == {"input_ids", "position_ids", "conv_state"}
+            assert set(bound) == STEP_IO
+            addresses = bound
+        else:
+            assert _of(calls, n, *BINDING) == [], "same shape: no new shapes or addresses"
+        assert _of(calls, n, "execute_async_v3") == [("execute_async_v3", HostDevice.stream_handle)]
+        copies = dev.log[k:]
+        assert ("copy_in", addresses["input_ids"]) in copies and ("copy_in", addresses["position_ids"]) in copies
+        assert ("copy_in", addresses["conv_state"]) not in copies, "the state did not come from the host"
+        state_copy = [c for c in copies if c[0] == "copy"]
+        assert len(state_copy) == 1 and state_copy[0][1] == addresses["conv_state"]
+        if pos > 4:  # from the previous step's output buffer; the first step from prefill's
+            assert state_copy[0][2] == addresses["conv_state_out"]
+        else:
+            assert state_copy[0][2] != addresses["conv_state_out"]
+    assert runner.cuda_graph_status["state_uploads"] == 0 and runner.cuda_graph_status["state_kept_on_device"] == 5
+
+    def uploaded(pos, size, state, ref):
+        k = len(dev.log)
+        out = check(pos, size, state, ref)
+        assert ("copy_in", addresses["conv_state"]) in dev.log[k:] and not [c for c in dev.log[k:] if c[0] == "copy"]
+        return out
+
+    older, older_ref = state.copy(), ref.copy()
+    state, ref = check(9, 1, state, ref)
+    state[0, 0, 0, :] += 0.5  # mutated in place: the very array the runner returned
+    ref = ref.copy()
+    ref[0, 0, 0, :] += 0.5
+    state, ref = uploaded(10, 1, state, ref)
+    uploaded(11, 1, older, older_ref)  # an older state
+    # a chunk of 3 rebinds (new shapes and buffers) and still takes the state from the device
+    n = len(calls)
+    state, ref = check(11, 3, state, ref)
+    assert ("set_input_shape", "input_ids", (1, 3)) in calls[n:]
+    assert {c[1] for c in _of(calls, n, "set_tensor_address")} == STEP_IO
+    assert [c for c in dev.log if c[0] == "copy"][-1][2] == addresses["conv_state_out"]
+    assert runner.cuda_graph_status["requested"] is False and runner.cuda_graph_note() == \
+        "CUDA graphs: off (not requested)"
+    assert runner.generate([1, 2, 3], 6) == eager_tiny.generate([1, 2, 3], 6)
+
+
+def _decode(runner, ids, start, steps, state):
+    outs = []
+    for pos in range(start, start + steps):
+        logits, state = runner.step(ids[:, pos:pos + 1], np.full((ids.shape[0], 1), pos, np.int64), state)
+        outs.append((logits, state))
+    return outs
+
+
+def test_cuda_graph_captures_decode_once_per_shape_and_replays(fake_engines, fake_trt, fake_cuda, tiny_cfg):
+    """cuda_graph=True over the real TorchCudaDevice and a fake torch.cuda: the first decode step at a shape binds,
+    runs execute_async_v3 un-captured, then captures it on the runner's stream; later steps only copy inputs and
+    replay; a new shape binds and captures again; outputs are those of the same runner without graphs."""
+    from gamexport.engines.trt import TrtRunner
+
+    folder, _ = fake_engines
+    _fake, calls, _ = fake_trt
+    fake_cuda()
+    ids = np.random.default_rng(6).integers(0, tiny_cfg.vocab_size, size=(2, 24))
+    plain = TrtRunner.from_folder(folder)
+
+    def expected(batch_ids, start, steps, state):
+        return _decode(plain, batch_ids, start, steps, state)
+
+    runner = TrtRunner.from_folder(folder, cuda_graph=True)
+    h = runner.device.stream_handle
+    assert h != 0 and h != plain.device.stream_handle
+
+    def same(got, want):
+        for (a, sa), (b, sb) in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(sa, sb)
+
+    one = ids[:1]
+    _, state = runner.prefill(one[:, :5])
+    want = expected(one, 5, 4, plain.prefill(one[:, :5])[1])
+    n = len(calls)
+    got = _decode(runner, one, 5, 1, state)
+    first = calls[n:]
+    order = [c for c in first if c[0] in ("execute_async_v3", "capture_begin", "capture_end", "replay")]
+    assert order == [("execute_async_v3", h), ("capture_begin", h, "thread_local"),
+                     ("execute_async_v3", h, "captured"), ("capture_end", h)], order
+    binding = [c for c in first[:first.index(("execute_async_v3", h))] if c[0] in BINDING]
+    assert sorted(c[0] for c in binding) == ["set_input_shape"] * 3 + ["set_tensor_address"] * 5
+    addresses = {c[1]: c[2] for c in binding if c[0] == "set_tensor_address"}
+    for step in range(3):
+        m = len(calls)
+        got += _decode(runner, one, 6 + step, 1, got[-1][1])
+        assert [c for c in calls[m:] if c[0] in (*BINDING, "execute_async_v3", "capture_begin", "replay")] == \
+            [("replay", h)], "later steps: inputs copied into the same buffers, graph replayed"
+        copies = [c for c in calls[m:] if c[0] in ("copy_in", "copy")]
+        assert sorted(copies) == sorted([("copy_in", addresses["input_ids"]), ("copy_in", addresses["position_ids"]),
+                                         ("copy", addresses["conv_state"], addresses["conv_state_out"])])
+    same(got, want)
+    status = runner.cuda_graph_status
+    assert (status["captures"], status["replays"], status["captured_shapes"]) == (1, 3, [[1, 1]])
+    assert status["used"] and status["fallback_reason"] is None
+
+    # a new shape (batch 2): bind, warm up, capture again; then replay
+    _, state2 = runner.prefill(ids[:, :5])
+    want2 = expected(ids, 5, 3, plain.prefill(ids[:, :5])[1])
+    m = len(calls)
+    got2 = _decode(runner, ids, 5, 3, state2)
+    same(got2, want2)
+    assert ("set_input_shape", "input_ids", (2, 1)) in calls[m:]
+    assert [c[0] for c in calls[m:] if c[0] in ("execute_async_v3", "capture_begin", "replay")] == \
+        ["execute_async_v3", "capture_begin", "execute_async_v3", "replay", "replay"]
+    # back to batch 1 with an older state (uploaded): the batch-2 binding replaced the batch-1 one, so capture again
+    m = len(calls)
+    same(_decode(runner, one, 9, 2, got[-1][1]), expected(one, 9, 2, want[-1][1]))
+    assert [c[0] for c in calls[m:] if c[0] in ("capture_begin", "replay")] == ["capture_begin", "replay"]
+    assert ("copy_in", [c for c in calls[m:] if c[0] == "set_tensor_address" and c[1] == "conv_state"][0][2]) \
+        in calls[m:], "a state that is not the last one returned is uploaded"
+    # a chunk of several tokens never captures
+    chunk_state = _decode(plain, one, 9, 2, want[-1][1])[-1][1]
+    m = len(calls)
+    logits, _ = runner.step(one[:, 11:14], 11, chunk_state)
+    assert [c for c in calls[m:] if c[0] in ("execute_async_v3", "capture_begin", "replay")] == \
+        [("execute_async_v3", h)]
+    np.testing.assert_array_equal(logits, plain.step(one[:, 11:14], 11, chunk_state)[0])
+    status = runner.cuda_graph_status
+    assert (status["captures"], status["replays"]) == (3, 6)
+    assert status["captured_shapes"] == [[1, 1], [2, 1], [1, 1]]
+    assert runner.cuda_graph_note().startswith("CUDA graphs: on for decode, 3 captures (1x1, 2x1), 6 replays")
+
+
+def test_cuda_graph_capture_failure_falls_back_and_says_why(fake_engines, fake_trt, fake_cuda, tiny_cfg):
+    from gamexport.engines.trt import TrtRunner
+
+    folder, _ = fake_engines
+    _fake, calls, _ = fake_trt
+    fake_cuda(fail_capture="CUDA error: operation not permitted when stream is capturing")
+    ids = np.random.default_rng(7).integers(0, tiny_cfg.vocab_size, size=(1, 16))
+    plain = TrtRunner.from_folder(folder)
+    want = _decode(plain, ids, 3, 4, plain.prefill(ids[:, :3])[1])
+    runner = TrtRunner.from_folder(folder, cuda_graph=True)
+    h = runner.device.stream_handle
+    _, state = runner.prefill(ids[:, :3])
+    n = len(calls)
+    got = _decode(runner, ids, 3, 4, state)
+    for (a, sa), (b, sb) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(sa, sb)
+    order = [c for c in calls[n:] if c[0] in ("execute_async_v3", "capture_begin", "capture_end", "replay")]
+    assert order == [("execute_async_v3", h), ("capture_begin", h, "thread_local"),
+                     ("execute_async_v3", h, "captured"), ("capture_end", h)] + [("execute_async_v3", h)] * 3
+    status = runner.cuda_graph_status
+    assert status["fallback_reason"] == "CUDA error: operation not permitted when stream is capturing"
+    assert not status["used"] and status["captures"] == 0 and status["uncaptured_steps"] == 4
+    assert "capture failed (CUDA error: operation not permitted" in runner.cuda_graph_note()
+
+
+def test_the_stand_in_refuses_a_capture_without_the_warm_up(fake_engines, fake_trt, fake_cuda):
+    """What makes the call-order test able to fail: like TensorRT, the stand-in cannot capture the deferred work of
+    new input shapes, so a runner that captured without executing once first would record a fallback."""
+    from gamexport.engines.trt import TrtRunner
+
+    folder, _ = fake_engines
+    fake_cuda()
+    runner = TrtRunner.from_folder(folder, cuda_graph=True)
+    eng = runner.engines["step"]
+    c = runner.config
+    shapes = {"input_ids": (1, 1), "position_ids": (1, 1), "conv_state": (1, c.n_layers, c.state_len, c.d_model)}
+    binding = eng.bind(runner.device, shapes)
+    for name, shape in shapes.items():
+        runner.device.copy_in(binding.buffers[name], np.zeros(shape, eng.dtypes[name]))
+    graph, why = eng.capture(runner.device)
+    assert graph is None and "previous error during capture" in why
+    eng.execute(runner.device)
+    graph, why = eng.capture(runner.device)
+    assert graph is not None and why is None
 
 
 # ---- the engine folder as a cache shared by processes -------------------------------------------------------------
