@@ -33,11 +33,11 @@ def bench(
                                                               "min(256, --max-t)).", show_default=False)] = None,
     max_t: Annotated[int, typer.Option("--max-t", help="Scaling: longest sequence.")] = 8192,
     skip: Annotated[str, typer.Option(help="Sections to leave out, comma-separated: prefill, decode, scaling, "
-                                           "startup.")] = "",
+                                           "training, startup.")] = "",
     debug: DebugOption = False,
 ) -> None:
     """Benchmark against this machine's limits: prefill and decode per runtime and precision, GAM vs
-    Transformer block scaling, start-up.
+    Transformer block scaling, GAM vs Transformer training throughput, start-up.
 
     Writes OUT/{bench.json, scaling.png, fractions.png} and prints a table; progress goes to stderr. A benchmark,
     never a test: it exits 0 whatever the numbers, and warns when they are too noisy to trust. Run it on a quiet

@@ -44,7 +44,7 @@ SCALING_PLOT = "scaling.png"
 FRACTIONS_PLOT = "fractions.png"
 
 #: Sections a run can skip (the limits are always measured: every fraction needs them).
-SECTIONS = ("prefill", "decode", "scaling", "startup")
+SECTIONS = ("prefill", "decode", "scaling", "training", "startup")
 #: ONNX Runtime CPU precisions the bench measures (bf16 has no CPU kernels: a skipped row says so).
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dyn")
 #: Bytes per stored element of the weights a MatMul reads, per precision.
@@ -64,6 +64,9 @@ SCALING_SLOTS = 512
 SCALING_KERNEL = 3
 SCALING_MIN_T = 256
 SCALING_MAX_T = 8192
+# Training throughput (GAM vs the width-matched Transformer at the bench's model config).
+TRAIN_BATCH = 4
+TRAIN_SEQ = 256                      # capped at the model's max_positions
 
 Progress = Callable[[str], None]
 
@@ -83,12 +86,15 @@ class Effort:
     help_runs: int
     first_token_runs: int
     startup_warmup: int
+    training_runs: int
 
 
 FULL = Effort(limit_runs=20, limit_warmup=3, runs=20, warmup=2, max_seconds=30.0, batched_decode_steps=64,
-              scaling_runs=10, scaling_max_seconds=30.0, help_runs=5, first_token_runs=3, startup_warmup=1)
+              scaling_runs=10, scaling_max_seconds=30.0, help_runs=5, first_token_runs=3, startup_warmup=1,
+              training_runs=5)
 QUICK = Effort(limit_runs=2, limit_warmup=1, runs=5, warmup=1, max_seconds=2.0, batched_decode_steps=16,
-               scaling_runs=2, scaling_max_seconds=3.0, help_runs=2, first_token_runs=1, startup_warmup=0)
+               scaling_runs=2, scaling_max_seconds=3.0, help_runs=2, first_token_runs=1, startup_warmup=0,
+               training_runs=2)
 
 
 @dataclass
@@ -447,7 +453,8 @@ def decode_against_limit(cfg: GAMConfig, precision: str, p50_ms: float, limits: 
 
 #: The build measures the limits with fewer runs than ``gamexport bench`` (it is a build, not a benchmark).
 BUILD_LIMITS = Effort(limit_runs=5, limit_warmup=1, runs=10, warmup=2, max_seconds=10.0, batched_decode_steps=16,
-                      scaling_runs=0, scaling_max_seconds=0.0, help_runs=0, first_token_runs=0, startup_warmup=0)
+                      scaling_runs=0, scaling_max_seconds=0.0, help_runs=0, first_token_runs=0, startup_warmup=0,
+                      training_runs=0)
 
 
 def limits_summary(limits: dict) -> dict:
@@ -626,10 +633,45 @@ def scaling_point(spec: dict) -> dict:
             "peak_method": PEAK_METHOD if exact else PEAK_FALLBACK, "threads": torch.get_num_threads()}
 
 
+def training_point(spec: dict) -> dict:
+    """Time full training steps (forward, cross-entropy, backward, gradient clipping, AdamW) of one language model
+    in this process; runs inside a fresh process (see ``run_training``)."""
+    import torch
+
+    from gamexport.bench import measure
+    from gamexport.training.baselines import build_lm
+
+    torch.set_num_threads(int(spec["threads"]))
+    cfg = GAMConfig.from_dict(spec["config"]).replace(dropout=0.0)
+    model = build_lm(spec["model"], cfg, seed=0).train()
+    B, T = int(spec["batch"]), int(spec["T"])
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def fn():
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    timing = measure(fn, warmup=int(spec.get("warmup", 1)), runs=int(spec["runs"]),
+                     max_seconds=float(spec["max_seconds"]))
+    return {**timing.as_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads()}
+
+
+def run_point(spec: dict) -> dict:
+    """One measurement of a fresh process: a scaling point or a training point."""
+    return training_point(spec) if spec.get("kind") == "training" else scaling_point(spec)
+
+
 _ZYGOTE = r"""
 import json, os, sys
 import torch  # imported once here; every point runs in a fresh child forked before any torch op or thread
-from gamexport.engines.benchmark import scaling_point
+from gamexport.engines.benchmark import run_point
 sys.stdout.write("ready\n")
 sys.stdout.flush()
 for line in sys.stdin:
@@ -639,7 +681,7 @@ for line in sys.stdin:
     if pid == 0:
         os.close(r)
         try:
-            result = scaling_point(spec)
+            result = run_point(spec)
         except BaseException as exc:
             result = {"error": f"{type(exc).__name__}: {exc}"}
         with os.fdopen(w, "wb") as f:
@@ -707,8 +749,8 @@ class PointServer:
 
 def _point_in_subprocess(spec: dict) -> dict:
     """Fallback without ``os.fork``: one fresh interpreter per point."""
-    code = ("import json, sys; from gamexport.engines.benchmark import scaling_point; "
-            "print(json.dumps(scaling_point(json.loads(sys.argv[1]))))")
+    code = ("import json, sys; from gamexport.engines.benchmark import run_point; "
+            "print(json.dumps(run_point(json.loads(sys.argv[1]))))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
@@ -761,6 +803,47 @@ def scaling_summary(points: list[dict]) -> dict:
             ratio.append({"mode": mode, "T": T, "transformer_over_gam": t[("transformer", mode, T)] / ms,
                           "flop_ratio": transformer_block_flops(T) / gam_block_flops(T)})
     return {"growth_8x": growth, "transformer_over_gam": ratio}
+
+
+def run_training(cfg: GAMConfig, threads: int, effort: Effort, say: Progress,
+                 server: PointServer | None = None) -> tuple[dict | None, list[dict]]:
+    """Training tokens/s of GAM and of the Transformer width-matched to it (``matched_config``), each in a fresh
+    process: B = TRAIN_BATCH, T = min(TRAIN_SEQ, P), full AdamW steps; (section, skipped rows)."""
+    from gamexport.errors import ConfigError
+    from gamexport.training.baselines import matched_config
+
+    T = min(TRAIN_SEQ, cfg.max_positions)
+    try:
+        tcfg = matched_config("transformer", cfg)
+    except ConfigError as exc:
+        return None, [{"runtime": "eager", "section": "training", "reason": str(exc)}]
+    own = server is None
+    server = server or PointServer()
+    rows, skipped = [], []
+    try:
+        for model, mcfg in (("gam", cfg), ("transformer", tcfg)):
+            say(f"training: {model} (d {mcfg.d_model}, {mcfg.n_params():,} parameters), B {TRAIN_BATCH}, T {T}, "
+                "AdamW steps")
+            spec = {"kind": "training", "model": model, "config": cfg.to_dict(), "batch": TRAIN_BATCH, "T": T,
+                    "threads": threads, "runs": effort.training_runs, "warmup": 1,
+                    "max_seconds": effort.scaling_max_seconds}
+            result = server.point(spec)
+            if "error" in result:
+                skipped.append({"runtime": "eager", "section": "training", "model": model,
+                                "reason": result["error"]})
+                continue
+            result["d_model"] = mcfg.d_model
+            rows.append({"model": model, "batch": TRAIN_BATCH, "T": T, **result,
+                         "tokens_per_s": TRAIN_BATCH * T / (result["p50_ms"] / 1e3)})
+    finally:
+        if own:
+            server.close()
+    tps = {r["model"]: r["tokens_per_s"] for r in rows}
+    ratio = tps["gam"] / tps["transformer"] if len(tps) == 2 else None
+    return {"framework": "torch (eager), fp32", "batch": TRAIN_BATCH, "T": T, "dropout": 0.0,
+            "step": "forward, cross-entropy over all positions, backward, clip_grad_norm 1.0, AdamW",
+            "process": "a fresh process per model, forked from one that has only imported torch",
+            "rows": rows, "gam_over_transformer": ratio}, skipped
 
 
 # ---- start-up ----------------------------------------------------------------------------------------------------
@@ -829,7 +912,7 @@ def run_bench(opts: BenchOptions) -> dict:
         raise OutputError(f"output path {out} is a file, not a folder", "pass --out a folder path")
     t_start = time.perf_counter()
     # Started first, so that its torch import overlaps this process's own; nothing is timed until it is ready.
-    server = PointServer() if "scaling" not in opts.skip else None
+    server = PointServer() if "scaling" not in opts.skip or "training" not in opts.skip else None
     try:
         return _run(opts, precisions, min_t, max_t, effort, out, server, t_start)
     finally:
@@ -895,8 +978,12 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     if "scaling" not in opts.skip:
         scaling, scaling_skipped = run_scaling(scaling_lengths(min_t, max_t), threads, effort, say, server)
         skipped += scaling_skipped
+    training = None
+    if "training" not in opts.skip:
+        training, training_skipped = run_training(cfg, threads, effort, say, server)
+        skipped += training_skipped
 
-    timed = [*prefill, *decode, *(scaling["points"] if scaling else [])]
+    timed = [*prefill, *decode, *(scaling["points"] if scaling else []), *(training["rows"] if training else [])]
     timed_limits = [(name, limits[name]) for name in ("compute", "bandwidth", "batched")]
     noisy = [_row_label(r) for r in timed if r.get("noisy")] + [f"limit {n}" for n, v in timed_limits if v["noisy"]]
     result = {
@@ -907,8 +994,8 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
         "config": cfg.to_dict(), "parameters": cfg.n_params(), "machine": machine,
         "flops_per_token": flops_per_token(cfg),
         "weight_bytes_per_step": {p: weight_bytes_per_step(cfg, p) for p in ("fp32", *precisions) if p != "bf16"},
-        "limits": limits, "prefill": prefill, "decode": decode, "scaling": scaling, "startup": startup,
-        "skipped": skipped, "noisy": noisy,
+        "limits": limits, "prefill": prefill, "decode": decode, "scaling": scaling, "training": training,
+        "startup": startup, "skipped": skipped, "noisy": noisy,
         "notes": [
             "Fractions are achieved ÷ limit, both measured in this run with the same threads.",
             "Prefill FLOPs count the head at every position: the prefill and step graphs (and eager PyTorch) "
@@ -929,6 +1016,8 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
 
 
 def _row_label(r: dict) -> str:
+    if "model" in r:
+        return f"training {r['model']} B{r['batch']}×{r['T']}"
     if "block" in r:
         return f"scaling {r['block']} {r['mode']} T{r['T']}"
     return f"{r['runtime']} {r['precision']} {r['mode']} B{r['batch']}×{r['seq_len']}"
@@ -1049,16 +1138,27 @@ def render_table(result: dict) -> str:
             lines.append(f"  T={r['T']} {r['mode']}: Transformer ÷ GAM time {r['transformer_over_gam']:.2f} "
                          f"(FLOPs {r['flop_ratio']:.2f})")
         lines.append("")
+    training = result.get("training")
+    if training and training["rows"]:
+        lines.append(f"training (torch fp32, B {training['batch']} × T {training['T']}, AdamW steps):")
+        for r in training["rows"]:
+            lines.append(f"  {r['model']:<12} d {r['d_model']:<5} {r['parameters']:>12,} parameters  "
+                         f"{r['p50_ms']:>9.1f} ms/step  {r['tokens_per_s']:>8.0f} tokens/s"
+                         + ("  [noisy]" if r["noisy"] else ""))
+        if training["gam_over_transformer"] is not None:
+            lines.append(f"  GAM ÷ Transformer tokens/s: {training['gam_over_transformer']:.2f}")
+        lines.append("")
     st = result.get("startup")
     if st:
         lines.append(f"start-up: gamexport --help {st['help']['p50_ms']:.0f} ms; first token of gamexport generate "
                      f"{st['first_token']['p50_ms']:.0f} ms")
     for s in result["skipped"]:
-        what = " ".join(str(s[k]) for k in ("runtime", "precision", "block", "mode", "T") if k in s)
+        what = " ".join(str(s[k]) for k in ("runtime", "precision", "section", "model", "block", "mode", "T")
+                        if k in s)
         lines.append(f"skipped: {what}: {s['reason']}")
     return "\n".join(lines)
 
 
 __all__ = ["BenchOptions", "run_bench", "render_table", "flops_per_token", "weight_bytes_per_step",
            "gam_block_flops", "transformer_block_flops", "make_transformer_block", "make_gam_block",
-           "scaling_point", "SCHEMA_VERSION", "BENCH_FILE", "SCALING_PLOT", "FRACTIONS_PLOT"]
+           "scaling_point", "training_point", "run_training", "SCHEMA_VERSION", "BENCH_FILE", "SCALING_PLOT", "FRACTIONS_PLOT"]

@@ -54,7 +54,7 @@ def test_bench_json_structure(quick):
     out, bench, result = quick
     assert bench["schema_version"] == 1 and bench["kind"] == "gamexport-bench" and bench["quick"] is True
     assert bench["threads"] == 1 and bench["machine"]["threads"] == 1
-    assert {"limits", "prefill", "decode", "scaling", "startup", "skipped", "noisy", "flops_per_token",
+    assert {"limits", "prefill", "decode", "scaling", "training", "startup", "skipped", "noisy", "flops_per_token",
             "weight_bytes_per_step", "config", "source", "machine", "plots"} <= set(bench)
     assert bench["config"]["d_model"] == PRESETS["tiny"].d_model and bench["source"]["trained"] is False
 
@@ -112,9 +112,34 @@ def test_bench_json_structure(quick):
             assert _positive(p[key]), (p["block"], p["mode"], key)
     assert sc["summary"]["transformer_over_gam"]
 
+    # The tiny preset has no 8-head Transformer within ±5 % of its parameters: skipped, with the reason.
+    assert bench["training"] is None
+    assert any(r.get("section") == "training" and "±5%" in r["reason"] for r in bench["skipped"])
+
     st = bench["startup"]
     assert _positive(st["help"]["p50_ms"]) and _positive(st["first_token"]["p50_ms"])
     assert st["help"]["command"][-1] == "--help" and "generate" in st["first_token"]["command"]
+
+
+def test_training_section():
+    """GAM and the width-matched Transformer train in fresh processes; tokens/s follows from each step time."""
+    from gamexport.engines.benchmark import QUICK, run_training
+    from gamexport.training.baselines import matched_config
+    from gamexport.training.presets import TRAIN_PRESETS
+
+    cfg = TRAIN_PRESETS["tiny"].model  # widened so that both baselines match it within ±5 %
+    section, skipped = run_training(cfg, 1, QUICK, lambda msg: None)
+    assert skipped == []
+    assert [r["model"] for r in section["rows"]] == ["gam", "transformer"]
+    assert section["T"] == min(256, cfg.max_positions)
+    gam, tf = section["rows"]
+    for r in section["rows"]:
+        assert _positive(r["p50_ms"]) and r["batch"] == section["batch"] and r["T"] == section["T"]
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["T"] / (r["p50_ms"] / 1e3))
+    assert gam["parameters"] == cfg.n_params() and gam["d_model"] == cfg.d_model
+    assert abs(tf["parameters"] / gam["parameters"] - 1) <= 0.05
+    assert tf["d_model"] == matched_config("transformer", cfg).d_model
+    assert section["gam_over_transformer"] == pytest.approx(gam["tokens_per_s"] / tf["tokens_per_s"])
 
 
 def test_plots_and_table(quick):
