@@ -299,36 +299,57 @@ def localise_divergence(ckpt: Checkpoint, runner, ids: np.ndarray) -> dict | Non
 
 def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
                           text_ids: np.ndarray | None = None) -> list[dict]:
-    """Rows for a reduced-precision ONNX Runtime runner against eager fp32 under its precision's gate (the
-    INT8 gate — perplexity on real text — needs ``text_ids``; without it the rows are informational); and, for
-    half precision computed in fp32, against an emulation of exactly that (fp32 math on half-rounded weights)
-    under the fp32 tolerance — so a graph that silently kept fp32 weights fails."""
+    """Rows for a reduced-precision runner (ONNX Runtime or TensorRT) against eager fp32 under its precision's gate
+    (the INT8 gate — perplexity on real text — needs ``text_ids``; without it the rows are informational); and, for
+    half precision, against an independent emulation of the same precision plan:
+
+    - computed in fp32 (ONNX Runtime's CPU provider): fp32 math on half-rounded weights, under the fp32
+      tolerance (reference ``emulation-{p}-weights``) — so a graph that silently kept fp32 weights fails;
+    - computed in fp16/bf16 (TensorRT, ONNX Runtime CUDA): eager PyTorch on CUDA running the plan (half weights
+      and MatMuls, fp32 LayerNorm/Softmax/gates/conv; ``gamexport.graph.emulate``), prefill and chunked step
+      (reference ``emulation-{p}``), gated by :func:`~gamexport.graph.emulate.half_plan_metrics` so that a graph
+      silently computing in fp32 fails — or informational, saying why, when nothing can tell the two apart.
+      Without a CUDA GPU for torch these rows are not produced, and the other rows' note says why.
+
+    TensorRT rows also say whether the runner replayed CUDA graphs (``cuda_graph``)."""
     from gamexport.engines.eager import EagerRunner
-    from gamexport.graph.emulate import round_weights
+    from gamexport.graph.emulate import emulation_device, half_plan_metrics, half_plan_references, round_weights
     from gamexport.parity import chunk_plan, compare_logits, parity_inputs, tolerance
 
     cfg = ckpt.config
     p = runner.precision
+    compute = getattr(runner, "compute_precision", p)
     inputs = {"random": parity_inputs(cfg.vocab_size, cfg.max_positions)["random"]}
     if text_ids is not None:
         inputs["text"] = text_ids[:, : cfg.max_positions]
-    ops = ", ".join(f"{v}× {k}" for k, v in runner.matmul_ops.items())
-    if p.startswith("int8"):
-        note = f"{p}: ONNX Runtime's optimized graph multiplies with {ops}"
-    elif runner.compute_precision == "fp32":
+    if runner.runtime == "tensorrt":
+        note = f"{p}: TensorRT's strongly typed network computes in the graph's precision"
+    elif p.startswith("int8"):
+        ops = ", ".join(f"{v}× {k}" for k, v in (getattr(runner, "matmul_ops", None) or {}).items())
+        note = f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
+    elif p == "fp32":
+        note = "fp32 weights and MatMuls"
+    elif compute == "fp32":
         note = f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
     else:
         note = f"{p} weights and MatMuls"
     emulation = None
-    if p in ("fp16", "bf16") and runner.compute_precision == "fp32":
+    if p in ("fp16", "bf16") and compute == "fp32":
         emulation = EagerRunner(cfg, round_weights(ckpt.weights, p))
+    plan_device, plan_where = None, ""
+    if p in ("fp16", "bf16") and compute == p:
+        plan_device, plan_where = emulation_device()
+        if plan_device is None:
+            skip = f"{p} plan emulation not run: {plan_where} (it runs eager PyTorch in {p} on CUDA)"
+            progress(f"parity: {runner.runtime} {p}: {skip}")
+            note += f"; {skip}"
     sizes = chunk_plan(cfg.max_positions, cfg.kernel_size)
     rows = []
     for name, ids in inputs.items():
-        progress(f"parity: onnxruntime-cpu {p} graphs vs eager fp32 on '{name}' tokens")
+        progress(f"parity: {runner.runtime} {p} graphs vs eager fp32 on '{name}' tokens")
         ref_logits, _ = eager.prefill(ids)
         logits, _ = runner.prefill(ids)
-        extra = {"compute_precision": runner.compute_precision, "note": note}
+        extra = {"compute_precision": compute, "note": note}
         # Perplexity needs the true next tokens: on real text only.
         targets = ids[:, 1:] if name == "text" else None
         cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
@@ -350,6 +371,18 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
             metrics["tolerances"]["reason"] = "must equal fp32 compute on half-rounded weights"
             rows.append(_row(runner.runtime, "prefill", runner.model_path.name, f"emulation-{p}-weights", name, ids,
                              metrics, precision=p, **extra))
+        if plan_device is not None and name == "random":
+            progress(f"parity: {runner.runtime} {p} vs the {p} plan emulated by eager PyTorch on {plan_where}")
+            plan, fp32_compute = half_plan_references(ckpt.weights, cfg, ids, p, plan_device)
+            for graph, artifact, test, more in (("prefill", runner.model_path.name, logits, {}),
+                                                ("step", runner.step_path.name, step_logits, {"chunks": sizes})):
+                metrics = half_plan_metrics(test, plan, fp32_compute, p)
+                rows.append(_row(runner.runtime, graph, artifact, f"emulation-{p}", name, ids, metrics,
+                                 precision=p, **more, **extra))
+    if hasattr(runner, "cuda_graph_status"):  # TensorRT: say whether decode replayed CUDA graphs
+        used, graph_note = bool(runner.cuda_graph_status["used"]), runner.cuda_graph_note()
+        for row in rows:
+            row.update(cuda_graph=used, note=f"{row['note']}; {graph_note}")
     return rows
 
 

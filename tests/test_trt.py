@@ -4,10 +4,17 @@ Without a GPU: the module imports with tensorrt blocked and says how to install 
 compatibility check are pure Python; and the builder and runner are driven end to end through a small stand-in
 ``tensorrt`` module that mirrors the documented Python API of TensorRT 10 and 11 (11 lacks the removed
 FP16/INT8/BF16 builder flags and EXPLICIT_BATCH; STRONGLY_TYPED is bit 1 in 10 and bit 0 in 11), records every
-call, and computes with ONNX Runtime on CPU through the device addresses the runner hands it.
+call, and computes with ONNX Runtime on CPU through the device addresses the runner hands it. The step engine's
+reused buffers, its device-resident state and CUDA-graph capture run the real ``TorchCudaDevice`` over a fake
+``torch.cuda`` (CPU tensors; a capture records the stand-in's work instead of running it, and replay runs it with
+the shapes and addresses of capture time; like TensorRT, the stand-in cannot capture un-flushed shape changes).
+The half-precision plan rows (reference ``emulation-fp16``/``emulation-bf16``) are checked on the CPU with half
+arithmetic from onnx's reference evaluator, against graphs that silently compute in fp32.
 
 With a GPU and TensorRT (``-m gpu``): a real engine for the tiny preset matches eager fp32 within 1e-3 max abs
-(TF32 disabled at build time, the default) for prefill and chunked step.
+(TF32 disabled at build time, the default) for prefill and chunked step; CUDA-graph decode equals un-captured
+decode; a real fp16 engine passes its rows against the plan emulated on CUDA. With CUDA and no TensorRT: the plan
+emulated on CUDA separates half arithmetic from fp32 compute.
 """
 
 from __future__ import annotations
@@ -929,6 +936,175 @@ def test_the_stand_in_refuses_a_capture_without_the_warm_up(fake_engines, fake_t
     assert graph is not None and why is None
 
 
+# ---- half-precision graphs against an emulation of the same precision plan ---------------------------------------
+def _ckpt(cfg, weights):
+    from gamexport.checkpoint import Checkpoint
+
+    return Checkpoint(config=cfg, weights=weights, source="<test>", sha256="0" * 64)
+
+
+def test_half_plan_gate_passes_half_arithmetic_and_fails_fp32_compute(tiny_build, tiny_cfg, tiny_weights):
+    """The gate of the emulation-{p} rows, on the CPU: the real fp16/bf16 graph executed in half arithmetic by onnx's
+    reference evaluator (rounding where it rounds, not where the emulation does) passes; the same fp16 graph on
+    ONNX Runtime's CPU provider, which computes it in fp32, fails as "fp32-compute", and so does fp32 compute on
+    bf16-rounded weights; a gap below the fp32 noise floor makes the row informational."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.engines.ort import OrtRunner
+    from gamexport.graph import inline
+    from gamexport.graph.emulate import half_plan_metrics, half_plan_references, round_weights
+
+    ids = np.random.default_rng(4).integers(0, tiny_cfg.vocab_size, size=(1, 12))
+    for p in ("fp16", "bf16"):
+        plan, fp32_compute = half_plan_references(tiny_weights, tiny_cfg, ids, p, "cpu")
+        model = onnx.shape_inference.infer_shapes(inline(onnx.load(str(tiny_build / f"model.{p}.onnx"))))
+        half = ReferenceEvaluator(model).run(None, {"input_ids": ids})[0]
+        m = half_plan_metrics(half, plan, fp32_compute, p)
+        assert m["gated"] and m["passed"], m
+        assert m["fp32_compute_rms_diff"] >= m["fp32_compute_rms_limit"] > 10 * m["plan_gap_floor"] / 4
+        if p == "fp16":
+            silent = OrtRunner(tiny_build / "model.fp16.onnx", tiny_build / "step.fp16.onnx", tiny_cfg, 1,
+                               precision="fp16").prefill(ids)[0]
+        else:
+            silent = EagerRunner(tiny_cfg, round_weights(tiny_weights, p), threads=1).prefill(ids)[0]
+        m = half_plan_metrics(silent, plan, fp32_compute, p)
+        assert m["gated"] and not m["passed"] and m["failed_checks"] == ["fp32-compute"], m
+        assert m["fp32_compute_rms_diff"] < 0.01 * m["plan_gap_rms"]
+        assert "must compute in " + p in m["tolerances"]["reason"]
+    # references closer than fp32 noise: nothing can discriminate, so the row says so instead of gating
+    m = half_plan_metrics(plan, plan, plan + 1e-7, "bf16")
+    assert not m["gated"] and m["passed"] and "no tolerance can tell" in m["tolerances"]["reason"]
+
+
+class _HalfRunner:
+    """A runner that says it multiplies in fp16 (like ONNX Runtime's CUDA provider) and does: its prefill is the fp16
+    graph run by onnx's reference evaluator; ``step_fp32=True`` makes its step graph silently compute in fp32."""
+
+    runtime, precision, compute_precision = "onnxruntime-cuda", "fp16", "fp16"
+
+    def __init__(self, build, cfg, weights, step_fp32=False):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        from gamexport.engines.eager import EagerRunner
+        from gamexport.graph import inline
+        from gamexport.graph.emulate import round_weights
+
+        self.model_path, self.step_path = build / "model.fp16.onnx", build / "step.fp16.onnx"
+        self.evaluator = ReferenceEvaluator(onnx.shape_inference.infer_shapes(inline(onnx.load(str(self.model_path)))))
+        self.eager = EagerRunner(cfg, round_weights(weights, "fp16"), threads=1)
+        self.step_fp32, self.cache = step_fp32, {}
+
+    def prefill(self, ids):
+        key = np.asarray(ids).tobytes()
+        if key not in self.cache:
+            self.cache[key] = self.evaluator.run(None, {"input_ids": np.asarray(ids)})[0]
+        return self.cache[key], None
+
+    def empty_state(self, batch):
+        return self.eager.empty_state(batch)
+
+    def step(self, ids, position_ids, state):  # the prefix's prefill, sliced: a chunk step in fp16
+        pos = int(np.asarray(position_ids).reshape(-1)[0])
+        if self.step_fp32:
+            return self.eager.step(ids, position_ids, state)
+        full = self.prefill(np.concatenate([self.prefix[:, :pos], ids], axis=1))[0]
+        return full[:, pos:], state
+
+
+def test_half_compute_rows_against_the_plan_emulation(monkeypatch, tiny_build, tiny_cfg, tiny_weights):
+    """variant_parity_checks for a runner computing in fp16: prefill and step rows against the plan emulation
+    (here on the CPU: CUDA is stood in for), which pass for half arithmetic and fail the step graph that silently
+    computes in fp32."""
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.graph import emulate
+    from gamexport.parity import parity_inputs
+
+    monkeypatch.setattr(emulate, "emulation_device", lambda: ("cpu", "the CPU, standing in for CUDA"))
+    ckpt, eager = _ckpt(tiny_cfg, tiny_weights), EagerRunner(tiny_cfg, tiny_weights, threads=1)
+    said = []
+    for step_fp32 in (False, True):
+        runner = _HalfRunner(tiny_build, tiny_cfg, tiny_weights, step_fp32=step_fp32)
+        runner.prefix = parity_inputs(tiny_cfg.vocab_size, tiny_cfg.max_positions)["random"]
+        rows = variant_parity_checks(ckpt, eager, runner, said.append)
+        plan_rows = {r["graph"]: r for r in rows if r["reference"] == "emulation-fp16"}
+        assert set(plan_rows) == {"prefill", "step"}
+        assert all(r["compute_precision"] == "fp16" and r["note"] == "fp16 weights and MatMuls" for r in rows)
+        assert not any(r["reference"] == "emulation-fp16-weights" for r in rows), "that row is for fp32 compute"
+        assert plan_rows["prefill"]["passed"] and plan_rows["prefill"]["gated"]
+        assert plan_rows["prefill"]["artifact"] == "model.fp16.onnx" and plan_rows["step"]["chunks"]
+        if step_fp32:
+            assert not plan_rows["step"]["passed"] and plan_rows["step"]["failed_checks"] == ["fp32-compute"]
+        else:
+            assert plan_rows["step"]["passed"], plan_rows["step"]
+    assert any("vs the fp16 plan emulated by eager PyTorch on the CPU, standing in for CUDA" in m for m in said)
+
+
+def test_without_cuda_the_plan_rows_are_skipped_and_the_note_says_why(monkeypatch, tiny_build, tiny_cfg,
+                                                                       tiny_weights):
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.graph import emulate
+    from gamexport.parity import parity_inputs
+
+    monkeypatch.setattr(emulate, "emulation_device", lambda: (None, "torch 2.13.0+cpu sees no CUDA GPU"))
+    runner = _HalfRunner(tiny_build, tiny_cfg, tiny_weights)
+    runner.prefix = parity_inputs(tiny_cfg.vocab_size, tiny_cfg.max_positions)["random"]
+    said = []
+    rows = variant_parity_checks(_ckpt(tiny_cfg, tiny_weights), EagerRunner(tiny_cfg, tiny_weights, threads=1),
+                                 runner, said.append)
+    assert [r["reference"] for r in rows] == ["eager-fp32", "eager-fp32"]
+    why = "fp16 plan emulation not run: torch 2.13.0+cpu sees no CUDA GPU (it runs eager PyTorch in fp16 on CUDA)"
+    assert all(r["note"] == f"fp16 weights and MatMuls; {why}" for r in rows)
+    assert f"parity: onnxruntime-cuda fp16: {why}" in said
+
+
+def test_emulation_device_names_the_reason_without_a_gpu():
+    import torch
+
+    from gamexport.graph.emulate import emulation_device
+
+    if torch.cuda.is_available():
+        assert emulation_device()[0] == "cuda"
+        return
+    device, why = emulation_device()
+    assert device is None and why == f"torch {torch.__version__} sees no CUDA GPU"
+
+
+def test_tensorrt_fp16_rows_catch_an_engine_computing_in_fp32(monkeypatch, fake_trt, tiny_build, tiny_cfg,
+                                                               tiny_weights, tmp_path):
+    """The stand-in runs an fp16 'TensorRT engine' with ONNX Runtime's CPU provider, i.e. in fp32 — exactly the
+    engine the plan rows exist to catch. Both plan rows fail as fp32-compute; every row says the runner is
+    TensorRT and whether it replayed CUDA graphs."""
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.engines.trt import TrtRunner, build_engines
+    from gamexport.graph import emulate
+
+    folder = tmp_path / "build"
+    folder.mkdir()
+    for name in ("model.fp16.onnx", "step.fp16.onnx"):
+        (folder / name).write_bytes((tiny_build / name).read_bytes())
+    build_engines(folder, tiny_cfg, precision="fp16")
+    monkeypatch.setattr(emulate, "emulation_device", lambda: ("cpu", "the CPU"))
+    runner = TrtRunner.from_folder(folder, precision="fp16")
+    assert (runner.precision, runner.compute_precision) == ("fp16", "fp16")
+    rows = variant_parity_checks(_ckpt(tiny_cfg, tiny_weights), EagerRunner(tiny_cfg, tiny_weights, threads=1),
+                                 runner, lambda m: None)
+    plan_rows = [r for r in rows if r["reference"] == "emulation-fp16"]
+    assert [r["graph"] for r in plan_rows] == ["prefill", "step"]
+    assert [r["artifact"] for r in plan_rows] == ["model.fp16.plan", "step.fp16.plan"]
+    assert all(not r["passed"] and r["gated"] and "fp32-compute" in r["failed_checks"] for r in plan_rows)
+    assert all(r["passed"] for r in rows if r["reference"] == "eager-fp32"), "fp32 compute passes the fp16 gate"
+    for r in rows:
+        assert r["runtime"] == "tensorrt" and r["cuda_graph"] is False
+        assert r["note"] == ("fp16: TensorRT's strongly typed network computes in the graph's precision; "
+                             "CUDA graphs: off (not requested)")
+
+
 # ---- the engine folder as a cache shared by processes -------------------------------------------------------------
 CACHE_BUILDER = textwrap.dedent("""
     import contextlib, json, os, sys, time
@@ -1112,3 +1288,74 @@ def test_gpu_sidecar_describes_this_machine(real_engines):
     env = runtime_environment()
     for meta in metas.values():
         check_engine_compatible(meta, env)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_gpu_cuda_graph_decode_matches_uncaptured_decode(real_engines, eager_tiny, tiny_cfg):
+    """cuda_graph=True on a real engine: decode steps captured once and replayed give the un-captured outputs."""
+    from gamexport.engines.trt import TrtRunner
+
+    folder, _ = real_engines
+    ids = np.random.default_rng(8).integers(0, tiny_cfg.vocab_size, size=(2, 24))
+    with TrtRunner.from_folder(folder) as plain, TrtRunner.from_folder(folder, cuda_graph=True) as graphed:
+        for batch in (ids[:1], ids):
+            a, sa = plain.prefill(batch[:, :6])
+            b, sb = graphed.prefill(batch[:, :6])
+            for pos in range(6, 20):
+                a, sa = plain.step(batch[:, pos:pos + 1], pos, sa)
+                b, sb = graphed.step(batch[:, pos:pos + 1], pos, sb)
+                np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+                np.testing.assert_allclose(sb, sa, rtol=0, atol=1e-5)
+        status = graphed.cuda_graph_status
+        assert status["fallback_reason"] is None, status
+        assert status["used"] and status["captures"] == 2 and status["replays"] == 2 * 13
+        assert graphed.generate([3, 1, 4], 20) == eager_tiny.generate([3, 1, 4], 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
+def test_gpu_fp16_engine_against_the_plan_emulation(tiny_build, tiny_cfg, tiny_weights, eager_tiny,
+                                                    tmp_path_factory):
+    """A real fp16 engine computes in fp16: its prefill and step rows against the plan emulated on CUDA pass."""
+    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.engines.trt import TrtRunner, build_engines
+
+    folder = tmp_path_factory.mktemp("trt_fp16")
+    for name in ("model.fp16.onnx", "step.fp16.onnx", "model.fp16.inlined.onnx", "step.fp16.inlined.onnx"):
+        (folder / name).write_bytes((tiny_build / name).read_bytes())
+    build_engines(folder, tiny_cfg, precision="fp16", progress=print)
+    with TrtRunner.from_folder(folder, precision="fp16") as runner:
+        rows = variant_parity_checks(_ckpt(tiny_cfg, tiny_weights), eager_tiny, runner, print)
+    plan_rows = [r for r in rows if r["reference"] == "emulation-fp16"]
+    assert [r["graph"] for r in plan_rows] == ["prefill", "step"]
+    for row in rows:
+        assert row["passed"], row
+
+
+def _cuda_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    return None if torch.cuda.is_available() else "no CUDA GPU (torch.cuda.is_available() is False)"
+
+
+_CUDA_SKIP = _cuda_reason()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
+def test_gpu_half_plan_emulated_on_cuda(tiny_cfg, tiny_weights):
+    """The plan emulated on CUDA: the CPU's half arithmetic passes its gate, fp32 compute fails it."""
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.graph.emulate import emulate_logits, half_plan_metrics, half_plan_references, round_weights
+
+    ids = np.random.default_rng(9).integers(0, tiny_cfg.vocab_size, size=(2, tiny_cfg.max_positions))
+    for p in ("fp16", "bf16"):
+        plan, fp32_compute = half_plan_references(tiny_weights, tiny_cfg, ids, p, "cuda")
+        m = half_plan_metrics(emulate_logits(tiny_weights, tiny_cfg, ids, p, "cpu"), plan, fp32_compute, p)
+        assert m["gated"] and m["passed"], m
+        silent = EagerRunner(tiny_cfg, round_weights(tiny_weights, p), threads=1).prefill(ids)[0]
+        m = half_plan_metrics(silent, plan, fp32_compute, p)
+        assert not m["passed"] and m["failed_checks"] == ["fp32-compute"], m
