@@ -958,6 +958,8 @@ class TrtRunner(Runner):
     @classmethod
     def from_folder(cls, folder: str | Path, precision: str = "fp32", device: int = 0,
                     cuda_graph: bool = False) -> "TrtRunner":
+        """The runner over ``<folder>/tensorrt/{model,step}.<precision>.plan`` (what build_engines writes);
+        ``cuda_graph=True``: replay decode steps from CUDA graphs (see the class notes)."""
         paths = engine_paths(folder, precision)
         return cls(paths["prefill"], paths["step"], device=device, cuda_graph=cuda_graph)
 
