@@ -35,6 +35,8 @@ def build(
     trt_min: Annotated[str | None, typer.Option("--min", help="TensorRT profile minimum, BATCHxSEQ.")] = None,
     trt_opt: Annotated[str | None, typer.Option("--opt", help="TensorRT profile optimum, BATCHxSEQ.")] = None,
     trt_max: Annotated[str | None, typer.Option("--max", help="TensorRT profile maximum, BATCHxSEQ.")] = None,
+    cuda_graph: Annotated[bool, typer.Option(
+        "--cuda-graph", help="TensorRT: capture decode steps into CUDA graphs and replay them.")] = False,
     triton: Annotated[Path | None, typer.Option(
         help="Also write a Triton Inference Server model repository here (see docs/serving.md).")] = None,
     threads: ThreadsOption = None,
@@ -56,7 +58,8 @@ def build(
         result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
                                         latency=latency, prefill_lengths=tuple(prefill_len or ()),
                                         precisions=_split(precision), engines=_split(engines), device=device,
-                                        trt_profile=_profile(trt_min, trt_opt, trt_max), triton=triton,
+                                        trt_profile=_profile(trt_min, trt_opt, trt_max), cuda_graph=cuda_graph,
+                                        triton=triton,
                                         progress=say))
         rep = result.report
         n = len(rep["parity"])

@@ -48,6 +48,7 @@ class BuildOptions:
     engines: tuple[str, ...] = ("onnxruntime",)
     device: str = "cpu"
     trt_profile: dict | None = None   # {"min": "1x1", "opt": "1x256", "max": "8x256"} for TensorRT
+    cuda_graph: bool = False          # TensorRT decode steps replay CUDA graphs (TrtRunner(cuda_graph=True))
     triton: Path | None = None        # also write a Triton model repository here (fp32)
     progress: Progress = field(default=lambda msg: None)
 
@@ -498,7 +499,8 @@ UNSUPPORTED = {
 }
 
 
-def plan_matrix(precisions: tuple[str, ...], engines: tuple[str, ...], device: str) -> tuple[list, list[dict]]:
+def plan_matrix(precisions: tuple[str, ...], engines: tuple[str, ...], device: str,
+                cuda_graph: bool = False) -> tuple[list, list[dict]]:
     """The (runtime, precision) pairs this build runs, and ``skipped`` rows for the rest (with reasons).
 
     Asking for what this machine cannot have at all — a GPU that is not there, TensorRT that is not installed,
@@ -515,6 +517,9 @@ def plan_matrix(precisions: tuple[str, ...], engines: tuple[str, ...], device: s
         raise InputError("no engine given", "pass --engines onnxruntime (or tensorrt on an NVIDIA GPU)")
     if "tensorrt" in engines and device != "cuda":
         raise InputError("TensorRT runs on NVIDIA GPUs only", "add --device cuda (on a machine with a GPU)")
+    if cuda_graph and "tensorrt" not in engines:
+        raise InputError("--cuda-graph applies to TensorRT's decode steps, and no TensorRT engine was asked for",
+                         "add --engines tensorrt --device cuda, or drop --cuda-graph")
     skipped = [{"runtime": "eager-compile", "reason": "torch.compile takes minutes to compile on CPU; "
                 "measured by the benchmark command, not by build"}]
     if device == "cuda":
@@ -562,7 +567,7 @@ def trt_profiles(cfg: GAMConfig, given: dict | None) -> dict | None:
 
 
 def open_variant_runner(staging: Path, cfg: GAMConfig, runtime: str, precision: str, threads: int | None,
-                        trt_profile: dict | None, say: Progress):
+                        trt_profile: dict | None, say: Progress, cuda_graph: bool = False):
     """A runner for one (runtime, precision) of the matrix over the staged graphs (TensorRT: builds engines)."""
     from gamexport.engines.ort import OrtRunner
     from gamexport.graph.builder import graph_file_name
@@ -573,7 +578,7 @@ def open_variant_runner(staging: Path, cfg: GAMConfig, runtime: str, precision: 
         say(f"      tensorrt: building {precision} engines (prefill and step)")
         build_engines(staging, cfg, profiles=trt_profiles(cfg, trt_profile), precision=precision,
                       progress=lambda m: say("      " + m))
-        return TrtRunner.from_folder(staging, precision=precision)
+        return TrtRunner.from_folder(staging, precision=precision, cuda_graph=cuda_graph)
     provider = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}[runtime]
     return OrtRunner(staging / graph_file_name("prefill", precision), staging / graph_file_name("step", precision),
                      cfg, threads, precision=precision, provider=provider)
@@ -653,7 +658,7 @@ def build(opts: BuildOptions) -> BuildResult:
     cfg = ckpt.config
     check_prefill_lengths(cfg, opts.prefill_lengths)
     precisions = check_precisions(opts.precisions)
-    matrix, skipped = plan_matrix(precisions, tuple(opts.engines), opts.device)
+    matrix, skipped = plan_matrix(precisions, tuple(opts.engines), opts.device, opts.cuda_graph)
     if any(runtime == "tensorrt" for runtime, _ in matrix):
         trt_profiles(cfg, opts.trt_profile)  # a malformed profile fails now, not after the export
     say(f"      {ckpt.source}: {cfg.n_params():,} parameters"
@@ -732,7 +737,8 @@ def build(opts: BuildOptions) -> BuildResult:
         for runtime, precision in matrix:
             if (runtime, precision) == ("onnxruntime-cpu", "fp32"):
                 continue
-            variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say))
+            variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say,
+                                                opts.cuda_graph))
             parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids)
         passed = all(r["passed"] for r in parity)  # informational rows (gated: false) pass by definition
         write_parity_references(staging, eager, cfg, text_ids)

@@ -493,6 +493,8 @@ TABLE = [
     row("prompt-and-ids", ["generate", "{build}", "--ids", "1", "--prompt", "x"], with_build, 2,
         r"give exactly one of --prompt and --ids"),
     row("tensorrt-on-cpu", [*OPTS, "--engines", "tensorrt"], with_ckpt, 2, r"TensorRT runs on NVIDIA GPUs only"),
+    row("cuda-graph-without-tensorrt", [*OPTS, "--cuda-graph"], with_ckpt, 2,
+        r"--cuda-graph applies to TensorRT's decode steps.*Add --engines tensorrt --device cuda"),
     row("cuda-without-gpu", [*OPTS, "--device", "cuda"], with_ckpt, 2, r"--device cuda needs an NVIDIA GPU",
         no_gpu=True),
     row("tensorrt-without-gpu", [*OPTS, "--device", "cuda", "--engines", "tensorrt"], with_ckpt, 2,

@@ -1023,6 +1023,11 @@ def test_half_compute_rows_against_the_plan_emulation(monkeypatch, tiny_build, t
     from gamexport.graph import emulate
     from gamexport.parity import parity_inputs
 
+    import jsonschema
+
+    from gamexport.report import schema
+
+    row_schema = {"$defs": schema()["$defs"], "$ref": "#/$defs/parity_row"}
     monkeypatch.setattr(emulate, "emulation_device", lambda: ("cpu", "the CPU, standing in for CUDA"))
     ckpt, eager = _ckpt(tiny_cfg, tiny_weights), EagerRunner(tiny_cfg, tiny_weights, threads=1)
     said = []
@@ -1032,6 +1037,8 @@ def test_half_compute_rows_against_the_plan_emulation(monkeypatch, tiny_build, t
         rows = variant_parity_checks(ckpt, eager, runner, said.append)
         plan_rows = {r["graph"]: r for r in rows if r["reference"] == "emulation-fp16"}
         assert set(plan_rows) == {"prefill", "step"}
+        for r in rows:  # the rows a GPU build writes must fit the report's schema
+            jsonschema.validate(r, row_schema)
         assert all(r["compute_precision"] == "fp16" and r["note"] == "fp16 weights and MatMuls" for r in rows)
         assert not any(r["reference"] == "emulation-fp16-weights" for r in rows), "that row is for fp32 compute"
         assert plan_rows["prefill"]["passed"] and plan_rows["prefill"]["gated"]
@@ -1359,3 +1366,19 @@ def test_gpu_half_plan_emulated_on_cuda(tiny_cfg, tiny_weights):
         silent = EagerRunner(tiny_cfg, round_weights(tiny_weights, p), threads=1).prefill(ids)[0]
         m = half_plan_metrics(silent, plan, fp32_compute, p)
         assert not m["passed"] and m["failed_checks"] == ["fp32-compute"], m
+
+
+def test_build_option_cuda_graph_reaches_the_tensorrt_runner(monkeypatch, tiny_cfg, tmp_path):
+    """``gamexport build --cuda-graph`` opens its TensorRT runners with CUDA graphs; without it, they run
+    un-captured."""
+    from gamexport.engines import pipeline, trt
+
+    opened = []
+    monkeypatch.setattr(trt, "build_engines", lambda *a, **k: None)
+    monkeypatch.setattr(trt.TrtRunner, "from_folder",
+                        classmethod(lambda cls, folder, precision="fp32", device=0, cuda_graph=False:
+                                    opened.append((precision, cuda_graph)) or "runner"))
+    for flag in (True, False):
+        assert pipeline.open_variant_runner(tmp_path, tiny_cfg, "tensorrt", "fp16", 1, None, lambda m: None,
+                                            flag) == "runner"
+    assert opened == [("fp16", True), ("fp16", False)]
