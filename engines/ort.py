@@ -159,11 +159,11 @@ class OrtRunner(Runner):
 
     runtime = "onnxruntime-cpu"
 
-    def __init__(self, model_path: str | Path | None, step_path: str | Path, config: GAMConfig,
+    def __init__(self, model_path: str | Path | None, step_path: str | Path, config: GAMConfig | None,
                  threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider"):
         """``model_path=None``: step graph only — prefill runs as a chunk from the zero state at position 0
-        (identical by construction), so generation needs one session and one copy of the weights."""
-        super().__init__(config)
+        (identical by construction), so generation needs one session and one copy of the weights.
+        ``config=None``: read from the step session's metadata (no second parse of the file)."""
         if provider not in RUNTIMES:
             raise GamexportError(f"unknown ONNX Runtime provider {provider!r}", f"use one of {', '.join(RUNTIMES)}")
         self.step_path = Path(step_path)
@@ -174,6 +174,11 @@ class OrtRunner(Runner):
         self.step_session = load_session(self.step_path, threads, provider)
         self.prefill_session = (load_session(self.model_path, threads, provider) if model_path is not None
                                 else None)
+        if config is None:
+            from gamexport.graph.builder import config_from_metadata
+
+            config = config_from_metadata(self.step_session.get_modelmeta().custom_metadata_map, str(self.step_path))
+        super().__init__(config)
         self.matmul_ops: dict[str, int] = {}
         self.compute_precision = precision
         if precision != "fp32" and provider == "CPUExecutionProvider":
@@ -184,14 +189,12 @@ class OrtRunner(Runner):
     def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,
                     precision: str = "fp32", step_only: bool = False) -> "OrtRunner":
         """A runner over a build folder; the config is read from the graph's metadata."""
-        from gamexport.graph import read_graph_config
         from gamexport.graph.builder import graph_file_name
 
         folder = Path(folder)
         model_path = folder / graph_file_name("prefill", precision, inlined)
         step_path = folder / graph_file_name("step", precision, inlined)
-        cfg, _ = read_graph_config(step_path if step_only else model_path)
-        return cls(None if step_only else model_path, step_path, cfg, threads, precision)
+        return cls(None if step_only else model_path, step_path, None, threads, precision)
 
     def _prefill(self, ids):
         if self.prefill_session is None:

@@ -459,11 +459,16 @@ def read_graph_config(model: onnx.ModelProto | str | Path) -> tuple[GAMConfig, d
     else:
         where = f"ONNX model {model.graph.name or '(unnamed)'}"
     meta = {p.key: p.value for p in model.metadata_props}
+    return config_from_metadata(meta, where), meta
+
+
+def config_from_metadata(meta: Mapping[str, str], where: str) -> GAMConfig:
+    """The GAMConfig in a graph's metadata (``metadata_props``, or an ONNX Runtime session's
+    ``custom_metadata_map``); GraphError naming ``where`` when it is missing or not JSON."""
     if META_CONFIG not in meta:
         raise GraphError(f"{where} is empty or not a gamexport graph (no gamexport config metadata)",
                          "build it with gamexport build")
     try:
-        cfg = GAMConfig.from_dict(json.loads(meta[META_CONFIG]))
+        return GAMConfig.from_dict(json.loads(meta[META_CONFIG]))
     except json.JSONDecodeError as exc:
         raise GraphError(f"{where}: its gamexport config metadata is not JSON", "rebuild it") from exc
-    return cfg, meta
