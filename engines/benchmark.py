@@ -44,7 +44,7 @@ SCALING_PLOT = "scaling.png"
 FRACTIONS_PLOT = "fractions.png"
 
 #: Sections a run can skip (the limits are always measured: every fraction needs them).
-SECTIONS = ("prefill", "decode", "scaling", "training", "startup")
+SECTIONS = ("prefill", "decode", "ceilings", "scaling", "training", "startup")
 #: ONNX Runtime CPU precisions the bench measures (bf16 has no CPU kernels: a skipped row says so).
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dyn")
 #: Bytes per stored element of the weights a MatMul reads, per precision.
@@ -311,6 +311,88 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
     return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision}
 
 
+# ---- ceilings: the model's weight MatMuls alone -----------------------------------------------------------------
+def weight_matmul_shapes(cfg: GAMConfig) -> list[tuple[int, int]]:
+    """[K, N] of every weight MatMul of one token's forward pass, as the graphs run them: per layer h·Mᵀ (d, S),
+    softmax·M (S, d), gate (d, 2d), FFN (d, 4d) and (4d, d); then the tied head (d, V)."""
+    d, S = cfg.d_model, cfg.n_slots
+    return [*[(K, N) for _ in range(cfg.n_layers) for K, N in ((d, S), (S, d), (d, 2 * d), (d, 4 * d), (4 * d, d))],
+            (d, cfg.vocab_size)]
+
+
+def _weights_only_session(cfg: GAMConfig, kind: str, threads: int, seed: int = 0):
+    """One ONNX Runtime graph holding only the model's weight MatMuls, each fed by a graph input [M, K]:
+    ``fp32`` MatMul, or ``int8`` DynamicQuantizeMatMul (int8 weights per output channel, activations quantized
+    on the fly — the integer GEMM both of ONNX Runtime's INT8 flavours run)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gamexport.engines.ort import _import_ort, session_options
+    from gamexport.graph.builder import IR_VERSION, OPSET
+
+    ort = _import_ort()
+    rng = np.random.default_rng(seed)
+    nodes, inits, outputs = [], [], []
+    for i, (K, N) in enumerate(weight_matmul_shapes(cfg)):
+        if kind == "fp32":
+            inits.append(numpy_helper.from_array((rng.standard_normal((K, N), dtype=np.float32) * 0.02), f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [f"x{K}", f"w{i}"], [f"y{i}"]))
+        else:
+            inits += [numpy_helper.from_array(rng.integers(-127, 128, (K, N), dtype=np.int8), f"w{i}"),
+                      numpy_helper.from_array(np.full((N,), 0.01, np.float32), f"s{i}"),
+                      numpy_helper.from_array(np.zeros((N,), np.int8), f"z{i}")]
+            nodes.append(helper.make_node("DynamicQuantizeMatMul", [f"x{K}", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"],
+                                          domain="com.microsoft"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    widths = sorted({K for K, _ in weight_matmul_shapes(cfg)})
+    graph = helper.make_graph(nodes, "weights-only", [helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT,
+                                                                                     ["M", K]) for K in widths],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=IR_VERSION)
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    return session, widths
+
+
+def measure_ceilings(cfg: GAMConfig, limits: dict, threads: int, effort: Effort, say: Progress) -> dict:
+    """What the kernels allow before any graph overhead: the model's weight MatMuls alone (fp32 MatMul and the
+    integer GEMM), at M = 1 (a decode step) and M = min(256, P) (a prefill).
+
+    ``fp32_decode_fraction`` is the bandwidth-roofline fraction a step would reach if everything but its weight
+    MatMuls were free (h·Mᵀ and softmax·M read the memory bank in two layouts, which the roofline counts once);
+    ``int8_speedup`` at each M is the fastest INT8 ÷ fp32 a graph built on these kernels can reach.
+    """
+    from gamexport.bench import measure
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for kind in ("fp32", "int8"):
+        session, widths = _weights_only_session(cfg, kind, threads)
+        for M in (1, min(256, cfg.max_positions)):
+            say(f"ceilings: the model's {len(weight_matmul_shapes(cfg))} weight MatMuls alone, {kind}, M = {M}")
+            feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
+            timing = measure(lambda: session.run(None, feeds), warmup=effort.warmup, runs=effort.runs,
+                             max_seconds=effort.max_seconds)
+            rows.append({"precision": kind, "M": M, **timing.as_dict()})
+        del session
+        gc.collect()
+    t = {(r["precision"], r["M"]): r["p50_ms"] for r in rows}
+    Ms = sorted({r["M"] for r in rows})
+    section = {"what": "the model's weight MatMuls (per layer h·Mᵀ, softmax·M, gate, FFN×2; the head) in one ONNX "
+                    "Runtime graph, each fed by a graph input, nothing else: fp32 MatMul and int8 "
+                    "DynamicQuantizeMatMul",
+               "matmuls": len(weight_matmul_shapes(cfg)), "rows": rows,
+               "int8_speedup": {str(M): t[("fp32", M)] / t[("int8", M)] for M in Ms}}
+    section["fp32_decode_fraction"] = ceiling_decode_fraction(cfg, section, limits)
+    return section
+
+
+def ceiling_decode_fraction(cfg: GAMConfig, ceilings: dict, limits: dict) -> float:
+    """The bandwidth-roofline step time over the fp32 weight MatMuls' own time at M = 1."""
+    roofline_ms = weight_bytes_per_step(cfg, "fp32") / (limits["bandwidth"]["gbps"] * 1e9) * 1e3
+    return roofline_ms / next(r["p50_ms"] for r in ceilings["rows"] if r["precision"] == "fp32" and r["M"] == 1)
+
+
 # ---- runners -----------------------------------------------------------------------------------------------------
 def export_for_bench(ckpt, folder: Path, precisions: tuple[str, ...], say: Progress) -> dict:
     """Write the graphs each precision needs into ``folder`` with gamexport's own builder (INT8 calibrated on
@@ -451,6 +533,48 @@ def decode_against_limit(cfg: GAMConfig, precision: str, p50_ms: float, limits: 
             "limit": "bandwidth-roofline", "limit_value": roofline, "fraction": _fraction(tps, roofline)}
 
 
+def batched_against_limit(cfg: GAMConfig, batch: int, p50_ms: float, limits: dict) -> dict:
+    """A batched decode step's timing as achieved GFLOP/s and its fraction of the batched (M = 32) limit."""
+    achieved = batch * flops_per_token(cfg)["total"] / (p50_ms / 1e3) / 1e9
+    limit = limits["batched"]["gflops"]
+    return {"achieved": achieved, "unit": "GFLOP/s", "limit": "batched", "limit_value": limit,
+            "fraction": _fraction(achieved, limit)}
+
+
+def best_limits(first: dict, second: dict) -> dict:
+    """Each limit from whichever of two measurements (start and end of a run) reached more: other work on the
+    machine only ever lowers a limit, and a lowered limit would flatter every fraction measured against it.
+    Each entry records both values (``measured``) and which one it kept (``kept``)."""
+    keys = {"compute": "gflops", "bandwidth": "gbps", "batched": "gflops"}
+
+    def pick(a: dict, b: dict, key: str) -> dict:
+        best = dict(b if b[key] > a[key] else a)
+        best.update(measured={"start": a[key], "end": b[key]}, kept="end" if b[key] > a[key] else "start")
+        return best
+
+    out = {name: pick(first[name], second[name], key) for name, key in keys.items()}
+    by_precision = {}
+    for p, entry in first["bandwidth_by_precision"].items():
+        if entry.get("same_as") == "bandwidth":
+            by_precision[p] = {**entry, "gbps": out["bandwidth"]["gbps"]}
+        else:
+            by_precision[p] = pick(entry, second["bandwidth_by_precision"][p], "gbps")
+    out["bandwidth_by_precision"] = by_precision
+    return out
+
+
+def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: list[dict],
+                    ceilings: dict | None) -> None:
+    """Recompute every row's limit and fraction against ``limits`` (the run's final limits)."""
+    for row in prefill:
+        row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
+    for row in decode:
+        row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits) if row["batch"] == 1 else
+                   batched_against_limit(cfg, row["batch"], row["p50_ms"], limits))
+    if ceilings is not None:
+        ceilings["fp32_decode_fraction"] = ceiling_decode_fraction(cfg, ceilings, limits)
+
+
 #: The build measures the limits with fewer runs than ``gamexport bench`` (it is a build, not a benchmark).
 BUILD_LIMITS = Effort(limit_runs=5, limit_warmup=1, runs=10, warmup=2, max_seconds=10.0, batched_decode_steps=16,
                       scaling_runs=0, scaling_max_seconds=0.0, help_runs=0, first_token_runs=0, startup_warmup=0,
@@ -519,18 +643,15 @@ def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: i
                  "last_over_first": last / first, "tokens_per_s": 1 / (timing.p50_ms / 1e3),
                  "flops_per_token": per_token,
                  **decode_against_limit(cfg, runner.precision, timing.p50_ms, limits), "threads": threads})
-    limit = limits["batched"]["gflops"]
     steps = min(P - 1, effort.batched_decode_steps)
     for B in DECODE_BATCHES:
         say(f"decode: {runner.runtime} {runner.precision}, batch {B}, positions 1..{steps}")
         ids = rng.integers(0, cfg.vocab_size, size=(B, P), dtype=np.int64)
         samples = _decode_samples(runner, ids, list(range(1, 1 + steps)), effort.warmup)
         timing = summarize(samples, effort.warmup)
-        achieved = B * per_token / (timing.p50_ms / 1e3) / 1e9
         rows.append({**_describe(runner), "mode": "decode", "batch": B, "seq_len": 1, "positions": [1, steps],
                      **timing.as_dict(), "tokens_per_s": B / (timing.p50_ms / 1e3), "flops_per_token": per_token,
-                     "achieved": achieved, "unit": "GFLOP/s", "limit": "batched", "limit_value": limit,
-                     "fraction": _fraction(achieved, limit), "threads": threads})
+                     **batched_against_limit(cfg, B, timing.p50_ms, limits), "threads": threads})
     return rows
 
 
@@ -942,6 +1063,9 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     decode: list[dict] = []
     scaling = None
     startup = None
+    ceilings = None
+    if "ceilings" not in opts.skip:
+        ceilings = measure_ceilings(cfg, limits, threads, effort, say)
     with tempfile.TemporaryDirectory(prefix="gamexport-bench-") as tmp_name:
         tmp = Path(tmp_name)
         need_graphs = ("prefill" not in opts.skip or "decode" not in opts.skip
@@ -982,8 +1106,12 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     if "training" not in opts.skip:
         training, training_skipped = run_training(cfg, threads, effort, say, server)
         skipped += training_skipped
+    say("limits: measured again at the end of the run (each limit keeps the higher of its two medians)")
+    limits = best_limits(limits, measure_limits(cfg, precisions, threads, effort, lambda msg: None))
+    refit_fractions(cfg, limits, prefill, decode, ceilings)
 
-    timed = [*prefill, *decode, *(scaling["points"] if scaling else []), *(training["rows"] if training else [])]
+    timed = [*prefill, *decode, *(ceilings["rows"] if ceilings else []), *(scaling["points"] if scaling else []),
+             *(training["rows"] if training else [])]
     timed_limits = [(name, limits[name]) for name in ("compute", "bandwidth", "batched")]
     noisy = [_row_label(r) for r in timed if r.get("noisy")] + [f"limit {n}" for n, v in timed_limits if v["noisy"]]
     result = {
@@ -994,7 +1122,7 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
         "config": cfg.to_dict(), "parameters": cfg.n_params(), "machine": machine,
         "flops_per_token": flops_per_token(cfg),
         "weight_bytes_per_step": {p: weight_bytes_per_step(cfg, p) for p in ("fp32", *precisions) if p != "bf16"},
-        "limits": limits, "prefill": prefill, "decode": decode, "scaling": scaling, "training": training,
+        "limits": limits, "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling, "training": training,
         "startup": startup, "skipped": skipped, "noisy": noisy,
         "notes": [
             "Fractions are achieved ÷ limit, both measured in this run with the same threads.",
@@ -1016,6 +1144,8 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
 
 
 def _row_label(r: dict) -> str:
+    if "M" in r:
+        return f"ceiling {r['precision']} weight MatMuls M{r['M']}"
     if "model" in r:
         return f"training {r['model']} B{r['batch']}×{r['T']}"
     if "block" in r:
@@ -1138,6 +1268,16 @@ def render_table(result: dict) -> str:
             lines.append(f"  T={r['T']} {r['mode']}: Transformer ÷ GAM time {r['transformer_over_gam']:.2f} "
                          f"(FLOPs {r['flop_ratio']:.2f})")
         lines.append("")
+    ceilings = result.get("ceilings")
+    if ceilings:
+        lines.append(f"ceilings (the {ceilings['matmuls']} weight MatMuls alone, ONNX Runtime):")
+        for r in ceilings["rows"]:
+            lines.append(f"  {r['precision']:<5} M={r['M']:<4} {r['p50_ms']:>9.3f} ms"
+                         + ("  [noisy]" if r["noisy"] else ""))
+        lines.append(f"  fp32 decode could reach {ceilings['fp32_decode_fraction']:.2f} of the roofline if the rest "
+                     "were free; INT8 ÷ fp32 at most " + ", ".join(f"{v:.2f}× (M={k})" for k, v in
+                                                              ceilings["int8_speedup"].items()))
+        lines.append("")
     training = result.get("training")
     if training and training["rows"]:
         lines.append(f"training (torch fp32, B {training['batch']} × T {training['T']}, AdamW steps):")
@@ -1161,4 +1301,5 @@ def render_table(result: dict) -> str:
 
 __all__ = ["BenchOptions", "run_bench", "render_table", "flops_per_token", "weight_bytes_per_step",
            "gam_block_flops", "transformer_block_flops", "make_transformer_block", "make_gam_block",
-           "scaling_point", "training_point", "run_training", "SCHEMA_VERSION", "BENCH_FILE", "SCALING_PLOT", "FRACTIONS_PLOT"]
+           "scaling_point", "training_point", "run_training", "measure_ceilings", "weight_matmul_shapes",
+           "SCHEMA_VERSION", "BENCH_FILE", "SCALING_PLOT", "FRACTIONS_PLOT"]

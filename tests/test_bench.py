@@ -54,7 +54,7 @@ def test_bench_json_structure(quick):
     out, bench, result = quick
     assert bench["schema_version"] == 1 and bench["kind"] == "gamexport-bench" and bench["quick"] is True
     assert bench["threads"] == 1 and bench["machine"]["threads"] == 1
-    assert {"limits", "prefill", "decode", "scaling", "training", "startup", "skipped", "noisy", "flops_per_token",
+    assert {"limits", "prefill", "decode", "ceilings", "scaling", "training", "startup", "skipped", "noisy", "flops_per_token",
             "weight_bytes_per_step", "config", "source", "machine", "plots"} <= set(bench)
     assert bench["config"]["d_model"] == PRESETS["tiny"].d_model and bench["source"]["trained"] is False
 
@@ -63,6 +63,9 @@ def test_bench_json_structure(quick):
     assert lim["batched"]["shape"][0] == 32 and lim["batched"]["shape"][1:] == lim["bandwidth"]["shape"][1:]
     for name, key in (("compute", "gflops"), ("bandwidth", "gbps"), ("batched", "gflops")):
         assert _positive(lim[name][key]) and _positive(lim[name]["p50_ms"]) and lim[name]["runs"] >= 1
+    for name, key in (("compute", "gflops"), ("bandwidth", "gbps"), ("batched", "gflops")):
+        # Measured at the start and the end of the run; the higher one is kept.
+        assert lim[name][key] == max(lim[name]["measured"].values())
     # Recompute each limit from its timing.
     M, K, N = lim["compute"]["shape"]
     assert lim["compute"]["gflops"] == pytest.approx(2 * M * K * N / (lim["compute"]["p50_ms"] / 1e3) / 1e9)
@@ -112,6 +115,16 @@ def test_bench_json_structure(quick):
             assert _positive(p[key]), (p["block"], p["mode"], key)
     assert sc["summary"]["transformer_over_gam"]
 
+    ce = bench["ceilings"]  # the weight MatMuls alone: what the kernels allow before any graph overhead
+    assert {(r["precision"], r["M"]) for r in ce["rows"]} == {(k, M) for k in ("fp32", "int8") for M in (1, 64)}
+    t = {(r["precision"], r["M"]): r["p50_ms"] for r in ce["rows"]}
+    assert all(_positive(v) for v in t.values())
+    step_bytes = bench["weight_bytes_per_step"]["fp32"]
+    assert ce["fp32_decode_fraction"] == pytest.approx(step_bytes / (lim["bandwidth"]["gbps"] * 1e9) * 1e3
+                                                       / t[("fp32", 1)])
+    assert ce["int8_speedup"] == pytest.approx({"1": t[("fp32", 1)] / t[("int8", 1)],
+                                                "64": t[("fp32", 64)] / t[("int8", 64)]})
+
     # The tiny preset has no 8-head Transformer within ±5 % of its parameters: skipped, with the reason.
     assert bench["training"] is None
     assert any(r.get("section") == "training" and "±5%" in r["reason"] for r in bench["skipped"])
@@ -119,6 +132,38 @@ def test_bench_json_structure(quick):
     st = bench["startup"]
     assert _positive(st["help"]["p50_ms"]) and _positive(st["first_token"]["p50_ms"])
     assert st["help"]["command"][-1] == "--help" and "generate" in st["first_token"]["command"]
+
+
+def test_weight_matmul_shapes_are_the_models():
+    """The ceilings' graph multiplies by every weight the paper model multiplies by — the memory bank twice (h·Mᵀ
+    and softmax·M) — and by nothing else."""
+    from gamexport.engines.benchmark import weight_matmul_shapes
+
+    cfg = GAMConfig()
+    shapes = weight_matmul_shapes(cfg)
+    assert len(shapes) == 5 * 6 + 1 and shapes[-1] == (512, 10_000)
+    per_layer = 2 * 512 * 512 + 512 * 1024 + 512 * 2048 + 2048 * 512
+    assert sum(K * N for K, N in shapes) == 6 * per_layer + 512 * 10_000
+    # Every parameter but LayerNorms, biases, the conv and the position table, plus a second memory bank.
+    others = 6 * (4 * 512 + 1024 + 2048 + 512 + 3 * 512 + 512) + 2 * 512 + 256 * 512
+    assert sum(K * N for K, N in shapes) == cfg.n_params() - others + 6 * 512 * 512
+
+
+def test_best_limits_keeps_the_higher_measurement_of_each():
+    from gamexport.engines.benchmark import best_limits
+
+    def limits(compute, bw, batched, int8_bw):
+        return {"compute": {"gflops": compute, "p50_ms": 1.0}, "bandwidth": {"gbps": bw, "p50_ms": 2.0},
+                "batched": {"gflops": batched, "p50_ms": 3.0},
+                "bandwidth_by_precision": {"fp32": {"gbps": bw, "same_as": "bandwidth"},
+                                           "int8": {"gbps": int8_bw, "p50_ms": 4.0}}}
+
+    best = best_limits(limits(60.0, 11.0, 70.0, 40.0), limits(55.0, 21.0, 72.0, 30.0))
+    assert best["compute"]["gflops"] == 60.0 and best["compute"]["kept"] == "start"
+    assert best["bandwidth"]["gbps"] == 21.0 and best["bandwidth"]["measured"] == {"start": 11.0, "end": 21.0}
+    assert best["batched"]["gflops"] == 72.0 and best["batched"]["kept"] == "end"
+    assert best["bandwidth_by_precision"]["fp32"]["gbps"] == 21.0  # follows the kept bandwidth
+    assert best["bandwidth_by_precision"]["int8"]["gbps"] == 40.0
 
 
 def test_training_section():
