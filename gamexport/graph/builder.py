@@ -179,10 +179,13 @@ def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.Functio
     b.op("Transpose", [b.op("Reshape", ["weight", "taps_shape"], "w_dk")], "w_kd", perm=[1, 0])  # (k, d)
     acc = "bias"
     for j in range(k):
-        b.nodes += [_const_i64(f"start{j}", [j]), _const_i64(f"end{j}", [j - k1 if j < k1 else end]),
-                    helper.make_node("Constant", [], [f"tap{j}"],
-                                     value=helper.make_tensor(f"tap{j}", TensorProto.INT64, [], [j]))]
-        rows = b.op("Slice", ["hcat", f"start{j}", f"end{j}", "axis"], f"rows{j}")  # (B, T, d)
+        b.nodes.append(helper.make_node("Constant", [], [f"tap{j}"],
+                                        value=helper.make_tensor(f"tap{j}", TensorProto.INT64, [], [j])))
+        if j < k1:
+            b.nodes += [_const_i64(f"start{j}", [j]), _const_i64(f"end{j}", [j - k1])]
+            rows = b.op("Slice", ["hcat", f"start{j}", f"end{j}", "axis"], f"rows{j}")  # (B, T, d)
+        else:
+            rows = "h"                                                   # the newest tap: hcat[:, k-1:] is h
         tap = b.op("Gather", ["w_kd", f"tap{j}"], f"w{j}", axis=0)                   # (d,): folds to a constant
         acc = b.op("Add", [acc, b.op("Mul", [rows, tap], f"m{j}")], "local" if j == k - 1 else f"acc{j}")
     b.nodes += [_const_i64("start", [-k1]), _const_i64("end", [end])]
