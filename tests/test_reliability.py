@@ -38,8 +38,11 @@ def test_verify_accepts_an_untouched_build(tiny_build, tmp_path):
 
 def _start_paused_build(out: Path, stage: str, marker: Path) -> subprocess.Popen:
     env = {**os.environ, "GAMEXPORT_TEST_PAUSE_AT": stage, "GAMEXPORT_TEST_PAUSE_FILE": str(marker)}
+    # SIGINT at its default in the child: a test run started in the background (`pytest &` without job control)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so Ctrl-C could not be tested.
     proc = subprocess.Popen([*GAMEXPORT, "build", "--preset", "tiny", "--out", str(out), "--threads", "1",
-                             "--no-latency"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--no-latency"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()
