@@ -32,8 +32,8 @@ def bench(
     min_t: Annotated[int | None, typer.Option("--min-t", help="Scaling: shortest sequence (default "
                                                               "min(256, --max-t)).", show_default=False)] = None,
     max_t: Annotated[int, typer.Option("--max-t", help="Scaling: longest sequence.")] = 8192,
-    skip: Annotated[str, typer.Option(help="Sections to leave out, comma-separated: prefill, decode, scaling, "
-                                           "training, startup.")] = "",
+    skip: Annotated[str, typer.Option(help="Sections to leave out, comma-separated: prefill, decode, ceilings, "
+                                           "scaling, training, startup.")] = "",
     debug: DebugOption = False,
 ) -> None:
     """Benchmark against this machine's limits: prefill and decode per runtime and precision, GAM vs

@@ -172,13 +172,13 @@ class OrtRunner(Runner):
         self.provider = provider
         self.runtime = RUNTIMES[provider]
         self.step_session = load_session(self.step_path, threads, provider)
-        self.prefill_session = (load_session(self.model_path, threads, provider) if model_path is not None
-                                else None)
-        if config is None:
+        if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
             from gamexport.graph.builder import config_from_metadata
 
             config = config_from_metadata(self.step_session.get_modelmeta().custom_metadata_map, str(self.step_path))
         super().__init__(config)
+        self.prefill_session = (load_session(self.model_path, threads, provider) if model_path is not None
+                                else None)
         self.matmul_ops: dict[str, int] = {}
         self.compute_precision = precision
         if precision != "fp32" and provider == "CPUExecutionProvider":

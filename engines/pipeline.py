@@ -380,10 +380,11 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
                 metrics = half_plan_metrics(test, plan, fp32_compute, p)
                 rows.append(_row(runner.runtime, graph, artifact, f"emulation-{p}", name, ids, metrics,
                                  precision=p, **more, **extra))
-    if hasattr(runner, "cuda_graph_status"):  # TensorRT: say whether decode replayed CUDA graphs
+    if hasattr(runner, "cuda_graph_status"):  # TensorRT: say whether decode steps replayed CUDA graphs
         used, graph_note = bool(runner.cuda_graph_status["used"]), runner.cuda_graph_note()
         for row in rows:
-            row.update(cuda_graph=used, note=f"{row['note']}; {graph_note}")
+            if row["graph"] == "step":  # prefill never runs as a graph
+                row.update(cuda_graph=used, note=f"{row['note']}; {graph_note}")
     return rows
 
 

@@ -24,21 +24,23 @@ from .builder import is_half_weight
 
 @contextmanager
 def _cuda_math(torch, device) -> Iterator[None]:
-    """On CUDA: fp32 MatMuls in fp32 (TF32 off) and half MatMuls reduced in fp32 (no reduced-precision split-K
+    """On CUDA: fp32 MatMuls and convolutions in fp32 (TF32 off in cuBLAS and cuDNN) and half MatMuls reduced in fp32 (no reduced-precision split-K
     reductions), as the plan says; the settings are restored afterwards. Nothing to change on the CPU."""
     if torch.device(device).type != "cuda":
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
-    saved = {n: getattr(matmul, n) for n in names if hasattr(matmul, n)}
+    # Process-wide flags (cuBLAS and cuDNN — the conv goes through cuDNN): not safe while another thread runs CUDA.
+    flags = [(torch.backends.cuda.matmul, n) for n in ("allow_tf32", "allow_fp16_reduced_precision_reduction",
+                                                        "allow_bf16_reduced_precision_reduction")]
+    flags.append((torch.backends.cudnn, "allow_tf32"))
+    saved = [(obj, n, getattr(obj, n)) for obj, n in flags if hasattr(obj, n)]
     try:
-        for n in saved:
-            setattr(matmul, n, False)
+        for obj, n, _ in saved:
+            setattr(obj, n, False)
         yield
     finally:
-        for n, value in saved.items():
-            setattr(matmul, n, value)
+        for obj, n, value in saved:
+            setattr(obj, n, value)
 
 
 def emulate_logits(weights: Mapping[str, np.ndarray], cfg: GAMConfig, ids: np.ndarray,
