@@ -236,24 +236,32 @@ def load_source(source: str | None, preset_name: str | None):
 
 
 # ---- limits ------------------------------------------------------------------------------------------------------
-def _matmul_session(M: int, K: int, N: int, threads: int, seed: int = 0):
-    """An ONNX Runtime session of one MatMul [M, K]×[K, N] with the [K, N] weight as an initializer, under the
-    session options the model graphs get."""
-    from onnx import TensorProto, helper, numpy_helper
+def _nodes_session(nodes: list, inputs: list, outputs: list, initializers: list, threads: int):
+    """An ONNX Runtime CPU session of a hand-written graph (default and com.microsoft opsets), under the session
+    options the model graphs get."""
+    from onnx import helper
 
     from gamexport.engines.ort import _import_ort, session_options
     from gamexport.graph.builder import IR_VERSION, OPSET
 
     ort = _import_ort()
-    w = (np.random.default_rng(seed).standard_normal((K, N), dtype=np.float32) * 0.02)
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["c"])], "limit",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])],
-                              initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    graph = helper.make_graph(nodes, "bench", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=IR_VERSION)
     data = model.SerializeToString()
-    del w, graph, model
+    del graph, model
     return ort.InferenceSession(data, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def _matmul_session(M: int, K: int, N: int, threads: int, seed: int = 0):
+    """An ONNX Runtime session of one MatMul [M, K]×[K, N] with the [K, N] weight as an initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(seed).standard_normal((K, N), dtype=np.float32) * 0.02)
+    return _nodes_session([helper.make_node("MatMul", ["a", "w"], ["c"])],
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])],
+                          [numpy_helper.from_array(w, "w")], threads)
 
 
 def _time_matmul(M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
@@ -326,10 +334,6 @@ def _weights_only_session(cfg: GAMConfig, kind: str, threads: int, seed: int = 0
     on the fly — the integer GEMM both of ONNX Runtime's INT8 flavours run)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from gamexport.engines.ort import _import_ort, session_options
-    from gamexport.graph.builder import IR_VERSION, OPSET
-
-    ort = _import_ort()
     rng = np.random.default_rng(seed)
     nodes, inits, outputs = [], [], []
     for i, (K, N) in enumerate(weight_matmul_shapes(cfg)):
@@ -344,22 +348,17 @@ def _weights_only_session(cfg: GAMConfig, kind: str, threads: int, seed: int = 0
                                           domain="com.microsoft"))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
     widths = sorted({K for K, _ in weight_matmul_shapes(cfg)})
-    graph = helper.make_graph(nodes, "weights-only", [helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT,
-                                                                                     ["M", K]) for K in widths],
-                              outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=IR_VERSION)
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    return session, widths
+    inputs = [helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT, ["M", K]) for K in widths]
+    return _nodes_session(nodes, inputs, outputs, inits, threads), widths
 
 
-def measure_ceilings(cfg: GAMConfig, limits: dict, threads: int, effort: Effort, say: Progress) -> dict:
+def measure_ceilings(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> dict:
     """What the kernels allow before any graph overhead: the model's weight MatMuls alone (fp32 MatMul and the
     integer GEMM), at M = 1 (a decode step) and M = min(256, P) (a prefill).
 
-    ``fp32_decode_fraction`` is the bandwidth-roofline fraction a step would reach if everything but its weight
-    MatMuls were free (h·Mᵀ and softmax·M read the memory bank in two layouts, which the roofline counts once);
+    ``fp32_decode_fraction`` (set by :func:`refit_fractions`, against the run's final limits) is the
+    bandwidth-roofline fraction a step would reach if everything but its weight MatMuls were free (h·Mᵀ and
+    softmax·M read the memory bank in two layouts, which the roofline counts once);
     ``int8_speedup`` at each M is the fastest INT8 ÷ fp32 a graph built on these kernels can reach.
     """
     from gamexport.bench import measure
@@ -378,13 +377,11 @@ def measure_ceilings(cfg: GAMConfig, limits: dict, threads: int, effort: Effort,
         gc.collect()
     t = {(r["precision"], r["M"]): r["p50_ms"] for r in rows}
     Ms = sorted({r["M"] for r in rows})
-    section = {"what": "the model's weight MatMuls (per layer h·Mᵀ, softmax·M, gate, FFN×2; the head) in one ONNX "
+    return {"what": "the model's weight MatMuls (per layer h·Mᵀ, softmax·M, gate, FFN×2; the head) in one ONNX "
                     "Runtime graph, each fed by a graph input, nothing else: fp32 MatMul and int8 "
                     "DynamicQuantizeMatMul",
-               "matmuls": len(weight_matmul_shapes(cfg)), "rows": rows,
-               "int8_speedup": {str(M): t[("fp32", M)] / t[("int8", M)] for M in Ms}}
-    section["fp32_decode_fraction"] = ceiling_decode_fraction(cfg, section, limits)
-    return section
+            "matmuls": len(weight_matmul_shapes(cfg)), "rows": rows,
+            "int8_speedup": {str(M): t[("fp32", M)] / t[("int8", M)] for M in Ms}}
 
 
 def ceiling_decode_fraction(cfg: GAMConfig, ceilings: dict, limits: dict) -> float:
@@ -1065,7 +1062,7 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     startup = None
     ceilings = None
     if "ceilings" not in opts.skip:
-        ceilings = measure_ceilings(cfg, limits, threads, effort, say)
+        ceilings = measure_ceilings(cfg, threads, effort, say)
     with tempfile.TemporaryDirectory(prefix="gamexport-bench-") as tmp_name:
         tmp = Path(tmp_name)
         need_graphs = ("prefill" not in opts.skip or "decode" not in opts.skip
@@ -1122,8 +1119,8 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
         "config": cfg.to_dict(), "parameters": cfg.n_params(), "machine": machine,
         "flops_per_token": flops_per_token(cfg),
         "weight_bytes_per_step": {p: weight_bytes_per_step(cfg, p) for p in ("fp32", *precisions) if p != "bf16"},
-        "limits": limits, "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling, "training": training,
-        "startup": startup, "skipped": skipped, "noisy": noisy,
+        "limits": limits, "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling,
+        "training": training, "startup": startup, "skipped": skipped, "noisy": noisy,
         "notes": [
             "Fractions are achieved ÷ limit, both measured in this run with the same threads.",
             "Prefill FLOPs count the head at every position: the prefill and step graphs (and eager PyTorch) "

@@ -24,8 +24,9 @@ from .builder import is_half_weight
 
 @contextmanager
 def _cuda_math(torch, device) -> Iterator[None]:
-    """On CUDA: fp32 MatMuls and convolutions in fp32 (TF32 off in cuBLAS and cuDNN) and half MatMuls reduced in fp32 (no reduced-precision split-K
-    reductions), as the plan says; the settings are restored afterwards. Nothing to change on the CPU."""
+    """On CUDA: fp32 MatMuls and convolutions in fp32 (TF32 off in cuBLAS and cuDNN) and half MatMuls reduced in
+    fp32 (no reduced-precision split-K reductions), as the plan says; the settings are restored afterwards.
+    Nothing to change on the CPU."""
     if torch.device(device).type != "cuda":
         yield
         return
@@ -96,15 +97,13 @@ def emulation_device() -> tuple[str | None, str]:
     """Where the half plan is emulated for runtimes that multiply in fp16/bf16: ("cuda", the GPU), or (None, why
     not). CUDA, because that is where such runtimes run and where torch's half MatMuls are the GPU's own."""
     try:
-        import torch
+        import torch  # noqa: F401  (the emulation is eager PyTorch: a GPU only the driver sees is not enough)
     except ImportError:
         return None, "torch is not installed"
-    try:
-        if torch.cuda.is_available():
-            return "cuda", str(torch.cuda.get_device_name(0))
-    except Exception as exc:  # a broken CUDA install is no GPU here
-        return None, f"torch's CUDA check failed: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc}"
-    return None, f"torch {torch.__version__} sees no CUDA GPU"
+    from ..device import cuda_status
+
+    usable, why = cuda_status()
+    return ("cuda" if usable else None), why
 
 
 def half_plan_references(weights: Mapping[str, np.ndarray], cfg: GAMConfig, ids: np.ndarray, precision: str,
