@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from gamexport.limits import MAX_SCALING_T, MAX_THREADS
+
 from .common import DebugOption, run, say
 
 
@@ -22,16 +24,19 @@ def bench(
         "gamexport-bench"),
     preset: Annotated[str | None, typer.Option(help="Without SOURCE: seeded untrained weights of this preset "
                                                     "(paper, small, tiny); default paper.")] = None,
-    threads: Annotated[int, typer.Option("--threads", "-j", help="CPU threads for ONNX Runtime and torch, stated "
-                                                                "in every row.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", "-j", min=1, max=MAX_THREADS,
+                                         help=f"CPU threads for ONNX Runtime and torch, 1..{MAX_THREADS} (4 × this "
+                                              "machine's CPUs), stated in every row.")] = 2,
     precision: Annotated[str, typer.Option(
         help="ONNX Runtime precisions, comma-separated: fp32, fp16, int8, int8-dyn.")] = "fp32,fp16,int8,int8-dyn",
     compile_: Annotated[bool, typer.Option("--compile", help="Also time torch.compile (minutes to compile on "
                                                             "CPU).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few runs, numbers not to be quoted.")] = False,
-    min_t: Annotated[int | None, typer.Option("--min-t", help="Scaling: shortest sequence (default "
-                                                              "min(256, --max-t)).", show_default=False)] = None,
-    max_t: Annotated[int, typer.Option("--max-t", help="Scaling: longest sequence.")] = 8192,
+    min_t: Annotated[int | None, typer.Option("--min-t", min=1, max=MAX_SCALING_T, help=(
+        f"Scaling: shortest sequence, 1..{MAX_SCALING_T} (default min(256, --max-t))."), show_default=False)] = None,
+    max_t: Annotated[int, typer.Option("--max-t", min=1, max=MAX_SCALING_T, help=(
+        f"Scaling: longest sequence, 1..{MAX_SCALING_T} (the Transformer's attention needs up to 8 heads·T²·4 "
+        "bytes)."))] = 8192,
     skip: Annotated[str, typer.Option(help="Sections to leave out, comma-separated: prefill, decode, ceilings, "
                                            "scaling, training, startup.")] = "",
     debug: DebugOption = False,

@@ -8,17 +8,22 @@ from typing import Annotated, Callable, TypeVar
 
 import typer
 
+from gamexport.limits import MAX_THREADS
+
 T = TypeVar("T")
 
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors "
-                                                              "(also GAMEXPORT_DEBUG=1).")]
-ThreadsOption = Annotated[int | None, typer.Option("--threads", "-j", min=1,
-                                                   help="CPU threads for ONNX Runtime and torch "
-                                                        "(default: all cores).")]
+                                                              "(also GAMEXPORT_DEBUG=1, true, yes or on).")]
+ThreadsOption = Annotated[int | None, typer.Option("--threads", "-j", min=1, max=MAX_THREADS,
+                                                   help=f"CPU threads for ONNX Runtime and torch, 1..{MAX_THREADS} "
+                                                        "(4 × this machine's CPUs; default: all cores).")]
+DEBUG_ON = ("1", "true", "yes", "on")
 
 
 def debug_enabled(flag: bool = False) -> bool:
-    return flag or os.environ.get("GAMEXPORT_DEBUG", "") not in ("", "0")
+    """--debug, or GAMEXPORT_DEBUG set to 1/true/yes/on (any case). Any other value — 0, false, no, off, empty,
+    or a typo — leaves tracebacks off: they are opt-in, so an unrecognised value must not turn them on."""
+    return flag or os.environ.get("GAMEXPORT_DEBUG", "").strip().lower() in DEBUG_ON
 
 
 def say(message: str) -> None:

@@ -22,6 +22,8 @@ from typing import Annotated, Literal, Optional, get_args
 
 import typer
 
+from gamexport.limits import MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_VOCAB, MIN_VOCAB
+
 from .common import DebugOption, run, say
 
 # gamexport.training.baselines.MODEL_KINDS, spelled out so that --help does not import torch (a test keeps them
@@ -41,23 +43,28 @@ def train(
     preset: Annotated[Optional[str], typer.Option(
         "--preset", "-p", show_default="small", help="Model shape and recipe: paper | small | demo | compare | tiny.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
-        "--max-steps", min=1, show_default="the preset's epochs",
-        help="Length of the run in optimizer steps (the cosine schedule ends there).")] = None,
+        "--max-steps", min=1, max=MAX_STEPS, show_default="the preset's epochs",
+        help=f"Length of the run in optimizer steps, 1..{MAX_STEPS} (the cosine schedule ends there).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --out from its latest checkpoint (bit-exact on CPU).")] = False,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", show_default="0", help="Seed for initialisation, data order and dropout.")] = None,
+        "--seed", min=0, max=MAX_SEED, show_default="0",
+        help=f"Seed for initialisation, data order and dropout, 0..{MAX_SEED}.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
         "--data-dir", show_default="../shared/data if it exists",
         help="Folder holding wikitext-2/ and tinystories/.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(
-        "--eval-every", min=1, help="Steps between validation passes (one also runs at every checkpoint).")] = None,
+        "--eval-every", min=1, max=MAX_STEPS,
+        help=f"Steps between validation passes, 1..{MAX_STEPS} (one also runs at every checkpoint).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
-        "--checkpoint-every", min=1, help="Steps between checkpoints (one is also written at the end).")] = None,
+        "--checkpoint-every", min=1, max=MAX_STEPS,
+        help=f"Steps between checkpoints, 1..{MAX_STEPS} (one is also written at the end).")] = None,
     threads: Annotated[Optional[int], typer.Option(
-        "--threads", "-j", min=1, show_default="torch's choice", help="CPU threads for torch.")] = None,
+        "--threads", "-j", min=1, max=MAX_THREADS, show_default="torch's choice",
+        help=f"CPU threads for torch, 1..{MAX_THREADS} (4 × this machine's CPUs).")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(
-        "--vocab-size", min=258, help="Tokenizer vocabulary instead of the preset's.")] = None,
+        "--vocab-size", min=MIN_VOCAB, max=MAX_VOCAB,
+        help=f"Tokenizer vocabulary instead of the preset's, {MIN_VOCAB}..{MAX_VOCAB}.")] = None,
     device: Annotated[Optional[str], typer.Option(
         "--device", show_default="cuda if available (bf16/fp16 autocast), else cpu", help="cpu | cuda.")] = None,
     model: Annotated[Optional[ModelKind], typer.Option(
@@ -65,7 +72,7 @@ def train(
         help="Architecture: gam, or a baseline (transformer | mamba) whose width is chosen so that its parameter "
              "count is within ±5% of the preset's GAM (same vocabulary, layers, positions and recipe).")] = None,
     dropout: Annotated[Optional[float], typer.Option(
-        "--dropout", min=0.0, show_default="the preset's: 0.1",
+        "--dropout", min=0.0, max=1.0, show_default="the preset's: 0.1",
         help="Dropout probability; 0 makes a data-parallel run match a single process.")] = None,
     progress: Annotated[bool, typer.Option(
         "--progress/--no-progress", help="Show a progress bar on stderr.")] = True,

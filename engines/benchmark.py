@@ -175,8 +175,11 @@ def scaling_lengths(min_t: int, max_t: int) -> list[int]:
 # ---- options -----------------------------------------------------------------------------------------------------
 def check_options(opts: BenchOptions) -> tuple[tuple[str, ...], int, int]:
     """(precisions, min_t, max_t) after checking every option; one-line InputError for a bad one."""
-    if not isinstance(opts.threads, int) or opts.threads < 1:
-        raise InputError(f"--threads must be at least 1, got {opts.threads}", "e.g. --threads 2")
+    from gamexport.limits import MAX_SCALING_T, MAX_THREADS, check_range
+
+    if not isinstance(opts.threads, int):
+        raise InputError(f"--threads must be an integer, got {opts.threads!r}", "e.g. --threads 2")
+    check_range("--threads", opts.threads, 1, MAX_THREADS)
     unknown = [p for p in opts.precisions if p not in PRECISIONS + ("bf16",)]
     if unknown:
         raise InputError(f"unknown precision {unknown[0]!r}", f"choose from {', '.join(PRECISIONS)}")
@@ -185,8 +188,7 @@ def check_options(opts: BenchOptions) -> tuple[tuple[str, ...], int, int]:
     bad = [s for s in opts.skip if s not in SECTIONS]
     if bad:
         raise InputError(f"unknown section {bad[0]!r} in --skip", f"choose from {', '.join(SECTIONS)}")
-    if opts.max_t < 1:
-        raise InputError(f"--max-t must be at least 1, got {opts.max_t}", "e.g. --max-t 2048")
+    check_range("--max-t", opts.max_t, 1, MAX_SCALING_T)
     min_t = opts.min_t if opts.min_t is not None else min(SCALING_MIN_T, opts.max_t)
     if min_t < 1 or min_t > opts.max_t:
         raise InputError(f"--min-t {min_t} must be between 1 and --max-t {opts.max_t}",

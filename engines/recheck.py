@@ -58,6 +58,7 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
     for runtime, precision in matrix:
         progress(f"parity: {runtime} {precision}")
         runner = open_variant_runner(folder, cfg, runtime, precision, threads, None, progress)
+        runner.check_finite = False  # a NaN is a failing row here (exit 1), measured against the saved reference
         tol = tolerance(precision)
         try:
             for graph, feeds, refs, labels in (("prefill", pre_in, pre_out, names["prefill"]),

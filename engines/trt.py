@@ -246,6 +246,11 @@ def make_profile(cfg: GAMConfig, graph: str, profile: Mapping[str, Any] | TrtPro
         if not 1 <= lo[i] <= mid[i] <= hi[i]:
             raise ProfileError(f"profile {label} must satisfy 1 <= min <= opt <= max, got "
                                f"{lo[i]} / {mid[i]} / {hi[i]}", "fix --min/--opt/--max")
+    from gamexport.limits import MAX_PROFILE_BATCH
+
+    if hi[0] > MAX_PROFILE_BATCH:
+        raise ProfileError(f"profile max batch {hi[0]} exceeds {MAX_PROFILE_BATCH}",
+                           f"use a max batch of at most {MAX_PROFILE_BATCH} (the engine allocates for it)")
     P = cfg.max_positions
     if hi[1] > P:
         raise ProfileError(f"profile max {axis} {hi[1]} exceeds the model's {P} learned positions",

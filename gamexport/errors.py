@@ -37,6 +37,10 @@ class GraphError(GamexportError):
     """An ONNX graph that is missing, unreadable or not a gamexport graph."""
 
 
+class NonFiniteError(GamexportError):
+    """A runner whose logits or state came out NaN or infinite: the weights or config overflow float32."""
+
+
 class ParityError(GamexportError):
     """A runner whose outputs differ from the reference beyond tolerance."""
 

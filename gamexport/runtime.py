@@ -2,8 +2,9 @@
 
 A runner holds one model on one backend. Inputs are NumPy arrays: token ids int64 (B, T), position ids int64
 (B, 1), streaming state float32 (B, L, k-1, d). The base class checks every input before the backend sees it
-(ONNX Runtime's Gather silently wraps index -1 to the last row), and owns ``generate`` so that all runners share
-one sampling loop.
+(ONNX Runtime's Gather silently wraps index -1 to the last row), checks every output (a NaN or infinite logit or
+state is refused in one line, never sampled into tokens), and owns ``generate`` so that all runners share one
+sampling loop.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .config import GAMConfig
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .sampling import Sampler, SamplingConfig
 
 
@@ -24,6 +25,9 @@ class Runner(abc.ABC):
     #: report label, one of eager, eager-compile, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt, tensorrt
     runtime: str = ""
     precision: str = "fp32"
+    #: refuse non-finite outputs (NonFiniteError). Parity sets it False on the runner under test: there a NaN is a
+    #: measured outcome, a failing row, not a bad input.
+    check_finite: bool = True
 
     def __init__(self, config: GAMConfig):
         self.config = config
@@ -54,7 +58,7 @@ class Runner(abc.ABC):
 
     def check_ids(self, ids, first_position: int | np.ndarray = 0) -> np.ndarray:
         """Token ids as int64 (B, T); refuses ids outside [0, V) and positions outside [0, P)."""
-        arr = np.asarray(ids)
+        arr = self._as_array(ids)
         if arr.ndim == 1:
             arr = arr[None, :]
         if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
@@ -75,8 +79,41 @@ class Runner(abc.ABC):
                              f"keep prompt plus generated tokens within {P} tokens")
         return arr.astype(np.int64, copy=False)
 
+    def _as_array(self, ids) -> np.ndarray:
+        """``np.asarray(ids)``; Python ints beyond int64 (NumPy keeps them as objects) get the one line of any id
+        outside the vocabulary, naming the id, rather than an OverflowError."""
+        arr = np.asarray(ids)
+        if arr.dtype == object and all(isinstance(i, (int, np.integer)) for i in arr.ravel()):
+            bad = next((int(i) for i in arr.ravel() if not 0 <= int(i) < self.config.vocab_size), None)
+            if bad is not None:
+                raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})",
+                                 "encode text with this model's tokenizer")
+            arr = arr.astype(np.int64)
+        return arr
+
+    def check_outputs(self, graph: str, first_position: int | np.ndarray, logits: np.ndarray,
+                      state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, state) unchanged when finite; else NonFiniteError naming the runner, graph and first position.
+
+        One ``np.isfinite`` pass over what the backend returned: negligible next to computing it.
+        """
+        if not self.check_finite or (np.isfinite(logits).all() and np.isfinite(state).all()):
+            return logits, state
+        what, arr = ("logits", logits) if not np.isfinite(logits).all() else ("state", state)
+        where = np.argwhere(~np.isfinite(arr))[0]
+        first = np.asarray(first_position).reshape(-1)
+        start = int(first[where[0]] if first.size > 1 else first[0])
+        position = f"position {start + int(where[1])}" if what == "logits" else f"layer {int(where[1])}"
+        kind = "NaN" if np.isnan(arr).any() else "infinite"
+        artifact = getattr(self, "step_path" if graph == "step" else "model_path", None)
+        name = f" ({artifact.name})" if hasattr(artifact, "name") else ""
+        raise NonFiniteError(f"{self.runtime} {self.precision} {graph}{name} produced {kind} {what} at batch row "
+                             f"{int(where[0])}, {position}",
+                             "the weights or config.json overflow float32: check for huge weights and that ln_eps "
+                             "is a small positive number, fix the checkpoint, then rebuild")
+
     def prefill(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        return self._prefill(self.check_ids(ids))
+        return self.check_outputs("prefill", 0, *self._prefill(self.check_ids(ids)))
 
     def step(self, ids, position_ids, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         arr = np.asarray(ids)
@@ -90,7 +127,7 @@ class Runner(abc.ABC):
         if state.shape != want:
             raise InputError(f"conv_state has shape {state.shape}, expected {want}",
                              "pass the state returned by prefill or the previous step")
-        return self._step(ids, pos, state)
+        return self.check_outputs("step", pos, *self._step(ids, pos, state))
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  stop_ids: Sequence[int] = ()) -> list[int]:
@@ -99,20 +136,20 @@ class Runner(abc.ABC):
         Stops after ``max_new_tokens``, at a token in ``stop_ids`` (included in the output), or when the next
         token would have to be fed at position P (the model has learned positions 0..P-1 only).
         """
-        prompt = self.check_ids(np.asarray(list(ids), dtype=np.int64))
+        prompt = self.check_ids(list(ids))
         sampler = Sampler(sampling or SamplingConfig())
         stops = set(int(s) for s in stop_ids)
         P = self.config.max_positions
         out: list[int] = []
         if max_new_tokens <= 0:
             return out
-        logits, state = self._prefill(prompt)
+        logits, state = self.check_outputs("prefill", 0, *self._prefill(prompt))
         pos = prompt.shape[1]
         while True:
             token = sampler(logits[0, -1])
             out.append(token)
             if len(out) >= max_new_tokens or token in stops or pos >= P:
                 return out
-            logits, state = self._step(np.array([[token]], dtype=np.int64),
-                                       np.array([[pos]], dtype=np.int64), state)
+            logits, state = self.check_outputs("step", pos, *self._step(np.array([[token]], dtype=np.int64),
+                                                                      np.array([[pos]], dtype=np.int64), state))
             pos += 1

@@ -7,11 +7,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
+from .limits import MAX_SEED, MAX_TOP_K, check_range, check_temperature
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Greedy when ``temperature == 0``; otherwise temperature, then top-k, then top-p (nucleus) filtering."""
+    """Greedy when ``temperature == 0``; otherwise temperature, then top-k, then top-p (nucleus) filtering.
+
+    Bounds (``gamexport.limits``): temperature 0 or 1e-3..100 (a tinier one overflows logits/T: it is refused,
+    not silently made greedy), top-k 0..2**20, top-p in (0, 1], seed 0..2**32-1.
+    """
 
     temperature: float = 0.0
     top_k: int = 0          # 0 = no top-k filter
@@ -19,10 +24,9 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy decoding")
-        if self.top_k < 0:
-            raise InputError(f"top-k must be >= 0, got {self.top_k}", "use 0 to disable it")
+        check_temperature(self.temperature)
+        check_range("top-k", self.top_k, 0, MAX_TOP_K)
+        check_range("seed", self.seed, 0, MAX_SEED)
         if not 0 < self.top_p <= 1:
             raise InputError(f"top-p must be in (0, 1], got {self.top_p}", "use 1 to disable it")
 

@@ -502,6 +502,89 @@ TABLE = [
 ]
 
 
+# ---- issue 16 classes 3, 4 (option values), 5: bounded work, option values, non-finite outputs -----------------
+# Every size and count has a bound (gamexport/limits.py) checked before work starts; data sources must be regular
+# files; NaN/Inf logits are refused, never sampled.
+def _outside(ctx, name: str) -> Path:
+    """A path beside the test's folder: a FIFO inside it would block the snapshot that reads every file."""
+    return ctx.tmp.parent / name
+
+
+def fifo_data(ctx):
+    path = _outside(ctx, "fifo.txt")
+    os.mkfifo(path)
+    return {"data": path}
+
+
+def fifo_folder(ctx):
+    folder = _outside(ctx, "fifo-folder")
+    folder.mkdir()
+    os.mkfifo(folder / "train.txt")
+    (folder / "valid.txt").write_text("some text\n")
+    return {"data": folder}
+
+
+def huge_weights(ctx):
+    """Finite weights near float32's limit (3e38): the final LayerNorm's output, and so the logits, overflow."""
+    return {"src": ctx.save_weights(_weights(ctx, ln_f__weight=np.full_like(ctx.weights["ln_f.weight"], 3e38)))}
+
+
+def debug_env(value: str):
+    return lambda ctx: {"env": {"GAMEXPORT_DEBUG": value}}
+
+
+def trt_profile(spec: dict):
+    def setup(ctx):
+        from gamexport.engines.trt import make_profile
+
+        return {"call": lambda: make_profile(ctx.cfg, "prefill", spec)}
+    return setup
+
+
+GEN = ["generate", "{build}", "--ids", "1,2"]
+TRAIN = ["train", "--out", "{tmp}/run", "--no-progress"]
+BOUNDS = [
+    row("threads-too-many", [*GEN, "-j", "10000"], with_build, 2, r"'--threads' / '-j'.* less than or equal to \d+"),
+    row("threads-int32-overflow", [*OPTS, "-j", "2147483648"], with_ckpt, 2, r"'--threads' / '-j'"),
+    row("train-threads-too-many", [*TRAIN, "-j", "10000"], plain, 2, r"'--threads' / '-j'"),
+    row("bench-threads-too-many", ["bench", "-o", "{tmp}/b", "-j", "10000"], plain, 2, r"'--threads' / '-j'"),
+    row("max-new-tokens-huge", [*GEN, "--max-new-tokens", str(10**12)], with_build, 2, r"'--max-new-tokens'"),
+    row("top-k-huge", [*GEN, "--top-k", str(2**64)], with_build, 2, r"'--top-k'"),
+    row("temperature-subnormal", [*GEN, "--temperature", "1e-320"], with_build, 2,
+        r"temperature 1e-320 is outside 0 or 0\.001\.\.100"),
+    row("temperature-huge", [*GEN, "--temperature", "1e6"], with_build, 2, r"'--temperature'"),
+    row("temperature-nan", [*GEN, "--temperature", "nan"], with_build, 2, r"'--temperature'"),
+    row("seed-negative-generate", [*GEN, "--seed", "-1"], with_build, 2, r"'--seed'.* greater than or equal to 0"),
+    row("seed-too-big-generate", [*GEN, "--seed", str(2**32)], with_build, 2, r"'--seed'.* less than or equal to"),
+    row("seed-negative-train", [*TRAIN, "--seed", "-1"], plain, 2, r"'--seed'.* greater than or equal to 0"),
+    row("max-steps-huge", [*TRAIN, "--max-steps", str(2**70)], plain, 2, r"'--max-steps'.* less than or equal to"),
+    row("eval-every-huge", [*TRAIN, "--eval-every", str(2**70)], plain, 2, r"'--eval-every'"),
+    row("checkpoint-every-huge", [*TRAIN, "--checkpoint-every", str(2**70)], plain, 2, r"'--checkpoint-every'"),
+    row("vocab-size-huge", [*TRAIN, "--vocab-size", str(10**9)], plain, 2, r"'--vocab-size'.* 1048576"),
+    row("dropout-above-one", [*TRAIN, "--dropout", "2"], plain, 2, r"'--dropout'"),
+    row("bench-max-t-huge", ["bench", "-o", "{tmp}/b", "--max-t", str(2**70)], plain, 2, r"'--max-t'.* 16384"),
+    row("bench-min-t-huge", ["bench", "-o", "{tmp}/b", "--min-t", str(2**70)], plain, 2, r"'--min-t'"),
+    row("prefill-len-huge", [*BUILD, "--prefill-len", str(2**70)], with_ckpt, 2,
+        rf"prefill length {2**70} is outside 1\.\.64"),
+    row("trt-profile-batch-huge", API, trt_profile({"max": "100000x64"}), ProfileError,
+        r"profile max batch 100000 exceeds 1024"),
+    row("train-data-device", [*TRAIN, "-d", "/dev/zero"], plain, 2, r"/dev/zero is a device, not a regular"),
+    row("train-data-fifo", [*TRAIN, "-d", "{data}"], fifo_data, 2, r"fifo\.txt is a FIFO, not a regular"),
+    row("train-data-folder-fifo", [*TRAIN, "-d", "{data}"], fifo_folder, 2, r"train\.txt is a FIFO"),
+    row("ids-overflow", ["generate", "{build}", "--ids", "99999999999999999999"], with_build, 2,
+        r"token id 99999999999999999999 is outside the vocabulary \[0, 97\)"),
+    row("prompt-not-utf8", ["generate", "{build}", "--prompt", "a\udcffb"], with_build, 2,
+        r"--prompt is not valid UTF-8 \(byte 0xff at character 1\)"),
+    row("debug-env-false", ["build", "{tmp}/nope.safetensors", "--out", "{tmp}/out"], debug_env("false"), 2,
+        r"nope\.safetensors does not exist"),
+    row("debug-env-typo", ["build", "{tmp}/nope.safetensors", "--out", "{tmp}/out"], debug_env("ture"), 2,
+        r"nope\.safetensors does not exist"),
+    row("nonfinite-logits-generate", ["generate", "{src}", "--ids", "1,2"], huge_weights, 2,
+        r"eager fp32 prefill produced (NaN|infinite) logits at batch row 0, position 0\. The weights or config"),
+    row("nonfinite-logits-build", BUILD, huge_weights, 2, r"eager fp32 prefill produced (NaN|infinite) logits"),
+]
+TABLE += BOUNDS
+
 # ---- the test -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckpt_src(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:

@@ -88,7 +88,29 @@ def default_data_dir() -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
+def check_text_file(path: Path) -> None:
+    """Refuse, before reading, what is not a regular file (a device such as /dev/zero, a FIFO or a socket would be
+    read until memory runs out, or block forever) and a file over ``gamexport.limits.MAX_TEXT_BYTES``."""
+    import stat
+
+    from gamexport.limits import MAX_TEXT_BYTES
+
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check the path and its permissions") from exc
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
+                "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else
+                "not a regular file")
+        raise DataError(f"{path} is {kind}, not a regular text file", "pass a text file or a folder of text files")
+    if info.st_size > MAX_TEXT_BYTES:
+        raise DataError(f"{path} holds {info.st_size:,} bytes, more than the {MAX_TEXT_BYTES:,} read at once",
+                        "split it into smaller files, or train on a sample")
+
+
 def _read_text(path: Path) -> str:
+    check_text_file(path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -193,10 +215,10 @@ def _named(files: dict[str, str], fallback_name: str, fallback_flavour: str) -> 
 
 def _load_folder(folder: Path, valid_fraction: float) -> Corpus:
     train_path = folder / "train.txt"
-    if not train_path.is_file():
+    if not train_path.exists():
         raise DataError(f"{folder} has no train.txt", "a dataset folder needs train.txt (and valid.txt); "
                                                       "or pass a single text file")
-    valid_path = next((folder / n for n in ("valid.txt", "validation.txt") if (folder / n).is_file()), None)
+    valid_path = next((folder / n for n in ("valid.txt", "validation.txt") if (folder / n).exists()), None)
     if valid_path is None:
         corpus = _load_file(train_path, valid_fraction)
         corpus.name = folder.name

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 from gamexport.fsutil import atomic_write_text
+from gamexport.limits import MAX_VOCAB
 from gamexport.tokenizer import Tokenizer, TokenizerError
 
 UNK = "<unk>"
@@ -33,7 +34,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: in
     """Learn byte-level BPE merges from ``documents`` until the vocabulary holds ``vocab_size`` ids.
 
     The vocabulary starts with the 2 special tokens and the 256 byte symbols, so ``vocab_size`` must be at
-    least 258. A small corpus may run out of pairs seen ``min_frequency`` times before that size is reached:
+    least 258, and at most ``gamexport.limits.MAX_VOCAB`` (2**20: the library allocates its tables up front and
+    aborts the whole process when that fails). A small corpus may run out of pairs seen ``min_frequency`` times before that size is reached:
     the tokenizer's real size (``Tokenizer.vocab_size``) is what the model's embedding must use.
     Training is deterministic: the same documents give the same tokenizer.json.
     """
@@ -44,6 +46,9 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, min_frequency: in
     if vocab_size < base:
         raise TokenizerError(f"tokenizer vocab_size {vocab_size} is too small",
                              f"byte-level BPE needs at least {base} ids (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+    if vocab_size > MAX_VOCAB:
+        raise TokenizerError(f"tokenizer vocab_size {vocab_size} is too large",
+                             f"use at most {MAX_VOCAB} ids (the tokenizer library aborts allocating more)")
     tok = HFTokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
