@@ -26,6 +26,7 @@ def runner(request, eager_tiny, ort_tiny):
     ([[-1, 2]], "token id -1 is outside"),
     ([[]], "non-empty"),
     ([[1.5, 2.0]], "must be integers"),
+    ([[1, 2**70]], f"token id {2**70} is outside the vocabulary [0, 97)"),   # beyond int64: no OverflowError
 ])
 def test_bad_ids_refused(runner, ids, needle):
     with pytest.raises(InputError) as err:
@@ -93,7 +94,36 @@ def test_sampler_filters_are_exact():
     assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0}, {"top_p": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0}, {"top_p": 1.5},
+                                    {"temperature": 1e-320}, {"temperature": 1e-4}, {"temperature": 101},
+                                    {"temperature": float("nan")}, {"top_k": 2**20 + 1}, {"seed": -1},
+                                    {"seed": 2**32}])
 def test_sampler_rejects_bad_settings(kwargs):
     with pytest.raises(InputError):
         SamplingConfig(**kwargs)
+
+
+def test_nonfinite_outputs_refused(runner, monkeypatch):
+    """A NaN/Inf logit is one NonFiniteError naming runner, graph and position — from prefill, step and generate;
+    with ``check_finite`` off (what parity does to the runner under test) the outputs come back as they are."""
+    from gamexport.errors import NonFiniteError
+
+    def poisoned(real):
+        def call(*args):
+            logits, state = real(*args)
+            logits = logits.copy()
+            logits[0, -1, 5] = np.nan
+            return logits, state
+        return call
+
+    monkeypatch.setattr(runner, "_prefill", poisoned(runner._prefill))
+    monkeypatch.setattr(runner, "_step", poisoned(runner._step))
+    ids = np.array([[1, 2, 3, 4]])
+    with pytest.raises(NonFiniteError, match=rf"{runner.runtime} fp32 prefill.* NaN logits at batch row 0, position 3"):
+        runner.prefill(ids)
+    with pytest.raises(NonFiniteError, match=r"step.* NaN logits at batch row 0, position 13\b"):
+        runner.step(ids, np.array([[10]]), runner.empty_state(1))
+    with pytest.raises(NonFiniteError, match="rebuild"):
+        runner.generate([1, 2], 3)
+    monkeypatch.setattr(runner, "check_finite", False)
+    assert np.isnan(runner.prefill(ids)[0]).any()

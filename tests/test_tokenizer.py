@@ -102,3 +102,12 @@ def test_loading_never_imports_torch(tok):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Lily had a frog"
+
+
+def test_vocab_size_is_bounded():
+    """Above gamexport.limits.MAX_VOCAB the tokenizer library would allocate its tables up front and abort the
+    process (SIGABRT at 10**9); the trainer refuses first, in one line."""
+    from gamexport.limits import MAX_VOCAB
+
+    with pytest.raises(TokenizerError, match=f"vocab_size {MAX_VOCAB + 1} is too large"):
+        train_tokenizer(["a b c"] * 3, MAX_VOCAB + 1)
