@@ -127,3 +127,28 @@ def test_nonfinite_outputs_refused(runner, monkeypatch):
         runner.generate([1, 2], 3)
     monkeypatch.setattr(runner, "check_finite", False)
     assert np.isnan(runner.prefill(ids)[0]).any()
+
+
+def test_parity_keeps_a_nan_as_a_failing_row(ort_tiny, eager_tiny, tiny_cfg, tiny_weights, monkeypatch):
+    """In a build's parity the runner under test may produce NaN (say an fp16 overflow): that is a failing row
+    (exit 1, diagnostics kept), not an exception; the eager fp32 reference stays checked (a NaN there is bad
+    input: exit 2)."""
+    from gamexport.checkpoint import Checkpoint
+    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.errors import NonFiniteError
+
+    def nan_logits(real):
+        def call(*args):
+            logits, state = real(*args)
+            return np.full_like(logits, np.nan), state
+        return call
+
+    ckpt = Checkpoint(config=tiny_cfg, weights=tiny_weights, source="<test>", sha256="0" * 64)
+    monkeypatch.setattr(ort_tiny, "_prefill", nan_logits(ort_tiny._prefill))
+    monkeypatch.setattr(ort_tiny, "_step", nan_logits(ort_tiny._step))
+    monkeypatch.setattr(ort_tiny, "check_finite", True)   # restored after the test (parity turns it off)
+    rows = variant_parity_checks(ckpt, eager_tiny, ort_tiny, lambda _msg: None)
+    assert rows and not any(r["passed"] for r in rows)
+    monkeypatch.setattr(eager_tiny, "_prefill", nan_logits(eager_tiny._prefill))
+    with pytest.raises(NonFiniteError, match="eager fp32 prefill"):
+        variant_parity_checks(ckpt, eager_tiny, ort_tiny, lambda _msg: None)
