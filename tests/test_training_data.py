@@ -190,3 +190,15 @@ def test_hub_datasets_are_optional_and_fail_in_one_line(monkeypatch):
     assert "\n" not in err.value.line()
     with pytest.raises(DataError, match="needs a dataset name"):
         load_corpus("hf:")
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"max_steps": 2**70}, "--max-steps"), ({"seed": -1}, "--seed -1"),
+                                           ({"vocab_size": 10**9}, "--vocab-size"), ({"threads": 2**31}, "--threads")])
+def test_train_api_checks_the_cli_bounds(tmp_path, kwargs, needle):
+    """The Python API refuses what the CLI's options refuse, in one line, before reading data or writing --out."""
+    from gamexport.errors import InputError
+    from gamexport.training.loop import train
+
+    with pytest.raises(InputError, match=needle):
+        train(dataset="/dev/zero", out=tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()

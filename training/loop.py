@@ -344,6 +344,8 @@ def train(
     resume included, every rank's generator is checkpointed — but not equal to a single-process run.
     """
     started = time.time()
+    _check_bounds(max_steps=max_steps, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                  threads=threads, vocab_size=vocab_size, dropout=dropout)
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
@@ -357,6 +359,18 @@ def train(
                       resume=resume, seed=seed, data_dir=data_dir, eval_every=eval_every,
                       checkpoint_every=checkpoint_every, threads=threads, vocab_size=vocab_size, progress=progress,
                       on_step=on_step, model=model, dropout=dropout)
+
+
+def _check_bounds(**values) -> None:
+    """The CLI's option ranges (``gamexport.limits``), for callers of the Python API: one line before any work."""
+    from gamexport.limits import MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_VOCAB, MIN_VOCAB, check_range
+
+    ranges = {"max_steps": (1, MAX_STEPS), "seed": (0, MAX_SEED), "eval_every": (1, MAX_STEPS),
+              "checkpoint_every": (1, MAX_STEPS), "threads": (1, MAX_THREADS), "vocab_size": (MIN_VOCAB, MAX_VOCAB),
+              "dropout": (0.0, 1.0)}
+    for name, value in values.items():
+        if value is not None:
+            check_range(f"--{name.replace('_', '-')}", value, *ranges[name])
 
 
 def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out, max_steps, resume, seed, data_dir,
