@@ -10,8 +10,8 @@ so the Python API is bounded too. Only the standard library is imported: ``gamex
 | ``--threads/-j`` | 1 .. 4 × usable CPUs | more threads than cores only slow ONNX Runtime (its workers spin); ``-j 10000`` ran for minutes and ``-j 2**31`` overflowed inside ONNX Runtime |
 | ``--max-new-tokens`` | 0 .. 2**20 | generation also stops at the model's P positions; no model has a million |
 | ``--top-k`` | 0 .. 2**20 | as the vocabulary; above V it is no filter |
-| ``--temperature`` | 0, or 1e-3 .. 100 | below 1e-3 logits/T overflow float64 for large logits (1e-320 sampled garbage); 0 is greedy; at 100 the distribution is already flat |
-| ``--seed`` | 0 .. 2**32 − 1 | NumPy's and torch's portable seed range; negative seeds are errors there |
+| ``--temperature`` | 0, or 1e-3 .. 100 | 0 is greedy; below 1e-3 sampling is greedy in effect (a logit gap of 0.05 becomes e^-50) and a subnormal T overflows logits/T to inf (1e-320 sampled garbage) — refused, not silently made greedy; at 100 typical logits (a range of ~20) give a nearly flat distribution |
+| ``--seed`` | 0 .. 2**32 − 1 | NumPy's seed range (``np.random.seed``), which every generator used here accepts; a negative seed raised inside NumPy |
 | ``--max-steps``, ``--eval-every``, ``--checkpoint-every`` | 1 .. 10**9 | a billion optimizer steps is weeks on a GPU; ``2**70`` ran on forever |
 | ``--vocab-size`` | 258 .. 2**20 | 256 bytes + 2 specials; the tokenizer library allocates ~71 bytes per id up front and aborts the process (SIGABRT) when that fails (10**9 asked for 71 GB); 2**20 is 4× the largest common vocabularies |
 | ``bench --min-t/--max-t`` | 1 .. 16384 | twice the paper's 8192; the Transformer block's attention scores take up to H·T²·4 B (8.6 GB at the bound) |
