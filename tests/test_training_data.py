@@ -202,3 +202,15 @@ def test_train_api_checks_the_cli_bounds(tmp_path, kwargs, needle):
     with pytest.raises(InputError, match=needle):
         train(dataset="/dev/zero", out=tmp_path / "run", **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_text_over_the_size_bound_is_refused_before_reading(tmp_path, monkeypatch):
+    """A file over gamexport.limits.MAX_TEXT_BYTES (2 GiB; lowered here) is refused by its size, unread."""
+    import gamexport.limits
+    from gamexport.training.data import DataError, load_corpus
+
+    path = tmp_path / "big.txt"
+    path.write_text("one\n\ntwo\n\nthree\n")
+    monkeypatch.setattr(gamexport.limits, "MAX_TEXT_BYTES", 8)
+    with pytest.raises(DataError, match=r"big\.txt holds 16 bytes, more than the 8 read at once"):
+        load_corpus(path)

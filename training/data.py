@@ -102,11 +102,11 @@ def check_text_file(path: Path) -> None:
     if not stat.S_ISREG(info.st_mode):
         kind = ("a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
                 "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else
-                "not a regular file")
+                "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file")
         raise DataError(f"{path} is {kind}, not a regular text file", "pass a text file or a folder of text files")
     if info.st_size > MAX_TEXT_BYTES:
         raise DataError(f"{path} holds {info.st_size:,} bytes, more than the {MAX_TEXT_BYTES:,} read at once",
-                        "split it into smaller files, or train on a sample")
+                        "train on a sample of it, at most 2 GiB")
 
 
 def _read_text(path: Path) -> str:
