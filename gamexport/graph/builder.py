@@ -90,7 +90,24 @@ def _const_i64(name: str, values: list[int]) -> onnx.NodeProto:
 
 
 def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc: str) -> onnx.FunctionProto:
-    return helper.make_function(FUNCTION_DOMAIN, name, inputs, outputs, nodes, _opsets(), doc_string=doc)
+    """The local function ``gam.<name>``; every value name in its body is prefixed ``<name>/`` (see below)."""
+    local = [_scoped(name, v) for v in inputs], [_scoped(name, v) for v in outputs]
+    for node in nodes:
+        node.input[:] = [_scoped(name, v) for v in node.input]
+        node.output[:] = [_scoped(name, v) for v in node.output]
+    return helper.make_function(FUNCTION_DOMAIN, name, *local, nodes, _opsets(), doc_string=doc)
+
+
+def _scoped(function: str, value: str) -> str:
+    """``value`` inside function ``function``: ``Block/x``, ``FeedForward/x`` ("" stays "": an omitted input).
+
+    onnx-tensorrt's local-function importer binds a formal input by *name* when the caller's scope already holds
+    a tensor of that name (a warning, then the caller's tensor is used instead of the argument), so a callee's
+    names must never coincide with a name its callers can see. Main-graph names (I/O, state_dict keys, ``x_0``…)
+    contain no ``/`` and every function has its own prefix, so no two scopes share a name;
+    ``checks.scope_problems`` asserts it on every graph the build writes.
+    """
+    return f"{function}/{value}" if value else value
 
 
 class _Body:
