@@ -257,3 +257,92 @@ def test_int8_step_chunks_equal_int8_prefill(int8_graphs, tiny_cfg, tiny_weights
     with torch.no_grad():
         exact = build_model(tiny_cfg, tiny_weights).prefill(torch.from_numpy(ids))[0].numpy()
     assert 1e-3 < np.abs(full - exact).max() < 0.5 * np.abs(exact).max()  # quantized, but the same model
+
+
+# ---- function scoping: names TensorRT's importer would bind by name --------------------------------------------
+def _calls_model(functions, nodes, inputs=("x",)):
+    """A tiny float model [2] → [2] over gam functions (each a list: name, formals, outputs, body nodes)."""
+    from onnx import TensorProto, helper
+
+    from gamexport.graph.builder import _opsets
+
+    fs = [helper.make_function(FUNCTION_DOMAIN, name, ins, outs, body, _opsets()) for name, ins, outs, body in functions]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [vi(i) for i in inputs], [vi("out")])
+    return helper.make_model(graph, opset_imports=_opsets(), functions=fs, ir_version=IR_VERSION)
+
+
+def _twice(formal="x"):
+    from onnx import helper
+
+    return ["Twice", [formal], ["y"], [helper.make_node("Add", [formal, formal], ["y"])]]
+
+
+def test_scope_check_catches_a_formal_named_like_a_callers_value():
+    """The old gam.Block bug in miniature: the callee's formal ``x`` is the caller's input, the argument is x1.
+    ONNX Runtime computes -2x; onnx-tensorrt would read the caller's x and compute 2x."""
+    from onnx import helper
+
+    from gamexport.graph.checks import scope_problems
+
+    call = lambda arg: helper.make_node("Twice", [arg], ["out"], domain=FUNCTION_DOMAIN)  # noqa: E731
+    bad = _calls_model([_twice()], [helper.make_node("Neg", ["x"], ["x1"]), call("x1")])
+    assert scope_problems(bad) == [
+        "gam.Twice called from the main graph: formal input 'x' is also a name in the caller's scope, so TensorRT "
+        "would read that tensor instead of the argument 'x1'"]
+    np.testing.assert_array_equal(_session(bad).run(None, {"x": np.array([1, 2], np.float32)})[0], [-2, -4])
+    # Bound to that very name, a formal is the caller's tensor anyway; a formal of its own is never ambiguous.
+    assert scope_problems(_calls_model([_twice()], [call("x")])) == []
+    assert scope_problems(_calls_model([_twice("Twice/x")], [helper.make_node("Neg", ["x"], ["x1"]), call("x1")])) \
+        == []
+
+
+def test_scope_check_looks_through_every_enclosing_scope_and_at_internal_names():
+    """gam.Inner's formal ``u`` is no name of gam.Outer, but of the main graph around it: the importer's one
+    tensor map holds both. An output or internal value named like a caller's value is refused too."""
+    from onnx import helper
+
+    from gamexport.graph.checks import scope_problems
+
+    inner = ["Inner", ["u"], ["v"], [helper.make_node("Neg", ["u"], ["v"])]]
+    outer = ["Outer", ["p"], ["r"], [helper.make_node("Abs", ["p"], ["q"]),
+                                     helper.make_node("Inner", ["q"], ["r"], domain=FUNCTION_DOMAIN)]]
+    main = [helper.make_node("Relu", ["x"], ["u"]), helper.make_node("Outer", ["u"], ["out"], domain=FUNCTION_DOMAIN)]
+    problems = scope_problems(_calls_model([inner, outer], main))
+    assert "gam.Inner called from gam.Outer: formal input 'u' is also a name in the caller's scope, so TensorRT " \
+        "would read that tensor instead of the argument 'q'" in problems
+    assert "gam.Outer called from the main graph: its output or internal value 'u' is also a name in the " \
+        "caller's scope" in problems  # Inner's formal, registered while importing Outer
+    shadow = ["Shadow", ["p"], ["x"], [helper.make_node("Neg", ["p"], ["x"])]]  # output named like main's input
+    assert scope_problems(_calls_model([shadow], [helper.make_node("Shadow", ["x"], ["out"], domain=FUNCTION_DOMAIN)])) \
+        == ["gam.Shadow called from the main graph: its output or internal value 'x' is also a name in the caller's "
+            "scope"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
+def test_every_built_graph_passes_the_scope_check_and_the_old_ones_fail_it(int8_graphs, tiny_cfg, tiny_weights,
+                                                                           names_before_scoping, precision):
+    from gamexport.graph.checks import scope_problems
+
+    for kind in ("prefill", "step"):
+        model = int8_graphs[0][kind] if precision == "int8" else build_graph(tiny_cfg, tiny_weights, kind,
+                                                                              precision=precision)
+        assert scope_problems(model) == []
+        old = scope_problems(names_before_scoping(model))
+        assert "gam.FeedForward called from gam.Block: formal input 'x' is also a name in the caller's scope, so " \
+            "TensorRT would read that tensor instead of the argument 'x1'" in old
+        if precision in ("fp16", "bf16"):
+            assert sum("formal input 'h'" in p and "argument 'hm'" in p for p in old) == 2  # MemoryRead, GatedFusion
+
+
+def test_the_build_check_refuses_a_graph_with_colliding_names(graphs, tiny_cfg, names_before_scoping, tmp_path):
+    from gamexport.errors import GraphError
+    from gamexport.graph.checks import check_graph_file
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(serialize(graphs["prefill"]))
+    check_graph_file(path, tiny_cfg)
+    path.write_bytes(serialize(names_before_scoping(graphs["prefill"])))
+    with pytest.raises(GraphError, match=r"model.onnx breaks the graph contract: gam.FeedForward called from "
+                                         r"gam.Block: formal input 'x' is also a name in the caller's scope"):
+        check_graph_file(path, tiny_cfg)

@@ -815,23 +815,8 @@ def test_runner_parity_through_the_stand_in(fake_engines, fake_trt, eager_tiny, 
     assert len(calls) == n
 
 
-def names_before_scoping(model):
-    """``model`` as the builder wrote it before function names were scoped: ``Block/x`` → ``x`` in every body.
-    (The old graphs bound ``gam.FeedForward``'s formal ``x`` to ``x1`` in a block whose own input is ``x``.)"""
-    import onnx
-
-    old = onnx.ModelProto()
-    old.CopyFrom(model)
-    for f in old.functions:
-        bare = lambda names, p=f"{f.name}/": [n.removeprefix(p) for n in names]  # noqa: E731
-        f.input[:], f.output[:] = bare(f.input), bare(f.output)
-        for node in f.node:
-            node.input[:], node.output[:] = bare(node.input), bare(node.output)
-    return old
-
-
 def test_stand_in_binds_function_inputs_by_name_like_onnx_tensorrt(fake_trt, tiny_build, tiny_cfg, eager_tiny,
-                                                                    tmp_path):
+                                                                    names_before_scoping, tmp_path):
     """Graphs whose function formals reuse a caller's name compute wrong numbers through the stand-in, as through
     onnx-tensorrt (ONNX Runtime alone scopes them correctly); the builder's graphs compute right ones."""
     import onnx
