@@ -96,11 +96,13 @@ def _const_i64(name: str, values: list[int]) -> onnx.NodeProto:
 
 def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc: str) -> onnx.FunctionProto:
     """The local function ``gam.<name>``; every value name in its body is prefixed ``<name>/`` (see below)."""
-    local = [_scoped(name, v) for v in inputs], [_scoped(name, v) for v in outputs]
+    def scoped(values) -> list[str]:
+        return [_scoped(name, v) for v in values]
+
     for node in nodes:
-        node.input[:] = [_scoped(name, v) for v in node.input]
-        node.output[:] = [_scoped(name, v) for v in node.output]
-    return helper.make_function(FUNCTION_DOMAIN, name, *local, nodes, _opsets(), doc_string=doc)
+        node.input[:], node.output[:] = scoped(node.input), scoped(node.output)
+    return helper.make_function(FUNCTION_DOMAIN, name, scoped(inputs), scoped(outputs), nodes, _opsets(),
+                                doc_string=doc)
 
 
 def _scoped(function: str, value: str) -> str:
