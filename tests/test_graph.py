@@ -269,7 +269,8 @@ def _calls_model(functions, nodes, inputs=("x",)):
 
     from gamexport.graph.builder import _opsets
 
-    fs = [helper.make_function(FUNCTION_DOMAIN, name, ins, outs, body, _opsets()) for name, ins, outs, body in functions]
+    fs = [helper.make_function(FUNCTION_DOMAIN, name, ins, outs, body, _opsets())
+          for name, ins, outs, body in functions]
     vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
     graph = helper.make_graph(nodes, "g", [vi(i) for i in inputs], [vi("out")])
     return helper.make_model(graph, opset_imports=_opsets(), functions=fs, ir_version=IR_VERSION)
@@ -317,9 +318,9 @@ def test_scope_check_looks_through_every_enclosing_scope_and_at_internal_names()
     assert "gam.Outer called from the main graph: its output or internal value 'u' is also a name in the " \
         "caller's scope" in problems  # Inner's formal, registered while importing Outer
     shadow = ["Shadow", ["p"], ["x"], [helper.make_node("Neg", ["p"], ["x"])]]  # output named like main's input
-    assert scope_problems(_calls_model([shadow], [helper.make_node("Shadow", ["x"], ["out"], domain=FUNCTION_DOMAIN)])) \
-        == ["gam.Shadow called from the main graph: its output or internal value 'x' is also a name in the caller's "
-            "scope"]
+    call = helper.make_node("Shadow", ["x"], ["out"], domain=FUNCTION_DOMAIN)
+    assert scope_problems(_calls_model([shadow], [call])) == [
+        "gam.Shadow called from the main graph: its output or internal value 'x' is also a name in the caller's scope"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
