@@ -4,7 +4,9 @@ Without a GPU: the module imports with tensorrt blocked and says how to install 
 compatibility check are pure Python; and the builder and runner are driven end to end through a small stand-in
 ``tensorrt`` module that mirrors the documented Python API of TensorRT 10 and 11 (11 lacks the removed
 FP16/INT8/BF16 builder flags and EXPLICIT_BATCH; STRONGLY_TYPED is bit 1 in 10 and bit 0 in 11), records every
-call, and computes with ONNX Runtime on CPU through the device addresses the runner hands it. The step engine's
+call, and computes with ONNX Runtime on CPU through the device addresses the runner hands it — on the network its
+parser imports the way onnx-tensorrt does, binding a local function's formal inputs by name (so a graph whose
+function names collide with a caller's computes wrong numbers here, as it would on a GPU). The step engine's
 reused buffers, its device-resident state and CUDA-graph capture run the real ``TorchCudaDevice`` over a fake
 ``torch.cuda`` (CPU tensors; a capture records the stand-in's work instead of running it, and replay runs it with
 the shapes and addresses of capture time; like TensorRT, the stand-in cannot capture un-flushed shape changes).

@@ -128,7 +128,7 @@ def _check_calls(caller: str, scope: set[str], nodes, functions: dict, problems:
         f = functions.get((node.domain, node.op_type))
         if f is None or f.name in stack:  # not a local function (a recursive call fails the ONNX checker)
             continue
-        where = f"gam.{f.name} called from {caller}"
+        where = f"{f.domain}.{f.name} called from {caller}"
         for formal, actual in zip(f.input, node.input):
             if formal != actual and formal in scope:
                 problems.append(f"{where}: formal input {formal!r} is also a name in the caller's scope, so "
@@ -137,7 +137,7 @@ def _check_calls(caller: str, scope: set[str], nodes, functions: dict, problems:
         for name in sorted((_registered(f, functions, stack) - set(f.input) - same_output) & scope):
             problems.append(f"{where}: its output or internal value {name!r} is also a name in the caller's scope")
         inner = scope | set(f.input) | _produced(f.node)
-        _check_calls(f"gam.{f.name}", inner, f.node, functions, problems, stack + (f.name,))
+        _check_calls(f"{f.domain}.{f.name}", inner, f.node, functions, problems, stack + (f.name,))
 
 
 #: Ops that must compute in fp32 in every graph (the fp32 islands of a half-precision graph).
