@@ -722,7 +722,8 @@ def build(opts: BuildOptions) -> BuildResult:
             else:
                 check_graph_file(staging / name, cfg, precision)
                 checks = ["onnx.checker full_check", "structure (functions, opset, I/O)",
-                          "precision plan (MatMul types, fp32 islands)"]
+                          "precision plan (MatMul types, fp32 islands)",
+                          "function scope (no callee name in a caller's scope: TensorRT binds by name)"]
             graph_checks.append({"artifact": name, "precision": precision, "checks": checks, "passed": True})
 
         progress = lambda m: say("      " + m)  # noqa: E731

@@ -66,3 +66,24 @@ sys.meta_path.insert(0, Block(NAMES))
 def blocker():
     """Python source that makes importing the given top-level packages fail (prepend it to a subprocess's code)."""
     return lambda names: _BLOCKER.replace("NAMES", repr(set(names)))
+
+
+def _names_before_scoping(model):
+    """``model`` as the builder wrote it before function names were scoped: ``Block/x`` → ``x`` in every body
+    (byte-identical to those graphs). They bound ``gam.FeedForward``'s formal ``x`` to ``x1`` inside a block whose
+    own input is ``x``, which onnx-tensorrt resolves to the block's ``x``."""
+    import onnx
+
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    for f in old.functions:
+        bare = lambda names, p=f"{f.name}/": [n.removeprefix(p) for n in names]  # noqa: E731
+        f.input[:], f.output[:] = bare(f.input), bare(f.output)
+        for node in f.node:
+            node.input[:], node.output[:] = bare(node.input), bare(node.output)
+    return old
+
+
+@pytest.fixture(scope="session")
+def names_before_scoping():
+    return _names_before_scoping

@@ -229,8 +229,11 @@ def test_int8_graph_quantizes_every_weight_matmul(int8_graphs, tiny_cfg, tiny_we
         assert precision_problems(model, "int8") == []
         inits = {t.name: t for t in model.graph.initializer}
         int8 = [name for name, t in inits.items() if t.data_type == onnx.TensorProto.INT8]
-        # Five weight MatMuls per block (memory scores and read use two int8 copies of M) and the tied head.
-        assert len(int8) == 5 * tiny_cfg.n_layers + 2
+        # Five weight MatMuls per block (memory scores and read use two int8 copies of M) and the tied head, whose
+        # int8 values the embedding gathers from an exact fp16 copy.
+        assert len(int8) == 5 * tiny_cfg.n_layers + 1
+        emb = numpy_helper.to_array(inits["token_embedding.weight.q_fp16"])
+        np.testing.assert_array_equal(emb.T, numpy_helper.to_array(inits["token_embedding.weight.qT"]))
         zero_points = [n for n in inline(model).graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                        and len(n.input) == 3]
         for node in zero_points:  # symmetric: every explicit zero point is int8 0
@@ -257,3 +260,179 @@ def test_int8_step_chunks_equal_int8_prefill(int8_graphs, tiny_cfg, tiny_weights
     with torch.no_grad():
         exact = build_model(tiny_cfg, tiny_weights).prefill(torch.from_numpy(ids))[0].numpy()
     assert 1e-3 < np.abs(full - exact).max() < 0.5 * np.abs(exact).max()  # quantized, but the same model
+
+
+# ---- function scoping: names TensorRT's importer would bind by name --------------------------------------------
+def _calls_model(functions, nodes, inputs=("x",)):
+    """A tiny float model [2] → [2] over gam functions (each a list: name, formals, outputs, body nodes)."""
+    from onnx import TensorProto, helper
+
+    from gamexport.graph.builder import _opsets
+
+    fs = [helper.make_function(FUNCTION_DOMAIN, name, ins, outs, body, _opsets())
+          for name, ins, outs, body in functions]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [vi(i) for i in inputs], [vi("out")])
+    return helper.make_model(graph, opset_imports=_opsets(), functions=fs, ir_version=IR_VERSION)
+
+
+def _twice(formal="x"):
+    from onnx import helper
+
+    return ["Twice", [formal], ["y"], [helper.make_node("Add", [formal, formal], ["y"])]]
+
+
+def test_scope_check_catches_a_formal_named_like_a_callers_value():
+    """The old gam.Block bug in miniature: the callee's formal ``x`` is the caller's input, the argument is x1.
+    ONNX Runtime computes -2x; onnx-tensorrt would read the caller's x and compute 2x."""
+    from onnx import helper
+
+    from gamexport.graph.checks import scope_problems
+
+    call = lambda arg: helper.make_node("Twice", [arg], ["out"], domain=FUNCTION_DOMAIN)  # noqa: E731
+    bad = _calls_model([_twice()], [helper.make_node("Neg", ["x"], ["x1"]), call("x1")])
+    assert scope_problems(bad) == [
+        "gam.Twice called from the main graph: formal input 'x' is also a name in the caller's scope, so TensorRT "
+        "would read that tensor instead of the argument 'x1'"]
+    np.testing.assert_array_equal(_session(bad).run(None, {"x": np.array([1, 2], np.float32)})[0], [-2, -4])
+    # Bound to that very name, a formal is the caller's tensor anyway; a formal of its own is never ambiguous.
+    assert scope_problems(_calls_model([_twice()], [call("x")])) == []
+    assert scope_problems(_calls_model([_twice("Twice/x")], [helper.make_node("Neg", ["x"], ["x1"]), call("x1")])) \
+        == []
+
+
+def test_scope_check_looks_through_every_enclosing_scope_and_at_internal_names():
+    """gam.Inner's formal ``u`` is no name of gam.Outer, but of the main graph around it: the importer's one
+    tensor map holds both. An output or internal value named like a caller's value is refused too."""
+    from onnx import helper
+
+    from gamexport.graph.checks import scope_problems
+
+    inner = ["Inner", ["u"], ["v"], [helper.make_node("Neg", ["u"], ["v"])]]
+    outer = ["Outer", ["p"], ["r"], [helper.make_node("Abs", ["p"], ["q"]),
+                                     helper.make_node("Inner", ["q"], ["r"], domain=FUNCTION_DOMAIN)]]
+    main = [helper.make_node("Relu", ["x"], ["u"]), helper.make_node("Outer", ["u"], ["out"], domain=FUNCTION_DOMAIN)]
+    problems = scope_problems(_calls_model([inner, outer], main))
+    assert "gam.Inner called from gam.Outer: formal input 'u' is also a name in the caller's scope, so TensorRT " \
+        "would read that tensor instead of the argument 'q'" in problems
+    assert "gam.Outer called from the main graph: its output or internal value 'u' is also a name in the " \
+        "caller's scope" in problems  # Inner's formal, registered while importing Outer
+    shadow = ["Shadow", ["p"], ["x"], [helper.make_node("Neg", ["p"], ["x"])]]  # output named like main's input
+    call = helper.make_node("Shadow", ["x"], ["out"], domain=FUNCTION_DOMAIN)
+    assert scope_problems(_calls_model([shadow], [call])) == [
+        "gam.Shadow called from the main graph: its output or internal value 'x' is also a name in the caller's scope"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
+def test_every_built_graph_passes_the_scope_check_and_the_old_ones_fail_it(int8_graphs, tiny_cfg, tiny_weights,
+                                                                           names_before_scoping, precision):
+    from gamexport.graph.checks import scope_problems
+
+    for kind in ("prefill", "step"):
+        model = int8_graphs[0][kind] if precision == "int8" else build_graph(tiny_cfg, tiny_weights, kind,
+                                                                              precision=precision)
+        assert scope_problems(model) == []
+        old = scope_problems(names_before_scoping(model))
+        assert "gam.FeedForward called from gam.Block: formal input 'x' is also a name in the caller's scope, so " \
+            "TensorRT would read that tensor instead of the argument 'x1'" in old
+        if precision in ("fp16", "bf16"):
+            assert sum("formal input 'h'" in p and "argument 'hm'" in p for p in old) == 2  # MemoryRead, GatedFusion
+
+
+def test_the_build_check_refuses_a_graph_with_colliding_names(graphs, tiny_cfg, names_before_scoping, tmp_path):
+    from gamexport.errors import GraphError
+    from gamexport.graph.checks import check_graph_file
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(serialize(graphs["prefill"]))
+    check_graph_file(path, tiny_cfg)
+    path.write_bytes(serialize(names_before_scoping(graphs["prefill"])))
+    with pytest.raises(GraphError, match=r"model.onnx breaks the graph contract: gam.FeedForward called from "
+                                         r"gam.Block: formal input 'x' is also a name in the caller's scope"):
+        check_graph_file(path, tiny_cfg)
+
+
+# ---- TensorRT's ONNX operator table ------------------------------------------------------------------------------
+#: The types TensorRT's ONNX parser supports per op, for every op the builder emits: the "Supported Types" column
+#: of docs/operators.md in onnx/onnx-tensorrt at 96e781103cfc4adf4a6bb557e94bac8e693f6f4c (TensorRT 10), copied
+#: row by row. The type is that of the op's data input (input 0), or of its output for Constant/ConstantOfShape;
+#: Cast's target type must be listed too. (ConstantOfShape's row reads "INF64", a typo for INT64.)
+TRT_OPERATOR_TYPES = {
+    "Add": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "Cast": {"FP32", "FP16", "BF16", "INT32", "INT64", "UINT8", "BOOL"},
+    "Concat": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Constant": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "ConstantOfShape": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "DequantizeLinear": {"INT8", "FP8", "INT4"},
+    "Gather": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Gelu": {"FP32", "FP16", "BF16", "INT8", "INT32", "INT64"},
+    "Identity": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "LayerNormalization": {"FP32", "FP16", "BF16"},
+    "MatMul": {"FP32", "FP16", "BF16"},
+    "Mul": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "QuantizeLinear": {"FP32", "FP16", "BF16"},
+    "Range": {"FP32", "FP16", "BF16", "INT32", "INT64"},
+    "Reshape": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Shape": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Sigmoid": {"FP32", "FP16", "BF16"},
+    "Slice": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Softmax": {"FP32", "FP16", "BF16"},
+    "Split": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Squeeze": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Transpose": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+    "Unsqueeze": {"FP32", "FP16", "BF16", "INT32", "INT64", "BOOL"},
+}
+_TYPE_NAMES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
+               onnx.TensorProto.INT8: "INT8", onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64",
+               onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.UINT8: "UINT8"}
+
+
+def trt_type_problems(model) -> list[str]:
+    """Nodes of ``model`` (inlined, types inferred) whose op/type pair TensorRT's operator table does not list.
+
+    One exception, from the parser's code rather than the table: an int8 Constant that only feeds the zero-point
+    input of QuantizeLinear/DequantizeLinear (onnxOpImporters.cpp, ``QuantDequantLinearHelper``, reads such a
+    constant's weights directly: "For patterns "const" -> Q/DQ, the zero point constant can be shared").
+    """
+    typed = onnx.shape_inference.infer_shapes(inline(model), strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
+    types.update({t.name: t.data_type for t in typed.graph.initializer})
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    zero_points = {n.input[2] for n in typed.graph.node if n.op_type in qdq and len(n.input) > 2}
+    other_uses = {i for n in typed.graph.node for k, i in enumerate(n.input) if not (n.op_type in qdq and k == 2)}
+    problems = []
+    for node in typed.graph.node:
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            checked = [types.get(node.output[0])]
+            if checked == [onnx.TensorProto.INT8] and node.output[0] in zero_points - other_uses:
+                continue
+        else:
+            checked = [types.get(node.input[0])]
+        if node.op_type == "Cast":
+            checked.append(next(a.i for a in node.attribute if a.name == "to"))
+        for t in checked:
+            if _TYPE_NAMES.get(t, str(t)) not in TRT_OPERATOR_TYPES.get(node.op_type, ()):
+                problems.append(f"{node.op_type} on {_TYPE_NAMES.get(t, t)} ({node.output[0]})")
+    return problems
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
+def test_every_op_type_pair_is_in_tensorrts_operator_table(int8_graphs, tiny_cfg, tiny_weights, precision):
+    for kind in ("prefill", "step"):
+        model = int8_graphs[0][kind] if precision == "int8" else build_graph(tiny_cfg, tiny_weights, kind,
+                                                                              precision=precision)
+        assert trt_type_problems(model) == []
+
+
+def test_the_operator_table_check_can_fail(int8_graphs):
+    """The INT8 embedding lookup as it was: a Gather of int8 rows and a Cast from int8, neither in the table."""
+    from onnx import helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(int8_graphs[0]["prefill"])
+    rows = next(t for t in model.graph.initializer if t.name == "token_embedding.weight.q_fp16")
+    rows.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(rows).astype(np.int8), rows.name))
+    assert trt_type_problems(model) == ["Gather on INT8 (tok_emb_q)", "Cast on INT8 (tok_emb_f)"]
+    model.graph.node.append(helper.make_node("Constant", [], ["stray"], value=helper.make_tensor(
+        "s", onnx.TensorProto.INT8, [], [0])))  # an int8 constant that is no zero point
+    assert trt_type_problems(model)[-1] == "Constant on INT8 (stray)"

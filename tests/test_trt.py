@@ -4,7 +4,9 @@ Without a GPU: the module imports with tensorrt blocked and says how to install 
 compatibility check are pure Python; and the builder and runner are driven end to end through a small stand-in
 ``tensorrt`` module that mirrors the documented Python API of TensorRT 10 and 11 (11 lacks the removed
 FP16/INT8/BF16 builder flags and EXPLICIT_BATCH; STRONGLY_TYPED is bit 1 in 10 and bit 0 in 11), records every
-call, and computes with ONNX Runtime on CPU through the device addresses the runner hands it. The step engine's
+call, and computes with ONNX Runtime on CPU through the device addresses the runner hands it — on the network its
+parser imports the way onnx-tensorrt does, binding a local function's formal inputs by name (so a graph whose
+function names collide with a caller's computes wrong numbers here, as it would on a GPU). The step engine's
 reused buffers, its device-resident state and CUDA-graph capture run the real ``TorchCudaDevice`` over a fake
 ``torch.cuda`` (CPU tensors; a capture records the stand-in's work instead of running it, and replay runs it with
 the shapes and addresses of capture time; like TensorRT, the stand-in cannot capture un-flushed shape changes).
@@ -19,6 +21,7 @@ emulated on CUDA separates half arithmetic from fp32 compute.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import enum
@@ -164,6 +167,83 @@ class HostMemory(bytes):
 CUDA_CAPTURE: dict = {}
 
 
+def import_like_onnx_tensorrt(model) -> tuple[object, list[str]]:
+    """The network onnx-tensorrt's importer builds from ``model``, as a flat ONNX model, and its warnings.
+
+    It follows onnx-tensorrt at 96e781103cfc4adf4a6bb557e94bac8e693f6f4c, read not copied: ModelImporter.cpp
+    reserves the graph outputs' names, then registers inputs, initializers and each node's outputs by name in
+    one tensor map. A call of a local function (onnxOpImporters.cpp, ``LocalFunctionImporter``) opens a name
+    scope; a formal input named like its argument needs nothing; otherwise, when the formal's name is *already
+    in the map* (any enclosing scope), it only warns and the body reads that tensor, not the argument; else the
+    formal is mapped to the argument until the call ends. The body's values shadow the caller's names until the
+    scope closes (ImporterContext.cpp, ``registerTensor`` / ``popBaseNameScope``). ONNX Runtime then computes
+    what that network would: a graph whose names collide gives the wrong numbers here, as on a GPU.
+    """
+    import onnx
+    from onnx import helper
+
+    functions = {(f.domain, f.name): f for f in model.functions}
+    g = model.graph
+    tensors: dict = {o.name: None for o in g.output}          # reserved output names: null tensors
+    tensors.update({v.name: v.name for v in [*g.input, *g.initializer]})
+    used, nodes, warnings = set(tensors), [], []
+    unbound = object()                                         # "not in the map before this scope"
+
+    def fresh(name: str) -> str:                               # TensorRT's unique tensor names
+        unique = name
+        while unique in used:
+            unique += "_"
+        used.add(unique)
+        return unique
+
+    def import_nodes(body, scope: dict | None) -> None:
+        for node in body:
+            f = functions.get((node.domain, node.op_type))
+            outputs = import_call(f, node) if f else import_op(node)
+            for name, value in zip(node.output, outputs):
+                if scope is not None and name not in scope:   # remember the caller's binding
+                    scope[name] = tensors.get(name, unbound)
+                tensors[name] = value
+
+    def import_op(node) -> list[str]:
+        flat = onnx.NodeProto()
+        flat.CopyFrom(node)
+        flat.input[:] = [tensors[i] if i else "" for i in node.input]
+        flat.output[:] = [fresh(o) if o else "" for o in node.output]
+        nodes.append(flat)
+        return list(flat.output)
+
+    def import_call(f, node) -> list[str]:
+        local_inputs = []
+        for formal, outside in zip(f.input, node.input):
+            if formal == outside:
+                continue
+            if formal in tensors:
+                warnings.append(f"Found input: {formal} that does not correspond to an outside scope name. "
+                                "Behavior may be incorrect.")
+                continue
+            tensors[formal] = tensors[outside]
+            local_inputs.append(formal)
+        scope: dict = {}
+        import_nodes(f.node, scope)
+        outputs = [tensors[o] for o in f.output]
+        for name in local_inputs:
+            del tensors[name]
+        for name, before in scope.items():                     # the scope closes
+            if before is unbound:
+                tensors.pop(name, None)
+            else:
+                tensors[name] = before
+        return outputs
+
+    import_nodes(g.node, None)
+    nodes += [helper.make_node("Identity", [tensors[o.name]], [o.name]) for o in g.output]
+    flat = helper.make_model(helper.make_graph(nodes, g.name, g.input, g.output, g.initializer),
+                             opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")],
+                             ir_version=model.ir_version)
+    return flat, warnings
+
+
 def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail_build: bool = False,
                   before_build=None):
     """``before_build()`` runs inside every build (tests use it to hold a build open at a known point)."""
@@ -208,7 +288,7 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
 
     class OnnxParser:
         def __init__(self, network, logger):
-            self.network, self.errors = network, []
+            self.network, self.logger, self.errors = network, logger, []
             calls.append(("OnnxParser", type(logger).__mro__[1] is ILogger))
 
         def parse_from_file(self, path):
@@ -216,7 +296,17 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
             if path.rsplit("/", 1)[-1] in refuse:
                 self.errors.append(ParserError("No importer registered for op: Block"))
                 return False
+            import onnx
+
+            try:
+                flat, warnings = import_like_onnx_tensorrt(onnx.load(path))
+            except KeyError as exc:
+                self.errors.append(ParserError(f"Node input was not registered: {exc.args[0]}"))
+                return False
+            for text in warnings:
+                self.logger.log(Severity.WARNING, text)
             self.network.onnx = path
+            self.network.flat = flat.SerializeToString()
             return True
 
         @property
@@ -297,6 +387,7 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
             # Like TensorRT's, two builds of one network give different bytes (here: a build number).
             builds = sum(c[0] == "build" for c in calls)
             return HostMemory(json.dumps({"trt": m.__version__, "onnx": network.onnx, "build": builds,
+                                          "network": base64.b64encode(network.flat).decode(),
                                           "profile": config.profiles[0].shapes}).encode())
 
     class Runtime:
@@ -322,8 +413,9 @@ def make_fake_trt(major: int, calls: list, *, refuse: tuple[str, ...] = (), fail
             import onnxruntime as ort
 
             self.plan, self.logger = plan, logger
-            self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
-            model = onnx.load(plan["onnx"], load_external_data=False)
+            network = base64.b64decode(plan["network"])      # what the parser imported
+            self.session = ort.InferenceSession(network, providers=["CPUExecutionProvider"])
+            model = onnx.load_from_string(network)
             kinds = {onnx.TensorProto.INT64: m.DataType.INT64, onnx.TensorProto.FLOAT: m.DataType.FLOAT}
 
             def table(values, mode):
@@ -723,6 +815,42 @@ def test_runner_parity_through_the_stand_in(fake_engines, fake_trt, eager_tiny, 
     with pytest.raises(ProfileError):
         runner.prefill(np.zeros((3, 4), np.int64))
     assert len(calls) == n
+
+
+def test_stand_in_binds_function_inputs_by_name_like_onnx_tensorrt(fake_trt, tiny_build, tiny_cfg, eager_tiny,
+                                                                    names_before_scoping, tmp_path):
+    """Graphs whose function formals reuse a caller's name compute wrong numbers through the stand-in, as through
+    onnx-tensorrt (ONNX Runtime alone scopes them correctly); the builder's graphs compute right ones."""
+    import onnx
+
+    from gamexport.engines.trt import TrtRunner, build_engines
+    from gamexport.graph.checks import scope_problems
+    from gamexport.parity import compare_logits, parity_inputs, tolerance
+
+    _fake, calls, _ = fake_trt
+    ids = parity_inputs(tiny_cfg.vocab_size, tiny_cfg.max_positions)["random"]
+    ref_logits, _ = eager_tiny.prefill(ids)
+    logger = trt_mod._logger(sys.modules["tensorrt"])
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for name in ("model.onnx", "step.onnx"):
+        old = names_before_scoping(onnx.load(str(tiny_build / name)))
+        assert any("formal input 'x'" in p for p in scope_problems(old))
+        onnx.save(old, str(folder / name))
+    mark = len(logger.records)
+    build_engines(folder, tiny_cfg, profiles={"prefill": {"max": "2x64"}}, inlined=False)
+    assert ("WARNING", "Found input: x that does not correspond to an outside scope name. Behavior may be "
+            "incorrect.") in logger.records[mark:]
+    wrong = compare_logits(ref_logits, TrtRunner.from_folder(folder).prefill(ids)[0], tolerance("fp32"))
+    assert not wrong["passed"] and wrong["max_abs_diff"] > 0.1, wrong
+
+    mark = len(logger.records)
+    for name in ("model.onnx", "step.onnx"):
+        (folder / name).write_bytes((tiny_build / name).read_bytes())
+    build_engines(folder, tiny_cfg, profiles={"prefill": {"max": "2x64"}}, inlined=False)
+    assert not [m for s, m in logger.records[mark:] if "Found input" in m]
+    right = compare_logits(ref_logits, TrtRunner.from_folder(folder).prefill(ids)[0], tolerance("fp32"))
+    assert right["passed"], right
 
 
 # ---- the step engine: buffers reused, state kept on the device, CUDA graphs for decode --------------------------

@@ -54,6 +54,11 @@ def is_half_weight(name: str) -> bool:
 #: scale calibrated on real text (``QuantizeLinear → DequantizeLinear``), except the memory read's softmax
 #: probabilities, which stay fp32: over S slots most probabilities are far below one int8 step of the largest.
 #: Everything else (LayerNorm, Softmax, gates, conv, residual, state) stays fp32.
+#:
+#: The token embedding shares the tied head's int8 values and per-row scales, but its lookup gathers them from an
+#: fp16 copy (every integer in [-127, 127] is exact in fp16) and casts to fp32: TensorRT's ONNX operator table
+#: lists Gather and Cast for FP32/FP16/BF16/INT32/INT64/BOOL, not INT8, and dequantizing the whole table before
+#: the Gather would cost every call a pass over V × d values (1.5 ms per step on CPU at the paper's shape).
 INT8_ACTIVATIONS = ("act.h", "act.hn", "act.gelu")   # per block: LN1 out, LN2 out, GELU out; plus "act.x_f"
 INT8_MAX = 127
 
@@ -90,7 +95,26 @@ def _const_i64(name: str, values: list[int]) -> onnx.NodeProto:
 
 
 def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc: str) -> onnx.FunctionProto:
-    return helper.make_function(FUNCTION_DOMAIN, name, inputs, outputs, nodes, _opsets(), doc_string=doc)
+    """The local function ``gam.<name>``; every value name in its body is prefixed ``<name>/`` (see below)."""
+    def scoped(values) -> list[str]:
+        return [_scoped(name, v) for v in values]
+
+    for node in nodes:
+        node.input[:], node.output[:] = scoped(node.input), scoped(node.output)
+    return helper.make_function(FUNCTION_DOMAIN, name, scoped(inputs), scoped(outputs), nodes, _opsets(),
+                                doc_string=doc)
+
+
+def _scoped(function: str, value: str) -> str:
+    """``value`` inside function ``function``: ``Block/x``, ``FeedForward/x`` ("" stays "": an omitted input).
+
+    onnx-tensorrt's local-function importer binds a formal input by *name* when the caller's scope already holds
+    a tensor of that name (a warning, then the caller's tensor is used instead of the argument), so a callee's
+    names must never coincide with a name its callers can see. Main-graph names (I/O, state_dict keys, ``x_0``…)
+    contain no ``/`` and every function has its own prefix, so no two scopes share a name;
+    ``checks.scope_problems`` asserts it on every graph the build writes.
+    """
+    return f"{function}/{value}" if value else value
 
 
 class _Body:
@@ -280,8 +304,8 @@ def int8_initializers(cfg: GAMConfig, weights: Mapping[str, np.ndarray],
     out: dict[str, np.ndarray] = {}
     emb = np.asarray(weights["token_embedding.weight"], dtype=np.float32)
     q, s = quantize_per_channel(emb, axis=0)               # one scale per vocabulary row
-    out["token_embedding.weight.q"], out["token_embedding.weight.q.scale"] = q, s
     out["token_embedding.weight.qT"], out["token_embedding.weight.qT.scale"] = np.ascontiguousarray(q.T), s
+    out["token_embedding.weight.q_fp16"] = q.astype(np.float16)   # the same int8 values, exact in fp16
     out["pos_embedding.weight"] = weights["pos_embedding.weight"]
     for i in range(cfg.n_layers):
         for p in block_params("int8"):
@@ -326,9 +350,9 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
     d, L, k1 = cfg.d_model, cfg.n_layers, cfg.state_len
     emb = "token_embedding.weight"
 
-    if int8:  # int8 rows × their per-row scales
-        nodes.append(n("Gather", [emb + ".q", INPUT_IDS], ["tok_emb_q"], axis=0))              # (B, T, d)
-        nodes.append(n("Gather", [emb + ".q.scale", INPUT_IDS], ["tok_scale"], axis=0))       # (B, T)
+    if int8:  # the head's int8 rows × their per-row scales, gathered from an fp16 copy (see INT8_EMBEDDING)
+        nodes.append(n("Gather", [emb + ".q_fp16", INPUT_IDS], ["tok_emb_q"], axis=0))         # (B, T, d)
+        nodes.append(n("Gather", [emb + ".qT.scale", INPUT_IDS], ["tok_scale"], axis=0))      # (B, T)
         nodes.append(n("Cast", ["tok_emb_q"], ["tok_emb_f"], to=TensorProto.FLOAT))
         nodes.append(_const_i64("minus_one", [-1]))
         nodes.append(n("Unsqueeze", ["tok_scale", "minus_one"], ["tok_scale_3d"]))

@@ -71,13 +71,73 @@ def _checked_load(path: Path) -> onnx.ModelProto:
 
 
 def check_graph_file(path: Path, cfg: GAMConfig, precision: str = "fp32") -> None:
-    """Run the ONNX checker (full_check), the structural and the precision-plan checks on a file;
+    """Run the ONNX checker (full_check), the structural, precision-plan and function-scope checks on a file;
     raise GraphError on failure."""
     model = _checked_load(path)
-    problems = structure_problems(model, cfg) + precision_problems(model, precision)
+    problems = structure_problems(model, cfg) + precision_problems(model, precision) + scope_problems(model)
     if problems:
         raise GraphError(f"{Path(path).name} breaks the graph contract: {'; '.join(problems)}",
                          "this is a gamexport bug; please report it with --debug output")
+
+
+def scope_problems(model: onnx.ModelProto) -> list[str]:
+    """Names inside a local function that coincide with a name its caller can see (empty list: none).
+
+    onnx-tensorrt imports a call of a local function by name (onnxOpImporters.cpp, ``LocalFunctionImporter``, at
+    onnx/onnx-tensorrt@96e781103cfc4adf4a6bb557e94bac8e693f6f4c): for each formal input whose name differs from
+    its argument it first asks whether the name is already in the importer's tensor map, which holds every
+    scope the call is nested in (main-graph inputs, initializers, reserved graph outputs, values computed so
+    far, and each enclosing function's formals and values). If it is, it logs "Found input: … that does not
+    correspond to an outside scope name. Behavior may be incorrect." and the body then reads the *caller's*
+    tensor of that name instead of the argument: the parse succeeds and the engine computes something else.
+    Outputs and internal values of the body are registered in a name scope that shadows the caller's name
+    until the call returns (ImporterContext.cpp, ``registerTensor`` / ``popBaseNameScope``), which is correct
+    today; they are refused as well, so that no result depends on that subtlety.
+
+    So for every call, at every depth: a formal input that is a name of the caller's scope fails unless its
+    argument is that very name; an output, or any value the importer registers while importing the callee
+    (recursively through nested calls), fails when it is a name of the caller's scope, unless it is an output
+    bound to that very name. One line per (function, name, caller).
+    """
+    functions = {(f.domain, f.name): f for f in model.functions}
+    g = model.graph
+    scope = {v.name for v in [*g.input, *g.output, *g.initializer]} | _produced(g.node)
+    problems: list[str] = []
+    _check_calls("the main graph", scope, g.node, functions, problems, ())
+    return list(dict.fromkeys(problems))
+
+
+def _produced(nodes) -> set[str]:
+    return {o for node in nodes for o in node.output if o}
+
+
+def _registered(f: onnx.FunctionProto, functions: dict, stack: tuple) -> set[str]:
+    """Every name onnx-tensorrt registers while importing a call of ``f``: formals, outputs, body values, and
+    the same for each function ``f`` calls."""
+    names = set(f.input) | set(f.output) | _produced(f.node)
+    for node in f.node:
+        callee = functions.get((node.domain, node.op_type))
+        if callee is not None and callee.name not in stack:
+            names |= _registered(callee, functions, stack + (f.name,))
+    return names
+
+
+def _check_calls(caller: str, scope: set[str], nodes, functions: dict, problems: list[str], stack: tuple) -> None:
+    """Check the calls among ``nodes`` against ``scope`` (every name visible there), then each callee's body."""
+    for node in nodes:
+        f = functions.get((node.domain, node.op_type))
+        if f is None or f.name in stack:  # not a local function (a recursive call fails the ONNX checker)
+            continue
+        where = f"{f.domain}.{f.name} called from {caller}"
+        for formal, actual in zip(f.input, node.input):
+            if formal != actual and formal in scope:
+                problems.append(f"{where}: formal input {formal!r} is also a name in the caller's scope, so "
+                                f"TensorRT would read that tensor instead of the argument {actual!r}")
+        same_output = {formal for formal, actual in zip(f.output, node.output) if formal == actual}
+        for name in sorted((_registered(f, functions, stack) - set(f.input) - same_output) & scope):
+            problems.append(f"{where}: its output or internal value {name!r} is also a name in the caller's scope")
+        inner = scope | set(f.input) | _produced(f.node)
+        _check_calls(f"{f.domain}.{f.name}", inner, f.node, functions, problems, stack + (f.name,))
 
 
 #: Ops that must compute in fp32 in every graph (the fp32 islands of a half-precision graph).
