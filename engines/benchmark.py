@@ -401,7 +401,9 @@ def bandwidth_candidates(nbytes: int, K: int, threads: int, effort: Effort, say:
         f"and a streaming read of {read_bytes / 1e6:.1f} MB")
     gemv = _gbps({"name": f"onnxruntime GEMV 1x{Kb}x{Nb}", **_time_matmul(1, Kb, Nb, threads, effort)}, Kb * Nb * 4)
     stream = _time_stream(read_bytes, threads, effort)
-    stream = _gbps({"name": f"stream read {stream['shape'][0] * 4 / 1e6:.0f} MB", **stream}, stream["shape"][0] * 4)
+    nread = stream["shape"][0] * 4
+    size = f"{nread / 1e6:.1f} MB" if nread >= 1e6 else f"{nread / 1e3:.1f} kB"
+    stream = _gbps({"name": f"stream read {size}", **stream}, nread)
     return [gemv, stream]
 
 

@@ -394,3 +394,50 @@ def test_bad_option_is_one_line(tmp_path, args, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _bench_docs():
+    """scripts/bench-docs as a module (it has no .py suffix: it is a command)."""
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench-docs"
+    loader = importlib.machinery.SourceFileLoader("bench_docs", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bench_docs", loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_docs_tables_are_generated_from_the_committed_json():
+    """Every table of docs/benchmarks.md is what scripts/bench-docs makes of the committed JSON: edit the JSON (or
+    the script) and regenerate, never the table."""
+    bd = _bench_docs()
+    doc = bd.DOC.read_text(encoding="utf-8")
+    bench = json.loads(bd.BENCH.read_text(encoding="utf-8"))
+    gpu = json.loads(bd.GPU.read_text(encoding="utf-8"))
+    assert bd.render(doc, bench, gpu) == doc, "docs/benchmarks.md differs from its JSON: run scripts/bench-docs"
+    assert {m["name"] for m in bd.BLOCK.finditer(doc)} == set(bd.TABLES)
+    assert bd.main(["--check"]) == 0
+
+    # A changed number in the JSON changes the page; a row above its limit takes the verdict from its goal.
+    drifted = json.loads(json.dumps(bench))
+    row = next(r for r in drifted["decode"] if r["runtime"] == "onnxruntime-cpu" and r["precision"] == "fp32"
+               and r["batch"] == 1)
+    row["fraction"] = 1.5
+    assert bd.render(doc, drifted, gpu) != doc
+    limits, invalid = bd.checked_limits(drifted)
+    assert not limits["bandwidth"]["valid"] and {"limit": "bandwidth", "beaten_by": [
+        "onnxruntime-cpu fp32 decode B1×1"]} in invalid
+    assert "no verdict: the bandwidth limit is invalid" in bd.table_goals(drifted)
+
+
+def test_docs_tables_from_a_new_bench_json(quick):
+    """The script reads the current bench.json too (candidates, validity, load), not only the committed one."""
+    bd = _bench_docs()
+    out, bench, result = quick
+    doc = "".join(f"<!-- bench:table {name} -->\n<!-- /bench:table -->\n" for name in bd.TABLES
+                  if not name.startswith("gpu"))
+    page = bd.render(doc, bench, None)
+    for c in bench["limits"]["compute"]["candidates"]:
+        assert c["name"] in page
+    assert "other processes' CPU" in page and f"{bench['load']['other_cpu_cores']:.3f} cores" in page
