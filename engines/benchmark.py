@@ -1354,7 +1354,8 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
         "config": cfg.to_dict(), "parameters": cfg.n_params(), "machine": machine,
         "flops_per_token": flops_per_token(cfg),
         "weight_bytes_per_step": {p: weight_bytes_per_step(cfg, p) for p in ("fp32", *precisions) if p != "bf16"},
-        "limits": limits, "limits_valid": not invalid, "invalid_limits": invalid, "load": load, "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling,
+        "limits": limits, "limits_valid": not invalid, "invalid_limits": invalid, "load": load,
+        "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling,
         "training": training, "startup": startup, "skipped": skipped, "noisy": noisy,
         "notes": [
             "Fractions are achieved ÷ limit, both measured in this run with the same threads.",

@@ -141,8 +141,9 @@ def machine_info(threads: int | None) -> dict:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "llc_bytes": llc_bytes(), "cores": os.cpu_count(), "threads": threads,
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "llc_bytes": llc_bytes(), "cores": os.cpu_count(),
+            "threads": threads, "platform": platform.platform(), "python": platform.python_version(),
+            "versions": versions}
 
 
 # ---- other work on the machine ---------------------------------------------------------------------------------
