@@ -435,8 +435,8 @@ def best_of(candidates: list[dict], key: str) -> dict:
 def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, effort: Effort,
                    say: Progress) -> dict:
     """The machine's limits (see the module docstring), each the best of several kernels measured now, plus the
-    bandwidth at each reduced precision's byte count (its decode roofline: an INT8 model's weights may fit in
-    cache where fp32's do not)."""
+    bandwidth and the batched limit at each reduced precision's byte count (its decode limits: an INT8 model's
+    weights may fit in cache where fp32's do not)."""
     compute = best_of(compute_candidates(cfg, threads, effort, say), "gflops")
     model_bytes = 4 * cfg.n_params()
     bandwidth = best_of(bandwidth_candidates(model_bytes, cfg.d_model, threads, effort, say,
@@ -446,17 +446,21 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
 
     by_precision: dict[str, dict] = {"fp32": {"bytes": bandwidth["bytes"], "gbps": bandwidth["gbps"],
                                               "shape": bandwidth["shape"], "same_as": "bandwidth"}}
-    done: dict[int, dict] = {}
+    batched_by: dict[str, dict] = {"fp32": {"gflops": batched["gflops"], "shape": batched["shape"],
+                                            "same_as": "batched"}}
+    done: dict[int, tuple[dict, dict]] = {}
     for p in precisions:
         if p == "fp32" or p == "bf16":
             continue
         nbytes = weight_bytes_per_step(cfg, p)
         Kp, Np = bandwidth_shape(nbytes, cfg.d_model)
         if Kp * Np not in done:
-            say(f"limits: bandwidth over the {p} weights' bytes")
-            done[Kp * Np] = best_of(bandwidth_candidates(nbytes, cfg.d_model, threads, effort, say), "gbps")
-        by_precision[p] = done[Kp * Np]
-    return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision}
+            say(f"limits: bandwidth and batched over the {p} weights' bytes")
+            done[Kp * Np] = (best_of(bandwidth_candidates(nbytes, cfg.d_model, threads, effort, say), "gbps"),
+                             best_of(batched_candidates(Kp, Np, threads, effort, say), "gflops"))
+        by_precision[p], batched_by[p] = done[Kp * Np]
+    return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision,
+            "batched_by_precision": batched_by}
 
 
 # ---- ceilings: the model's weight MatMuls alone -----------------------------------------------------------------
@@ -670,10 +674,13 @@ def decode_against_limit(cfg: GAMConfig, precision: str, p50_ms: float, limits: 
             "limit": "bandwidth-roofline", "limit_value": roofline, "fraction": _fraction(tps, roofline)}
 
 
-def batched_against_limit(cfg: GAMConfig, batch: int, p50_ms: float, limits: dict) -> dict:
-    """A batched decode step's timing as achieved GFLOP/s and its fraction of the batched (M = 32) limit."""
+def batched_against_limit(cfg: GAMConfig, batch: int, p50_ms: float, limits: dict,
+                          precision: str = "fp32") -> dict:
+    """A batched decode step's timing as achieved GFLOP/s and its fraction of the batched (M = 32) limit over the
+    precision's own weight bytes (``limits.batched_by_precision``; the fp32 one where it has none)."""
     achieved = batch * flops_per_token(cfg)["total"] / (p50_ms / 1e3) / 1e9
-    limit = limits["batched"]["gflops"]
+    by_precision = limits.get("batched_by_precision") or {}
+    limit = by_precision.get(precision, limits["batched"])["gflops"]
     return {"achieved": achieved, "unit": "GFLOP/s", "limit": "batched", "limit_value": limit,
             "fraction": _fraction(achieved, limit)}
 
@@ -696,13 +703,16 @@ def best_limits(first: dict, second: dict) -> dict:
         return best
 
     out = {name: pick(first[name], second[name], key) for name, key in keys.items()}
-    by_precision = {}
-    for p, entry in first["bandwidth_by_precision"].items():
-        if entry.get("same_as") == "bandwidth":
-            by_precision[p] = {**entry, "gbps": out["bandwidth"]["gbps"]}
-        else:
-            by_precision[p] = pick(entry, second["bandwidth_by_precision"][p], "gbps")
-    out["bandwidth_by_precision"] = by_precision
+    for table, (name, key) in BY_PRECISION.items():
+        if table not in first:
+            continue
+        by_precision = {}
+        for p, entry in first[table].items():
+            if entry.get("same_as") == name:
+                by_precision[p] = {**entry, key: out[name][key]}
+            else:
+                by_precision[p] = pick(entry, second[table][p], key)
+        out[table] = by_precision
     return out
 
 
@@ -738,7 +748,7 @@ def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: l
         row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
     for row in decode:
         row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits) if row["batch"] == 1 else
-                   batched_against_limit(cfg, row["batch"], row["p50_ms"], limits))
+                   batched_against_limit(cfg, row["batch"], row["p50_ms"], limits, row["precision"]))
     if ceilings is not None:
         ceilings["fp32_decode_fraction"] = ceiling_decode_fraction(cfg, ceilings, limits)
         for row in ceilings["rows"]:
@@ -749,22 +759,28 @@ def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: l
 FRACTION_MAX = 1.0
 
 
+#: Limits measured again over each reduced precision's weight bytes: table → (the fp32 limit, its unit key).
+BY_PRECISION = {"bandwidth_by_precision": ("bandwidth", "gbps"), "batched_by_precision": ("batched", "gflops")}
+
+
 def _limit_entries(limits: dict, row: dict) -> list[dict]:
-    """The limit entries a row's fraction was measured against (a bandwidth row: its precision's entry, and the
-    fp32 bandwidth itself where that entry is the same measurement)."""
-    if row["limit"] in ("compute", "batched"):
-        return [limits[row["limit"]]]
-    by_precision = limits["bandwidth_by_precision"]
+    """The limit entries a row's fraction was measured against (a bandwidth or batched row: its precision's entry,
+    and the fp32 limit itself where that entry is the same measurement)."""
+    if row["limit"] == "compute":
+        return [limits["compute"]]
+    name = "batched" if row["limit"] == "batched" else "bandwidth"
+    by_precision = limits.get(f"{name}_by_precision") or {}
     key = row.get("bandwidth_precision") or row.get("precision", "fp32")
-    entry = by_precision.get(key, by_precision["fp32"])
-    return [limits["bandwidth"], entry] if entry.get("same_as") == "bandwidth" else [entry]
+    entry = by_precision.get(key, limits[name])
+    return [limits[name], entry] if entry.get("same_as") == name else [entry]
 
 
 def check_limits(limits: dict, rows: list[dict]) -> list[dict]:
     """Mark every limit that a row beats (fraction > 1: the machine did more than its "limit") ``valid: false``,
     naming the rows in ``beaten_by``; each row measured against an invalid limit gets ``limit_valid: false`` and
     the same names in ``limit_beaten_by``. Returns [{"limit", "beaten_by"}] of the invalid limits."""
-    entries = [limits["compute"], limits["bandwidth"], limits["batched"], *limits["bandwidth_by_precision"].values()]
+    entries = [limits["compute"], limits["bandwidth"], limits["batched"],
+               *[e for table in BY_PRECISION for e in (limits.get(table) or {}).values()]]
     for entry in entries:
         entry["valid"], entry["beaten_by"] = True, []
     for row in rows:
@@ -787,9 +803,9 @@ def invalid_limits(limits: dict) -> list[dict]:
     """[{"limit", "beaten_by"}] of the limits :func:`check_limits` marked invalid ([] when all hold)."""
     invalid = [{"limit": name, "beaten_by": limits[name]["beaten_by"]}
                for name in ("compute", "bandwidth", "batched") if not limits[name].get("valid", True)]
-    invalid += [{"limit": f"bandwidth_by_precision.{p}", "beaten_by": e["beaten_by"]}
-                for p, e in limits["bandwidth_by_precision"].items()
-                if not e.get("valid", True) and e.get("same_as") != "bandwidth"]
+    invalid += [{"limit": f"{table}.{p}", "beaten_by": e["beaten_by"]}
+                for table, (name, _) in BY_PRECISION.items() for p, e in (limits.get(table) or {}).items()
+                if not e.get("valid", True) and e.get("same_as") != name]
     return invalid
 
 
@@ -877,7 +893,8 @@ def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: i
         timing = summarize(samples, effort.warmup)
         rows.append({**_describe(runner), "mode": "decode", "batch": B, "seq_len": 1, "positions": [1, steps],
                      **timing.as_dict(), "tokens_per_s": B / (timing.p50_ms / 1e3), "flops_per_token": per_token,
-                     **batched_against_limit(cfg, B, timing.p50_ms, limits), "threads": threads})
+                     **batched_against_limit(cfg, B, timing.p50_ms, limits, runner.precision),
+                     "threads": threads})
     return rows
 
 
@@ -1364,8 +1381,9 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
             "Prefill FLOPs count the head at every position: the prefill and step graphs (and eager PyTorch) "
             "compute logits for every position.",
             "INT8 (static Q/DQ) is calibrated on random token ids: fine for speed, not a statement on accuracy.",
-            "Reduced-precision decode rows are measured against the bandwidth over their own weight bytes "
-            "(limits.bandwidth_by_precision): smaller weights may sit in cache.",
+            "Reduced-precision decode rows are measured against the bandwidth and the batched limit over their own "
+            "weight bytes (limits.bandwidth_by_precision, limits.batched_by_precision): smaller weights may sit in "
+            "cache.",
             "fp16 graphs on ONNX Runtime's CPU provider compute in fp32 (see compute_precision).",
             "Runners are timed through the calls generate makes (no input checks).",
         ],

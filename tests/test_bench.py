@@ -94,8 +94,11 @@ def test_bench_json_structure(quick):
     assert bench["limits_valid"] == (not beaten) == (bench["invalid_limits"] == [])
     for r in rows:
         assert r["limit_valid"] == (not r.get("limit_beaten_by"))
-    for name in ("compute", "batched"):
-        assert lim[name]["valid"] == (name not in beaten)
+    assert lim["compute"]["valid"] == ("compute" not in beaten)
+    # Batched rows of a reduced precision are measured against the batched limit over their own weight bytes.
+    assert lim["batched_by_precision"]["fp32"]["gflops"] == lim["batched"]["gflops"]
+    int8_batched = lim["batched_by_precision"]["int8"]
+    assert int8_batched["shape"][2] == lim["bandwidth_by_precision"]["int8"]["candidates"][0]["shape"][2]
 
     load = bench["load"]  # other processes' CPU time during the run, as the comparison driver measures it
     assert isinstance(load["other_cpu_cores"], float) and load["other_cpu_cores"] >= 0
@@ -116,7 +119,8 @@ def test_bench_json_structure(quick):
             assert _positive(row[key]), (row["runtime"], row["precision"], key, row[key])
         assert isinstance(row["noisy"], bool) and row["threads"] == 1
         assert row["fraction"] == pytest.approx(row["achieved"] / row["limit_value"])
-        limit = {"compute": lim["compute"]["gflops"], "batched": lim["batched"]["gflops"]}.get(row["limit"])
+        limit = {"compute": lim["compute"]["gflops"],
+                 "batched": lim["batched_by_precision"][row["precision"]]["gflops"]}.get(row["limit"])
         if row["limit"] == "bandwidth-roofline":
             bw = lim["bandwidth_by_precision"][row["precision"]]["gbps"]
             limit = bw * 1e9 / row["bytes_per_step"]
@@ -191,7 +195,9 @@ def test_best_limits_keeps_the_higher_measurement_of_each():
         return {"compute": best_of([{"name": "a", "gflops": compute}, {"name": "b", "gflops": other}], "gflops"),
                 "bandwidth": _one("gbps", bw), "batched": _one("gflops", batched),
                 "bandwidth_by_precision": {"fp32": {"gbps": bw, "same_as": "bandwidth"},
-                                           "int8": _one("gbps", int8_bw)}}
+                                           "int8": _one("gbps", int8_bw)},
+                "batched_by_precision": {"fp32": {"gflops": batched, "same_as": "batched"},
+                                         "int8": _one("gflops", int8_bw * 2)}}
 
     best = best_limits(limits(60.0, 50.0, 11.0, 70.0, 40.0), limits(55.0, 65.0, 21.0, 72.0, 30.0))
     assert best["compute"]["gflops"] == 65.0 and best["compute"]["best"] == "b" and best["compute"]["kept"] == "end"
@@ -201,6 +207,8 @@ def test_best_limits_keeps_the_higher_measurement_of_each():
     assert best["batched"]["gflops"] == 72.0 and best["batched"]["kept"] == "end"
     assert best["bandwidth_by_precision"]["fp32"]["gbps"] == 21.0  # follows the kept bandwidth
     assert best["bandwidth_by_precision"]["int8"]["gbps"] == 40.0
+    assert best["batched_by_precision"]["fp32"]["gflops"] == 72.0 and best["batched_by_precision"]["int8"][
+        "gflops"] == 80.0
 
 
 def test_limits_are_the_best_of_their_candidates(monkeypatch):
@@ -229,6 +237,7 @@ def test_limits_are_the_best_of_their_candidates(monkeypatch):
     assert limits["batched"]["best"].startswith("torch.mm 32x")
     assert limits["bandwidth"]["best"].startswith("stream read")
     assert limits["bandwidth_by_precision"]["int8"]["best"].startswith("stream read")
+    assert limits["batched_by_precision"]["int8"]["best"].startswith("torch.mm 32x")
 
     monkeypatch.setattr(bm, "_torch_or_none", lambda: None)      # an edge box without torch
     limits = bm.measure_limits(cfg, ("fp32",), 2, bm.QUICK, lambda msg: None)
@@ -239,8 +248,8 @@ def test_limits_are_the_best_of_their_candidates(monkeypatch):
 def test_a_row_above_its_limit_marks_the_limit_invalid():
     """A limit lower than what a row achieved is wrong: the check marks it, names the row, and leaves the limits no
     row beats valid — in bench.json's terms and in the build report's summary."""
-    from gamexport.engines.benchmark import (check_limits, decode_against_limit, limits_summary,
-                                             prefill_against_limit)
+    from gamexport.engines.benchmark import (batched_against_limit, check_limits, decode_against_limit,
+                                             limits_summary, prefill_against_limit)
 
     cfg = PRESETS["tiny"]
     limits = {"compute": _one("gflops", 10.0), "bandwidth": _one("gbps", 20.0), "batched": _one("gflops", 30.0),
@@ -261,6 +270,16 @@ def test_a_row_above_its_limit_marks_the_limit_invalid():
     assert slow["limit_valid"] is True and "limit_beaten_by" not in slow
     summary = limits_summary(limits)
     assert summary["valid"] is False and summary["invalid"] == invalid
+
+    # A batched int8 row is measured against the batched limit over the int8 bytes, and beats only that one.
+    limits["batched_by_precision"] = {"fp32": {"gflops": 30.0, "same_as": "batched"}, "int8": _one("gflops", 50.0)}
+    batched = {"runtime": "onnxruntime-cpu", "precision": "int8", "mode": "decode", "batch": 32, "seq_len": 1}
+    batched.update(batched_against_limit(cfg, 32, 32 * bm_flops(cfg) / 40e9 * 1e3, limits, "int8"))
+    assert batched["limit_value"] == 50.0 and batched["fraction"] == pytest.approx(0.8)
+    batched.update(batched_against_limit(cfg, 32, 32 * bm_flops(cfg) / 60e9 * 1e3, limits, "int8"))
+    assert [i["limit"] for i in check_limits(limits, [batched])] == ["batched_by_precision.int8"]
+    assert limits["batched"]["valid"]
+    del limits["batched_by_precision"]
 
     # A decode row beating the int8 bandwidth marks that entry only; exactly 1.0 is not beaten.
     int8 = {"runtime": "onnxruntime-cpu", "precision": "int8", "mode": "decode", "batch": 1, "seq_len": 1}
