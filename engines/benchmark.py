@@ -1,15 +1,21 @@
 """``gamexport bench``: how close each runtime and precision runs to this machine's limits, measured in one run.
 
 The yardstick is not "faster than eager PyTorch" but the fraction of what the machine can do, measured in the same
-process, with the same engine (ONNX Runtime's CPU provider) and the same session options as the model graphs:
+process with the same threads. Each limit is the best of several kernels (all recorded, the winner named), so that
+no single kernel's weakness passes for the machine's:
 
-* **compute** — fp32 ``MatMul`` 2048×2048×2048, GFLOP/s (prefill is measured against it);
-* **bandwidth** — ``MatMul`` [1, K]×[K, N] whose weight holds as many fp32 bytes as the model has, GB/s (batch-1
-  decode is measured against the roofline ``bandwidth ÷ bytes of weights a step reads``);
-* **batched** — the same weights at M = 32, GFLOP/s (batched decode is measured against it).
+* **compute** — GFLOP/s of ONNX Runtime ``MatMul`` with a constant (pre-packed) weight at the model's own prefill
+  shapes and at 2048³, the same with the weight a graph input, and ``torch.mm`` 2048³ where torch is installed
+  (prefill is measured against it);
+* **bandwidth** — GB/s of ONNX Runtime's GEMV ``MatMul`` [1, K]×[K, N] whose weight holds as many fp32 bytes as the
+  model has, and of a plain streaming read of 4× the last-level cache (batch-1 decode is measured against the
+  roofline ``bandwidth ÷ bytes of weights a step reads``);
+* **batched** — the GEMV's weights at M = 32, ONNX Runtime and ``torch.mm``, GFLOP/s (batched decode).
 
-Each limit is the median of ≥ 20 runs (fewer with ``quick``). Timings are benchmarks, never pass/fail: every row
-carries the harness's spread and ``noisy`` flag (:mod:`gamexport.bench`), and ``bench.json`` lists the noisy rows.
+A row that runs above 1.0 of its limit proves the limit wrong: :func:`check_limits` marks it ``valid: false`` and
+names the row. Each kernel is the median of ≥ 20 runs (fewer with ``quick``). Timings are benchmarks, never
+pass/fail: every row carries the harness's spread and ``noisy`` flag (:mod:`gamexport.bench`), ``bench.json`` lists
+the noisy rows, and ``load`` records the CPU time other processes took during the run.
 
 The scaling section is the paper's Table 2 protocol at CPU scale: one GAM block and one Transformer block
 (pre-LN, 8 heads, ``scaled_dot_product_attention``), d 512, B 1, T from 256 to 8192, forward and
@@ -53,6 +59,7 @@ WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-dyn": 1}
 # ---- the machine's limits (defined here, once) and the shapes measured against them ---------------------------
 COMPUTE_SHAPE = (2048, 2048, 2048)   # M, K, N of the compute limit
 BATCHED_M = 32                       # rows of the batched limit (the bandwidth limit's weights)
+STREAM_FALLBACK_BYTES = 256 * 2**20  # streaming read where the last-level cache's size is unknown
 PREFILL_LENGTHS = (64, 256)          # batch-1 prefill lengths, capped at P
 BATCHED_PREFILL = 8                  # batch of the batched prefill, at T = min(256, P)
 DECODE_BATCHES = (8, 32)             # batched decode, against the batched (M = 32) limit
@@ -255,27 +262,89 @@ def _nodes_session(nodes: list, inputs: list, outputs: list, initializers: list,
     return ort.InferenceSession(data, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def _matmul_session(M: int, K: int, N: int, threads: int, seed: int = 0):
-    """An ONNX Runtime session of one MatMul [M, K]×[K, N] with the [K, N] weight as an initializer."""
+def _matmul_session(M: int, K: int, N: int, threads: int, seed: int = 0, constant: bool = True):
+    """An ONNX Runtime session of one MatMul [M, K]×[K, N]: the [K, N] weight an initializer (``constant``: ONNX
+    Runtime pre-packs it once, as it does the model's weights), or a second graph input (packed on every call)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])
+    node = helper.make_node("MatMul", ["a", "w"], ["c"])
+    if not constant:
+        return _nodes_session([node], [a, helper.make_tensor_value_info("w", TensorProto.FLOAT, [K, N])], [c], [],
+                              threads)
     w = (np.random.default_rng(seed).standard_normal((K, N), dtype=np.float32) * 0.02)
-    return _nodes_session([helper.make_node("MatMul", ["a", "w"], ["c"])],
-                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])],
-                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])],
-                          [numpy_helper.from_array(w, "w")], threads)
+    return _nodes_session([node], [a], [c], [numpy_helper.from_array(w, "w")], threads)
 
 
-def _time_matmul(M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
+def _timed(fn: Callable[[], object], effort: Effort) -> dict:
+    """The limit harness: ``effort.limit_runs`` timed calls after ``effort.limit_warmup`` untimed ones."""
     from gamexport.bench import measure
 
-    session = _matmul_session(M, K, N, threads)
-    a = np.random.default_rng(1).standard_normal((M, K), dtype=np.float32)
-    timing = measure(lambda: session.run(None, {"a": a}), warmup=effort.limit_warmup, runs=effort.limit_runs,
-                     max_seconds=max(effort.max_seconds, 10.0))
+    return measure(fn, warmup=effort.limit_warmup, runs=effort.limit_runs,
+                   max_seconds=max(effort.max_seconds, 10.0)).as_dict()
+
+
+def _time_matmul(M: int, K: int, N: int, threads: int, effort: Effort, constant: bool = True) -> dict:
+    """Time an ONNX Runtime MatMul (see :func:`_matmul_session`); the timing, its shape and engine."""
+    session = _matmul_session(M, K, N, threads, constant=constant)
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.standard_normal((M, K), dtype=np.float32)}
+    if not constant:
+        feeds["w"] = rng.standard_normal((K, N), dtype=np.float32) * 0.02
+    timing = _timed(lambda: session.run(None, feeds), effort)
     del session
     gc.collect()
-    return {"shape": [M, K, N], "engine": "onnxruntime-cpu MatMul fp32", **timing.as_dict()}
+    engine = "onnxruntime-cpu MatMul fp32" + ("" if constant else ", weight a graph input (not pre-packed)")
+    return {"shape": [M, K, N], "engine": engine, **timing}
+
+
+def _torch_or_none():
+    """torch, imported only where it is installed (an edge box running the bench may not have it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch
+
+
+def _with_torch_threads(torch, threads: int, fn: Callable[[], dict]) -> dict:
+    """``fn()`` with torch on ``threads`` intra-op threads, the previous setting restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
+    """Time ``torch.mm`` [M, K]×[K, N] fp32 on ``threads`` threads."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g) * 0.02
+    timing = _with_torch_threads(torch, threads, lambda: _timed(lambda: torch.mm(a, w), effort))
+    del a, w
+    return {"shape": [M, K, N], "engine": f"torch {torch.__version__} torch.mm fp32", **timing}
+
+
+def _time_stream(nbytes: int, threads: int, effort: Effort) -> dict:
+    """Time a plain streaming read of ``nbytes`` of float32: ``torch.sum`` on ``threads`` threads where torch is
+    installed, else numpy's sum (single-threaded: a weak limit on more than one core, and it says so)."""
+    n = max(1, nbytes // 4)
+    torch = _torch_or_none()
+    if torch is not None:
+        x = torch.ones(n, dtype=torch.float32)
+        timing = _with_torch_threads(torch, threads, lambda: _timed(lambda: torch.sum(x), effort))
+        engine = f"torch {torch.__version__} torch.sum over float32, {threads} threads"
+    else:
+        x = np.ones(n, dtype=np.float32)
+        timing = _timed(lambda: np.add.reduce(x), effort)
+        engine = "numpy sum over float32 (single-threaded: a weak limit; install torch for a threaded read)"
+    del x
+    gc.collect()
+    return {"shape": [n], "engine": engine, **timing}
 
 
 def bandwidth_shape(nbytes: int, K: int) -> tuple[int, int]:
@@ -283,42 +352,117 @@ def bandwidth_shape(nbytes: int, K: int) -> tuple[int, int]:
     return K, max(1, round(nbytes / 4 / K))
 
 
+def stream_bytes() -> int:
+    """Bytes the streaming-read bandwidth candidate reads: 4 × the last-level cache, 256 MB where its size is
+    unknown (so the read comes from memory, not from cache)."""
+    from gamexport.bench import llc_bytes
+
+    llc = llc_bytes()
+    return 4 * llc if llc else STREAM_FALLBACK_BYTES
+
+
+def prefill_shapes(cfg: GAMConfig) -> list[tuple[str, int, int]]:
+    """(name, K, N) of the model's own large prefill MatMuls: gate, FFN up and down, and the tied head when its
+    weight is at least the FFN's."""
+    d = cfg.d_model
+    shapes = [("gate", d, 2 * d), ("ffn up", d, 4 * d), ("ffn down", 4 * d, d)]
+    return shapes + ([("head", d, cfg.vocab_size)] if cfg.vocab_size >= 4 * d else [])
+
+
+def _gflops(entry: dict) -> dict:
+    M, K, N = entry["shape"]
+    return {**entry, "gflops": 2 * M * K * N / (entry["p50_ms"] / 1e3) / 1e9}
+
+
+def _gbps(entry: dict, nbytes: int) -> dict:
+    return {**entry, "bytes": int(nbytes), "gbps": nbytes / (entry["p50_ms"] / 1e3) / 1e9}
+
+
+def compute_candidates(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> list[dict]:
+    """Every GEMM the compute limit is the best of: ONNX Runtime with a constant (pre-packed) weight at the
+    model's own prefill shapes (T = min(256, P)) and at 2048³, ONNX Runtime with the weight a graph input at
+    2048³, and ``torch.mm`` 2048³ where torch is installed."""
+    T = min(256, cfg.max_positions)
+    M, K, N = COMPUTE_SHAPE
+    out = []
+    for name, Kp, Np in prefill_shapes(cfg):
+        say(f"limits: compute, onnxruntime MatMul {name} {T}×{Kp}×{Np}, constant weight, {threads} threads")
+        out.append({"name": f"onnxruntime {name} {T}x{Kp}x{Np}", **_time_matmul(T, Kp, Np, threads, effort)})
+    say(f"limits: compute, onnxruntime MatMul {M}×{K}×{N}, constant weight and graph input")
+    out.append({"name": f"onnxruntime {M}x{K}x{N}", **_time_matmul(M, K, N, threads, effort)})
+    out.append({"name": f"onnxruntime {M}x{K}x{N} inputs",
+                **_time_matmul(M, K, N, threads, effort, constant=False)})
+    torch = _torch_or_none()
+    if torch is not None:
+        say(f"limits: compute, torch.mm {M}×{K}×{N}")
+        out.append({"name": f"torch.mm {M}x{K}x{N}", **_time_torch_mm(torch, M, K, N, threads, effort)})
+    return [_gflops(c) for c in out]
+
+
+def bandwidth_candidates(nbytes: int, K: int, threads: int, effort: Effort, say: Progress,
+                         read_bytes: int | None = None) -> list[dict]:
+    """ONNX Runtime's GEMV [1, K]×[K, N] over ``nbytes`` of fp32 weights, and a plain streaming read of
+    ``read_bytes`` (default: the same bytes)."""
+    Kb, Nb = bandwidth_shape(nbytes, K)
+    read_bytes = read_bytes or Kb * Nb * 4
+    say(f"limits: bandwidth, onnxruntime MatMul [1,{Kb}]×[{Kb},{Nb}] ({Kb * Nb * 4 / 1e6:.1f} MB of fp32 weights) "
+        f"and a streaming read of {read_bytes / 1e6:.1f} MB")
+    gemv = _gbps({"name": f"onnxruntime GEMV 1x{Kb}x{Nb}", **_time_matmul(1, Kb, Nb, threads, effort)}, Kb * Nb * 4)
+    stream = _time_stream(read_bytes, threads, effort)
+    nread = stream["shape"][0] * 4
+    size = f"{nread / 1e6:.1f} MB" if nread >= 1e6 else f"{nread / 1e3:.1f} kB"
+    stream = _gbps({"name": f"stream read {size}", **stream}, nread)
+    return [gemv, stream]
+
+
+def batched_candidates(K: int, N: int, threads: int, effort: Effort, say: Progress) -> list[dict]:
+    """The bandwidth limit's weights at M = BATCHED_M: ONNX Runtime with the weight constant, and ``torch.mm``
+    where torch is installed."""
+    say(f"limits: batched, the same weights at M = {BATCHED_M}")
+    out = [{"name": f"onnxruntime {BATCHED_M}x{K}x{N}", **_time_matmul(BATCHED_M, K, N, threads, effort)}]
+    torch = _torch_or_none()
+    if torch is not None:
+        out.append({"name": f"torch.mm {BATCHED_M}x{K}x{N}", **_time_torch_mm(torch, BATCHED_M, K, N, threads,
+                                                                               effort)})
+    return [_gflops(c) for c in out]
+
+
+def best_of(candidates: list[dict], key: str) -> dict:
+    """A limit: the fields of the candidate that reached the most ``key`` (``gflops`` or ``gbps``), which one it
+    was (``best``), every candidate, and ``valid`` (until a row beats it, see :func:`check_limits`)."""
+    winner = max(candidates, key=lambda c: c[key])
+    return {**winner, "best": winner["name"], "candidates": candidates, "valid": True, "beaten_by": []}
+
+
 def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, effort: Effort,
                    say: Progress) -> dict:
-    """The machine's limits (see the module docstring), plus the bandwidth at each reduced precision's byte count
-    (its decode roofline: an INT8 model's weights may fit in cache where fp32's do not)."""
-    M, K, N = COMPUTE_SHAPE
-    say(f"limits: compute, onnxruntime MatMul {M}×{K}×{N} fp32, {threads} threads")
-    compute = _time_matmul(M, K, N, threads, effort)
-    compute["gflops"] = 2 * M * K * N / (compute["p50_ms"] / 1e3) / 1e9
-
+    """The machine's limits (see the module docstring), each the best of several kernels measured now, plus the
+    bandwidth and the batched limit at each reduced precision's byte count (its decode limits: an INT8 model's
+    weights may fit in cache where fp32's do not)."""
+    compute = best_of(compute_candidates(cfg, threads, effort, say), "gflops")
     model_bytes = 4 * cfg.n_params()
+    bandwidth = best_of(bandwidth_candidates(model_bytes, cfg.d_model, threads, effort, say,
+                                             read_bytes=stream_bytes()), "gbps")
     Kb, Nb = bandwidth_shape(model_bytes, cfg.d_model)
-    say(f"limits: bandwidth, onnxruntime MatMul [1,{Kb}]×[{Kb},{Nb}] ({Kb * Nb * 4 / 1e6:.1f} MB of fp32 weights)")
-    bandwidth = _time_matmul(1, Kb, Nb, threads, effort)
-    bandwidth["bytes"] = Kb * Nb * 4
-    bandwidth["gbps"] = bandwidth["bytes"] / (bandwidth["p50_ms"] / 1e3) / 1e9
-
-    say(f"limits: batched, the same weights at M = {BATCHED_M}")
-    batched = _time_matmul(BATCHED_M, Kb, Nb, threads, effort)
-    batched["gflops"] = 2 * BATCHED_M * Kb * Nb / (batched["p50_ms"] / 1e3) / 1e9
+    batched = best_of(batched_candidates(Kb, Nb, threads, effort, say), "gflops")
 
     by_precision: dict[str, dict] = {"fp32": {"bytes": bandwidth["bytes"], "gbps": bandwidth["gbps"],
                                               "shape": bandwidth["shape"], "same_as": "bandwidth"}}
-    done: dict[int, dict] = {}
+    batched_by: dict[str, dict] = {"fp32": {"gflops": batched["gflops"], "shape": batched["shape"],
+                                            "same_as": "batched"}}
+    done: dict[int, tuple[dict, dict]] = {}
     for p in precisions:
         if p == "fp32" or p == "bf16":
             continue
         nbytes = weight_bytes_per_step(cfg, p)
         Kp, Np = bandwidth_shape(nbytes, cfg.d_model)
         if Kp * Np not in done:
-            say(f"limits: bandwidth over {Kp * Np * 4 / 1e6:.1f} MB (the {p} weights' bytes)")
-            t = _time_matmul(1, Kp, Np, threads, effort)
-            t["bytes"] = Kp * Np * 4
-            t["gbps"] = t["bytes"] / (t["p50_ms"] / 1e3) / 1e9
-            done[Kp * Np] = t
-        by_precision[p] = done[Kp * Np]
-    return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision}
+            say(f"limits: bandwidth and batched over the {p} weights' bytes")
+            done[Kp * Np] = (best_of(bandwidth_candidates(nbytes, cfg.d_model, threads, effort, say), "gbps"),
+                             best_of(batched_candidates(Kp, Np, threads, effort, say), "gflops"))
+        by_precision[p], batched_by[p] = done[Kp * Np]
+    return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision,
+            "batched_by_precision": batched_by}
 
 
 # ---- ceilings: the model's weight MatMuls alone -----------------------------------------------------------------
@@ -532,10 +676,13 @@ def decode_against_limit(cfg: GAMConfig, precision: str, p50_ms: float, limits: 
             "limit": "bandwidth-roofline", "limit_value": roofline, "fraction": _fraction(tps, roofline)}
 
 
-def batched_against_limit(cfg: GAMConfig, batch: int, p50_ms: float, limits: dict) -> dict:
-    """A batched decode step's timing as achieved GFLOP/s and its fraction of the batched (M = 32) limit."""
+def batched_against_limit(cfg: GAMConfig, batch: int, p50_ms: float, limits: dict,
+                          precision: str = "fp32") -> dict:
+    """A batched decode step's timing as achieved GFLOP/s and its fraction of the batched (M = 32) limit over the
+    precision's own weight bytes (``limits.batched_by_precision``; the fp32 one where it has none)."""
     achieved = batch * flops_per_token(cfg)["total"] / (p50_ms / 1e3) / 1e9
-    limit = limits["batched"]["gflops"]
+    by_precision = limits.get("batched_by_precision") or {}
+    limit = by_precision.get(precision, limits["batched"])["gflops"]
     return {"achieved": achieved, "unit": "GFLOP/s", "limit": "batched", "limit_value": limit,
             "fraction": _fraction(achieved, limit)}
 
@@ -543,23 +690,57 @@ def batched_against_limit(cfg: GAMConfig, batch: int, p50_ms: float, limits: dic
 def best_limits(first: dict, second: dict) -> dict:
     """Each limit from whichever of two measurements (start and end of a run) reached more: other work on the
     machine only ever lowers a limit, and a lowered limit would flatter every fraction measured against it.
-    Each entry records both values (``measured``) and which one it kept (``kept``)."""
+    Each candidate keeps its higher measurement (both in ``measured``); the limit is again the best candidate,
+    and records its own two values (``measured``) and which one it kept (``kept``)."""
     keys = {"compute": "gflops", "bandwidth": "gbps", "batched": "gflops"}
 
+    def higher(a: dict, b: dict, key: str) -> dict:
+        return {**(b if b[key] > a[key] else a), "measured": {"start": a[key], "end": b[key]}}
+
     def pick(a: dict, b: dict, key: str) -> dict:
-        best = dict(b if b[key] > a[key] else a)
+        ends = {c["name"]: c for c in b["candidates"]}
+        merged = [higher(c, ends[c["name"]], key) if c["name"] in ends else c for c in a["candidates"]]
+        best = best_of(merged, key)
         best.update(measured={"start": a[key], "end": b[key]}, kept="end" if b[key] > a[key] else "start")
         return best
 
     out = {name: pick(first[name], second[name], key) for name, key in keys.items()}
-    by_precision = {}
-    for p, entry in first["bandwidth_by_precision"].items():
-        if entry.get("same_as") == "bandwidth":
-            by_precision[p] = {**entry, "gbps": out["bandwidth"]["gbps"]}
-        else:
-            by_precision[p] = pick(entry, second["bandwidth_by_precision"][p], "gbps")
-    out["bandwidth_by_precision"] = by_precision
+    for table, (name, key) in BY_PRECISION.items():
+        if table not in first:
+            continue
+        by_precision = {}
+        for p, entry in first[table].items():
+            if entry.get("same_as") == name:
+                by_precision[p] = {**entry, key: out[name][key]}
+            else:
+                by_precision[p] = pick(entry, second[table][p], key)
+        out[table] = by_precision
     return out
+
+
+def ceiling_against_limits(cfg: GAMConfig, row: dict, limits: dict) -> dict:
+    """A ceilings row against the limit it could beat: at M > 1 its GFLOP/s (the int8 rows count the same FLOPs)
+    against compute; at M = 1 the bytes its weights hold (the memory bank twice, as the graph holds it) per second
+    against the bandwidth over that precision's bytes. {} for an int8 row at M = 1 when no INT8 bandwidth was
+    measured (its weights may sit in cache: the fp32 bandwidth is no limit for them)."""
+    elements = sum(K * N for K, N in weight_matmul_shapes(cfg))
+    if row["M"] > 1:
+        flops = 2 * row["M"] * elements
+        achieved, unit, name, limit = flops / (row["p50_ms"] / 1e3) / 1e9, "GFLOP/s", "compute", \
+            limits["compute"]["gflops"]
+    else:
+        by_precision = limits["bandwidth_by_precision"]
+        key = "fp32" if row["precision"] == "fp32" else next((p for p in ("int8", "int8-dyn") if p in by_precision),
+                                                            None)
+        if key is None:
+            return {}
+        outputs = sum(N for _, N in weight_matmul_shapes(cfg))
+        nbytes = 4 * elements if key == "fp32" else elements + 5 * outputs   # int8 weights + fp32 scale + zero point
+        achieved, unit, name, limit = nbytes / (row["p50_ms"] / 1e3) / 1e9, "GB/s", "bandwidth", \
+            by_precision[key]["gbps"]
+        row["bandwidth_precision"] = key
+    return {"achieved": achieved, "unit": unit, "limit": name, "limit_value": limit,
+            "fraction": _fraction(achieved, limit)}
 
 
 def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: list[dict],
@@ -569,9 +750,65 @@ def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: l
         row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
     for row in decode:
         row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits) if row["batch"] == 1 else
-                   batched_against_limit(cfg, row["batch"], row["p50_ms"], limits))
+                   batched_against_limit(cfg, row["batch"], row["p50_ms"], limits, row["precision"]))
     if ceilings is not None:
         ceilings["fp32_decode_fraction"] = ceiling_decode_fraction(cfg, ceilings, limits)
+        for row in ceilings["rows"]:
+            row.update(ceiling_against_limits(cfg, row, limits))
+
+
+#: A row faster than this fraction of its limit proves the limit wrong (not the row fast).
+FRACTION_MAX = 1.0
+
+
+#: Limits measured again over each reduced precision's weight bytes: table → (the fp32 limit, its unit key).
+BY_PRECISION = {"bandwidth_by_precision": ("bandwidth", "gbps"), "batched_by_precision": ("batched", "gflops")}
+
+
+def _limit_entries(limits: dict, row: dict) -> list[dict]:
+    """The limit entries a row's fraction was measured against (a bandwidth or batched row: its precision's entry,
+    and the fp32 limit itself where that entry is the same measurement)."""
+    if row["limit"] == "compute":
+        return [limits["compute"]]
+    name = "batched" if row["limit"] == "batched" else "bandwidth"
+    by_precision = limits.get(f"{name}_by_precision") or {}
+    key = row.get("bandwidth_precision") or row.get("precision", "fp32")
+    entry = by_precision.get(key, limits[name])
+    return [limits[name], entry] if entry.get("same_as") == name else [entry]
+
+
+def check_limits(limits: dict, rows: list[dict]) -> list[dict]:
+    """Mark every limit that a row beats (fraction > 1: the machine did more than its "limit") ``valid: false``,
+    naming the rows in ``beaten_by``; each row measured against an invalid limit gets ``limit_valid: false`` and
+    the same names in ``limit_beaten_by``. Returns [{"limit", "beaten_by"}] of the invalid limits."""
+    entries = [limits["compute"], limits["bandwidth"], limits["batched"],
+               *[e for table in BY_PRECISION for e in (limits.get(table) or {}).values()]]
+    for entry in entries:
+        entry["valid"], entry["beaten_by"] = True, []
+    for row in rows:
+        if "fraction" in row and row["fraction"] > FRACTION_MAX:
+            for entry in _limit_entries(limits, row):
+                entry["valid"] = False
+                if _row_label(row) not in entry["beaten_by"]:
+                    entry["beaten_by"].append(_row_label(row))
+    for row in rows:
+        if "fraction" in row:
+            beaten = [name for e in _limit_entries(limits, row) for name in e["beaten_by"]]
+            row.pop("limit_beaten_by", None)
+            row["limit_valid"] = not beaten
+            if beaten:
+                row["limit_beaten_by"] = list(dict.fromkeys(beaten))
+    return invalid_limits(limits)
+
+
+def invalid_limits(limits: dict) -> list[dict]:
+    """[{"limit", "beaten_by"}] of the limits :func:`check_limits` marked invalid ([] when all hold)."""
+    invalid = [{"limit": name, "beaten_by": limits[name]["beaten_by"]}
+               for name in ("compute", "bandwidth", "batched") if not limits[name].get("valid", True)]
+    invalid += [{"limit": f"{table}.{p}", "beaten_by": e["beaten_by"]}
+                for table, (name, _) in BY_PRECISION.items() for p, e in (limits.get(table) or {}).items()
+                if not e.get("valid", True) and e.get("same_as") != name]
+    return invalid
 
 
 #: The build measures the limits with fewer runs than ``gamexport bench`` (it is a build, not a benchmark).
@@ -581,17 +818,24 @@ BUILD_LIMITS = Effort(limit_runs=5, limit_warmup=1, runs=10, warmup=2, max_secon
 
 
 def limits_summary(limits: dict) -> dict:
-    """The limits as the build report's ``machine.limits`` carries them."""
+    """The limits as the build report's ``machine.limits`` carries them: values, the kernel each came from, and
+    whether any latency row beat them (:func:`check_limits`, run by :func:`annotate_latency`)."""
+    invalid = invalid_limits(limits)
     return {"compute_gflops": limits["compute"]["gflops"], "bandwidth_gbps": limits["bandwidth"]["gbps"],
             "batched_gflops": limits["batched"]["gflops"],
             "bandwidth_by_precision_gbps": {p: v["gbps"] for p, v in limits["bandwidth_by_precision"].items()},
-            "definition": f"onnxruntime-cpu fp32 MatMul: compute {'x'.join(map(str, COMPUTE_SHAPE))}; bandwidth "
-                          f"[1,K]x[K,N] over the model's weight bytes; batched the same at M={BATCHED_M}; "
-                          "medians (see docs/benchmarks.md)"}
+            "best": {name: limits[name]["best"] for name in ("compute", "bandwidth", "batched")},
+            "valid": not invalid, "invalid": invalid,
+            "definition": "the best of several kernels measured in this run: compute of ONNX Runtime MatMul with "
+                          f"constant weights at the model's prefill shapes and at {'x'.join(map(str, COMPUTE_SHAPE))}"
+                          " (also with the weight a graph input) and torch.mm; bandwidth of ONNX Runtime's GEMV "
+                          "over the model's weight bytes and a streaming read of 4x the last-level cache; batched "
+                          f"the same weights at M={BATCHED_M}; medians (see docs/benchmarks.md)"}
 
 
 def annotate_latency(rows: list[dict], cfg: GAMConfig, limits: dict) -> None:
-    """Add achieved / limit / fraction to the build's CPU latency rows (GPU rows have no CPU limit to meet)."""
+    """Add achieved / limit / fraction to the build's CPU latency rows (GPU rows have no CPU limit to meet), and
+    mark any limit a row beats invalid (:func:`check_limits`)."""
     for row in rows:
         if row["runtime"] not in ("eager", "onnxruntime-cpu"):      # the build's eager runner is on the CPU
             continue
@@ -599,6 +843,7 @@ def annotate_latency(rows: list[dict], cfg: GAMConfig, limits: dict) -> None:
             row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
         elif row["batch"] == 1:
             row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits))
+    check_limits(limits, rows)
 
 
 def _decode_samples(runner, ids: np.ndarray, positions: list[int], warmup: int) -> list[float]:
@@ -650,7 +895,8 @@ def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: i
         timing = summarize(samples, effort.warmup)
         rows.append({**_describe(runner), "mode": "decode", "batch": B, "seq_len": 1, "positions": [1, steps],
                      **timing.as_dict(), "tokens_per_s": B / (timing.p50_ms / 1e3), "flops_per_token": per_token,
-                     **batched_against_limit(cfg, B, timing.p50_ms, limits), "threads": threads})
+                     **batched_against_limit(cfg, B, timing.p50_ms, limits, runner.precision),
+                     "threads": threads})
     return rows
 
 
@@ -865,6 +1111,7 @@ class PointServer:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+        self.proc = None
 
 
 def _point_in_subprocess(spec: dict) -> dict:
@@ -1042,9 +1289,10 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int, effort: Effort, out: Path,
          server: PointServer | None, t_start: float) -> dict:
-    from gamexport.bench import machine_info
+    from gamexport.bench import cpu_seconds, machine_info
     from gamexport.fsutil import atomic_write_json
 
+    cpu_before, wall_start = cpu_seconds(), time.perf_counter()
     say = opts.progress
     ckpt, build_folder = load_source(opts.source, opts.preset)
     cfg = ckpt.config
@@ -1105,9 +1353,13 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     if "training" not in opts.skip:
         training, training_skipped = run_training(cfg, threads, effort, say, server)
         skipped += training_skipped
+    if server is not None:
+        server.close()  # waited for: its CPU time (and its points') counts as this run's own from here on
     say("limits: measured again at the end of the run (each limit keeps the higher of its two medians)")
     limits = best_limits(limits, measure_limits(cfg, precisions, threads, effort, lambda msg: None))
     refit_fractions(cfg, limits, prefill, decode, ceilings)
+    invalid = check_limits(limits, [*prefill, *decode, *(ceilings["rows"] if ceilings else [])])
+    load = run_load(cpu_before, cpu_seconds(), time.perf_counter() - wall_start)
 
     timed = [*prefill, *decode, *(ceilings["rows"] if ceilings else []), *(scaling["points"] if scaling else []),
              *(training["rows"] if training else [])]
@@ -1121,15 +1373,19 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
         "config": cfg.to_dict(), "parameters": cfg.n_params(), "machine": machine,
         "flops_per_token": flops_per_token(cfg),
         "weight_bytes_per_step": {p: weight_bytes_per_step(cfg, p) for p in ("fp32", *precisions) if p != "bf16"},
-        "limits": limits, "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling,
+        "limits": limits, "limits_valid": not invalid, "invalid_limits": invalid, "load": load,
+        "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling,
         "training": training, "startup": startup, "skipped": skipped, "noisy": noisy,
         "notes": [
             "Fractions are achieved ÷ limit, both measured in this run with the same threads.",
+            "Each limit is the best of several kernels (limits.*.candidates); a row above 1.0 of its limit marks "
+            "that limit invalid (valid: false, beaten_by).",
             "Prefill FLOPs count the head at every position: the prefill and step graphs (and eager PyTorch) "
             "compute logits for every position.",
             "INT8 (static Q/DQ) is calibrated on random token ids: fine for speed, not a statement on accuracy.",
-            "Reduced-precision decode rows are measured against the bandwidth over their own weight bytes "
-            "(limits.bandwidth_by_precision): smaller weights may sit in cache.",
+            "Reduced-precision decode rows are measured against the bandwidth and the batched limit over their own "
+            "weight bytes (limits.bandwidth_by_precision, limits.batched_by_precision): smaller weights may sit in "
+            "cache.",
             "fp16 graphs on ONNX Runtime's CPU provider compute in fp32 (see compute_precision).",
             "Runners are timed through the calls generate makes (no input checks).",
         ],
@@ -1140,6 +1396,18 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     result["plots"] = write_plots(result, out)
     atomic_write_json(out / BENCH_FILE, result)
     return result
+
+
+def run_load(before, after, wall: float) -> dict:
+    """Other processes' CPU time during the run (:func:`gamexport.bench.other_cpu_cores`) and whether that makes
+    it busy (more than ``BUSY_CORES``): a busy run's timings are void, its limits too low."""
+    from gamexport.bench import BUSY_CORES, other_cpu_cores
+
+    others = other_cpu_cores(before, after, wall)
+    return {"other_cpu_cores": others, "busy": others is not None and others > BUSY_CORES,
+            "busy_above_cores": BUSY_CORES, "wall_s": round(wall, 1),
+            "how": "all CPU time in /proc/stat (but idle and iowait) minus this process's and its waited-for "
+                   "children's, over the run's wall time; null where /proc/stat is missing"}
 
 
 def _row_label(r: dict) -> str:
@@ -1236,10 +1504,19 @@ def render_table(result: dict) -> str:
              f"model: {result['parameters']:,} parameters, {result['flops_per_token']['total'] / 1e6:.2f} MFLOP "
              f"per token (head at every position), {result['weight_bytes_per_step']['fp32'] / 1e6:.1f} MB fp32 "
              "weights per decode step",
-             f"limits: compute {lim['compute']['gflops']:.1f} GFLOP/s (MatMul {'×'.join(map(str, COMPUTE_SHAPE))}), "
-             f"bandwidth {lim['bandwidth']['gbps']:.1f} GB/s (MatMul [1,{lim['bandwidth']['shape'][1]}]×"
-             f"[{lim['bandwidth']['shape'][1]},{lim['bandwidth']['shape'][2]}]), batched {lim['batched']['gflops']:.1f}"
-             f" GFLOP/s (M={BATCHED_M})", ""]
+             f"limits: compute {lim['compute']['gflops']:.1f} GFLOP/s ({lim['compute']['best']}), "
+             f"bandwidth {lim['bandwidth']['gbps']:.1f} GB/s ({lim['bandwidth']['best']}), batched "
+             f"{lim['batched']['gflops']:.1f} GFLOP/s ({lim['batched']['best']}); each the best of "
+             f"{len(lim['compute']['candidates'])}, {len(lim['bandwidth']['candidates'])} and "
+             f"{len(lim['batched']['candidates'])} kernels"]
+    for bad in result.get("invalid_limits", []):
+        lines.append(f"LIMIT INVALID: {bad['limit']} beaten by {', '.join(bad['beaten_by'])} — a fraction above "
+                     "1.0 means the limit is too low, not the row fast")
+    load = result.get("load") or {}
+    if load.get("busy"):
+        lines.append(f"BUSY: other processes used {load['other_cpu_cores']:.2f} cores during the run (more than "
+                     f"{load['busy_above_cores']}): the timings are void")
+    lines.append("")
     header = f"{'runtime':<16} {'prec':<8} {'mode':<7} {'B×T':>8} {'p50 ms':>9} {'achieved':>18} {'of limit':>9}"
     rows = [*result["prefill"], *result["decode"]]
     if rows:
@@ -1249,7 +1526,8 @@ def render_table(result: dict) -> str:
             lines.append(f"{r['runtime']:<16} {r['precision']:<8} {r['mode']:<7} {shape:>8} {r['p50_ms']:>9.3f} "
                          f"{r['achieved']:>9.1f} {r['unit']:<8} {r['fraction']:>8.2f}"
                          + (f"  last/first {r['last_over_first']:.2f}" if "last_over_first" in r else "")
-                         + ("  [noisy]" if r["noisy"] else ""))
+                         + ("  [noisy]" if r["noisy"] else "")
+                         + ("  [limit invalid]" if r.get("limit_valid") is False else ""))
         lines.append("")
     scaling = result.get("scaling")
     if scaling and scaling["points"]:

@@ -90,6 +90,8 @@ def render_markdown(report: dict) -> str:
     for r in report["latency"]:
         of_limit = (f"{r['fraction']:.2f} of {'compute' if r['limit'] == 'compute' else 'roofline'}"
                     if "fraction" in r else "")
+        if r.get("limit_valid") is False:
+            of_limit += f" (limit invalid: beaten by {', '.join(r.get('limit_beaten_by', []))})"
         lines.append(
             f"| {r['runtime']} | {r['precision']} | {r['mode']} | {r['batch']}×{r['seq_len']} | {r['p50_ms']:.3f} "
             f"| {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['tokens_per_s']:.1f} "
@@ -99,6 +101,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Limits measured in this run ({limits['definition']}): compute "
                   f"{limits['compute_gflops']:.1f} GFLOP/s, bandwidth {limits['bandwidth_gbps']:.1f} GB/s, batched "
                   f"{limits['batched_gflops']:.1f} GFLOP/s. Prefill counts the head at every position."]
+        lines += [f"**Limit invalid: {bad['limit']} beaten by {', '.join(bad['beaten_by'])}** — a fraction above 1.0 "
+                  "means the measured limit is too low, not the row fast." for bad in limits.get("invalid", [])]
     for r in report["parity"]:
         d = r.get("divergence") or {}
         if "block_rel_errors" in d:

@@ -60,19 +60,51 @@ def test_bench_json_structure(quick):
     assert bench["config"]["d_model"] == PRESETS["tiny"].d_model and bench["source"]["trained"] is False
 
     lim = bench["limits"]
-    assert lim["compute"]["shape"] == [2048, 2048, 2048]
-    assert lim["batched"]["shape"][0] == 32 and lim["batched"]["shape"][1:] == lim["bandwidth"]["shape"][1:]
+    names = {name: [c["name"] for c in lim[name]["candidates"]] for name in ("compute", "bandwidth", "batched")}
+    # torch is installed here, so every candidate the issue names is measured.
+    assert {"onnxruntime 2048x2048x2048", "onnxruntime 2048x2048x2048 inputs", "torch.mm 2048x2048x2048"} \
+        <= set(names["compute"])
+    d = PRESETS["tiny"].d_model
+    assert f"onnxruntime ffn up 64x{d}x{4 * d}" in names["compute"]            # the model's own prefill shapes
+    assert names["bandwidth"][0].startswith("onnxruntime GEMV") and names["bandwidth"][1].startswith("stream read")
+    stream = lim["bandwidth"]["candidates"][1]
+    llc = bench["machine"]["llc_bytes"]
+    assert stream["bytes"] >= (4 * llc if llc else 256 * 2**20) - 4 and "torch.sum" in stream["engine"]
+    assert lim["batched"]["shape"][0] == 32 and lim["batched"]["shape"][1:] == lim["bandwidth"]["candidates"][0][
+        "shape"][1:]
     for name, key in (("compute", "gflops"), ("bandwidth", "gbps"), ("batched", "gflops")):
         assert _positive(lim[name][key]) and _positive(lim[name]["p50_ms"]) and lim[name]["runs"] >= 1
-    for name, key in (("compute", "gflops"), ("bandwidth", "gbps"), ("batched", "gflops")):
-        # Measured at the start and the end of the run; the higher one is kept.
+        # The best candidate, each candidate at the higher of its start and end measurements.
+        assert lim[name][key] == max(c[key] for c in lim[name]["candidates"])
+        assert lim[name]["best"] == max(lim[name]["candidates"], key=lambda c: c[key])["name"]
         assert lim[name][key] == max(lim[name]["measured"].values())
-    # Recompute each limit from its timing.
-    M, K, N = lim["compute"]["shape"]
-    assert lim["compute"]["gflops"] == pytest.approx(2 * M * K * N / (lim["compute"]["p50_ms"] / 1e3) / 1e9)
-    bw = lim["bandwidth"]
-    assert bw["gbps"] == pytest.approx(bw["bytes"] / (bw["p50_ms"] / 1e3) / 1e9)
-    assert abs(lim["bandwidth"]["bytes"] - 4 * bench["parameters"]) <= 4 * K  # as many bytes as the model has
+        for c in lim[name]["candidates"]:
+            assert c[key] == max(c["measured"].values())
+            if key == "gflops":   # recompute each candidate from its timing
+                M, K, N = c["shape"]
+                assert c["gflops"] == pytest.approx(2 * M * K * N / (c["p50_ms"] / 1e3) / 1e9)
+            else:
+                assert c["gbps"] == pytest.approx(c["bytes"] / (c["p50_ms"] / 1e3) / 1e9)
+    gemv = lim["bandwidth"]["candidates"][0]
+    K = gemv["shape"][1]
+    assert abs(gemv["bytes"] - 4 * bench["parameters"]) <= 4 * K  # as many bytes as the model has
+
+    # No fraction above 1.0 without its limit marked invalid, naming the row; a valid limit is beaten by none.
+    rows = [*bench["prefill"], *bench["decode"], *bench["ceilings"]["rows"]]
+    beaten = {r["limit"] for r in rows if r["fraction"] > 1.0}
+    assert bench["limits_valid"] == (not beaten) == (bench["invalid_limits"] == [])
+    for r in rows:
+        assert r["limit_valid"] == (not r.get("limit_beaten_by"))
+    assert lim["compute"]["valid"] == ("compute" not in beaten)
+    # Batched rows of a reduced precision are measured against the batched limit over their own weight bytes.
+    assert lim["batched_by_precision"]["fp32"]["gflops"] == lim["batched"]["gflops"]
+    int8_batched = lim["batched_by_precision"]["int8"]
+    assert int8_batched["shape"][2] == lim["bandwidth_by_precision"]["int8"]["candidates"][0]["shape"][2]
+
+    load = bench["load"]  # other processes' CPU time during the run, as the comparison driver measures it
+    assert isinstance(load["other_cpu_cores"], float) and load["other_cpu_cores"] >= 0
+    assert load["busy"] == (load["other_cpu_cores"] > 0.2) and _positive(load["wall_s"])
+    assert set(bench["machine"]["cpu_flags"]) >= {"avx2", "avx512f", "avx512_vnni", "amx_tile"}
 
     # Every runtime and precision this CPU has, with prefill at T=min(64, P) (and 256 capped) plus batched.
     pairs = {(r["runtime"], r["precision"]) for r in bench["prefill"]}
@@ -88,7 +120,8 @@ def test_bench_json_structure(quick):
             assert _positive(row[key]), (row["runtime"], row["precision"], key, row[key])
         assert isinstance(row["noisy"], bool) and row["threads"] == 1
         assert row["fraction"] == pytest.approx(row["achieved"] / row["limit_value"])
-        limit = {"compute": lim["compute"]["gflops"], "batched": lim["batched"]["gflops"]}.get(row["limit"])
+        limit = {"compute": lim["compute"]["gflops"],
+                 "batched": lim["batched_by_precision"][row["precision"]]["gflops"]}.get(row["limit"])
         if row["limit"] == "bandwidth-roofline":
             bw = lim["bandwidth_by_precision"][row["precision"]]["gbps"]
             limit = bw * 1e9 / row["bytes_per_step"]
@@ -150,21 +183,137 @@ def test_weight_matmul_shapes_are_the_models():
     assert sum(K * N for K, N in shapes) == cfg.n_params() - others + 6 * 512 * 512
 
 
+def _one(key: str, value: float, name: str = "k") -> dict:
+    from gamexport.engines.benchmark import best_of
+
+    return best_of([{"name": name, key: value, "p50_ms": 1.0}], key)
+
+
 def test_best_limits_keeps_the_higher_measurement_of_each():
-    from gamexport.engines.benchmark import best_limits
+    from gamexport.engines.benchmark import best_limits, best_of
 
-    def limits(compute, bw, batched, int8_bw):
-        return {"compute": {"gflops": compute, "p50_ms": 1.0}, "bandwidth": {"gbps": bw, "p50_ms": 2.0},
-                "batched": {"gflops": batched, "p50_ms": 3.0},
+    def limits(compute, other, bw, batched, int8_bw):
+        return {"compute": best_of([{"name": "a", "gflops": compute}, {"name": "b", "gflops": other}], "gflops"),
+                "bandwidth": _one("gbps", bw), "batched": _one("gflops", batched),
                 "bandwidth_by_precision": {"fp32": {"gbps": bw, "same_as": "bandwidth"},
-                                           "int8": {"gbps": int8_bw, "p50_ms": 4.0}}}
+                                           "int8": _one("gbps", int8_bw)},
+                "batched_by_precision": {"fp32": {"gflops": batched, "same_as": "batched"},
+                                         "int8": _one("gflops", int8_bw * 2)}}
 
-    best = best_limits(limits(60.0, 11.0, 70.0, 40.0), limits(55.0, 21.0, 72.0, 30.0))
-    assert best["compute"]["gflops"] == 60.0 and best["compute"]["kept"] == "start"
+    best = best_limits(limits(60.0, 50.0, 11.0, 70.0, 40.0), limits(55.0, 65.0, 21.0, 72.0, 30.0))
+    assert best["compute"]["gflops"] == 65.0 and best["compute"]["best"] == "b" and best["compute"]["kept"] == "end"
+    assert [c["gflops"] for c in best["compute"]["candidates"]] == [60.0, 65.0]   # each candidate's higher one
+    assert best["compute"]["candidates"][0]["measured"] == {"start": 60.0, "end": 55.0}
     assert best["bandwidth"]["gbps"] == 21.0 and best["bandwidth"]["measured"] == {"start": 11.0, "end": 21.0}
     assert best["batched"]["gflops"] == 72.0 and best["batched"]["kept"] == "end"
     assert best["bandwidth_by_precision"]["fp32"]["gbps"] == 21.0  # follows the kept bandwidth
     assert best["bandwidth_by_precision"]["int8"]["gbps"] == 40.0
+    assert best["batched_by_precision"]["fp32"]["gflops"] == 72.0 and best["batched_by_precision"]["int8"][
+        "gflops"] == 80.0
+
+
+def test_limits_are_the_best_of_their_candidates(monkeypatch):
+    """Fake timings: whichever kernel is fastest gives the limit, by name — a graph-input MatMul, torch.mm or a
+    streaming read, not always ONNX Runtime's own kernel; without torch its candidates are left out."""
+    from gamexport.engines import benchmark as bm
+
+    def fake_matmul(M, K, N, threads, effort, constant=True):
+        fast = (M, constant) == (2048, False) or (M == bm.BATCHED_M)
+        return {"shape": [M, K, N], "engine": "fake", "p50_ms": 1.0 if fast else 4.0}
+
+    class FakeTorch:
+        __version__ = "fake"
+
+    monkeypatch.setattr(bm, "_time_matmul", fake_matmul)
+    monkeypatch.setattr(bm, "_time_torch_mm", lambda torch, M, K, N, threads, effort: {
+        "shape": [M, K, N], "engine": "fake torch", "p50_ms": 0.5 if M == bm.BATCHED_M else 2.0})
+    monkeypatch.setattr(bm, "_time_stream", lambda nbytes, threads, effort: {
+        "shape": [nbytes // 4], "engine": "fake", "p50_ms": 1e-3})
+    monkeypatch.setattr(bm, "_torch_or_none", lambda: FakeTorch)
+    cfg = GAMConfig()
+    limits = bm.measure_limits(cfg, ("fp32", "int8"), 2, bm.QUICK, lambda msg: None)
+    assert limits["compute"]["best"] == "onnxruntime 2048x2048x2048 inputs"
+    assert limits["compute"]["gflops"] == pytest.approx(2 * 2048 ** 3 / 1e-3 / 1e9)
+    assert len(limits["compute"]["candidates"]) == 4 + 3           # gate, FFN ×2, head; 2048³ ×2, torch.mm
+    assert limits["batched"]["best"].startswith("torch.mm 32x")
+    assert limits["bandwidth"]["best"].startswith("stream read")
+    assert limits["bandwidth_by_precision"]["int8"]["best"].startswith("stream read")
+    assert limits["batched_by_precision"]["int8"]["best"].startswith("torch.mm 32x")
+
+    monkeypatch.setattr(bm, "_torch_or_none", lambda: None)      # an edge box without torch
+    limits = bm.measure_limits(cfg, ("fp32",), 2, bm.QUICK, lambda msg: None)
+    assert not any(c["name"].startswith("torch") for c in limits["compute"]["candidates"])
+    assert limits["batched"]["best"].startswith("onnxruntime 32x")
+
+
+def test_a_row_above_its_limit_marks_the_limit_invalid():
+    """A limit lower than what a row achieved is wrong: the check marks it, names the row, and leaves the limits no
+    row beats valid — in bench.json's terms and in the build report's summary."""
+    from gamexport.engines.benchmark import (batched_against_limit, check_limits, decode_against_limit,
+                                             limits_summary, prefill_against_limit)
+
+    cfg = PRESETS["tiny"]
+    limits = {"compute": _one("gflops", 10.0), "bandwidth": _one("gbps", 20.0), "batched": _one("gflops", 30.0),
+              "bandwidth_by_precision": {"fp32": {"gbps": 20.0, "same_as": "bandwidth"},
+                                         "int8": _one("gbps", 40.0)}}
+    flops = 64 * bm_flops(cfg)
+    fast = {"runtime": "onnxruntime-cpu", "precision": "int8-dyn", "mode": "prefill", "batch": 1, "seq_len": 64,
+            "p50_ms": flops / 11e9 * 1e3}                          # 11 GFLOP/s against a 10 GFLOP/s "limit"
+    fast.update(prefill_against_limit(cfg, 1, 64, fast["p50_ms"], limits))
+    slow = {"runtime": "onnxruntime-cpu", "precision": "fp32", "mode": "decode", "batch": 1, "seq_len": 1,
+            "p50_ms": 1.0}
+    slow.update(decode_against_limit(cfg, "fp32", 1000.0, limits))  # 1 token/s: far under the roofline
+    invalid = check_limits(limits, [fast, slow])
+    assert fast["fraction"] == pytest.approx(1.1)
+    assert invalid == [{"limit": "compute", "beaten_by": ["onnxruntime-cpu int8-dyn prefill B1×64"]}]
+    assert limits["compute"]["valid"] is False and limits["bandwidth"]["valid"] is True
+    assert fast["limit_valid"] is False and fast["limit_beaten_by"] == ["onnxruntime-cpu int8-dyn prefill B1×64"]
+    assert slow["limit_valid"] is True and "limit_beaten_by" not in slow
+    summary = limits_summary(limits)
+    assert summary["valid"] is False and summary["invalid"] == invalid
+
+    # A batched int8 row is measured against the batched limit over the int8 bytes, and beats only that one.
+    limits["batched_by_precision"] = {"fp32": {"gflops": 30.0, "same_as": "batched"}, "int8": _one("gflops", 50.0)}
+    batched = {"runtime": "onnxruntime-cpu", "precision": "int8", "mode": "decode", "batch": 32, "seq_len": 1}
+    batched.update(batched_against_limit(cfg, 32, 32 * bm_flops(cfg) / 40e9 * 1e3, limits, "int8"))
+    assert batched["limit_value"] == 50.0 and batched["fraction"] == pytest.approx(0.8)
+    batched.update(batched_against_limit(cfg, 32, 32 * bm_flops(cfg) / 60e9 * 1e3, limits, "int8"))
+    assert [i["limit"] for i in check_limits(limits, [batched])] == ["batched_by_precision.int8"]
+    assert limits["batched"]["valid"]
+    del limits["batched_by_precision"]
+
+    # A decode row beating the int8 bandwidth marks that entry only; exactly 1.0 is not beaten.
+    int8 = {"runtime": "onnxruntime-cpu", "precision": "int8", "mode": "decode", "batch": 1, "seq_len": 1}
+    int8.update(decode_against_limit(cfg, "int8", 1e3 / int8_roofline(cfg, 40.0) / 1.01, limits))
+    edge = dict(fast, fraction=1.0)
+    invalid = check_limits(limits, [int8, edge])
+    assert [i["limit"] for i in invalid] == ["bandwidth_by_precision.int8"] and limits["compute"]["valid"]
+
+
+def bm_flops(cfg) -> int:
+    from gamexport.engines.benchmark import flops_per_token
+
+    return flops_per_token(cfg)["total"]
+
+
+def int8_roofline(cfg, gbps: float) -> float:
+    from gamexport.engines.benchmark import weight_bytes_per_step
+
+    return gbps * 1e9 / weight_bytes_per_step(cfg, "int8")
+
+
+def test_other_processes_cpu(monkeypatch):
+    """Other processes' cores = (all busy CPU − this process's own) ÷ wall; the bench marks > 0.2 busy."""
+    from gamexport.bench import cpu_seconds, other_cpu_cores
+    from gamexport.engines.benchmark import run_load
+
+    assert other_cpu_cores((100.0, 10.0), (130.0, 20.0), 10.0) == 2.0
+    assert other_cpu_cores((100.0, 10.0), (105.0, 20.0), 10.0) == 0.0   # never negative
+    assert other_cpu_cores(None, (1.0, 1.0), 1.0) is None
+    reading = cpu_seconds()
+    assert reading is not None and reading[0] > 0 and reading[1] > 0
+    assert run_load((0.0, 0.0), (3.0, 0.0), 10.0)["busy"] is True         # 0.3 cores
+    assert run_load((0.0, 0.0), (1.0, 0.0), 10.0)["busy"] is False        # 0.1 cores
 
 
 def test_training_section():
@@ -278,3 +427,50 @@ def test_library_bounds(change, needle):
 
     with pytest.raises(InputError, match=re.escape(needle)):
         check_options(BenchOptions(**change))
+
+
+def _bench_docs():
+    """scripts/bench-docs as a module (it has no .py suffix: it is a command)."""
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench-docs"
+    loader = importlib.machinery.SourceFileLoader("bench_docs", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("bench_docs", loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_docs_tables_are_generated_from_the_committed_json():
+    """Every table of docs/benchmarks.md is what scripts/bench-docs makes of the committed JSON: edit the JSON (or
+    the script) and regenerate, never the table."""
+    bd = _bench_docs()
+    doc = bd.DOC.read_text(encoding="utf-8")
+    bench = json.loads(bd.BENCH.read_text(encoding="utf-8"))
+    gpu = json.loads(bd.GPU.read_text(encoding="utf-8"))
+    assert bd.render(doc, bench, gpu) == doc, "docs/benchmarks.md differs from its JSON: run scripts/bench-docs"
+    assert {m["name"] for m in bd.BLOCK.finditer(doc)} == set(bd.TABLES)
+    assert bd.main(["--check"]) == 0
+
+    # A changed number in the JSON changes the page; a row above its limit takes the verdict from its goal.
+    drifted = json.loads(json.dumps(bench))
+    row = next(r for r in drifted["decode"] if r["runtime"] == "onnxruntime-cpu" and r["precision"] == "fp32"
+               and r["batch"] == 1)
+    row["fraction"] = 1.5
+    assert bd.render(doc, drifted, gpu) != doc
+    limits, invalid = bd.checked_limits(drifted)
+    assert not limits["bandwidth"]["valid"] and {"limit": "bandwidth", "beaten_by": [
+        "onnxruntime-cpu fp32 decode B1×1"]} in invalid
+    assert "no verdict: the bandwidth limit is invalid" in bd.table_goals(drifted)
+
+
+def test_docs_tables_from_a_new_bench_json(quick):
+    """The script reads the current bench.json too (candidates, validity, load), not only the committed one."""
+    bd = _bench_docs()
+    out, bench, result = quick
+    doc = "".join(f"<!-- bench:table {name} -->\n<!-- /bench:table -->\n" for name in bd.TABLES
+                  if not name.startswith("gpu"))
+    page = bd.render(doc, bench, None)
+    for c in bench["limits"]["compute"]["candidates"]:
+        assert c["name"] in page
+    assert "other processes' CPU" in page and f"{bench['load']['other_cpu_cores']:.3f} cores" in page

@@ -87,6 +87,26 @@ def test_latency_rows_are_measured_against_the_machine_limits(tiny_build, tiny_c
             assert r["achieved"] == pytest.approx(1e3 / r["p50_ms"])
             assert r["limit_value"] == pytest.approx(r["bandwidth_gbps"] * 1e9 / r["bytes_per_step"])
     assert "of compute" in (tiny_build / "report.md").read_text()
+    # Each limit is the best of several kernels, named; a row above 1.0 of its limit would mark it invalid.
+    assert set(limits["best"]) == {"compute", "bandwidth", "batched"} and all(limits["best"].values())
+    beaten = [r for r in cpu_rows if r["fraction"] > 1.0]
+    assert limits["valid"] == (not beaten) == (limits["invalid"] == [])
+    assert all(r["limit_valid"] is False and r["limit_beaten_by"] for r in beaten)
+
+
+def test_report_names_a_limit_a_row_beat(tiny_build):
+    """report.json accepts the invalid-limit fields and report.md says which row beat which limit."""
+    from gamexport.report import render_markdown, schema
+
+    report = json.loads((tiny_build / "report.json").read_text())
+    row = next(r for r in report["latency"] if r.get("limit") == "compute")
+    label = f"{row['runtime']} {row['precision']} prefill B{row['batch']}×{row['seq_len']}"
+    row.update(fraction=1.2, limit_valid=False, limit_beaten_by=[label])
+    report["machine"]["limits"].update(valid=False, invalid=[{"limit": "compute", "beaten_by": [label]}])
+    jsonschema.validate(report, schema())
+    md = render_markdown(report)
+    assert f"1.20 of compute (limit invalid: beaten by {label})" in md
+    assert f"Limit invalid: compute beaten by {label}" in md
 
 
 def test_onnx_files_are_deterministic(tiny_build, tmp_path):

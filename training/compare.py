@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from gamexport.bench import BUSY_CORES, cpu_seconds, other_cpu_cores
 from gamexport.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PAPER_TABLE = {   # arXiv 2509.00605, Table 1: one unseeded run per model on a T4 GPU, raw WikiText-2
@@ -119,7 +120,7 @@ def one_run(protocol: Protocol, dataset: str, kind: str, seed: int, runs: Path, 
         if record.get("protocol") == _protocol_key(protocol):
             log(f"{folder.name}: reusing the finished run")
             return record
-    cpu_before = _cpu_seconds()
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     resume = (folder / "run.json").is_file() and not (folder / SUMMARY_NAME).is_file()
     if (folder / SUMMARY_NAME).is_file():
@@ -151,40 +152,13 @@ def one_run(protocol: Protocol, dataset: str, kind: str, seed: int, runs: Path, 
         "curve": [(r["step"] * tokens_per_step, r["train_loss"]) for r in read_metrics(folder / "metrics.jsonl")
                   if r.get("train_loss") is not None],
         "flavour": summary["dataset"].get("flavour"), "held_out": summary["dataset"].get("held_out"),
-        "other_cpu_cores": _others(cpu_before, _cpu_seconds(), time.perf_counter() - started),
+        "other_cpu_cores": other_cpu_cores(cpu_before, cpu_seconds(), time.perf_counter() - started),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(record_path, record)
     log(f"{folder.name}: val ppl {record['val_ppl']:.2f}, {record['tokens_per_s']:,.0f} tokens/s, "
         f"ORT prefill {record['ort_prefill_ms']:.2f} ms")
     return record
-
-
-def _cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds all processes have used, CPU seconds this process and its children have used), or None
-    where /proc/stat is missing. The difference over a run is what OTHER work took from the cores meanwhile —
-    unlike the load average, it does not count the run's own threads (or the previous run's, which linger in a
-    one-minute average)."""
-    import resource
-
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    except (OSError, ValueError, IndexError):
-        return None
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")      # all but idle and iowait
-    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
-    return busy, own
-
-
-def _others(before, after, wall: float) -> float | None:
-    """Cores' worth of CPU that other processes used, on average, while the run took ``wall`` seconds."""
-    if before is None or after is None or wall <= 0:
-        return None
-    return round(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall, 3)
-
-
-BUSY_CORES = 0.2        # a run during which other processes used more than this many cores is marked (busy)
 
 
 def _protocol_key(protocol: Protocol) -> dict[str, Any]:
