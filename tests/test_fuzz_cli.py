@@ -139,7 +139,7 @@ MADE: dict[str, Callable[[dict, str], bool]] = {
 TIME_LIMIT = {"bench": 240, "build": 120, "train": 120}
 DEFAULT_TIME_LIMIT = 60
 # Examples per option: each option of each command is one test. GAMEXPORT_FUZZ_EXAMPLES overrides (exploration).
-EXAMPLES = {"inspect": 8, "verify": 8, "generate": 4, "parity": 4, "build": 4, "train": 3, "bench": 2}
+EXAMPLES = {"inspect": 12, "verify": 12, "generate": 6, "parity": 6, "build": 5, "train": 4, "bench": 3}
 
 
 # ---- hostile values -------------------------------------------------------------------------------------------
@@ -168,8 +168,10 @@ TEXTS = ["", " ", "\t", "\n", "a\nb", "-x", "--", "-", "x" * 5000, "é", "\u202e
          "fp32,fp32", "gam\x7f"]
 NON_UTF8 = st.binary(min_size=1, max_size=8).filter(lambda b: b"\0" not in b).map(
     lambda b: b.decode("utf-8", "surrogateescape"))      # what Python makes of non-UTF-8 bytes in argv
+# Numbers inside text options: token ids (--ids 1,2), TensorRT profile shapes (--min 1x64).
+NUMBERS_AS_TEXT = INTS + [f"1,{2**70}", f"1,{2**63}", f"1x{2**31}", f"{2**63}x1", "0x0", "-1x-1", "1e3", "nan"]
 PATHS = st.sampled_from([Special(name) for name in SPECIALS] + ["", ".", "..", "no/such/deep/path"])
-TEXT_VALUES = st.one_of(PATHS, st.sampled_from(TEXTS), NON_UTF8,
+TEXT_VALUES = st.one_of(PATHS, st.sampled_from(TEXTS), st.sampled_from(NUMBERS_AS_TEXT), NON_UTF8,
                         st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
                                 max_size=12))
 VALUES = {"int": st.sampled_from(INTS + NOT_INTS), "float": st.sampled_from(FLOATS + NOT_FLOATS),
