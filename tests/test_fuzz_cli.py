@@ -139,7 +139,7 @@ MADE: dict[str, Callable[[dict, str], bool]] = {
 TIME_LIMIT = {"bench": 240, "build": 120, "train": 120}
 DEFAULT_TIME_LIMIT = 60
 # Examples per option: each option of each command is one test. GAMEXPORT_FUZZ_EXAMPLES overrides (exploration).
-EXAMPLES = {"inspect": 12, "verify": 12, "generate": 6, "parity": 6, "build": 5, "train": 4, "bench": 3}
+EXAMPLES = {"inspect": 10, "verify": 10, "generate": 5, "parity": 5, "build": 4, "train": 3, "bench": 2}
 
 
 # ---- hostile values -------------------------------------------------------------------------------------------
