@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -606,11 +607,27 @@ def ctx(tmp_path, tiny_cfg, tiny_weights, ckpt_src, tiny_build, monkeypatch) -> 
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under ``root``, hidden ones included: relative path → sha256 (or 'dir')."""
+    """Every file and folder under ``root``, hidden ones included: relative path → sha256 (or 'dir').
+
+    Links and special files are recorded by what they are, never followed or read (a FIFO would block, a
+    character device never end): 'link to TARGET', 'fifo', 'char device 1,3', … (tests/test_fuzz_cli.py puts
+    them in its folders).
+    """
     out = {}
-    for path in sorted(root.rglob("*")):
+    for path in sorted(root.rglob("*")):  # rglob does not descend into linked folders
         rel = path.relative_to(root).as_posix()
-        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            out[rel] = f"link to {os.readlink(path)}"
+        elif stat.S_ISDIR(mode):
+            out[rel] = "dir"
+        elif stat.S_ISREG(mode):
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            dev = path.lstat().st_rdev
+            out[rel] = f"{'char' if stat.S_ISCHR(mode) else 'block'} device {os.major(dev)},{os.minor(dev)}"
+        else:
+            out[rel] = "fifo" if stat.S_ISFIFO(mode) else "socket"
     return out
 
 
