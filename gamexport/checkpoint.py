@@ -8,7 +8,6 @@ safetensors with the tied embedding stored once, plus ``config.json``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,14 @@ import numpy as np
 from .config import GAMConfig, expected_shapes, infer_config
 from .errors import CheckpointError, ConfigError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from .jsonfile import MIB, Obj, Str, read_json, short
 from .tokenizer import TOKENIZER_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+#: What config.json must look like before GAMConfig checks its fields (values: GAMConfig.__post_init__).
+CONFIG_SCHEMA = Obj(optional={"architecture": Str(max_len=100), "model_type": Str(max_len=100)})
 
 
 @dataclass
@@ -203,14 +205,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _read_config(path: Path) -> tuple[GAMConfig | None, dict]:
     if not path.is_file():
         return None, {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", "fix or delete config.json (shapes are inferred without it)") from exc
+    data = read_json(path, schema=CONFIG_SCHEMA, error=ConfigError, max_bytes=MIB,
+                     fix="fix or delete config.json (shapes are inferred without it)")
     # `gamexport train --model transformer|mamba` writes checkpoints of the same layout whose config.json says
     # "architecture". Everything here (graph export, engines, parity, generate) is built for GAM's computation, so
     # such a checkpoint is refused in one line rather than half-read into a GAM of the same width.
-    arch = data.get("architecture", "gam") if isinstance(data, dict) else "gam"
+    arch = data.get("architecture", "gam")
     if arch != "gam":
         raise CheckpointError(
             f"{path.parent} is a {arch} baseline checkpoint ({path.name} says architecture {arch!r}); gamexport "
