@@ -43,7 +43,8 @@ def unexpected_line(exc: BaseException, doing: str) -> str:
     name = getattr(exc, "filename", None) or getattr(exc, "path", None)
     where = f" ({one_line(str(name))})" if name else ""
     message = one_line(str(exc), 300) or "no message"
-    return (f"error: unexpected {type(exc).__name__} while {doing}{where}: {message}. This is a bug in gamexport: "
+    kind = type(exc).__module__ + "." if type(exc).__module__ not in ("builtins", "__main__") else ""
+    return (f"error: unexpected {kind}{type(exc).__qualname__} while {doing}{where}: {message}. This is a bug in gamexport: "
             "rerun with --debug and report the traceback")
 
 
