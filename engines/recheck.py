@@ -30,6 +30,9 @@ FEEDS_NAMES = Obj(required={"prefill": List(Str(max_len=100)), "step": List(Str(
 #: The arrays each saved feed and reference must hold, per graph.
 REFERENCE_KEYS = {"prefill": (("input_ids",), ("logits", "conv_state")),
                   "step": (("input_ids", "position_ids", "conv_state"), ("logits", "conv_state_out"))}
+#: Each array's dtype kinds and rank.
+REFERENCE_ARRAYS = {"input_ids": ("iu", 2), "position_ids": ("iu", 2), "conv_state": ("f", 4),
+                    "conv_state_out": ("f", 4), "logits": ("f", 3)}
 
 
 def _check_references(pdir: Path, graph: str, feeds: list, refs: list, labels: list) -> None:
@@ -40,10 +43,19 @@ def _check_references(pdir: Path, graph: str, feeds: list, refs: list, labels: l
     need_in, need_out = REFERENCE_KEYS[graph]
     for i, (feed, ref) in enumerate(zip(feeds, refs)):
         for file, have, need in (("inputs", feed, need_in), ("outputs", ref, need_out)):
-            missing = [k for k in need if k not in have]
-            if missing:
-                raise GamexportError(f"{pdir / f'{graph}_{file}.json'}: entry {i} has no {missing[0]}",
-                                     "rebuild the folder with gamexport build")
+            where = pdir / f"{graph}_{file}.json"
+            for key in need:
+                if key not in have:
+                    raise GamexportError(f"{where}: entry {i} has no {key}", "rebuild the folder with gamexport build")
+                arr, (kind, rank) = have[key], REFERENCE_ARRAYS[key]
+                if arr.dtype.kind not in kind or arr.ndim != rank:
+                    raise GamexportError(f"{where}: entry {i}'s {key} is a {arr.ndim}-d {arr.dtype} array, expected "
+                                         f"{rank}-d {'integer' if kind == 'iu' else 'float'}",
+                                         "rebuild the folder with gamexport build")
+        if ref["logits"].shape[:2] != feed["input_ids"].shape:
+            raise GamexportError(f"{pdir / f'{graph}_outputs.json'}: entry {i}'s logits {ref['logits'].shape} do "
+                                 f"not match its input_ids {feed['input_ids'].shape}",
+                                 "rebuild the folder with gamexport build")
 
 
 def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), precisions: tuple[str, ...] = (),

@@ -27,12 +27,14 @@ def encode_array(arr: np.ndarray) -> dict:
 
 
 def decode_array(obj: Mapping, where: str = "a Polygraphy JSON file") -> np.ndarray:
-    """The array of one encoded value; bad base64 or bytes that are not an .npy array are one line."""
+    """The array of one encoded value (``where``: the file, for errors); bad base64 or bytes that are not an
+    ``.npy`` array are one line."""
     import binascii
 
     if obj.get("polygraphy_class") == "LazyArray":
         obj = obj.get("values")
-    if not isinstance(obj, Mapping) or obj.get("polygraphy_class") != "ndarray" or not isinstance(obj.get("array"), str):
+    encoded = isinstance(obj, Mapping) and obj.get("polygraphy_class") == "ndarray"
+    if not encoded or not isinstance(obj.get("array"), str):
         kind = obj.get("polygraphy_class") if isinstance(obj, Mapping) else type(obj).__name__
         raise GamexportError(f"{where}: not an encoded array: {short(kind)}",
                              "the parity files are corrupt; rebuild the folder")

@@ -604,6 +604,14 @@ def _drop_key(text: str) -> str:
     return json.dumps(data)
 
 
+def _float_ids(text: str) -> str:
+    from gamexport.polyjson import decode_array, encode_array
+
+    data = json.loads(text)
+    data[0]["input_ids"] = encode_array(decode_array(data[0]["input_ids"]).astype(np.float32))
+    return json.dumps(data)
+
+
 def graph_metadata(graph: str, raw: str | None = None, **changes):
     """A build folder whose ``graph`` ONNX file's gamexport config metadata was edited (manifest updated)."""
     def setup(ctx):
@@ -675,6 +683,8 @@ FILES_TABLE = [
         r"prefill_inputs\.json: an encoded array is damaged \(bad base64\)"),
     row("parity-missing-key", PARITY, rewrite("parity/prefill_inputs.json", _drop_key), 2,
         r"prefill_inputs\.json: entry 0 has no input_ids"),
+    row("parity-ids-not-integers", PARITY, rewrite("parity/prefill_inputs.json", _float_ids), 2,
+        r"prefill_inputs\.json: entry 0's input_ids is a 2-d float32 array, expected 2-d integer"),
     row("parity-feeds-names-wrong", PARITY, rewrite("parity/feeds.json", lambda t: '{"prefill": 3}'), 2,
         r"feeds\.json: prefill must be a list, not 3"),
     # graph metadata that disagrees with the graph itself
@@ -683,6 +693,8 @@ FILES_TABLE = [
            r"but 97 in the graph\)"),
     row("graph-metadata-positions", ["inspect", "{onnx}"], graph_metadata("model.onnx", max_positions=999), 2,
         r"max_positions 999 in the metadata but 64 in the graph"),
+    row("graph-metadata-positions-generate", ["generate", "{build}", "--ids", "1,2"],
+        graph_metadata("step.onnx", max_positions=999), 2, r"step\.onnx: .*max_positions 999 in the metadata but 64"),
     row("graph-metadata-kernel", ["inspect", "{onnx}"], graph_metadata("model.onnx", kernel_size=5), 2,
         r"kernel_size 5 in the metadata but 3 in the graph"),
     row("graph-metadata-not-an-object", ["inspect", "{onnx}"], graph_metadata("model.onnx", raw="[1, 2]"), 2,

@@ -465,10 +465,14 @@ def read_graph_config(model: onnx.ModelProto | str | Path) -> tuple[GAMConfig, d
     cfg = config_from_metadata(meta, where)
     dims = lambda vi: [d.dim_value or None for d in vi.type.tensor_type.shape.dim]  # noqa: E731
     shapes = {vi.name: dims(vi) for vi in [*model.graph.input, *model.graph.output]}
-    shapes.update({t.name: list(t.dims) for t in model.graph.initializer
-                   if t.name in ("token_embedding.weight", "pos_embedding.weight")})
-    check_config_against_graph(cfg, shapes, where)
+    check_config_against_graph(cfg, {**shapes, **embedding_shapes(model)}, where)
     return cfg, meta
+
+
+def embedding_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Shapes of the graph's embedding tables (token: vocabulary rows; position: learned positions)."""
+    return {t.name: list(t.dims) for t in model.graph.initializer
+            if t.name in ("token_embedding.weight", "pos_embedding.weight")}
 
 
 def check_config_against_graph(cfg: GAMConfig, shapes: Mapping[str, list], where: str) -> None:
