@@ -80,7 +80,7 @@ def run(fn: Callable[[], T], debug: bool = False) -> T:
             "disk space.")
         raise typer.Exit(2) from None
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
-        if debug_enabled(debug):
+        if debug_enabled(debug) or isinstance(exc, typer.BadParameter.__mro__[2]):  # click's: main() prints them
             raise
         say(unexpected_line(exc, f"running gamexport {_command()}"))
         raise typer.Exit(BUG_EXIT) from None

@@ -94,7 +94,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if kind is None:
             raise _refuse_dtype(path, name, item["dtype"])
         flat = _bf16_to_f32(item["data"]) if kind == "bf16" else np.frombuffer(item["data"], kind)
-        out[name] = flat.astype(np.float32).reshape(item["shape"])
+        out[name] = flat.astype(np.float32, copy=False).reshape(item["shape"])  # float32: a view, no copy
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -54,8 +55,9 @@ class GAMConfig:
                                   "fix config.json or the preset")
         for name, (lo, hi, closed) in FLOAT_FIELDS.items():
             value = getattr(self, name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or not math.isfinite(value) or not (lo <= value < hi if not closed else lo < value <= hi):
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy floats too
+            finite = number and (isinstance(value, numbers.Integral) or math.isfinite(value))  # no float(10**400)
+            if not finite or not (lo <= value < hi if not closed else lo < value <= hi):
                 span = f"[{lo}, {hi})" if not closed else f"({lo}, {hi}]"
                 raise ConfigError(f"config field {name} must be a number in {span}, got {short(value)}",
                                   "fix config.json")
