@@ -44,8 +44,8 @@ def unexpected_line(exc: BaseException, doing: str) -> str:
     where = f" ({one_line(str(name))})" if name else ""
     message = one_line(str(exc), 300) or "no message"
     kind = type(exc).__module__ + "." if type(exc).__module__ not in ("builtins", "__main__") else ""
-    return (f"error: unexpected {kind}{type(exc).__qualname__} while {doing}{where}: {message}. This is a bug in gamexport: "
-            "rerun with --debug and report the traceback")
+    return (f"error: unexpected {kind}{type(exc).__qualname__} while {doing}{where}: {message}. This is a bug in "
+            "gamexport: rerun with --debug and report the traceback")
 
 
 def run(fn: Callable[[], T], debug: bool = False) -> T:

@@ -640,7 +640,8 @@ def build_engines(build_dir: str | Path, cfg: GAMConfig | None = None,
 
 #: The types of the sidecar keys gamexport reads (their values are then compared with this machine's).
 SIDECAR_SHAPE = Obj(optional={"schema_version": Int(), "graph": Str(max_len=20), "tensorrt_version": Str(max_len=40),
-                              "gpu": Obj(), "profile": Obj(), "engine": Obj(), "onnx": Obj(), "key": Str(max_len=64)})
+                              "gpu": Obj(), "profile": Obj(), "engine": Obj(), "onnx": Obj(),
+                              "key": Str(max_len=64)})
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:

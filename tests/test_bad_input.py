@@ -633,10 +633,13 @@ def graph_metadata(graph: str, raw: str | None = None, **changes):
     return setup
 
 
-def newline_out(ctx):
-    path = ctx.tmp / "a\nfile"
-    path.write_text("keep me")
-    return {"src": ctx.ckpt(), "out": path}
+def odd_out(name: str):
+    """An existing file as --out, its name holding a newline or a byte that is not UTF-8."""
+    def setup(ctx):
+        path = ctx.tmp / name
+        path.write_text("keep me")
+        return {"src": ctx.ckpt(), "out": path}
+    return setup
 
 
 PARITY = ["parity", "{build}", "--precision", "fp32", "-j", "1", "--report", "{tmp}/report.json"]
@@ -703,7 +706,9 @@ FILES_TABLE = [
     row("unexpected-exception", ["verify", "{build}"], planted_bug, 2,
         r"^error: unexpected RuntimeError while running gamexport verify: planted bug\\nsecond line\. This is a "
         r"bug in gamexport: rerun with --debug"),
-    row("out-path-with-newline", [*OPTS, "--out", "{out}"], newline_out, 2, r"a\\nfile is a file, not a folder"),
+    row("out-path-with-newline", [*OPTS, "--out", "{out}"], odd_out("a\nfile"), 2, r"a\\nfile is a file, not a folder"),
+    row("out-path-not-utf8", [*OPTS, "--out", "{out}"], odd_out(os.fsdecode(b"a\xfffile")), 2,
+        r"a\\udcfffile is a file, not a folder"),
 ]
 TABLE += FILES_TABLE
 
