@@ -46,6 +46,11 @@ def parity(
         n = len(result["parity"])
         print(f"parity: {sum(r['passed'] for r in result['parity'])}/{n} checks passed; report: {report}")
         if not result["passed"]:
-            raise typer.Exit(1)
+            from gamexport.engines.pipeline import parity_failure
+            from gamexport.errors import ParityError
+
+            raise ParityError(parity_failure(result["parity"]),
+                              f"read {report} for the measured differences; if the folder's graphs are intact "
+                              "(gamexport verify), this machine's runtime computes differently: rebuild here")
 
     run(body, debug)

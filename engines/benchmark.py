@@ -234,9 +234,11 @@ def load_source(source: str | None, preset_name: str | None):
         weights = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
         info = {}
         if (folder / "config.json").is_file():
+            from gamexport.jsonfile import MIB, Obj, read_json
+
             try:
-                info = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
+                info = read_json(folder / "config.json", schema=Obj(), max_bytes=MIB)
+            except (OSError, GamexportError):
                 info = {}
         meta_out = {k: info[k] for k in ("trained", "label") if k in info}
         return Checkpoint(config=cfg, weights=weights, source=str(folder), sha256=meta.get(META_SOURCE_SHA, ""),

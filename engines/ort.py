@@ -173,9 +173,16 @@ class OrtRunner(Runner):
         self.runtime = RUNTIMES[provider]
         self.step_session = load_session(self.step_path, threads, provider)
         if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
-            from gamexport.graph.builder import config_from_metadata
+            from gamexport.graph.builder import check_config_against_graph, config_from_metadata, embedding_shapes
 
             config = config_from_metadata(self.step_session.get_modelmeta().custom_metadata_map, str(self.step_path))
+            shapes = {t.name: [d if isinstance(d, int) else None for d in t.shape]
+                      for t in [*self.step_session.get_inputs(), *self.step_session.get_outputs()]}
+            if self.step_path.suffix == ".onnx":  # the session hides initializers: the positions are in the file
+                import onnx
+
+                shapes.update(embedding_shapes(onnx.load(str(self.step_path), load_external_data=False)))
+            check_config_against_graph(config, shapes, str(self.step_path))
         super().__init__(config)
         self.prefill_session = (load_session(self.model_path, threads, provider) if model_path is not None
                                 else None)

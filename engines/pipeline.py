@@ -640,6 +640,18 @@ def write_manifest(folder: Path, ckpt: Checkpoint) -> dict:
     return manifest
 
 
+def parity_failure(rows: list[dict]) -> str:
+    """What failed, for the one error line of a failed build or ``gamexport parity``: how many checks, and the
+    first failing row (runtime, precision, graph, input) with its failed metrics and where it diverged."""
+    bad = [r for r in rows if not r["passed"]]
+    first = bad[0]
+    where = next((r["divergence"]["summary"] for r in bad if "summary" in r.get("divergence", {})), None)
+    return (f"{len(bad)} of {len(rows)} parity checks failed (first: {first['runtime']} {first['precision']} "
+            f"{first['graph']} on '{first['input']}': "
+            f"{', '.join(first.get('failed_checks', [])) or first.get('error', 'see the report')}"
+            + (f"; {where}" if where else "") + ")")
+
+
 # ---- the build ----------------------------------------------------------------------------------------------
 def build(opts: BuildOptions) -> BuildResult:
     """Run the whole build; raises ``ParityError`` (after keeping diagnostics) when a parity check fails."""
@@ -784,15 +796,8 @@ def build(opts: BuildOptions) -> BuildResult:
             failed_dir = out.with_name(out.name + ".failed")
             shutil.rmtree(failed_dir, ignore_errors=True)
             os.replace(staging, failed_dir)
-            bad = [r for r in parity if not r["passed"]]
-            first = bad[0]
-            where = next((r["divergence"]["summary"] for r in bad if "summary" in r.get("divergence", {})), None)
-            raise ParityError(
-                f"{len(bad)} of {len(parity)} parity checks failed (first: {first['runtime']} {first['precision']} "
-                f"{first['graph']} on '{first['input']}': "
-                f"{', '.join(first.get('failed_checks', [])) or first.get('error', 'see the report')}"
-                + (f"; {where}" if where else "") + f"); {out} was left as it was",
-                f"read {failed_dir / 'report.md'} for the measured differences")
+            raise ParityError(f"{parity_failure(parity)}; {out} was left as it was",
+                              f"read {failed_dir / 'report.md'} for the measured differences")
         stage(6, f"moving the finished build into {out}")
         replace_dir(staging, out)
     if opts.triton is not None:

@@ -7,12 +7,12 @@ tolerance table as the build, and returns rows in the build report's format.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from gamexport.errors import GamexportError
+from gamexport.jsonfile import List, Obj, Str, read_json
 from gamexport.manifest import verify
 
 
@@ -23,6 +23,39 @@ def available_precisions(folder: Path) -> tuple[str, ...]:
 
     return tuple(p for p in PRECISIONS
                  if (folder / graph_file_name("prefill", p)).is_file() and (folder / graph_file_name("step", p)).is_file())
+
+
+#: parity/feeds.json: the label of every saved feed ("text", "random", …), per graph.
+FEEDS_NAMES = Obj(required={"prefill": List(Str(max_len=100)), "step": List(Str(max_len=100))})
+#: The arrays each saved feed and reference must hold, per graph.
+REFERENCE_KEYS = {"prefill": (("input_ids",), ("logits", "conv_state")),
+                  "step": (("input_ids", "position_ids", "conv_state"), ("logits", "conv_state_out"))}
+#: Each array's dtype kinds and rank.
+REFERENCE_ARRAYS = {"input_ids": ("iu", 2), "position_ids": ("iu", 2), "conv_state": ("f", 4),
+                    "conv_state_out": ("f", 4), "logits": ("f", 3)}
+
+
+def _check_references(pdir: Path, graph: str, feeds: list, refs: list, labels: list) -> None:
+    """Inputs, reference outputs and labels of one graph agree in number and hold the arrays the check reads."""
+    if not len(feeds) == len(refs) == len(labels):
+        raise GamexportError(f"{pdir} holds {len(feeds)} {graph} inputs, {len(refs)} reference outputs and "
+                             f"{len(labels)} labels; they must be as many", "rebuild the folder with gamexport build")
+    need_in, need_out = REFERENCE_KEYS[graph]
+    for i, (feed, ref) in enumerate(zip(feeds, refs)):
+        for file, have, need in (("inputs", feed, need_in), ("outputs", ref, need_out)):
+            where = pdir / f"{graph}_{file}.json"
+            for key in need:
+                if key not in have:
+                    raise GamexportError(f"{where}: entry {i} has no {key}", "rebuild the folder with gamexport build")
+                arr, (kind, rank) = have[key], REFERENCE_ARRAYS[key]
+                if arr.dtype.kind not in kind or arr.ndim != rank:
+                    raise GamexportError(f"{where}: entry {i}'s {key} is a {arr.ndim}-d {arr.dtype} array, expected "
+                                         f"{rank}-d {'integer' if kind == 'iu' else 'float'}",
+                                         "rebuild the folder with gamexport build")
+        if ref["logits"].shape[:2] != feed["input_ids"].shape:
+            raise GamexportError(f"{pdir / f'{graph}_outputs.json'}: entry {i}'s logits {ref['logits'].shape} do "
+                                 f"not match its input_ids {feed['input_ids'].shape}",
+                                 "rebuild the folder with gamexport build")
 
 
 def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), precisions: tuple[str, ...] = (),
@@ -49,9 +82,11 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
                                                    "step_outputs.json", "feeds.json")]
            + [graph_file_name(k, p) for p in wanted for k in ("prefill", "step")])
     cfg, _ = read_graph_config(folder / "model.onnx")
-    names = json.loads((pdir / "feeds.json").read_text())
+    names = read_json(pdir / "feeds.json", schema=FEEDS_NAMES, fix="rebuild the folder with gamexport build")
     pre_in, pre_out = load_feeds(pdir / "prefill_inputs.json"), load_run_results(pdir / "prefill_outputs.json")
     step_in, step_out = load_feeds(pdir / "step_inputs.json"), load_run_results(pdir / "step_outputs.json")
+    _check_references(pdir, "prefill", pre_in, pre_out, names["prefill"])
+    _check_references(pdir, "step", step_in, step_out, names["step"])
     matrix, skipped = plan_matrix(wanted, tuple(engines), device)
     skipped = [row for row in skipped if row["runtime"] != "eager-compile"]  # no eager here
     rows = []

@@ -48,6 +48,7 @@ from gamexport import __version__
 from gamexport.config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
 from gamexport.errors import ConfigError, GamexportError, GraphError, InputError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_json, file_lock, remove_temporaries, sha256_file
+from gamexport.jsonfile import MIB, Int, Obj, Str, read_json
 from gamexport.runtime import Runner
 
 SIDECAR_SCHEMA = 1
@@ -528,8 +529,8 @@ def _reusable(engine_path: Path, key: str, progress) -> dict | None:
     if not (engine_path.is_file() and side.is_file()):
         return None
     try:
-        old = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        old = read_json(side, schema=SIDECAR_SHAPE, error=GraphError, max_bytes=MIB)
+    except (OSError, GraphError):
         old = None
     if not isinstance(old, dict) or old.get("key") != key:
         return None
@@ -642,15 +643,19 @@ def build_engines(build_dir: str | Path, cfg: GAMConfig | None = None,
     return out
 
 
+#: The types of the sidecar keys gamexport reads (their values are then compared with this machine's).
+SIDECAR_SHAPE = Obj(optional={"schema_version": Int(), "graph": Str(max_len=20), "tensorrt_version": Str(max_len=40),
+                              "gpu": Obj(), "profile": Obj(), "engine": Obj(), "onnx": Obj(),
+                              "key": Str(max_len=64)})
+
+
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
     side = sidecar_path(engine_path)
     try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
+        meta = read_json(side, schema=SIDECAR_SHAPE, error=GraphError, max_bytes=MIB, fix="rebuild the engine")
     except FileNotFoundError:
         raise GraphError(f"{Path(engine_path).name} has no sidecar {side.name} (TensorRT version, GPU, profile)",
                          "rebuild the engine with gamexport, which writes both") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise GraphError(f"cannot read {side}: {exc}", "rebuild the engine") from exc
     if not isinstance(meta, dict) or meta.get("schema_version") != SIDECAR_SCHEMA:
         raise GraphError(f"{side.name} is not a gamexport engine sidecar (schema {SIDECAR_SCHEMA})",
                          "rebuild the engine with this gamexport")

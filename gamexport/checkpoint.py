@@ -8,7 +8,6 @@ safetensors with the tied embedding stored once, plus ``config.json``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,14 @@ import numpy as np
 from .config import GAMConfig, expected_shapes, infer_config
 from .errors import CheckpointError, ConfigError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
+from .jsonfile import MIB, Obj, Str, read_json, short
 from .tokenizer import TOKENIZER_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+#: What config.json must look like before GAMConfig checks its fields (values: GAMConfig.__post_init__).
+CONFIG_SCHEMA = Obj(optional={"architecture": Str(max_len=100), "model_type": Str(max_len=100)})
 
 
 @dataclass
@@ -60,15 +62,40 @@ def find_weights(path: Path) -> Path:
     return found[0]
 
 
+#: Weight dtypes a checkpoint may store; each is converted to float32 on reading (bfloat16 is the top half of a
+#: float32, so it widens exactly). Anything else (integers, bool, complex, float8) is refused, naming the tensor.
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "bf16"}
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _refuse_dtype(path: Path, name: str, dtype: str) -> CheckpointError:
+    return CheckpointError(f"{path}: tensor {name} is stored as {dtype}; weights must be float32, float16, "
+                           "bfloat16 or float64", "convert the model's weights to float32 and re-save it")
+
+
+def _bf16_to_f32(data: bytes | bytearray) -> np.ndarray:
+    """bfloat16 bytes (little-endian) as float32: the 16 bits are the high half of the float32's bits."""
+    return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Tensors of a safetensors file as float32 numpy arrays, read without torch (bfloat16 included)."""
+    from safetensors import SafetensorError, deserialize
 
     try:
-        return load_file(str(path))
+        items = deserialize(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}",
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"cannot read {path}: {first}",
                               "the file is truncated or not safetensors; re-save or re-download it") from exc
+    out = {}
+    for name, item in items:
+        kind = SAFETENSORS_DTYPES.get(item["dtype"])
+        if kind is None:
+            raise _refuse_dtype(path, name, item["dtype"])
+        flat = _bf16_to_f32(item["data"]) if kind == "bf16" else np.frombuffer(item["data"], kind)
+        out[name] = flat.astype(np.float32, copy=False).reshape(item["shape"])  # float32: a view, no copy
+    return out
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -99,14 +126,32 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path} does not hold a state_dict of tensors",
                               "save it with torch.save(model.state_dict())")
     out = {}
     for name, tensor in obj.items():
-        name = name.removeprefix("module.").removeprefix("_orig_mod.")
-        out[name] = tensor.detach().to(torch.float32).cpu().numpy()
+        out[str(name).removeprefix("module.").removeprefix("_orig_mod.")] = _torch_to_f32(path, name, tensor)
     return out
+
+
+def _torch_to_f32(path: Path, name, tensor) -> np.ndarray:
+    """One state_dict value as float32 numpy, under the same dtype rule as safetensors; a value that is not a
+    plain dense tensor with data (a nested dict, a number, a sparse, meta or quantized tensor) is refused."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise CheckpointError(f"{path}: {short(name)} is a {type(tensor).__name__}, not a tensor; the file does not "
+                              "hold a state_dict of tensors", "save it with torch.save(model.state_dict())")
+    kind = ("sparse" if tensor.layout != torch.strided else "meta (shape only, no data)" if tensor.is_meta
+            else "quantized" if tensor.is_quantized else None)
+    if kind is not None:
+        raise CheckpointError(f"{path}: tensor {name} is {kind}; gamexport reads dense float weights",
+                              "re-save the model's dense float weights (torch.save(model.state_dict()))")
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in TORCH_DTYPES:
+        raise _refuse_dtype(path, name, dtype)
+    return tensor.detach().to(torch.float32).cpu().numpy()
 
 
 def _pickle_imports_code(path: Path) -> bool:
@@ -203,14 +248,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _read_config(path: Path) -> tuple[GAMConfig | None, dict]:
     if not path.is_file():
         return None, {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", "fix or delete config.json (shapes are inferred without it)") from exc
+    data = read_json(path, schema=CONFIG_SCHEMA, error=ConfigError, max_bytes=MIB,
+                     fix="fix or delete config.json (shapes are inferred without it)")
     # `gamexport train --model transformer|mamba` writes checkpoints of the same layout whose config.json says
     # "architecture". Everything here (graph export, engines, parity, generate) is built for GAM's computation, so
     # such a checkpoint is refused in one line rather than half-read into a GAM of the same width.
-    arch = data.get("architecture", "gam") if isinstance(data, dict) else "gam"
+    arch = data.get("architecture", "gam")
     if arch != "gam":
         raise CheckpointError(
             f"{path.parent} is a {arch} baseline checkpoint ({path.name} says architecture {arch!r}); gamexport "

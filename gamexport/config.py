@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .jsonfile import short
+
+#: Integer fields and their (lowest, highest) accepted values. The upper bounds are far above any model this tool
+#: exports (the paper: V 10,000, d 512, L 6, S 512, k 3, P 256) and stop absurd values (a 5,000-digit vocabulary)
+#: before they reach numpy.
+INT_FIELDS = {"vocab_size": (1, 1 << 24), "d_model": (1, 65536), "n_layers": (1, 1024), "n_slots": (1, 1 << 20),
+              "kernel_size": (2, 1024), "max_positions": (1, 1 << 20)}
+#: Float fields: (low, high, closed): dropout in [0, 1); ln_eps in (0, 0.1].
+FLOAT_FIELDS = {"dropout": (0.0, 1.0, False), "ln_eps": (0.0, 0.1, True)}
 
 
 @dataclass(frozen=True)
@@ -29,17 +40,27 @@ class GAMConfig:
     ln_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_slots", "max_positions"):
+        """Every field checked for type and a sane range, so a bad config.json is one line naming the field."""
+        for name, (lo, hi) in INT_FIELDS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}",
+            integer = isinstance(value, int) and not isinstance(value, bool)
+            if integer and value > hi:
+                raise ConfigError(f"config field {name} must be at most {hi:,}, got {short(value)}",
                                   "fix config.json or the preset")
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 2:
-            raise ConfigError(f"config field kernel_size must be an integer >= 2, got {self.kernel_size!r}",
-                              "GAM's causal convolution needs a kernel of at least 2 (the paper uses 3)")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"config field dropout must be in [0, 1), got {self.dropout!r}",
-                              "fix config.json")
+            if name == "kernel_size" and integer and value < lo:
+                raise ConfigError(f"config field kernel_size must be an integer >= 2, got {value!r}",
+                                  "GAM's causal convolution needs a kernel of at least 2 (the paper uses 3)")
+            if not integer or value < lo:
+                raise ConfigError(f"config field {name} must be a positive integer, got {short(value)}",
+                                  "fix config.json or the preset")
+        for name, (lo, hi, closed) in FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy floats too
+            finite = number and (isinstance(value, numbers.Integral) or math.isfinite(value))  # no float(10**400)
+            if not finite or not (lo <= value < hi if not closed else lo < value <= hi):
+                span = f"[{lo}, {hi})" if not closed else f"({lo}, {hi}]"
+                raise ConfigError(f"config field {name} must be a number in {span}, got {short(value)}",
+                                  "fix config.json")
 
     # ---- derived quantities -------------------------------------------------------------------------------
     @property
@@ -76,7 +97,7 @@ class GAMConfig:
         if not isinstance(data, Mapping):
             raise ConfigError("config must be a JSON object", "fix config.json")
         if data.get("model_type", "gam") != "gam":
-            raise ConfigError(f"config model_type is {data.get('model_type')!r}, not 'gam'",
+            raise ConfigError(f"config model_type is {short(data.get('model_type'))}, not 'gam'",
                               "point gamexport at a GAM checkpoint")
         known = {f.name for f in dataclasses.fields(cls)}
         # Accept the reference code's ModelConfig names too.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
 from .errors import GamexportError
 from .fsutil import sha256_file
+from .jsonfile import MIB, Int, Map, Obj, Str, read_json
 
 MANIFEST_NAME = "manifest.json"
 
@@ -16,17 +16,19 @@ class ManifestError(GamexportError):
     """A build folder whose files do not match its manifest."""
 
 
+#: The shape manifest.json must have (what ``write_manifest`` in the build pipeline writes).
+MANIFEST_SCHEMA = Obj(required={"files": Map(Obj(required={"size": Int(0), "sha256": Str(max_len=64)}))},
+                      optional={"schema_version": Int(), "gamexport_version": Str(), "versions": Map(),
+                                "source": Obj()})
+
+
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path, schema=MANIFEST_SCHEMA, error=ManifestError, max_bytes=64 * MIB,
+                         fix="rebuild the folder with gamexport build")
     except FileNotFoundError:
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}", "pass a folder written by gamexport build") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}", "rebuild the folder with gamexport build") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise ManifestError(f"{path} has no 'files' table", "rebuild the folder with gamexport build")
-    return data
 
 
 def verify(folder: Path, names: Iterable[str] | None = None, strict: bool = False) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import GamexportError
 from .fsutil import atomic_write_text
+from .jsonfile import ANY, MIB, List, Map, Obj, SchemaError, Str, check, read_json, short
 
 
 def encode_array(arr: np.ndarray) -> dict:
@@ -25,13 +26,25 @@ def encode_array(arr: np.ndarray) -> dict:
     return {"array": base64.b64encode(buf.getvalue()).decode("ascii"), "polygraphy_class": "ndarray"}
 
 
-def decode_array(obj: Mapping) -> np.ndarray:
+def decode_array(obj: Mapping, where: str = "a Polygraphy JSON file") -> np.ndarray:
+    """The array of one encoded value (``where``: the file, for errors); bad base64 or bytes that are not an
+    ``.npy`` array are one line."""
+    import binascii
+
     if obj.get("polygraphy_class") == "LazyArray":
-        obj = obj["values"]
-    if obj.get("polygraphy_class") != "ndarray":
-        raise GamexportError(f"not an encoded array: {obj.get('polygraphy_class')!r}",
+        obj = obj.get("values")
+    encoded = isinstance(obj, Mapping) and obj.get("polygraphy_class") == "ndarray"
+    if not encoded or not isinstance(obj.get("array"), str):
+        kind = obj.get("polygraphy_class") if isinstance(obj, Mapping) else type(obj).__name__
+        raise GamexportError(f"{where}: not an encoded array: {short(kind)}",
                              "the parity files are corrupt; rebuild the folder")
-    return np.load(io.BytesIO(base64.b64decode(obj["array"])), allow_pickle=False)
+    try:
+        data = base64.b64decode(obj["array"], validate=True)
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (binascii.Error, ValueError, EOFError, OSError) as exc:
+        reason = "bad base64" if isinstance(exc, binascii.Error) else "not a NumPy array"
+        raise GamexportError(f"{where}: an encoded array is damaged ({reason})",
+                             "the parity files are corrupt; rebuild the folder") from None
 
 
 def save_feeds(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -46,22 +59,32 @@ def save_run_results(path: Path, runner_name: str, outputs: Sequence[Mapping[str
     atomic_write_text(path, json.dumps({"lst": [[runner_name, iterations]], "polygraphy_class": "RunResults"}))
 
 
-def _read(path: Path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GamexportError(f"cannot read {path}: {exc}", "rebuild the folder with gamexport build") from exc
+_FIX = "rebuild the folder with gamexport build"
+#: One encoded array: {"polygraphy_class": "ndarray", "array": base64} or a LazyArray wrapping one.
+ARRAY = Obj(required={"polygraphy_class": Str(max_len=40)})
+#: prefill_inputs.json / step_inputs.json: a list of feeds, each a map of input name to array.
+FEEDS_SCHEMA = List(Map(ARRAY))
+#: *_outputs.json: a RunResults object; its "lst" is [[runner name, [iteration, ...]]].
+RUN_RESULTS_SCHEMA = Obj(required={"lst": List(List(ANY, max_len=2)), "polygraphy_class": Str(max_len=40)})
+ITERATIONS_SCHEMA = List(Obj(required={"outputs": Map(ARRAY)}))
+
+
+def _read(path: Path, schema):
+    return read_json(path, schema=schema, max_bytes=4096 * MIB, fix=_FIX)
 
 
 def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
-    return [{k: decode_array(v) for k, v in feed.items()} for feed in _read(path)]
+    return [{k: decode_array(v, str(path)) for k, v in feed.items()} for feed in _read(path, FEEDS_SCHEMA)]
 
 
 def load_run_results(path: Path) -> list[dict[str, np.ndarray]]:
     """The outputs of the first runner in a RunResults file, one dict per iteration."""
-    data = _read(path)
+    data = _read(path, RUN_RESULTS_SCHEMA)
+    if not data["lst"] or len(data["lst"][0]) != 2:
+        raise GamexportError(f"{path}: lst[0] must be [runner name, iterations]", _FIX)
+    iterations = data["lst"][0][1]
     try:
-        _, iterations = data["lst"][0]
-        return [{k: decode_array(v) for k, v in it["outputs"].items()} for it in iterations]
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise GamexportError(f"{path} is not a Polygraphy RunResults file", "rebuild the folder") from exc
+        check(iterations, ITERATIONS_SCHEMA, "lst[0][1]")
+    except SchemaError as exc:
+        raise GamexportError(f"{path}: {exc}", _FIX) from None
+    return [{k: decode_array(v, str(path)) for k, v in it["outputs"].items()} for it in iterations]

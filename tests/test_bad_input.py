@@ -585,6 +585,216 @@ BOUNDS = [
     row("nonfinite-logits-build", BUILD, huge_weights, 2, r"eager fp32 prefill produced (NaN|infinite) logits"),
 ]
 TABLE += BOUNDS
+# ---- files: one validating reader per format (JSON, safetensors, .pt), graph metadata, the last-resort line ----
+UNEXPECTED_HOOK = """
+import hashlib, os
+if os.environ.get("GAMEXPORT_TEST_PLANT_BUG"):
+    def sha256(*args, **kwargs):
+        raise RuntimeError("planted bug\\nsecond line")
+    hashlib.sha256 = sha256
+"""
+
+
+def planted_bug(ctx):
+    """An exception no check anticipates (hashlib.sha256 raises, through a sitecustomize on PYTHONPATH)."""
+    hooks = ctx.tmp / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(UNEXPECTED_HOOK)
+    return {"build": ctx.build(), "env": {"PYTHONPATH": str(hooks), "GAMEXPORT_TEST_PLANT_BUG": "1"}}
+
+
+def safetensors_dtype(dtype: str):
+    def setup(ctx):
+        import torch
+        from safetensors.torch import save_file
+
+        folder = ctx.ckpt()
+        tensors = {k: torch.from_numpy(v) for k, v in ctx.weights.items() if k != "head.weight"}
+        tensors["ln_f.weight"] = tensors["ln_f.weight"].to(getattr(torch, dtype))
+        save_file(tensors, str(folder / "model.safetensors"))
+        return {"src": folder}
+    return setup
+
+
+def pt_tensor(make: Callable):
+    """A reference .pt state_dict whose ln_f.weight is replaced by ``make(tensor)``."""
+    def setup(ctx):
+        import torch
+
+        from gamexport.model import build_model
+
+        state = build_model(ctx.cfg, ctx.weights).state_dict()
+        state["ln_f.weight"] = make(state["ln_f.weight"])
+        path = ctx.tmp / "gam.pt"
+        torch.save(state, path)
+        return {"src": path}
+    return setup
+
+
+def _quantized(t):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
+
+
+def config_text(text: str):
+    def setup(ctx):
+        folder = ctx.ckpt()
+        (folder / "config.json").write_text(text)
+        return {"src": folder}
+    return setup
+
+
+def rewrite(name: str, edit: Callable[[str], str]):
+    """A build folder whose ``name`` was rewritten by ``edit`` (text → text) and whose manifest was updated to
+    match: the file passes the manifest check and must be refused by its reader."""
+    def setup(ctx):
+        from gamexport.fsutil import sha256_file
+
+        folder = ctx.build()
+        path = folder / name
+        path.write_text(edit(path.read_text()))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"][name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return {"build": folder}
+    return setup
+
+
+def manifest_text(edit: Callable[[dict], Any]):
+    def setup(ctx):
+        folder = ctx.build()
+        data = json.loads((folder / "manifest.json").read_text())
+        out = edit(data)
+        (folder / "manifest.json").write_text(out if isinstance(out, str) else json.dumps(out))
+        return {"build": folder}
+    return setup
+
+
+def _bad_base64(text: str) -> str:
+    data = json.loads(text)
+    data[0]["input_ids"]["array"] = "not*base64!"
+    return json.dumps(data)
+
+
+def _drop_key(text: str) -> str:
+    data = json.loads(text)
+    del data[0]["input_ids"]
+    return json.dumps(data)
+
+
+def _float_ids(text: str) -> str:
+    from gamexport.polyjson import decode_array, encode_array
+
+    data = json.loads(text)
+    data[0]["input_ids"] = encode_array(decode_array(data[0]["input_ids"]).astype(np.float32))
+    return json.dumps(data)
+
+
+def graph_metadata(graph: str, raw: str | None = None, **changes):
+    """A build folder whose ``graph`` ONNX file's gamexport config metadata was edited (manifest updated)."""
+    def setup(ctx):
+        import onnx
+
+        from gamexport.fsutil import sha256_file
+        from gamexport.graph.builder import META_CONFIG
+
+        folder = ctx.build()
+        path = folder / graph
+        model = onnx.load(str(path))
+        prop = next(p for p in model.metadata_props if p.key == META_CONFIG)
+        prop.value = raw if raw is not None else json.dumps({**json.loads(prop.value), **changes})
+        path.write_bytes(model.SerializeToString())
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"][graph] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return {"build": folder, "onnx": path}
+    return setup
+
+
+def odd_out(name: str):
+    """An existing file as --out, its name holding a newline or a byte that is not UTF-8."""
+    def setup(ctx):
+        path = ctx.tmp / name
+        path.write_text("keep me")
+        return {"src": ctx.ckpt(), "out": path}
+    return setup
+
+
+PARITY = ["parity", "{build}", "--precision", "fp32", "-j", "1", "--report", "{tmp}/report.json"]
+FILES_TABLE = [
+    # weights: dtypes outside float32/16/bfloat16/64, tensors that are not dense data, values that are not tensors
+    row("safetensors-float8", BUILD, safetensors_dtype("float8_e4m3fn"), 2,
+        r"tensor ln_f\.weight is stored as F8_E4M3; weights must be float32, float16, bfloat16 or float64"),
+    row("safetensors-int32", BUILD, safetensors_dtype("int32"), 2, r"tensor ln_f\.weight is stored as I32"),
+    row("pt-int32", BUILD, pt_tensor(lambda t: t.int()), 2, r"gam\.pt: tensor ln_f\.weight is stored as int32"),
+    row("pt-bool", BUILD, pt_tensor(lambda t: t > 0), 2, r"tensor ln_f\.weight is stored as bool"),
+    row("pt-complex", BUILD, pt_tensor(lambda t: t.to(__import__("torch").complex64)), 2,
+        r"tensor ln_f\.weight is stored as complex64"),
+    row("pt-sparse", BUILD, pt_tensor(lambda t: t.to_sparse()), 2, r"tensor ln_f\.weight is sparse"),
+    row("pt-meta", BUILD, pt_tensor(lambda t: t.to("meta")), 2, r"tensor ln_f\.weight is meta"),
+    row("pt-quantized", BUILD, pt_tensor(_quantized), 2, r"tensor ln_f\.weight is quantized"),
+    row("pt-nested-value", BUILD, pt_tensor(lambda t: {"w": t}), 2, r"'ln_f\.weight' is a dict, not a tensor"),
+    # config.json: values of the wrong type or absurd size, JSON the parser cannot take
+    row("config-dropout-string", BUILD, lambda c: {"src": c.edit_config({"dropout": "x"})}, 2,
+        r"config field dropout must be a number in \[0\.0, 1\.0\), got 'x'"),
+    row("config-ln-eps-null", BUILD, lambda c: {"src": c.edit_config({"ln_eps": None})}, 2,
+        r"config field ln_eps must be a number in \(0\.0, 0\.1\], got None"),
+    row("config-vocab-absurd", BUILD, lambda c: {"src": c.edit_config({"vocab_size": 2**40})}, 2,
+        r"config field vocab_size must be at most 16,777,216, got 1099511627776"),
+    row("config-5000-digits", BUILD, config_text('{"vocab_size": ' + "9" * 5000 + "}"), 2,
+        r"cannot read \S*config\.json: it holds a number 5,000 characters long"),
+    row("config-deep-nesting", BUILD, config_text('{"x": ' + "[" * 10000 + "]" * 10000 + "}"), 2,
+        r"cannot read \S*config\.json: it is nested more than 64 levels deep\. Fix or delete config\.json"),
+    row("config-nan", BUILD, config_text('{"dropout": NaN}'), 2, r"config\.json: it holds NaN"),
+    # manifest.json: missing keys, wrong types, not JSON, deep nesting
+    row("manifest-no-files", ["verify", "{build}"], manifest_text(lambda d: {"schema_version": 1}), 2,
+        r"manifest\.json: files is missing\. Rebuild the folder"),
+    row("manifest-size-not-integer", ["generate", "{build}", "--ids", "1,2"],
+        manifest_text(lambda d: {**d, "files": {**d["files"], "step.onnx": {**d["files"]["step.onnx"],
+                                                                                   "size": "12"}}}), 2,
+        r'manifest\.json: files\["step\.onnx"\]\.size must be an integer'),
+    row("manifest-files-a-list", ["verify", "{build}"], manifest_text(lambda d: {**d, "files": []}), 2,
+        r"manifest\.json: files must be an object"),
+    row("manifest-not-json", ["verify", "{build}"], manifest_text(lambda d: "not json"), 2,
+        r"cannot read \S*manifest\.json: it is not JSON"),
+    row("manifest-deep-nesting", ["verify", "{build}"], manifest_text(lambda d: "[" * 10000 + "]" * 10000), 2,
+        r"manifest\.json: it is nested more than 64 levels deep"),
+    # parity references (Polygraphy JSON): bad base64, missing keys
+    row("parity-bad-base64", PARITY, rewrite("parity/prefill_inputs.json", _bad_base64), 2,
+        r"prefill_inputs\.json: an encoded array is damaged \(bad base64\)"),
+    row("parity-missing-key", PARITY, rewrite("parity/prefill_inputs.json", _drop_key), 2,
+        r"prefill_inputs\.json: entry 0 has no input_ids"),
+    row("parity-ids-not-integers", PARITY, rewrite("parity/prefill_inputs.json", _float_ids), 2,
+        r"prefill_inputs\.json: entry 0's input_ids is a 2-d float32 array, expected 2-d integer"),
+    row("parity-feeds-names-wrong", PARITY, rewrite("parity/feeds.json", lambda t: '{"prefill": 3}'), 2,
+        r"feeds\.json: prefill must be a list, not 3"),
+    # graph metadata that disagrees with the graph itself
+    row("graph-metadata-vocab", ["generate", "{build}", "--ids", "1,2"], graph_metadata("step.onnx", vocab_size=50),
+        2, r"step\.onnx: its gamexport config metadata disagrees with the graph \(vocab_size 50 in the metadata "
+           r"but 97 in the graph\)"),
+    row("graph-metadata-positions", ["inspect", "{onnx}"], graph_metadata("model.onnx", max_positions=999), 2,
+        r"max_positions 999 in the metadata but 64 in the graph"),
+    row("graph-metadata-positions-generate", ["generate", "{build}", "--ids", "1,2"],
+        graph_metadata("step.onnx", max_positions=999), 2, r"step\.onnx: .*max_positions 999 in the metadata but 64"),
+    row("graph-metadata-kernel", ["inspect", "{onnx}"], graph_metadata("model.onnx", kernel_size=5), 2,
+        r"kernel_size 5 in the metadata but 3 in the graph"),
+    row("graph-metadata-not-an-object", ["inspect", "{onnx}"], graph_metadata("model.onnx", raw="[1, 2]"), 2,
+        r"model\.onnx's gamexport config metadata: the top level must be an object, not \[1, 2\]"),
+    # one line, always: an unexpected exception, a path with a newline
+    row("unexpected-exception", ["verify", "{build}"], planted_bug, 2,
+        r"^error: unexpected RuntimeError while running gamexport verify: planted bug\\nsecond line\. This is a "
+        r"bug in gamexport: rerun with --debug"),
+    row("out-path-with-newline", [*OPTS, "--out", "{out}"], odd_out("a\nfile"), 2, r"a\\nfile is a file, not a folder"),
+    row("out-path-not-utf8", [*OPTS, "--out", "{out}"], odd_out(os.fsdecode(b"a\xfffile")), 2,
+        r"a\\udcfffile is a file, not a folder"),
+]
+TABLE += FILES_TABLE
+
 
 # ---- the test -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -115,3 +115,23 @@ def test_truncated_files_are_refused(tmp_path, tiny_cfg, tiny_weights):
     (tmp_path / "x.pt").write_bytes((tmp_path / "x.pt").read_bytes()[:200])
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_bfloat16_weights_load_as_float32(tmp_path, tiny_cfg, tiny_weights, fmt):
+    """bfloat16 weights (NumPy has no bf16) load in both formats, widened exactly to float32: the bf16 rounding
+    of each weight, no more — the safetensors path decodes the bits with NumPy alone."""
+    from safetensors.torch import save_file
+
+    state = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tiny_weights.items() if k != "head.weight"}
+    if fmt == "safetensors":
+        (tmp_path / "config.json").write_text(json.dumps(tiny_cfg.to_dict()))
+        save_file(state, str(tmp_path / "model.safetensors"))
+        ckpt = load_checkpoint(tmp_path)
+    else:
+        torch.save(state, tmp_path / "gam.pt")
+        ckpt = load_checkpoint(tmp_path / "gam.pt")
+    for name, value in state.items():
+        assert ckpt.weights[name].dtype == np.float32
+        np.testing.assert_array_equal(ckpt.weights[name], value.float().numpy(), err_msg=name)
+    assert not np.array_equal(ckpt.weights["ln_f.bias"], tiny_weights["ln_f.bias"])  # really rounded to bf16

@@ -1,4 +1,5 @@
-"""Property-based attacks on the files gamexport reads: checkpoints, config.json and ONNX graphs.
+"""Property-based attacks on the files gamexport reads: checkpoints, config.json, manifest.json, parity JSON
+and ONNX graphs.
 
 Whatever the bytes, reading them ends in a result or in one of gamexport's one-line errors — never another
 exception, never a crash. ONNX Runtime on mutated graphs runs in a subprocess, with a bounded number of cases.
@@ -74,6 +75,7 @@ def test_mutated_safetensors_load_or_fail_in_one_line(ckpt_dir, tmp_path_factory
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True)
+                           | st.sampled_from([2**31, 2**63, -(2**63), 10**300, 1e308, 5e-324])
                            | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
 
@@ -106,6 +108,60 @@ def test_config_json_that_is_not_json(ckpt_dir, tmp_path_factory, raw):
         load_checkpoint(folder)
     except GamexportError as exc:
         assert "\n" not in exc.line()
+
+
+# ---- the JSON reader (gamexport/jsonfile.py) and the build folder's JSON files ----------------------------------
+@FUZZ
+@given(opener=st.sampled_from(["[", '{"a": ']), depth=st.integers(1, 20_000))
+def test_nesting_is_parsed_or_refused_by_its_depth(opener, depth):
+    """Up to MAX_DEPTH levels parse; deeper is one line (Python's own parser would raise RecursionError)."""
+    from gamexport.jsonfile import MAX_DEPTH, parse_json
+
+    closer = "]" if opener == "[" else "}"
+    text = opener * depth + "1" + closer * depth
+    if depth <= MAX_DEPTH:
+        parse_json(text, "x.json")
+    else:
+        with pytest.raises(GamexportError, match=f"nested more than {MAX_DEPTH} levels"):
+            parse_json(text, "x.json")
+
+
+@FUZZ
+@given(value=json_values, where=st.sampled_from(["files", "size", "sha256", "top", "entry"]))
+def test_mutated_manifest_verifies_or_fails_in_one_line(tiny_build, tmp_path_factory, value, where):
+    from gamexport.manifest import verify
+
+    folder = tmp_path_factory.mktemp("mf")
+    data = json.loads((tiny_build / "manifest.json").read_text())
+    entry = data["files"]["step.onnx"]
+    if where == "files":
+        data["files"] = value
+    elif where in ("size", "sha256"):
+        entry[where] = value
+    elif where == "entry":
+        data["files"]["step.onnx"] = value
+    else:
+        data = value
+    (folder / "manifest.json").write_text(json.dumps(data))
+    try:
+        verify(folder, [])
+    except GamexportError as exc:
+        assert "\n" not in exc.line() and exc.fix
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(["prefill_inputs.json", "prefill_outputs.json"]))
+def test_mutated_parity_json_loads_or_fails_in_one_line(tiny_build, tmp_path_factory, data, name):
+    """Bytes of a Polygraphy JSON file mutated (structure and base64 alike): arrays or one line."""
+    from gamexport.polyjson import load_feeds, load_run_results
+
+    original = (tiny_build / "parity" / name).read_bytes()
+    path = tmp_path_factory.mktemp("pj") / name
+    path.write_bytes(mutate(original, data.draw(mutations(len(original)))))
+    try:
+        (load_feeds if "inputs" in name else load_run_results)(path)
+    except GamexportError as exc:
+        assert "\n" not in exc.line() and exc.fix
 
 
 RUNNER = textwrap.dedent("""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,11 @@ def test_parity_fails_when_the_reference_disagrees(tiny_build, tmp_path, parity_
     proc = parity_cli(folder, "--precision", "fp32", "--report", str(tmp_path / "r.json"))
     assert proc.returncode == 1, proc.stderr
     assert "FAIL" in proc.stdout
+    # The last line names the failed rows and what to do, formatted as a failed build's (one function).
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: \d+ of \d+ parity checks failed \(first: onnxruntime\S* fp32 prefill on '\w+': "
+                        r"[^)]*max_abs[^)]*\)\. Read \S*r\.json for the measured differences; .*", last), last
 
 
 def test_polygraphy_verifies_the_same_claim(tiny_build):

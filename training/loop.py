@@ -59,6 +59,7 @@ from gamexport.checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, loa
                                   save_checkpoint)
 from gamexport.errors import CheckpointError, ConfigError, GamexportError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, replace_dir
+from gamexport.jsonfile import MIB, Obj, read_json
 from gamexport.model import build_model, state_dict_numpy
 from gamexport.tokenizer import Tokenizer
 
@@ -208,13 +209,10 @@ def load_run_weights(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray
     a GAM's by ``load_checkpoint``; a baseline's by building it from its config and loading the weights."""
     config_path = folder / CONFIG_NAME
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json(config_path, schema=Obj(), error=CheckpointError, max_bytes=MIB,
+                           fix="the checkpoint is damaged")
     except FileNotFoundError:
         config = {}                               # a GAM's shape is inferred from its tensors
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {config_path}: {exc}", "the checkpoint is damaged") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} is not a JSON object", "the checkpoint is damaged")
     if config.get("architecture", config.get("model_type", "gam")) == "gam":
         ckpt = load_checkpoint(folder)
         return {**ckpt.meta, **ckpt.config.to_dict()}, ckpt.weights
@@ -384,7 +382,8 @@ def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out
         if not run_path.is_file():
             raise TrainingError(f"{out} holds no training run to resume ({RUN_NAME} is missing)",
                                 "drop --resume to start a new run there")
-        saved = json.loads(run_path.read_text(encoding="utf-8"))
+        saved = read_json(run_path, schema=Obj(), error=TrainingError, max_bytes=MIB,
+                          fix=f"delete {out} and start a new run, or drop --resume")
         checkpoints = list_checkpoints(out)
         if not checkpoints:
             raise TrainingError(f"{out} holds no checkpoint yet (the run stopped before its first one)",

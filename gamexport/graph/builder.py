@@ -7,7 +7,6 @@ its first token and the state after the earlier tokens. Files are byte-identical
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -18,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import __version__
 from ..config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
 from ..errors import GraphError
+from ..jsonfile import Obj, parse_json
 
 OPSET = 20
 IR_VERSION = 10
@@ -486,7 +486,41 @@ def read_graph_config(model: onnx.ModelProto | str | Path) -> tuple[GAMConfig, d
     else:
         where = f"ONNX model {model.graph.name or '(unnamed)'}"
     meta = {p.key: p.value for p in model.metadata_props}
-    return config_from_metadata(meta, where), meta
+    cfg = config_from_metadata(meta, where)
+    dims = lambda vi: [d.dim_value or None for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    shapes = {vi.name: dims(vi) for vi in [*model.graph.input, *model.graph.output]}
+    check_config_against_graph(cfg, {**shapes, **embedding_shapes(model)}, where)
+    return cfg, meta
+
+
+def embedding_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Shapes of the graph's embedding tables (token: vocabulary rows; position: learned positions)."""
+    return {t.name: list(t.dims) for t in model.graph.initializer
+            if t.name in ("token_embedding.weight", "pos_embedding.weight")}
+
+
+def check_config_against_graph(cfg: GAMConfig, shapes: Mapping[str, list], where: str) -> None:
+    """GraphError naming both values where the config in a graph's metadata disagrees with the graph itself.
+
+    ``shapes``: tensor name → shape (None for a symbolic axis) of the graph's inputs and outputs, and of its
+    embedding tables where known (an ONNX Runtime session shows only its inputs and outputs). A forged or mixed
+    metadata would otherwise fail later, inside ONNX Runtime or as an index error.
+    """
+    said: dict[str, int | None] = {}
+    for name, shape in shapes.items():
+        if name == LOGITS and len(shape) == 3:
+            said["vocab_size"] = shape[2]
+        elif name in (CONV_STATE, CONV_STATE_OUT) and len(shape) == 4:
+            said.update(n_layers=shape[1], kernel_size=shape[2] and shape[2] + 1, d_model=shape[3])
+        elif name == "token_embedding.weight" and len(shape) == 2:
+            said["vocab_size"] = shape[0]
+        elif name == "pos_embedding.weight" and len(shape) == 2:
+            said["max_positions"] = shape[0]
+    diff = [f"{field} {getattr(cfg, field)} in the metadata but {value} in the graph"
+            for field, value in said.items() if value is not None and value != getattr(cfg, field)]
+    if diff:
+        raise GraphError(f"{where}: its gamexport config metadata disagrees with the graph ({'; '.join(diff)})",
+                         "the file was edited or mixed from two builds; rebuild it with gamexport build")
 
 
 def config_from_metadata(meta: Mapping[str, str], where: str) -> GAMConfig:
@@ -495,7 +529,6 @@ def config_from_metadata(meta: Mapping[str, str], where: str) -> GAMConfig:
     if META_CONFIG not in meta:
         raise GraphError(f"{where} is empty or not a gamexport graph (no gamexport config metadata)",
                          "build it with gamexport build")
-    try:
-        return GAMConfig.from_dict(json.loads(meta[META_CONFIG]))
-    except json.JSONDecodeError as exc:
-        raise GraphError(f"{where}: its gamexport config metadata is not JSON", "rebuild it") from exc
+    data = parse_json(meta[META_CONFIG], f"{where}'s gamexport config metadata", schema=Obj(), error=GraphError,
+                      fix="rebuild it with gamexport build")
+    return GAMConfig.from_dict(data)
