@@ -322,7 +322,7 @@ def check_repository(repo_dir: str | Path, names: Iterable[str], guards: dict | 
         target = repo / name
         if target.is_symlink() or (target.exists() and not is_triton_model(target)):
             raise OutputError(f"{target} is not a model folder gamexport wrote, and would be replaced",
-                              "move it away, or pass a name_prefix or --triton folder of your own")
+                              "move it away, or pass --triton another folder")
     return repo
 
 
@@ -411,5 +411,4 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, backe
 
 
 __all__ = ["BACKENDS", "BuildFolderError", "MissingPlanError", "PLATFORMS", "TritonConfigError", "check_repository",
-           "choose_backend",
-           "engine_paths", "prefill_config", "step_config", "write_model_repository"]
+           "choose_backend", "engine_paths", "prefill_config", "step_config", "write_model_repository"]

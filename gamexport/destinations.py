@@ -7,8 +7,9 @@ refused destination leaves every file as it was. The rules:
 - A folder destination is replaced or written into only when it is absent, an empty folder, or a folder of the
   command's own kind, recognised by the marker gamexport writes into it (:data:`KINDS`): a build folder by its
   ``manifest.json``, a training run by its ``run.json``, a bench folder by its ``bench.json``, a Triton model
-  repository by its model folders (each with a ``config.pbtxt``; the ones gamexport wrote start with
-  :data:`TRITON_HEADER`, and only those are ever replaced). A folder of another kind, or one that holds
+  repository by its model folders (each empty or holding a ``config.pbtxt`` or a numeric version folder; the
+  ``config.pbtxt`` files gamexport writes start with :data:`TRITON_HEADER`, and only those model folders are
+  ever replaced). A folder of another kind, or one that holds
   anything else, is refused.
 - A destination never is, holds, or lies inside a source or another protected path (the folder a command reads
   from, its other destinations). Paths are compared after resolving symbolic links and ``.``/``..``, so ``.``
@@ -82,12 +83,20 @@ def is_triton_model(folder: Path) -> bool:
         return False
 
 
+def _is_model_folder(folder: Path) -> bool:
+    """A Triton model folder: a real folder that is empty (being set up) or holds a config.pbtxt or a numeric
+    version folder (Triton can complete a missing config.pbtxt for some backends)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    names = [p.name for p in folder.iterdir()]
+    return not names or "config.pbtxt" in names or any(n.isdigit() and (folder / n).is_dir() for n in names)
+
+
 def _is_triton(folder: Path) -> bool:
-    """A model repository: every visible entry is a model folder with a config.pbtxt (gamexport's or not: the
-    Triton writer replaces only its own model folders and leaves the others alone)."""
+    """A model repository: every visible entry is a model folder, gamexport's or not (the Triton writer replaces
+    only the model folders it wrote and leaves the others alone)."""
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    models = [p for p in entries if p.is_dir() and not p.is_symlink() and (p / "config.pbtxt").is_file()]
-    return bool(models) and len(models) == len(entries)
+    return bool(entries) and all(_is_model_folder(p) for p in entries)
 
 
 _RECOGNISE = {BUILD: _is_build, RUN: _is_run, BENCH: _is_bench, TRITON: _is_triton}
