@@ -52,8 +52,37 @@ app.command("bench")(bench)
 app.command("train")(train)
 
 
+_TERMINATING = ("SIGTERM", "SIGHUP")   # handled like Ctrl-C (SIGINT), unless the process was started ignoring them
+_caught: list[int] = []
+
+
+def _interrupt(signum: int, _frame) -> None:
+    """SIGTERM/SIGHUP: raise KeyboardInterrupt in the main thread, so every Ctrl-C clean-up path runs (a build
+    removes its staging folder and lock, a fresh training run its folder). Further ones are ignored meanwhile,
+    so a second signal cannot cut the clean-up short; SIGKILL still ends the process."""
+    import signal
+
+    _caught.append(signum)
+    for name in _TERMINATING:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """Treat SIGTERM and SIGHUP like Ctrl-C. A signal the process inherited as ignored (``nohup``) stays so."""
+    import signal
+
+    for name in _TERMINATING:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; a usage error (unknown option or command, a value out of range) is one line.
+
+    SIGTERM and SIGHUP interrupt a command as Ctrl-C does (same clean-up, same ``interrupted:`` line); the exit
+    code is 130 for Ctrl-C and 128 + the signal's number for the others (143 for SIGTERM, 129 for SIGHUP).
 
     typer would print its usage box; gamexport's rule is one ``error:`` line with the fix, exit 2, as for every
     other bad input. The same line with the traceback comes with ``GAMEXPORT_DEBUG=1``.
@@ -64,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     usage_error = typer.BadParameter.__mro__[1]        # typer's own (vendored) click UsageError
     click_error = typer.BadParameter.__mro__[2]        # ... and ClickException
+    install_signal_handlers()
     try:
         rc = app(args=argv, standalone_mode=False)
     except usage_error as exc:
@@ -80,9 +110,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except typer.Abort:
+        if _caught:         # a signal before or after the command body: nothing of the command ran or was written
+            print("interrupted", file=sys.stderr)
+            sys.exit(128 + _caught[0])
         print("error: aborted", file=sys.stderr)
         sys.exit(1)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    rc = rc if isinstance(rc, int) else 0
+    if _caught and rc == 130:   # interrupted by SIGTERM/SIGHUP, cleaned up like Ctrl-C: exit as 128 + signal
+        rc = 128 + _caught[0]
+    sys.exit(rc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,8 @@ def parity(
     precision: Annotated[str | None, typer.Option(
         help="Precisions to check, comma-separated (default: every precision the folder has).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    report: Annotated[Path, typer.Option(help="Where to write the parity report (JSON).")] = Path(
+    report: Annotated[Path, typer.Option(help="Where to write the parity report (JSON): a new path or a regular "
+                                              "file outside FOLDER.")] = Path(
         "parity-report.json"),
     threads: ThreadsOption = None,
     debug: DebugOption = False,
@@ -27,12 +28,15 @@ def parity(
     """
 
     def body() -> None:
+        from gamexport.destinations import check_file
         from gamexport.engines.recheck import recheck
         from gamexport.fsutil import atomic_write_json
 
+        # Checked first: a report goes to a regular file or a new path, never into the folder it checks.
+        report_path = check_file(report, option="--report", guards={"the build folder": folder})
         split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
         result = recheck(folder, split(engines), split(precision) if precision else (), device, threads, say)
-        atomic_write_json(report, result)
+        atomic_write_json(report_path, result)
         for row in result["parity"]:
             verdict = "pass" if row["passed"] else "FAIL"
             if not row.get("gated", True):

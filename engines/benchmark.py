@@ -1275,10 +1275,10 @@ def run_bench(opts: BenchOptions) -> dict:
     """Measure everything, write ``bench.json`` and the plots into ``opts.out``; returns the bench dict."""
     precisions, min_t, max_t = check_options(opts)
     effort = QUICK if opts.quick else FULL
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        from gamexport.errors import OutputError
-        raise OutputError(f"output path {out} is a file, not a folder", "pass --out a folder path")
+    from gamexport.destinations import BENCH, check_folder
+
+    # Before anything is measured or written: --out is new, empty or an earlier bench folder, never the source.
+    out = check_folder(opts.out, BENCH, guards={"the source": opts.source})
     t_start = time.perf_counter()
     # Started first, so that its torch import overlaps this process's own; nothing is timed until it is ready.
     server = PointServer() if "scaling" not in opts.skip or "training" not in opts.skip else None

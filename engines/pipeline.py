@@ -7,7 +7,7 @@ A failed build keeps its staging folder as ``<out>.failed`` for diagnosis and sa
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import os
 import shutil
@@ -24,7 +24,8 @@ from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, Checkpoint, load_c
 from gamexport.config import GAMConfig, preset as get_preset
 from gamexport.engines.benchmark import BUILD_LIMITS, annotate_latency, limits_summary, measure_limits
 from gamexport.errors import ConfigError, GamexportError, OutputError, ParityError
-from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir, sha256_file
+from gamexport.fsutil import (atomic_write_json, atomic_write_text, dumps_json, removable_lock, replace_dir,
+                              sha256_file)
 
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
@@ -108,24 +109,51 @@ def is_trained(ckpt: Checkpoint) -> bool:
 
 
 # ---- output folder handling ---------------------------------------------------------------------------------
+def check_destinations(opts: BuildOptions) -> tuple[Path, Path | None]:
+    """Check every place the build will write, before it changes anything; returns (out, triton) resolved.
+
+    ``--out`` must be new, empty or a previous build, ``OUT.failed`` (where a failing build keeps its output)
+    the same, and ``--triton`` new, empty or a model repository whose gamexport models may be replaced; none
+    of them may be, hold or lie inside the source or each other (``gamexport.destinations``).
+    """
+    from gamexport.destinations import ABSENT, BUILD, EMPTY, check_folder, classify
+
+    source = opts.source if opts.source is not None else (demo_folder() if opts.preset is None else None)
+    out = check_folder(opts.out, BUILD, guards={"the source": source})
+    failed = out.with_name(out.name + ".failed")
+    if classify(failed) not in (ABSENT, EMPTY, BUILD):
+        raise OutputError(f"{failed} holds files that are not a gamexport build, and a failing build would put "
+                          "its output there", "move it away, or pass another --out")
+    triton = None
+    if opts.triton is not None:
+        from gamexport.engines.triton import GRAPHS, check_repository
+
+        triton = check_repository(opts.triton, [f"gam_{graph}" for graph in GRAPHS],
+                                  {"the source": source, "--out": out, "--out's failed-build folder": failed})
+    return out, triton
+
+
 @contextmanager
 def locked_staging(out: Path) -> Iterator[Path]:
-    """Hold ``.<out>.lock`` and yield a fresh staging folder beside ``out``; stale ones are removed first."""
+    """Hold ``.<out>.lock`` and yield a fresh staging folder beside ``out``; stale ones are removed first.
+
+    The lock file is deleted when the build ends (``fsutil.removable_lock``); only a killed build leaves it,
+    empty, and the next build takes it over and deletes it.
+    """
     out = out.absolute()
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} is a file, not a folder", "pass --out a folder path")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock_file = open(out.parent / f".{out.name}.lock", "a+")
-    except OSError as exc:
-        raise OutputError(f"cannot write beside {out}: {exc.strerror or exc}",
-                          "choose an output folder you can write to") from exc
-    with lock_file:
+
+    def busy() -> None:
+        raise OutputError(f"another gamexport build is writing {out}", "wait for it to finish or choose another --out")
+
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(f"another gamexport build is writing {out}",
-                              "wait for it to finish or choose another --out") from None
+            out.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(removable_lock(out.parent / f".{out.name}.lock", busy))
+        except OSError as exc:
+            raise OutputError(f"cannot write beside {out}: {exc.strerror or exc}",
+                              "choose an output folder you can write to") from exc
         for stale in out.parent.glob(f".{out.name}.staging-*"):
             shutil.rmtree(stale, ignore_errors=True)
         staging = out.parent / f".{out.name}.staging-{os.getpid()}"
@@ -624,15 +652,17 @@ def write_plot(latency: list[dict], path: Path) -> bool:
 
 
 def write_manifest(folder: Path, ckpt: Checkpoint) -> dict:
-    """``manifest.json``: every file but itself with size and sha256, plus library versions."""
+    """``manifest.json``: every file but itself with size and sha256, plus library versions; its ``kind``
+    marks the folder as a build that a later build may replace (``gamexport.destinations``)."""
     from gamexport.bench import machine_info
+    from gamexport.destinations import BUILD_KIND
 
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     versions = machine_info(None)["versions"]
-    manifest = {"schema_version": 1, "gamexport_version": __version__, "files": files,
+    manifest = {"schema_version": 1, "kind": BUILD_KIND, "gamexport_version": __version__, "files": files,
                 "versions": {k: v for k, v in versions.items() if k in ("torch", "onnx", "onnxruntime",
                                                                          "onnxruntime-gpu", "numpy")},
                 "source": {"path": ckpt.source, "sha256": ckpt.sha256}}
@@ -663,7 +693,7 @@ def build(opts: BuildOptions) -> BuildResult:
     from gamexport.graph.checks import check_graph_file
 
     say = opts.progress
-    out = Path(opts.out).absolute()
+    out, triton = check_destinations(opts)
     threads = opts.threads or os.cpu_count()
     t_start = time.perf_counter()
 
@@ -804,7 +834,7 @@ def build(opts: BuildOptions) -> BuildResult:
         from gamexport.engines.triton import choose_backend, write_model_repository
 
         backend, why = choose_backend(out, "fp32")
-        models = write_model_repository(out, Path(opts.triton), backend=backend, precision="fp32")
+        models = write_model_repository(out, triton, backend=backend, precision="fp32")
         say(f"      triton: {', '.join(sorted(models))} in {opts.triton} ({why})")
     say(f"done in {time.perf_counter() - t_start:.1f}s: {out}")
     return BuildResult(out=out, report=report, passed=passed)

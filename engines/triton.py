@@ -307,6 +307,25 @@ def _check_step_io(path: Path, inputs: list[Tensor], outputs: list[Tensor]) -> T
     return state_in
 
 
+def check_repository(repo_dir: str | Path, names: Iterable[str], guards: dict | None = None) -> Path:
+    """Refuse ``repo_dir`` (in one line, before anything is written) unless it is a new or empty folder or a
+    model repository, overlaps none of ``guards`` (label → path, see ``gamexport.destinations``), and each of
+    the model folders ``names`` is absent or one gamexport wrote; returns the resolved repository path."""
+    from gamexport.destinations import TRITON, check_folder, is_triton_model
+
+    repo = check_folder(repo_dir, TRITON, option="--triton", guards=guards)
+    existing = next(p for p in (repo, *repo.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the model repository {repo}: {existing} is not writable",
+                          "pass --triton a folder you can write to")
+    for name in names:
+        target = repo / name
+        if target.is_symlink() or (target.exists() and not is_triton_model(target)):
+            raise OutputError(f"{target} is not a model folder gamexport wrote, and would be replaced",
+                              "move it away, or pass --triton another folder")
+    return repo
+
+
 def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, backend: str = "onnxruntime",
                            precision: str = "fp32", name_prefix: str = "gam", instance_kind: str | None = None,
                            instance_count: int = 1, gpus: Iterable[int] = (), max_batch_size: int = 8,
@@ -335,8 +354,7 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, backe
         raise TritonConfigError("inlined applies to ONNX graphs, not TensorRT plans", "drop inlined")
     if not build_dir.is_dir():
         raise BuildFolderError(f"build folder {build_dir} does not exist", "pass a folder written by gamexport build")
-    if repo_dir.exists() and not repo_dir.is_dir():
-        raise OutputError(f"{repo_dir} is a file, not a folder", "pass a folder for the model repository")
+    check_repository(repo_dir, [f"{name_prefix}_{graph}" for graph in GRAPHS], {"the build folder": build_dir})
 
     # Everything is read and checked before anything is written.
     models: dict[str, tuple[Path, str]] = {}  # name -> (file to serve, config text)
@@ -392,5 +410,5 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, backe
     return written
 
 
-__all__ = ["BACKENDS", "BuildFolderError", "MissingPlanError", "PLATFORMS", "TritonConfigError", "choose_backend",
-           "engine_paths", "prefill_config", "step_config", "write_model_repository"]
+__all__ = ["BACKENDS", "BuildFolderError", "MissingPlanError", "PLATFORMS", "TritonConfigError", "check_repository",
+           "choose_backend", "engine_paths", "prefill_config", "step_config", "write_model_repository"]

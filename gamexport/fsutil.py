@@ -117,6 +117,48 @@ def file_lock(path: str | os.PathLike, *, shared: bool = False,
         os.close(fd)  # closing the descriptor releases the lock
 
 
+@contextmanager
+def removable_lock(path: str | os.PathLike, busy: Callable[[], None]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the lock file ``path`` for the ``with`` block, then delete the file.
+
+    Deleting a lock file is safe only when every process that uses it follows this protocol: after taking the
+    lock, check that the locked descriptor is still the file at ``path`` (same device and inode); if the holder
+    before deleted it (or replaced it) meanwhile, the lock taken is on a dead file, so open ``path`` again and
+    retry. The holder deletes the file while it still holds the lock, and only then releases it. ``busy`` is
+    called when another process holds the lock: it raises to refuse, or returns to wait. Opening ``path``
+    raises ``OSError`` (the caller words the message). A killed holder leaves the empty file; the next one
+    takes it over and deletes it.
+    """
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the previous holder deleted the file we locked: lock the one at the path now
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -5,7 +5,8 @@ Every row asserts: the exit code (or the exception type); that stderr ends with 
 holds nothing else but progress lines (no traceback, no warning, no usage box); that the line matches the row's
 pattern, which names the thing (file, tensor with both shapes, token id, …); that the line carries a fix; and that
 nothing was written — the test's folder (inputs, previous outputs, the working directory of the command) is
-byte-identical afterwards, except for a build's empty lock file beside its output folder.
+byte-identical afterwards, with no lock file, staging folder or half-made run folder left, and special files
+(a FIFO, /dev/null) are still special files.
 """
 
 from __future__ import annotations
@@ -297,6 +298,74 @@ def with_ckpt(ctx):
     return {"src": ctx.ckpt()}
 
 
+# ---- setups for class 1, data loss: destinations that are, hold or lie inside what a command reads -----------
+STORY = "Once upon a time a cat sat on a mat. It was happy.\n<|endoftext|>\n"
+
+
+def foreign_folder(ctx, name: str = "stuff") -> Path:
+    folder = ctx.tmp / name
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes, not gamexport's")
+    return folder
+
+
+def run_folder(ctx, name: str = "run") -> Path:
+    """A training run folder (its run.json marks it) holding the latest model, as `gamexport train` leaves."""
+    folder = ctx.ckpt(name)
+    (folder / "run.json").write_text(json.dumps({"kind": "gamexport-run", "dataset": "x", "preset": "tiny",
+                                                 "seed": 0, "gamexport_version": "0"}))
+    return folder
+
+
+def stories(ctx, n: int = 40) -> Path:
+    path = ctx.tmp / "stories.txt"
+    path.write_text(STORY * n)
+    return path
+
+
+def in_folder(setup, where: str):
+    """The row's command runs with its working directory at the setup's ``where`` value."""
+    def wrapped(ctx):
+        values = setup(ctx)
+        return {**values, "cwd": values[where]}
+    return wrapped
+
+
+def with_src_and(extra: Callable[[Ctx], dict]):
+    def setup(ctx):
+        return {"src": ctx.ckpt(), **extra(ctx)}
+    return setup
+
+
+def a_fifo(ctx):
+    path = ctx.tmp / "report.fifo"
+    os.mkfifo(path)
+    return {"build": ctx.build(), "report": path}
+
+
+def dev_null(ctx):
+    """--report /dev/null: as root the old build made it a regular JSON file. It must stay a character device."""
+    return {"build": ctx.build(), "watch": [Path("/dev/null")]}
+
+
+def symlink_to_build(ctx):
+    link = ctx.tmp / "link"
+    link.symlink_to(ctx.build(), target_is_directory=True)
+    return {"src": ctx.ckpt(), "out": link}
+
+
+def foreign_failed_folder(ctx):
+    foreign_folder(ctx, "out.failed")
+    return {"src": ctx.ckpt(), "out": ctx.build("out")}
+
+
+def short_stories(ctx):
+    """Text that trains a tokenizer but holds fewer tokens than one sequence: train fails after creating --out."""
+    path = ctx.tmp / "short.txt"
+    path.write_text("Hi.\n<|endoftext|>\nYo.\n<|endoftext|>\n")
+    return {"data": path}
+
+
 # ---- engines through the stand-in tensorrt (no GPU here) ---------------------------------------------------------
 def _engines(ctx, mutate: Callable[[dict], None] | None = None, env_change: dict | None = None):
     """Stand-in TensorRT installed, tiny engines built (prefill profile batch 1..2 × sequence 1..16)."""
@@ -500,6 +569,58 @@ TABLE = [
         no_gpu=True),
     row("tensorrt-without-gpu", [*OPTS, "--device", "cuda", "--engines", "tensorrt"], with_ckpt, 2,
         r"--device cuda needs an NVIDIA GPU", no_gpu=True),
+    # ---- class 1, data loss: every writing command checks all its destinations first (gamexport/destinations.py)
+    row("out-is-the-source", ["build", "{src}", "--out", "{src}", "--no-latency", "-j", "1"], with_ckpt, 2,
+        r"--out \S*ck is the source \S*ck; writing there would change it\. Pass --out a new path outside"),
+    row("out-is-the-training-run", ["build", "{src}", "--out", "{src}", "--no-latency"], lambda c: {"src": run_folder(c)},
+        2, r"--out \S*run is the source"),
+    row("out-holds-the-source", [*OPTS, "--out", "{tmp}"], with_ckpt, 2, r"--out \S*work holds the source \S*ck"),
+    row("out-dot-holds-the-source", [*OPTS, "--out", "."], with_ckpt, 2, r"--out \. holds the source \S*ck"),
+    row("out-empty-string", [*OPTS, "--out", ""], with_ckpt, 2, r"--out \. holds the source \S*ck"),
+    row("out-foreign-folder", [*OPTS, "--out", "{out}"], with_src_and(lambda c: {"out": foreign_folder(c)}), 2,
+        r"--out \S*stuff holds files that are not from a gamexport build folder.*Pass --out a new or empty folder"),
+    row("out-training-run", [*OPTS, "--out", "{out}"], with_src_and(lambda c: {"out": run_folder(c)}), 2,
+        r"--out \S*run is a gamexport training run folder, not a gamexport build folder"),
+    row("out-symlink", [*OPTS, "--out", "{out}"], symlink_to_build, 2, r"--out \S*link is a symbolic link"),
+    row("out-failed-folder-foreign", [*OPTS, "--out", "{out}"], foreign_failed_folder, 2,
+        r"out\.failed holds files that are not a gamexport build"),
+    row("triton-is-out", [*OPTS, "--out", "{out}", "--triton", "{out}"],
+        with_src_and(lambda c: {"out": c.build("out")}), 2, r"--triton \S*out is --out \S*out"),
+    row("triton-inside-out", [*OPTS, "--out", "{out}", "--triton", "{out}/models"],
+        with_src_and(lambda c: {"out": c.build("out")}), 2, r"--triton \S*out/models is inside --out"),
+    row("triton-foreign-folder", [*OPTS, "--out", "{out}", "--triton", "{repo}"],
+        with_src_and(lambda c: {"out": c.build("out"), "repo": foreign_folder(c)}), 2,
+        r"--triton \S*stuff holds files that are not from a Triton model repository"),
+    row("triton-is-the-source", [*OPTS, "--triton", "{src}"], with_ckpt, 2, r"--triton \S*ck is the source"),
+    row("train-out-build-folder", ["train", "-o", "{build}", "-d", "{data}", "-p", "tiny", "--max-steps", "1"],
+        lambda c: {"build": c.build(), "data": stories(c)}, 2,
+        r"--out \S*build is a gamexport build folder, not a gamexport training run folder"),
+    row("train-out-foreign-folder", ["train", "-o", "{out}", "-d", "{data}", "-p", "tiny", "--max-steps", "1"],
+        lambda c: {"out": foreign_folder(c), "data": stories(c)}, 2,
+        r"--out \S*stuff holds files that are not from a gamexport training run folder"),
+    row("train-out-holds-the-data", ["train", "-o", "{tmp}", "-d", "{data}", "-p", "tiny", "--max-steps", "1"],
+        lambda c: {"data": stories(c)}, 2, r"--out \S*work holds --dataset \S*stories\.txt"),
+    row("train-resume-a-build", ["train", "-o", "{build}", "--resume"], with_build, 2,
+        r"--out \S*build is a gamexport build folder"),
+    row("report-dev-null", ["parity", "{build}", "--precision", "fp32", "-j", "1", "--report", "/dev/null"],
+        dev_null, 2, r"--report /dev/null is a character device, not a regular file"),
+    row("report-fifo", ["parity", "{build}", "--precision", "fp32", "-j", "1", "--report", "{report}"], a_fifo, 2,
+        r"--report \S*report\.fifo is a FIFO, not a regular file"),
+    row("report-into-the-build-manifest", ["parity", "{build}", "-j", "1", "--report", "{build}/manifest.json"],
+        with_build, 2, r"--report \S*manifest\.json is inside the build folder \S*build.*Pass --report a new path outside"),
+    row("report-over-a-graph", ["parity", "{build}", "-j", "1", "--report", "{build}/step.onnx"], with_build, 2,
+        r"--report \S*step\.onnx is inside the build folder"),
+    row("report-default-inside-the-build", ["parity", ".", "-j", "1"], in_folder(with_build, "build"), 2,
+        r"--report parity-report\.json is inside the build folder"),
+    row("report-is-a-folder", ["parity", "{build}", "-j", "1", "--report", "{tmp}/stuff"],
+        lambda c: {"build": c.build(), "stuff": foreign_folder(c)}, 2, r"--report \S*stuff is a folder, not a file"),
+    row("bench-out-build-folder", ["bench", "--preset", "tiny", "--quick", "--out", "{build}"], with_build, 2,
+        r"--out \S*build is a gamexport build folder, not a gamexport bench folder"),
+    row("bench-out-is-the-source", ["bench", "{build}", "--quick", "--out", "{build}"], with_build, 2,
+        r"--out \S*build is the source"),
+    # ---- class 2, leftovers: a failed train removes the run folder it created (no checkpoint yet)
+    row("train-fails-after-creating-out", ["train", "-o", "{tmp}/new-run", "-d", "{data}", "-p", "tiny"],
+        short_stories, 2, r"fewer than one sequence"),
 ]
 
 
@@ -816,43 +937,45 @@ def ctx(tmp_path, tiny_cfg, tiny_weights, ckpt_src, tiny_build, monkeypatch) -> 
             path.chmod(0o755)
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under ``root``, hidden ones included: relative path → sha256 (or 'dir').
+def _fingerprint(path: Path) -> str:
+    """sha256 of a regular file; what anything else is, never followed or read (a FIFO would block, a character
+    device never end): 'dir', 'link to TARGET', 'fifo', 'socket', 'char device 1,3', …"""
+    mode = path.lstat().st_mode
+    if stat.S_ISLNK(mode):
+        return f"link to {os.readlink(path)}"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        dev = path.lstat().st_rdev
+        return f"{'char' if stat.S_ISCHR(mode) else 'block'} device {os.major(dev)},{os.minor(dev)}"
+    return "fifo" if stat.S_ISFIFO(mode) else "socket"
 
-    Links and special files are recorded by what they are, never followed or read (a FIFO would block, a
-    character device never end): 'link to TARGET', 'fifo', 'char device 1,3', … (tests/test_fuzz_cli.py puts
-    them in its folders).
-    """
+
+def snapshot(root: Path, watch: list[Path] = ()) -> dict[str, str]:
+    """Every file and folder under ``root``, hidden ones included, and the ``watch`` paths outside it:
+    relative path → sha256 (or its type). rglob does not descend into linked folders (tests/test_fuzz_cli.py
+    puts links and special files in its folders)."""
     out = {}
-    for path in sorted(root.rglob("*")):  # rglob does not descend into linked folders
-        rel = path.relative_to(root).as_posix()
-        mode = path.lstat().st_mode
-        if stat.S_ISLNK(mode):
-            out[rel] = f"link to {os.readlink(path)}"
-        elif stat.S_ISDIR(mode):
-            out[rel] = "dir"
-        elif stat.S_ISREG(mode):
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            dev = path.lstat().st_rdev
-            out[rel] = f"{'char' if stat.S_ISCHR(mode) else 'block'} device {os.major(dev)},{os.minor(dev)}"
-        else:
-            out[rel] = "fifo" if stat.S_ISFIFO(mode) else "socket"
+    for path in sorted(root.rglob("*")):
+        out[path.relative_to(root).as_posix()] = _fingerprint(path)
+    for path in watch:
+        out[str(path)] = _fingerprint(path)
     return out
 
 
 def changes(before: dict, after: dict) -> list[str]:
-    """What was written, leaving out a build's empty lock file (``.<out>.lock``, kept on purpose)."""
-    empty = hashlib.sha256(b"").hexdigest()
-    diff = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    return [k for k in diff if not (k not in before and Path(k).name.startswith(".") and k.endswith(".lock")
-                                    and after[k] == empty)]
+    """What was written (a build's lock file included: it is deleted when the build ends)."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-def run_cli(argv: list[str], values: dict, cwd: Path, extra_env: dict | None = None):
-    args = [a.format(tmp=cwd, **{k: v for k, v in values.items() if k != "env"}) for a in argv]
+def run_cli(argv: list[str], values: dict, tmp: Path, extra_env: dict | None = None):
+    """Run the row's command with ``{tmp}`` and the setup's values filled in, in ``values["cwd"]`` (else tmp)."""
+    args = [a.format(tmp=tmp, **{k: v for k, v in values.items() if k != "env"}) for a in argv]
     env = {**os.environ, "GAMEXPORT_DEBUG": "", **values.get("env", {}), **(extra_env or {})}
-    return subprocess.run([*GAMEXPORT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run([*GAMEXPORT, *args], capture_output=True, text=True, cwd=values.get("cwd", tmp), env=env,
+                          timeout=300)
 
 
 def check_error_line(stderr: str, pattern: str) -> str:
@@ -870,7 +993,7 @@ def check_error_line(stderr: str, pattern: str) -> str:
 @pytest.mark.parametrize("argv,setup,expect,pattern", TABLE)
 def test_bad_input(ctx, argv, setup, expect, pattern):
     values = setup(ctx)
-    before = snapshot(ctx.tmp)
+    before = snapshot(ctx.tmp, values.get("watch", []))
     if argv is API:
         with pytest.raises(expect) as err:
             values["call"]()
@@ -880,7 +1003,7 @@ def test_bad_input(ctx, argv, setup, expect, pattern):
         assert "Traceback" not in proc.stdout
         stderr = proc.stderr
     # First what was written (also where the message is still wrong: a refused pickle must run nothing).
-    assert changes(before, snapshot(ctx.tmp)) == [], "nothing may be written"
+    assert changes(before, snapshot(ctx.tmp, values.get("watch", []))) == [], "nothing may be written"
     check_error_line(stderr, pattern)
     if argv is not API:
         assert proc.returncode == expect, stderr[-2000:]

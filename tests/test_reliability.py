@@ -54,7 +54,7 @@ def _start_paused_build(out: Path, stage: str, marker: Path) -> subprocess.Popen
 @pytest.mark.parametrize("stage", STAGES)
 def test_ctrl_c_at_every_stage_leaves_previous_output_and_says_so(tiny_build, tmp_path, stage):
     """SIGINT while the build waits at each stage (test pause hook): exit 130, one line, DIR byte-identical,
-    nothing beside it but the lock file. (SIGKILL at every stage: test_build.py.)"""
+    nothing beside it: no staging folder, no lock file. (SIGKILL at every stage: test_build.py.)"""
     out = tmp_path / "out"
     shutil.copytree(tiny_build, out)
     before = sorted((p.relative_to(out).as_posix(), p.read_bytes()) for p in out.rglob("*") if p.is_file())
@@ -66,7 +66,58 @@ def test_ctrl_c_at_every_stage_leaves_previous_output_and_says_so(tiny_build, tm
     after = sorted((p.relative_to(out).as_posix(), p.read_bytes()) for p in out.rglob("*") if p.is_file())
     assert after == before
     beside = {p.name for p in tmp_path.iterdir()} - {"out", "paused"}
-    assert beside <= {".out.lock"}, beside  # the staging folder went on the way out
+    assert beside == set(), beside  # the staging folder and the lock file went on the way out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("stage", ["export", "parity"])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(tiny_build, tmp_path, stage, sig):
+    """A build stopped by SIGTERM (a service manager, `kill`) or SIGHUP (its terminal closed) cleans up as Ctrl-C
+    does: DIR byte-identical, no staging folder (the build's 27 MB), no lock file; exit 128 + the signal."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_build, out)
+    before = sorted((p.relative_to(out).as_posix(), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    proc = _start_paused_build(out, stage, tmp_path / "paused")
+    assert list(tmp_path.glob(".out.staging-*")) and (tmp_path / ".out.lock").exists()  # what must go
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert err.splitlines()[-1] == "interrupted: nothing was changed in the output folder" and "Traceback" not in err
+    after = sorted((p.relative_to(out).as_posix(), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    assert after == before
+    assert {p.name for p in tmp_path.iterdir()} == {"out", "paused"}
+
+
+def test_a_waiter_never_trusts_a_lock_file_deleted_under_it(tmp_path):
+    """Why deleting the build's lock file is safe (fsutil.removable_lock): a process that waited on the old
+    file and gets its lock after the holder deleted it checks that the locked file is still the one at the path;
+    it is not, so it locks the new file there instead of running beside that file's holder."""
+    import fcntl
+    import threading
+
+    from gamexport.fsutil import removable_lock
+
+    path = tmp_path / ".out.lock"
+    old = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(old, fcntl.LOCK_EX)                       # the first holder
+    waiting, inside = threading.Event(), threading.Event()
+
+    def second():
+        with removable_lock(path, busy=waiting.set):
+            inside.set()
+
+    thread = threading.Thread(target=second, daemon=True)
+    thread.start()
+    assert waiting.wait(30)                               # the second opened the old file and waits on it
+    os.unlink(path)                                       # the first deletes its file while it holds it ...
+    new = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    fcntl.flock(new, fcntl.LOCK_EX)                       # ... a third creates a new one and holds it ...
+    os.close(old)                                         # ... and the first lets go of the old one
+    assert not inside.wait(0.5), "the second ran beside the third, on the lock of a deleted file"
+    os.close(new)                                         # the third lets go: now the second may run
+    assert inside.wait(30)
+    thread.join(30)
+    assert not path.exists()                              # and it deleted the lock file when done
 
 
 def test_two_builds_into_one_folder_cannot_mix(tmp_path):

@@ -160,6 +160,58 @@ def test_runs_refuse_what_would_break_them(tmp_path):
     with pytest.raises(TrainingError, match="fewer than one sequence"):
         (tmp_path / "short.txt").write_text("Hi.\n<|endoftext|>\nYo.\n<|endoftext|>\n")
         train(str(tmp_path / "short.txt"), "tiny", tmp_path / "short", progress=False)
+    assert not (tmp_path / "short").exists()   # created (its tokenizer written), then removed: no half-made run
+
+
+def _stop_at(step: int):
+    def on_step(record):
+        if record["step"] == step:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def test_an_interrupted_fresh_run_leaves_nothing_but_its_checkpoints(tmp_path):
+    """Ctrl-C before the first checkpoint: the run folder it created goes (an empty folder it was given is left
+    empty); after a checkpoint the run stays, for --resume."""
+    text = write_stories(tmp_path / "stories.txt", 20)
+    kwargs = dict(dataset=str(text), preset="tiny", max_steps=8, checkpoint_every=4, eval_every=4, progress=False)
+    with pytest.raises(TrainingInterrupted, match="No checkpoint was written yet"):
+        train(out=tmp_path / "new", on_step=_stop_at(2), **kwargs)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingInterrupted):
+        train(out=tmp_path / "empty", on_step=_stop_at(2), **kwargs)
+    assert list((tmp_path / "empty").iterdir()) == []
+    with pytest.raises(TrainingInterrupted, match="The last checkpoint is step 4"):
+        train(out=tmp_path / "kept", on_step=_stop_at(6), **kwargs)
+    assert [step for step, _ in list_checkpoints(tmp_path / "kept")] == [4]
+    assert train(out=tmp_path / "kept", resume=True, progress=False)["steps"] == 8
+
+
+def test_sigterm_during_a_fresh_run_removes_its_folder(tmp_path):
+    """SIGTERM (as from a scheduler) is handled like Ctrl-C: exit 128 + 15, the folder the run created is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = write_stories(tmp_path / "stories.txt", 60)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gamexport.cli.main", "train", "-d", str(text), "-p", "tiny",
+                             "-o", str(out), "--max-steps", "100000", "--checkpoint-every", "100000", "-j", "1",
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GAMEXPORT_DEBUG": ""})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists():   # written just before the first step
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("interrupted: training interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stories.txt"]
 
 
 @pytest.mark.parametrize("kind", ["transformer", "mamba"])

@@ -57,6 +57,7 @@ from gamexport import __version__
 from gamexport.config import GAMConfig
 from gamexport.checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, load_checkpoint, read_tensors,
                                   save_checkpoint)
+from gamexport.destinations import RUN_KIND
 from gamexport.errors import CheckpointError, ConfigError, GamexportError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, replace_dir
 from gamexport.jsonfile import MIB, Obj, read_json
@@ -350,13 +351,49 @@ def train(
         raise TrainingError(f"unknown device {device!r}", "pass cpu or cuda") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device cuda was asked for, but torch sees no CUDA GPU", "pass --device cpu")
+    fresh = check_run_folder(out, resume, dataset, data_dir)       # before anything is written
     with distributed.session(dev.type) as ctx:
         if ctx.enabled and dev.type == "cuda":
             dev = torch.device("cuda", ctx.local_rank)      # one GPU per worker
-        return _train(ctx, dev, started, dataset=dataset, preset=preset, out=out, max_steps=max_steps,
-                      resume=resume, seed=seed, data_dir=data_dir, eval_every=eval_every,
-                      checkpoint_every=checkpoint_every, threads=threads, vocab_size=vocab_size, progress=progress,
-                      on_step=on_step, model=model, dropout=dropout)
+        try:
+            return _train(ctx, dev, started, dataset=dataset, preset=preset, out=out, max_steps=max_steps,
+                          resume=resume, seed=seed, data_dir=data_dir, eval_every=eval_every,
+                          checkpoint_every=checkpoint_every, threads=threads, vocab_size=vocab_size,
+                          progress=progress, on_step=on_step, model=model, dropout=dropout)
+        except BaseException:
+            if ctx.is_main and fresh is not None:
+                remove_unfinished_run(Path(out), fresh)
+            raise
+
+
+def check_run_folder(out, resume: bool, dataset, data_dir) -> str | None:
+    """Refuse an ``out`` that is not new, empty or a training run, or that is, holds or lies inside the data,
+    before anything is written (``gamexport.destinations``). Returns what ``out`` was (absent or empty) when
+    this run starts it afresh, else None: a fresh run that fails before its first checkpoint is removed again.
+    """
+    from gamexport.destinations import ABSENT, EMPTY, RUN, check_folder, classify
+
+    named = dataset is None or data.is_named(dataset) or os.fspath(dataset).startswith("hf:")
+    before = classify(out)
+    check_folder(out, RUN, guards={"--dataset": None if named else dataset, "--data-dir": data_dir})
+    return before if before in (ABSENT, EMPTY) and not resume else None
+
+
+def remove_unfinished_run(out: Path, before: str) -> None:
+    """Undo a fresh run that stopped before its first checkpoint: delete the folder it created (or empty the
+    folder that was empty). A run with a checkpoint is kept: ``--resume`` continues it."""
+    from gamexport.destinations import ABSENT
+
+    if not out.is_dir() or list_checkpoints(out):
+        return
+    if before == ABSENT:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _check_bounds(**values) -> None:
@@ -548,7 +585,7 @@ def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out
             torch.manual_seed(distributed.derived_seed(seed, ctx.rank))
         if ctx.is_main:
             atomic_write_json(run_path, {
-                "dataset": dataset, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+                "kind": RUN_KIND, "dataset": dataset, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
                 "preset": preset_name, "seed": seed, "max_steps": max_steps, "vocab_size": vocab_size,
                 "model": kind, "dropout": dropout,
                 "eval_every": eval_every, "checkpoint_every": checkpoint_every, "threads": threads,
