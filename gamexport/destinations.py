@@ -22,7 +22,6 @@ Every refusal is an :class:`OutputError`: one line naming the path, why, and wha
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -45,9 +44,16 @@ ABSENT, EMPTY, OTHER, FILE, SPECIAL, SYMLINK = "absent", "empty folder", "folder
 
 
 def _json(path: Path) -> dict | None:
+    """The JSON object in a marker file, or None when it is absent, not a regular file, or not a JSON object
+    (read through the one validating reader: a FIFO is never opened, deep nesting never recurses)."""
+    from .errors import GamexportError
+    from .jsonfile import read_json
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None
+        data = read_json(path)
+    except (OSError, GamexportError):
         return None
     return data if isinstance(data, dict) else None
 
