@@ -3,8 +3,10 @@
 One torchrun launch trains the tiny preset for 6 steps (the 5th batch of an epoch holds a single row, so rank 1
 gets none and runs with weight 0, and the run crosses an epoch); a second launch resumes it from step 3. Each
 worker runs under an audit hook that logs every write into the run folder, so "only rank 0 writes" is observed,
-not assumed. Dropout is 0: with dropout each rank draws its own masks and no data-parallel run can equal a
-single process (see ``gamexport.training.loop.train``).
+not assumed, and records its threads once the command is over: none of the process group's may be left (left
+running into the interpreter's shutdown, one of them aborted a run that had succeeded). Dropout is 0: with
+dropout each rank draws its own masks and no data-parallel run can equal a single process (see
+``gamexport.training.loop.train``).
 """
 
 import json
@@ -62,14 +64,31 @@ LAUNCHER = textwrap.dedent('''
                 if real == OUT or real.startswith(OUT + os.sep):
                     writes.append(event + " " + os.path.relpath(real, OUT))
 
+    # The names of this process's native threads (None without Linux's /proc), when the process group is
+    # destroyed and once the command is over.
+    def threads():
+        tasks = "/proc/self/task"
+        if not os.path.isdir(tasks):
+            return None
+        return sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+
+    import torch.distributed
+    destroy, threads_at = torch.distributed.destroy_process_group, {}
+
+    def recording_destroy(*args, **kwargs):
+        threads_at["destroy"] = threads()
+        return destroy(*args, **kwargs)
+
+    torch.distributed.destroy_process_group = recording_destroy
     sys.addaudithook(hook)
     sys.argv = ["gamexport", *sys.argv[1:]]
     try:
         runpy.run_module("gamexport.cli.main", run_name="__main__")
     finally:
         active[0] = False
+        threads_at["end"] = threads()
         with open(LOG, "w") as f:
-            json.dump(writes, f)
+            json.dump({"writes": writes, "threads": threads_at}, f)
 ''')
 
 
@@ -85,8 +104,22 @@ def torchrun(tmp_path, out, *args):
                            str(launcher), "train", "--out", str(out), *args],
                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "terminate called" not in proc.stderr, proc.stderr
     logs = [json.loads((tmp_path / f"writes-{out.name}.{rank}.json").read_text()) for rank in (0, 1)]
-    return proc, logs
+    for log in logs:
+        assert_no_gloo_thread_outlives_the_run(log["threads"])
+    return proc, [log["writes"] for log in logs]
+
+
+def assert_no_gloo_thread_outlives_the_run(threads):
+    """Once the command is over, the process group's threads (gloo names them pt_gloo_* and gloo_*) are gone.
+    Left running, they would still run while Python shuts down, where one of them can abort a run that
+    succeeded ("terminate called without an active exception", see ``distributed.teardown``)."""
+    if threads["end"] is None:
+        return
+    gloo = [name for name in threads["destroy"] if "gloo" in name]
+    assert gloo, threads          # they did run until the group was destroyed: the names are the right ones
+    assert not [name for name in threads["end"] if "gloo" in name], threads
 
 
 def weights(folder):
@@ -194,3 +227,49 @@ def test_shards_cover_the_batch_in_order():
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))       # contiguous, in rank order
             sizes = [hi - lo for lo, hi in parts]
             assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads with Linux's /proc")
+def test_no_thread_of_the_group_outlives_a_session(monkeypatch):
+    """``session`` really frees the process group, so that its threads stop before Python shuts down: after a
+    run that succeeded and after one that failed with the model (wrapped in DistributedDataParallel, which
+    holds the group) in its traceback. With the collector off, as it may happen to be: the wrapper sits in
+    reference cycles, so teardown must collect them itself. A group of one process, in this process."""
+    import contextlib
+    import gc
+    import weakref
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gamexport.training import distributed
+
+    def one_process_group(device_type):
+        distributed.start_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        return Dist(backend="gloo", owns_group=True)
+
+    def gloo_threads():
+        return [name for name in (open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+                if "gloo" in name]
+
+    monkeypatch.setattr(distributed, "init", one_process_group)
+    gc.disable()
+    try:
+        for fails in (False, True):
+            group = []
+
+            def train_a_step():
+                model = DistributedDataParallel(torch.nn.Linear(4, 4))
+                model(torch.ones(2, 4)).sum().backward()
+                group.append(weakref.ref(torch.distributed.group.WORLD))
+                assert gloo_threads()
+                if fails:
+                    raise RuntimeError("the step failed")
+
+            with pytest.raises(RuntimeError) if fails else contextlib.nullcontext() as error:
+                with distributed.session("cpu"):
+                    train_a_step()
+            # `error` keeps the exception and its traceback alive, as the CLI's exit path does until the end.
+            assert group and group[0]() is None, f"the process group outlived its session ({error})"
+            assert not gloo_threads() and not torch.distributed.is_initialized()
+    finally:
+        gc.enable()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Mapping
@@ -175,7 +176,7 @@ def init(device_type: str) -> Dist:
         rank = dist.get_rank()
     else:
         try:
-            dist.init_process_group(backend=backend, init_method="env://", timeout=TIMEOUT)
+            start_group(backend, init_method="env://")
         except (RuntimeError, ValueError, OSError) as exc:   # missing MASTER_ADDR, unreachable rank 0, ...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DistributedError(f"WORLD_SIZE is {world}, but torch.distributed ({backend}) could not start: "
@@ -185,23 +186,72 @@ def init(device_type: str) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device, owns_group=owns)
 
 
-def teardown(ctx: Dist) -> None:
-    """End the process group if ``init`` started it."""
-    if ctx.owns_group:
-        import torch.distributed as dist
+def start_group(backend: str, **how: Any) -> None:
+    """``torch.distributed.init_process_group(backend, **how)``, after importing the torch modules that capture
+    the default process group when they are first imported.
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    ``torch.distributed.nn.functional`` declares ten functions with the default argument ``group=group.WORLD``,
+    evaluated at import. DistributedDataParallel imports it lazily (through ``torch._dynamo``), so after the
+    group exists, and those defaults would hold the live group until the interpreter shuts down:
+    ``destroy_process_group`` could not free it, and its threads would outlive the run (see ``teardown``).
+    Imported first, the defaults hold ``None``, which means the default group when they are called.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401
+
+    dist.init_process_group(backend=backend, timeout=TIMEOUT, **how)
+
+
+def teardown(ctx: Dist, *, clean: bool = True) -> None:
+    """End the process group if ``init`` started it, so that none of its threads outlives the run.
+
+    ``destroy_process_group`` only drops torch's own references to the group; the C++ group, and with it its
+    threads, goes when the LAST reference does. If any remains, the threads are still running when the
+    interpreter shuts down, and a worker that finished its work can then die with SIGABRT ("terminate called
+    without an active exception") after writing everything, so that torchrun reports a failed run. Hence, on
+    every rank and every exit path (``session`` calls this after a success, an error or Ctrl-C):
+
+    1. ``clean`` (the run succeeded): a barrier, so that no rank closes its connections while a peer is still in
+       a collective with it. Not after an error: the other ranks may never arrive.
+    2. ``gc.collect()``: DistributedDataParallel and its reducer hold the group and sit in reference cycles that
+       only the collector frees (``session`` has already cleared the frames of a failed run's traceback).
+    3. ``destroy_process_group()``: the group's last reference goes, and its destructor joins its threads.
+
+    ``start_group`` removes the one holder this cannot reach; ``tests/test_ddp.py`` checks that no gloo thread
+    is left once a run is over.
+    """
+    if not ctx.owns_group:
+        return
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        if clean:
+            ctx.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
 def session(device_type: str) -> Iterator[Dist]:
-    """``init`` on entry, ``teardown`` on exit, whatever happens in between."""
+    """``init`` on entry, ``teardown`` on exit, whatever happens in between.
+
+    On an error the traceback's finished frames (the training loop's, holding the model wrapped in
+    DistributedDataParallel, which holds the group) are cleared first: the error message, the exit code and a
+    ``--debug`` traceback do not need their locals, and otherwise they would keep the group alive until exit.
+    """
     ctx = init(device_type)
     try:
         yield ctx
-    finally:
-        teardown(ctx)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        teardown(ctx, clean=False)
+        raise
+    teardown(ctx)
 
 
 def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
