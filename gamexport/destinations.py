@@ -168,6 +168,14 @@ def _check_guards(path: Path, dest: Path, option: str, guards: Mapping[str, obje
                               f"pass {option} a new path outside {where}")
 
 
+def _examine(path: str | os.PathLike, option: str, guards: Mapping[str, object] | None) -> tuple[Path, str, Path]:
+    """(the path as given, what is there now, the resolved path) once the guards have passed; ``''`` is ``.``."""
+    path = Path(os.fspath(path) or ".")
+    dest = real(path)
+    _check_guards(path, dest, option, guards or {})
+    return path, classify(path), dest
+
+
 def check_folder(path: str | os.PathLike, kind: str, *, option: str = "--out",
                  guards: Mapping[str, object] | None = None) -> Path:
     """Refuse ``path`` as a folder destination of ``kind`` unless it is absent, empty or of that kind, and is,
@@ -175,10 +183,7 @@ def check_folder(path: str | os.PathLike, kind: str, *, option: str = "--out",
     ``{"the source": src, "--out": out}``; None values are skipped); returns the resolved path to write to.
 
     ``option`` names the destination in the message (``--out``, ``--triton``)."""
-    path = Path(os.fspath(path) or ".")
-    found = classify(path)
-    dest = real(path)
-    _check_guards(path, dest, option, guards or {})
+    path, found, dest = _examine(path, option, guards)
     if found in (ABSENT, EMPTY) or found == kind:
         return dest
     if found == FILE:
@@ -198,10 +203,7 @@ def check_file(path: str | os.PathLike, *, option: str = "--report",
                guards: Mapping[str, object] | None = None) -> Path:
     """Refuse ``path`` as a file destination unless it is a regular file or a new path, and is, holds and lies
     inside none of ``guards`` (as for :func:`check_folder`); returns the resolved path."""
-    path = Path(os.fspath(path) or ".")
-    found = classify(path)
-    dest = real(path)
-    _check_guards(path, dest, option, guards or {})
+    path, found, dest = _examine(path, option, guards)
     if found in (ABSENT, FILE):
         return dest
     if found == SYMLINK:
