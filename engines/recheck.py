@@ -115,6 +115,10 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
                     rows.append({"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,
                                  "reference": "eager-fp32", "input": label, "batch": int(ids.shape[0]),
                                  "seq_len": int(ids.shape[1]), **metrics})
+            from .emulation import recheck_rows  # the emulation references the build kept (fp16 weights, INT8 plan)
+
+            rows += recheck_rows(folder, runner, {"prefill": (pre_in, names["prefill"]),
+                                                  "step": (step_in, names["step"])}, threads)
         finally:
             runner.close()
     from gamexport.bench import machine_info

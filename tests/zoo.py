@@ -294,9 +294,16 @@ def build_rows(ckpt, eager, folder: Path, precision: str, text_ids, eval_ids) ->
         rows, kept = parity_checks(ckpt, eager, runners, lambda m: None, text_ids)
         kept.close()
         return [r for r in rows if r["runtime"] != "eager"]
+    import json
+
+    from gamexport.engines.emulation import emulators
+
+    calibration = (json.loads((folder / "calibration.json").read_text())["amax"]
+                   if (folder / "calibration.json").is_file() else None)
+    emulate = emulators(ckpt, (precision,), calibration)
     runner = open_variant_runner(folder, cfg, "onnxruntime-cpu", precision, 1, None, lambda m: None)
     try:
-        return variant_parity_checks(ckpt, eager, runner, lambda m: None, eval_ids)
+        return variant_parity_checks(ckpt, eager, runner, lambda m: None, eval_ids, emulate, 1)
     finally:
         runner.close()
 
