@@ -384,13 +384,13 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
     rows = []
     for name, ids in inputs.items():
         progress(f"parity: {runner.runtime} {p} graphs vs eager fp32 on '{name}' tokens")
-        ref_logits, _ = eager.prefill(ids)
-        logits, _ = runner.prefill(ids)
+        ref_logits, ref_state = eager.prefill(ids)
+        logits, state = runner.prefill(ids)
         extra = {"compute_precision": compute, "note": note}
         # Perplexity needs the true next tokens: on real text only.
         targets = ids[:, 1:] if name == "text" else None
         cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
-        metrics = compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets)
+        metrics = compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets, states=(ref_state, state))
         if not metrics["passed"]:
             where = localise_divergence(ckpt, runner, ids)
             if where is not None:
@@ -398,9 +398,10 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
                 progress(f"parity: {runner.runtime} {p} fails on '{name}'; {where.get('summary', where.get('error'))}")
         rows.append(_row(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids, metrics,
                          precision=p, **extra))
-        step_logits, _ = run_chunks(runner, ids, sizes)
+        step_logits, step_state = run_chunks(runner, ids, sizes)
         rows.append(_row(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
-                         compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets), precision=p,
+                         compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets,
+                                        states=(ref_state, step_state)), precision=p,
                          chunks=sizes, **extra))
         if emulation is not None and name == "random":
             emu_logits, _ = emulation.prefill(ids)
