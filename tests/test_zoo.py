@@ -16,12 +16,16 @@ import zoo
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dyn")
 
-#: (mutant, precision) that no row catches yet, with why: asserted exactly, so a fix must update this list and
-#: docs/guarantees.md. int8-dyn has no plan emulation (ONNX Runtime's quantizer chooses its scales), and its
-#: noise against eager fp32 (ppl 0.2 %, KL 1e-3–2e-3) is as large as what these one-layer bugs add.
+#: (mutant, precision) → the judges that do not catch it yet ("build", "parity"), asserted exactly, so a fix
+#: must update this table and docs/guarantees.md. int8-dyn has no plan emulation (ONNX Runtime's quantizer
+#: chooses its activation scales at run time), and its noise against eager fp32 (ppl 0.2 %, KL 1e-3–2e-3) is as
+#: large as what these one-layer bugs add. The build's state gate sees the dropped gate bias on its 256-token
+#: inputs (state diff just above 0.12 × max|state|, a thin margin); gamexport parity's 32-token feeds do not.
 KNOWN_ESCAPES = {
-    ("gate_bias_dropped_one_layer", "int8-dyn"), ("ffn_bias_dropped_one", "int8-dyn"),
-    ("tanh_gelu", "int8-dyn"), ("layernorm_eps", "int8-dyn"),
+    ("gate_bias_dropped_one_layer", "int8-dyn"): {"parity"},
+    ("ffn_bias_dropped_one", "int8-dyn"): {"build", "parity"},
+    ("tanh_gelu", "int8-dyn"): {"build", "parity"},
+    ("layernorm_eps", "int8-dyn"): {"build", "parity"},
 }
 
 
@@ -64,8 +68,8 @@ def test_mutant_is_caught_by_the_build_and_by_gamexport_parity(demo, tmp_path, m
     assert changed, "the mutant changed no file"
     by_build = zoo.caught_by(zoo.build_rows(ckpt, eager, copy, precision, text, eval_ids))
     by_recheck = zoo.caught_by(zoo.recheck_rows(copy, precision))
-    if (mutant, precision) in KNOWN_ESCAPES:
-        assert not by_build and not by_recheck, f"now caught: remove it from KNOWN_ESCAPES and update the docs"
-        pytest.xfail(f"known escape: {mutant} at {precision}")
-    assert by_build, f"the build did not catch {mutant} at {precision}"
-    assert by_recheck, f"gamexport parity did not catch {mutant} at {precision}"
+    escaped = {judge for judge, caught in (("build", by_build), ("parity", by_recheck)) if not caught}
+    assert escaped == KNOWN_ESCAPES.get((mutant, precision), set()), \
+        f"{mutant} at {precision} escapes {sorted(escaped) or 'nothing'}: update KNOWN_ESCAPES and the docs"
+    if escaped:
+        pytest.xfail(f"known escape: {mutant} at {precision} escapes {', '.join(sorted(escaped))}")
