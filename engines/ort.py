@@ -27,9 +27,12 @@ def _import_ort():
     return onnxruntime
 
 
-def session_options(threads: int | None):
+def session_options(threads: int | None, config: dict[str, str] | None = None):
+    """Session options: ``threads`` intra-op threads, all graph optimizations, and ``config`` session entries."""
     ort = _import_ort()
     so = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     so.log_severity_level = 3  # errors only
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -38,7 +41,8 @@ def session_options(threads: int | None):
     return so
 
 
-def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider"):
+def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider",
+                 config: dict[str, str] | None = None):
     """An InferenceSession on exactly ``provider``: a GPU provider that ends up on the CPU is an error."""
     ort = _import_ort()
     if not Path(path).is_file():
@@ -55,7 +59,8 @@ def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
             raise GamexportError(f"{RUNTIMES.get(provider, provider)} needs an NVIDIA GPU, but {why}",
                                  "run on a machine with a GPU, or use --device cpu")
     try:
-        session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=[provider])
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads, config),
+                                       providers=[provider])
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, …)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise GraphError(f"ONNX Runtime cannot load {path}: {first}",
@@ -150,6 +155,14 @@ def write_int8_dynamic(src: Path, dst: Path, threads: int | None = None) -> Path
     return dst
 
 
+#: Session entries that make ONNX Runtime run an INT8 graph's QuantizeLinear/DequantizeLinear pairs as written
+#: (fp32 MatMuls on dequantized values) instead of fusing them into integer kernels: the graph's own arithmetic,
+#: comparable with a NumPy emulation of the plan to float rounding. The fused CPU kernels are a different
+#: computation (measured on an AVX2 CPU without VNNI, demo model: up to 2.2 in the logits from the Q/DQ
+#: semantics, after layer 0), checked against eager fp32 by the INT8 quality gate instead.
+QDQ_REFERENCE = {"session.disable_quant_qdq": "1"}
+
+
 class OrtRunner(Runner):
     """Runs the prefill and step graphs with ONNX Runtime on one execution provider (CPU, CUDA or TensorRT).
 
@@ -160,10 +173,12 @@ class OrtRunner(Runner):
     runtime = "onnxruntime-cpu"
 
     def __init__(self, model_path: str | Path | None, step_path: str | Path, config: GAMConfig | None,
-                 threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider"):
+                 threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider",
+                 session_config: dict[str, str] | None = None):
         """``model_path=None``: step graph only — prefill runs as a chunk from the zero state at position 0
         (identical by construction), so generation needs one session and one copy of the weights.
-        ``config=None``: read from the step session's metadata (no second parse of the file)."""
+        ``config=None``: read from the step session's metadata (no second parse of the file).
+        ``session_config``: ONNX Runtime session entries (``QDQ_REFERENCE``: run Q/DQ pairs as written)."""
         if provider not in RUNTIMES:
             raise GamexportError(f"unknown ONNX Runtime provider {provider!r}", f"use one of {', '.join(RUNTIMES)}")
         self.step_path = Path(step_path)
@@ -171,7 +186,7 @@ class OrtRunner(Runner):
         self.precision = precision
         self.provider = provider
         self.runtime = RUNTIMES[provider]
-        self.step_session = load_session(self.step_path, threads, provider)
+        self.step_session = load_session(self.step_path, threads, provider, session_config)
         if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
             from gamexport.graph.builder import check_config_against_graph, config_from_metadata, embedding_shapes
 
@@ -184,7 +199,7 @@ class OrtRunner(Runner):
                 shapes.update(embedding_shapes(onnx.load(str(self.step_path), load_external_data=False)))
             check_config_against_graph(config, shapes, str(self.step_path))
         super().__init__(config)
-        self.prefill_session = (load_session(self.model_path, threads, provider) if model_path is not None
+        self.prefill_session = (load_session(self.model_path, threads, provider, session_config) if model_path is not None
                                 else None)
         self.matmul_ops: dict[str, int] = {}
         self.compute_precision = precision

@@ -329,7 +329,8 @@ def localise_divergence(ckpt: Checkpoint, runner, ids: np.ndarray) -> dict | Non
 
 
 def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
-                          text_ids: np.ndarray | None = None) -> list[dict]:
+                          text_ids: np.ndarray | None = None, emulate: dict | None = None,
+                          threads: int | None = None) -> list[dict]:
     """Rows for a reduced-precision runner (ONNX Runtime or TensorRT) against eager fp32 under its precision's gate
     (the INT8 gate — perplexity on real text — needs ``text_ids``; without it the rows are informational); and, for
     half precision, against an independent emulation of the same precision plan:
@@ -341,6 +342,9 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
       (reference ``emulation-{p}``), gated by :func:`~gamexport.graph.emulate.half_plan_metrics` so that a graph
       silently computing in fp32 fails — or informational, saying why, when nothing can tell the two apart.
       Without a CUDA GPU for torch these rows are not produced, and the other rows' note says why.
+
+    ``emulate`` (``engines.emulation.emulators``) adds the emulation rows of ``engines.emulation`` — prefill and
+    chunked step of every input, logits and state — which replace the single fp16-weights row above.
 
     TensorRT rows also say whether the runner replayed CUDA graphs (``cuda_graph``)."""
     from gamexport.engines.eager import EagerRunner
@@ -366,7 +370,7 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
     else:
         note = f"{p} weights and MatMuls"
     emulation = None
-    if p in ("fp16", "bf16") and compute == "fp32":
+    if p in ("fp16", "bf16") and compute == "fp32" and f"emulation-{p}-weights" not in (emulate or {}):
         emulation = EagerRunner(cfg, round_weights(ckpt.weights, p))
         emulation.check_finite = False  # half-rounded weights may overflow: then the rows fail, as the graph's do
     plan_device, plan_where = None, ""
@@ -380,13 +384,13 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
     rows = []
     for name, ids in inputs.items():
         progress(f"parity: {runner.runtime} {p} graphs vs eager fp32 on '{name}' tokens")
-        ref_logits, _ = eager.prefill(ids)
-        logits, _ = runner.prefill(ids)
+        ref_logits, ref_state = eager.prefill(ids)
+        logits, state = runner.prefill(ids)
         extra = {"compute_precision": compute, "note": note}
         # Perplexity needs the true next tokens: on real text only.
         targets = ids[:, 1:] if name == "text" else None
         cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
-        metrics = compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets)
+        metrics = compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets, states=(ref_state, state))
         if not metrics["passed"]:
             where = localise_divergence(ckpt, runner, ids)
             if where is not None:
@@ -394,9 +398,10 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
                 progress(f"parity: {runner.runtime} {p} fails on '{name}'; {where.get('summary', where.get('error'))}")
         rows.append(_row(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids, metrics,
                          precision=p, **extra))
-        step_logits, _ = run_chunks(runner, ids, sizes)
+        step_logits, step_state = run_chunks(runner, ids, sizes)
         rows.append(_row(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
-                         compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets), precision=p,
+                         compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets,
+                                        states=(ref_state, step_state)), precision=p,
                          chunks=sizes, **extra))
         if emulation is not None and name == "random":
             emu_logits, _ = emulation.prefill(ids)
@@ -412,6 +417,11 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
                 metrics = half_plan_metrics(test, plan, fp32_compute, p)
                 rows.append(_row(runner.runtime, graph, artifact, f"emulation-{p}", name, ids, metrics,
                                  precision=p, **more, **extra))
+    if emulate:
+        from .emulation import build_rows
+
+        rows += [{**row, "compute_precision": compute, "note": note}
+                 for row in build_rows(ckpt, runner, inputs, sizes, emulate, threads, progress)]
     if hasattr(runner, "cuda_graph_status"):  # TensorRT: say whether decode steps replayed CUDA graphs
         used, graph_note = bool(runner.cuda_graph_status["used"]), runner.cuda_graph_note()
         for row in rows:
@@ -782,15 +792,19 @@ def build(opts: BuildOptions) -> BuildResult:
                                     ("inlined", "model.inlined.onnx", "step.inlined.onnx"),
                                     ("ort-format", "model.ort", "step.ort"))}
         parity, fp32_runner = parity_checks(ckpt, eager, ort_runners, progress, text_ids)
+        from .emulation import emulators, write_emulation_references
+
+        emulate = emulators(ckpt, precisions, calibration)
         variants = []
         for runtime, precision in matrix:
             if (runtime, precision) == ("onnxruntime-cpu", "fp32"):
                 continue
             variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say,
                                                 opts.cuda_graph))
-            parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids)
+            parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids, emulate, threads)
         passed = all(r["passed"] for r in parity)  # informational rows (gated: false) pass by definition
         write_parity_references(staging, eager, cfg, text_ids)
+        write_emulation_references(staging, ckpt, precisions, calibration)
 
         latency: list[dict] = []
         if opts.latency:

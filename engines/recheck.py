@@ -109,12 +109,16 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
                     targets = ids[:, 1:] if label == "text" and graph == "prefill" else None
                     cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
                     metrics = compare_logits(cut(ref["logits"]), cut(logits), tol, targets,
-                                             states=(ref_state, state) if precision == "fp32" else None)
+                                             states=(ref_state, state))  # every precision: state gates
                     path = getattr(runner, "model_path" if graph == "prefill" else "step_path", None)
                     artifact = path.name if path is not None else f"tensorrt/{graph}.{precision}.plan"
                     rows.append({"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,
                                  "reference": "eager-fp32", "input": label, "batch": int(ids.shape[0]),
                                  "seq_len": int(ids.shape[1]), **metrics})
+            from .emulation import recheck_rows  # the emulation references the build kept (fp16 weights, INT8 plan)
+
+            rows += recheck_rows(folder, runner, {"prefill": (pre_in, names["prefill"]),
+                                                  "step": (step_in, names["step"])}, threads)
         finally:
             runner.close()
     from gamexport.bench import machine_info

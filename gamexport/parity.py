@@ -32,6 +32,12 @@ class Tolerance:
     margin: float          # reference top-1/top-2 logit margin below which top-1 is not counted
     reason: str
     ppl_rel: float | None = None  # |ppl_test / ppl_ref − 1| on real text
+    #: None: max_abs holds at every position. A quantile q: max_abs holds for the q-quantile over positions of
+    #: each position's max |diff| — for references where a value may legitimately round to the neighbouring
+    #: quantization step and move a few positions (INT8_PLAN); a bug moves them all.
+    abs_quantile: float | None = None
+    #: the streaming state's max abs diff × max(1, max|ref state|) when max_abs is None; None: state not gated
+    state_abs: float | None = None
 
     @property
     def needs_targets(self) -> bool:
@@ -41,20 +47,53 @@ class Tolerance:
         return asdict(self)
 
 
-#: The one tolerance table (README "Parity" mirrors it). Keyed by precision; reduced-precision rows arrive with
-#: the precision issue and are listed here so the policy reads in one place.
+#: The one tolerance table (README "Parity" mirrors it), keyed by precision. Each gate is set from the measured noise
+#: of its precision (the demo model, ``gamexport build --precision fp32,fp16,bf16,int8,int8-dyn``) and names the
+#: mutant of the zoo (tests/zoo.py, docs/guarantees.md "The mutant zoo") it is there to catch.
 TOLERANCES: dict[str, Tolerance] = {
+    # noise: ONNX Runtime vs eager fp32, summation order only: KL ~2e-12, max |diff| ~4e-5 of logits ~15.
+    # Catches every mutant of the zoo at fp32 (the weakest, tanh GELU for exact GELU: KL 5e-6, |diff| 0.08).
     "fp32": Tolerance(max_abs=1e-4, kl=1e-6, top1=1.0, margin=1e-3,
                       reason="same math in fp32: only summation order differs"),
-    "fp16": Tolerance(max_abs=None, kl=1e-3, top1=0.99, margin=0.05,
-                      reason="half-precision weights and matmuls, fp32 LayerNorm/Softmax islands"),
-    "bf16": Tolerance(max_abs=None, kl=1e-3, top1=0.99, margin=0.05,
-                      reason="bfloat16 weights and matmuls, fp32 LayerNorm/Softmax islands"),
-    "int8": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02,
+    # noise: KL 2e-7 with fp16 weights and fp32 compute (ONNX Runtime CPU), ~1e-6 where the GPU multiplies in fp16;
+    # 1e-5 is 10× the larger. Catches one layer's dropped gate bias (KL 2e-4), one dropped FFN bias (1.7e-3) and
+    # LayerNorm ε 1e-3 (7e-4); tanh GELU (5e-6) sits under the noise of a real fp16 GPU: the fp16-weights
+    # emulation row (fp32 tolerance, "emulation-fp16-weights") catches it, in the build and in gamexport parity.
+    # state noise (ONNX Runtime CPU): 4.2e-4 × max(1, max|state|); 5e-3 is 12×. Catches the step graph returning
+    # its input state (0.19 or more on every saved step feed) and positions off by one (0.19 or more).
+    "fp16": Tolerance(max_abs=None, kl=1e-5, top1=0.99, margin=0.05, state_abs=5e-3,
+                      reason="half-precision weights and matmuls, fp32 LayerNorm/Softmax islands; KL 10× fp16 noise"),
+    # noise: KL ~6e-5 where the GPU multiplies in bf16 (bf16 has 8 mantissa bits to fp16's 11); 5e-4 is 8×.
+    # Catches one dropped FFN bias (1.7e-3 at fp16, more at bf16) and the structural mutants; a dropped gate bias
+    # (2e-4) is below bf16 noise: only the bf16 plan emulation (CUDA) separates it. No CPU runs bf16.
+    "bf16": Tolerance(max_abs=None, kl=5e-4, top1=0.99, margin=0.05,
+                      reason="bfloat16 weights and matmuls, fp32 LayerNorm/Softmax islands; KL 8× bf16 noise"),
+    # noise: ppl change 0.35 % (int8) / 0.2 % (int8-dyn) on held-out text, KL vs eager 2.5e-3–4e-3: as large as
+    # what a one-layer bug adds, so these are quality gates, not bug detectors. The INT8 plan emulation
+    # (INT8_PLAN below) catches the small int8 bugs; int8-dyn has no emulation yet (docs/guarantees.md).
+    # state noise: 4.5e-2 (int8) / 6.4e-2 (int8-dyn) × max(1, max|state|); 0.12 is 2× the larger and still under
+    # the 0.19 that the step graph returning its input state, or positions off by one, show on every step feed:
+    # the state gate that catches those in gamexport parity, whose step feeds have no perplexity.
+    "int8": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02, state_abs=0.12,
                       reason="static INT8 Q/DQ: perplexity on held-out text within 2 % of fp32"),
-    "int8-dyn": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02,
+    "int8-dyn": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02, state_abs=0.12,
                           reason="dynamic INT8 (MatMulInteger): perplexity on held-out text within 2 % of fp32"),
 }
+
+#: An INT8 graph run as written (Q/DQ pairs unfused, ``engines.ort.QDQ_REFERENCE``) against the NumPy
+#: fake-quant emulation of the same plan (``gamexport.graph.emulate_int8``): noise is float rounding at a
+#: quantization step boundary, measured max |diff| ~1e-5 on logits ~15 (relative 1e-6). The gate (1e-3 relative)
+#: catches one per-channel scale tensor 3 % off (the memory banks' read-side scales × 0.97: |diff| 0.7, KL 1e-3)
+#: with a 40× margin, and any dropped bias or mis-wired op of the int8 graph.
+#: One activation that lies within float rounding of a step boundary rounds the other way in one of the two and
+#: moves a few positions after it (measured: 12 of 1024 positions on the held-out text, |diff| up to 0.2), so the
+#: abs gate applies to the median position: measured 2.5e-7 × max(1, max|ref|) unmutated, 1.1e-2 (tanh GELU,
+#: the weakest mutant) to 8e-1 mutated; the wrong scale (× 0.97) 1.4e-2. KL and top-1, which one flip can move
+#: on a short feed, are not gated here (the precision's own gate checks them against eager fp32). The state is
+#: gated at every element (measured 1.2e-6; the mutants that reach it move it by 5e-2 or more).
+INT8_PLAN = Tolerance(max_abs=1e-3, kl=None, top1=None, margin=0.05, abs_quantile=0.5,
+                      reason="must equal the NumPy fake-quant emulation of the INT8 plan (same scales) to rounding, "
+                             "at the median position")
 
 
 def tolerance(precision: str) -> Tolerance:
@@ -112,8 +151,14 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance,
         checks["kl"] = kl_mean <= tol.kl
     if tol.top1 is not None:
         checks["top1"] = top1 >= tol.top1
-    if abs_limit is not None:
+    over = {}
+    if abs_limit is not None and tol.abs_quantile is None:
         checks["max_abs"] = max_abs <= abs_limit
+    elif abs_limit is not None:
+        quantile = float(np.quantile(diff.reshape(-1, diff.shape[-1]).max(-1), tol.abs_quantile))
+        over = {"abs_diff_quantile": quantile,
+                "positions_over_abs_limit": int((diff.reshape(-1, diff.shape[-1]).max(-1) > abs_limit).sum())}
+        checks["max_abs"] = quantile <= abs_limit
     ppl = {}
     if targets is not None:
         ppl_ref, ppl_test = perplexity(ref, targets), perplexity(test, targets)
@@ -124,10 +169,11 @@ def compare_logits(ref: np.ndarray, test: np.ndarray, tol: Tolerance,
     if states is not None:
         state_diff, checks["state"] = compare_state(states[0], states[1], tol)
         state = {"state_max_abs_diff": state_diff}
-    gated = not (tol.needs_targets and targets is None)
+    gated = not (tol.needs_targets and targets is None) or "state" in checks  # a state gate applies without text
     return {
         **ppl,
         **state,
+        **over,
         "gated": gated,
         "max_abs_diff": max_abs,
         "max_abs_limit": abs_limit,
@@ -151,9 +197,10 @@ def compare_state(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> tuple[fl
     if ref.shape != test.shape or not np.isfinite(test).all():
         return float("inf"), False
     diff = float(np.abs(ref - test).max())
-    if tol.max_abs is None:
+    limit = tol.max_abs if tol.max_abs is not None else tol.state_abs
+    if limit is None:
         return diff, True
-    return diff, diff <= tol.max_abs * max(1.0, float(np.abs(ref).max()))
+    return diff, diff <= limit * max(1.0, float(np.abs(ref).max()))
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""Emulation references: the parity rows that compare a reduced-precision graph with an independent emulation of
+its own plan, tight enough to catch one-layer bugs that hide under the precision's noise against eager fp32.
+
+- ``emulation-fp16-weights``: fp32 math (eager PyTorch) on fp16-rounded weights — what ONNX Runtime's CPU
+  provider computes with an fp16 graph — under the fp32 tolerance, logits and state.
+- ``emulation-int8``: the NumPy fake-quant emulation of the INT8 plan (``gamexport.graph.emulate_int8``: the
+  same per-channel weight scales, the calibration table's activation scales), against the int8 graph run as
+  written (``engines.ort.QDQ_REFERENCE``), under ``parity.INT8_PLAN``, logits and state.
+
+The build computes them on its parity inputs and keeps them in ``DIR/parity/`` beside eager fp32's outputs
+(Polygraphy JSON, ``prefill_outputs.<reference>.json`` / ``step_outputs.<reference>.json``), so that
+``gamexport parity DIR`` re-checks with the same strength as the build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+#: reference name → the precision whose graphs it checks
+REFERENCES = {"emulation-fp16-weights": "fp16", "emulation-int8": "int8"}
+
+
+def reference_files(name: str) -> tuple[str, str]:
+    return f"prefill_outputs.{name}.json", f"step_outputs.{name}.json"
+
+
+def int8_table(cfg, weights: Mapping[str, np.ndarray], calibration: Mapping[str, float]) -> dict[str, np.ndarray]:
+    from gamexport.graph.builder import int8_initializers
+
+    return int8_initializers(cfg, weights, calibration)
+
+
+def emulators(ckpt, precisions, calibration: Mapping[str, float] | None) -> dict[str, Callable]:
+    """reference name → fn(ids, position, state) -> (logits, state), for the precisions built."""
+    from gamexport.engines.eager import EagerRunner
+    from gamexport.graph.emulate import round_weights
+    from gamexport.graph.emulate_int8 import int8_plan
+
+    cfg = ckpt.config
+    out: dict[str, Callable] = {}
+    if "fp16" in precisions:
+        runner = EagerRunner(cfg, round_weights(ckpt.weights, "fp16"))
+        runner.check_finite = False
+
+        def fp16(ids, position=0, state=None, runner=runner):
+            if state is None:
+                return runner.prefill(ids)
+            return runner.step(ids, np.full((ids.shape[0], 1), position, np.int64), state)
+        out["emulation-fp16-weights"] = fp16
+    if "int8" in precisions and calibration is not None:
+        table = int8_table(cfg, ckpt.weights, calibration)
+        out["emulation-int8"] = lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
+    return out
+
+
+def write_emulation_references(folder: Path, ckpt, precisions, calibration) -> list[str]:
+    """Each emulation's outputs on the saved parity feeds (``DIR/parity/``); the files written, relative."""
+    from gamexport.polyjson import load_feeds, save_run_results
+
+    from .pipeline import PARITY_DIR
+
+    pdir = Path(folder) / PARITY_DIR
+    pre, step = load_feeds(pdir / "prefill_inputs.json"), load_feeds(pdir / "step_inputs.json")
+    written = []
+    for name, emulate in emulators(ckpt, precisions, calibration).items():
+        pre_out = [dict(zip(("logits", "conv_state"), emulate(f["input_ids"]))) for f in pre]
+        step_out = [dict(zip(("logits", "conv_state_out"),
+                             emulate(f["input_ids"], int(f["position_ids"][0, 0]), f["conv_state"]))) for f in step]
+        for file, outs in zip(reference_files(name), (pre_out, step_out)):
+            save_run_results(pdir / file, name, outs)
+            written.append(f"{PARITY_DIR}/{file}")
+    return written
+
+
+def plan_runner(runner, precision: str, threads: int | None):
+    """The runner whose outputs an emulation describes: the same one, or (int8) the graphs run as written."""
+    if precision != "int8":
+        return runner, False
+    from gamexport.engines.ort import QDQ_REFERENCE, OrtRunner
+
+    qdq = OrtRunner(runner.model_path, runner.step_path, runner.config, threads, precision="int8",
+                    session_config=QDQ_REFERENCE)
+    qdq.check_finite = False
+    return qdq, True
+
+
+def applicable(name: str, runner) -> bool:
+    """An emulation describes ONNX Runtime's CPU provider: fp16 graphs computed in fp32, int8 graphs as written."""
+    precision = REFERENCES[name]
+    if runner.runtime != "onnxruntime-cpu" or runner.precision != precision:
+        return False
+    return precision != "fp16" or getattr(runner, "compute_precision", "fp32") == "fp32"
+
+
+def _tolerance(name: str):
+    from gamexport.parity import INT8_PLAN, tolerance
+
+    if name == "emulation-int8":
+        return INT8_PLAN
+    tol = tolerance("fp32")
+    from dataclasses import replace
+
+    return replace(tol, reason="must equal fp32 compute on fp16-rounded weights")
+
+
+def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], emulate: Mapping[str, Callable],
+               threads: int | None, progress) -> list[dict]:
+    """The build's emulation rows for ``runner``: prefill and chunked step of each input vs each emulation."""
+    from gamexport.parity import compare_logits
+
+    from .pipeline import _row, run_chunks
+
+    rows = []
+    for name, fn in emulate.items():
+        if not applicable(name, runner):
+            continue
+        test, opened = plan_runner(runner, runner.precision, threads)
+        tol = _tolerance(name)
+        try:
+            for label, ids in inputs.items():
+                progress(f"parity: {runner.runtime} {runner.precision} vs {name} on '{label}' tokens")
+                ref_logits, ref_state = fn(ids)
+                for graph, (logits, state), artifact, more in (
+                        ("prefill", test.prefill(ids), runner.model_path.name, {}),
+                        ("step", run_chunks(test, ids, sizes), runner.step_path.name, {"chunks": sizes})):
+                    metrics = compare_logits(ref_logits, logits, tol, states=(ref_state, state))
+                    rows.append(_row(runner.runtime, graph, artifact, name, label, ids, metrics,
+                                     precision=runner.precision, **more))
+        finally:
+            if opened:
+                test.close()
+    return rows
+
+
+def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list[dict]:
+    """``gamexport parity``'s emulation rows for ``runner`` from the references kept in ``DIR/parity/``.
+
+    ``feeds``: {"prefill": (inputs, labels), "step": (inputs, labels)} as loaded by the re-check."""
+    from gamexport.manifest import verify
+    from gamexport.parity import compare_logits
+    from gamexport.polyjson import load_run_results
+
+    from .pipeline import PARITY_DIR
+
+    pdir = Path(folder) / PARITY_DIR
+    rows = []
+    for name in REFERENCES:
+        files = reference_files(name)
+        if not applicable(name, runner) or not all((pdir / f).is_file() for f in files):
+            continue
+        verify(Path(folder), [f"{PARITY_DIR}/{f}" for f in files])
+        test, opened = plan_runner(runner, runner.precision, threads)
+        tol = _tolerance(name)
+        try:
+            for graph, file in zip(("prefill", "step"), files):
+                inputs, labels = feeds[graph]
+                refs = load_run_results(pdir / file)
+                if len(refs) != len(inputs):
+                    from gamexport.errors import GamexportError
+                    raise GamexportError(f"{pdir / file} holds {len(refs)} outputs for {len(inputs)} inputs",
+                                         "rebuild the folder with gamexport build")
+                got, want, states, ref_states = [], [], [], []
+                for feed, ref in zip(inputs, refs):
+                    ids = feed["input_ids"]
+                    if graph == "prefill":
+                        logits, state = test.prefill(ids)
+                        ref_states.append(ref["conv_state"])
+                    else:
+                        logits, state = test.step(ids, feed["position_ids"], feed["conv_state"])
+                        ref_states.append(ref["conv_state_out"])
+                    got.append(logits.reshape(-1, logits.shape[-1]))
+                    want.append(ref["logits"].reshape(-1, logits.shape[-1]))
+                    states.append(state)
+                # One row per graph over every saved feed's positions together: a decode step is one position,
+                # and one value rounding the other way must not decide a row alone (INT8_PLAN's median).
+                metrics = compare_logits(np.concatenate(want)[None], np.concatenate(got)[None], tol,
+                                         states=(np.concatenate(ref_states), np.concatenate(states)))
+                path = runner.model_path if graph == "prefill" else runner.step_path
+                rows.append({"runtime": runner.runtime, "precision": runner.precision, "graph": graph,
+                             "artifact": path.name, "reference": name, "input": "+".join(dict.fromkeys(labels)),
+                             "batch": len(inputs), "seq_len": int(sum(g.shape[0] for g in got)), **metrics})
+        finally:
+            if opened:
+                test.close()
+    return rows
+
+
+__all__ = ["REFERENCES", "write_emulation_references", "build_rows", "recheck_rows"]

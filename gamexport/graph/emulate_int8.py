@@ -1,0 +1,79 @@
+"""An independent NumPy emulation of the INT8 plan the graph builder writes (fake quantization).
+
+The same plan as ``builder.build_graph(..., precision="int8")``, from the same numbers: the int8 weights and their
+per-channel scales of ``builder.int8_initializers`` (dequantized: ``q · scale``), and each activation quantized
+per tensor with the calibration table's scale (``clip(rint(x / s), -128, 127) · s``, what a
+QuantizeLinear → DequantizeLinear pair computes) at the points the graph quantizes: each block's LN1 output
+(memory scores, gate), LN2 output and GELU output (the FFN), and the final LayerNorm's output (the head). The
+memory read's softmax probabilities, LayerNorm, the conv, the gates and the residual stay fp32.
+
+A graph that computes this plan differs from it only by where a value lies within float rounding of a
+quantization step boundary; a wrong scale (one tensor 3 % off), a dropped bias or a mis-wired op moves it far
+more (the zoo in tests/test_zoo.py measures both).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from ..config import GAMConfig
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(np.rint(x / scale), -128, 127) * scale
+
+
+def _deq(table: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """A weight as the graph dequantizes it: int8 values × the per-column (last axis) scales."""
+    return table[name].astype(np.float64) * table[name + ".scale"].astype(np.float64)[None, :]
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, position: int = 0,
+              state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (B, T, V), state (B, L, k-1, d)) of ``ids`` (B, T) starting at ``position`` after ``state`` (the
+    zero state when None) under the INT8 plan; ``table`` is ``builder.int8_initializers(cfg, weights, calib)``."""
+    W = {k: (np.asarray(v, dtype=np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v))
+         for k, v in table.items()}
+    ids = np.asarray(ids, dtype=np.int64)
+    B, T = ids.shape
+    d, k1, eps = cfg.d_model, cfg.state_len, cfg.ln_eps
+    emb = "token_embedding.weight"
+    x = W[emb + ".q_fp16"][ids] * W[emb + ".qT.scale"][ids][..., None]
+    x = x + W["pos_embedding.weight"][position + np.arange(T)][None]
+    past_all = np.zeros((B, cfg.n_layers, k1, d)) if state is None else np.asarray(state, dtype=np.float64)
+    presents = []
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}."
+        h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
+        hcat = np.concatenate([past_all[:, i], h], axis=1)                       # (B, k-1+T, d)
+        conv_w = W[p + "causal_conv.weight"][:, 0, :]                             # (d, k)
+        local = W[p + "causal_conv.bias"] + sum(hcat[:, j:j + T] * conv_w[:, j] for j in range(k1 + 1))
+        presents.append(hcat[:, -k1:])
+        hq = _fake_quant(h, float(W[p + "act.h.scale"]))
+        glob = _softmax(hq @ _deq(W, p + "memory_bank.qT")) @ _deq(W, p + "memory_bank.q")
+        g = hq @ _deq(W, p + "gate.weight.qT") + W[p + "gate.bias"]
+        sig = 1.0 / (1.0 + np.exp(-g))
+        x = x + sig[..., :d] * local + sig[..., d:] * glob
+        hn = _layer_norm(x, W[p + "ln2.weight"], W[p + "ln2.bias"], eps)
+        u = _fake_quant(hn, float(W[p + "act.hn.scale"])) @ _deq(W, p + "ffn.0.weight.qT") + W[p + "ffn.0.bias"]
+        a = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
+        x = x + _fake_quant(a, float(W[p + "act.gelu.scale"])) @ _deq(W, p + "ffn.2.weight.qT") + W[p + "ffn.2.bias"]
+    xf = _layer_norm(x, W["ln_f.weight"], W["ln_f.bias"], eps)
+    logits = _fake_quant(xf, float(W["act.x_f.scale"])) @ _deq(W, emb + ".qT")
+    return logits.astype(np.float32), np.stack(presents, axis=1).astype(np.float32)
