@@ -43,9 +43,14 @@ def parity(
         report_path = check_file(report, option="--report", guards={"the build folder": folder})
         split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
         result = recheck(folder, split(engines), split(precision) if precision else (), device, threads, say)
-        atomic_write_json(report_path, result)
         from gamexport.parity import Verdict
 
+        counted = Verdict.from_counts(result["parity_counts"])
+        if counted.gated == 0:  # bad input, so nothing is written; the line says why (skipped precisions included)
+            from gamexport.errors import NothingCheckedError
+
+            raise NothingCheckedError(counted.nothing_checked(), NOTHING_CHECKED_FIX)
+        atomic_write_json(report_path, result)
         for row in result["parity"]:
             mark = "pass" if row["passed"] else "FAIL"
             if not row.get("gated", True):
@@ -56,12 +61,7 @@ def parity(
                   f"B{row['batch']}×{row['seq_len']}: {extra}")
         for row in result["skipped"]:
             say(f"skipped: {row['runtime']} {row.get('precision', '')}: {row['reason']}")
-        counted = Verdict.from_counts(result["parity_counts"])
         print(f"parity: {counted.headline()}; report: {report}")
-        if counted.gated == 0:
-            from gamexport.errors import NothingCheckedError
-
-            raise NothingCheckedError(counted.nothing_checked(), NOTHING_CHECKED_FIX)
         if not result["passed"]:
             from gamexport.engines.pipeline import parity_failure
             from gamexport.errors import ParityError
