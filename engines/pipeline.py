@@ -213,18 +213,6 @@ def held_out(text_ids: np.ndarray | None) -> bool:
     return text_ids is not None and text_ids.shape[0] >= 2
 
 
-def mark_calibration_scored(rows: list[dict]) -> None:
-    """Rows on text whose precision's gate needs held-out text, when the text was also the INT8 calibration
-    text: they are informational (``gated: false``), labelled ``calibration-text``, and their note says so."""
-    from gamexport.parity import CALIBRATION_TEXT, tolerance
-
-    why = "scored on its own calibration text (the held-out text gave fewer than 2 rows): not a held-out gate"
-    for row in rows:
-        if row["input"] == "text" and tolerance(row["precision"]).needs_targets:
-            row.update(input=CALIBRATION_TEXT, gated=False, passed=True,
-                       note=f"{row['note']}; {why}" if row.get("note") else why)
-
-
 def split_calibration(text_ids: np.ndarray | None, cfg: GAMConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """(calibration ids, evaluation ids): disjoint halves of the held-out rows; random ids without text."""
     if text_ids is None:
@@ -710,7 +698,7 @@ def build(opts: BuildOptions) -> BuildResult:
     from gamexport.graph import export_graphs
     from gamexport.graph.builder import graph_file_name
     from gamexport.graph.checks import check_graph_file
-    from gamexport.parity import verdict
+    from gamexport.parity import mark_calibration_scored, verdict
 
     say = opts.progress
     out, triton = check_destinations(opts)
@@ -811,8 +799,8 @@ def build(opts: BuildOptions) -> BuildResult:
             variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say,
                                                 opts.cuda_graph))
             parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids)
-        if not held_out(text_ids):
-            mark_calibration_scored(parity)
+        if not held_out(text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
+            parity = [mark_calibration_scored(r) for r in parity]
         counted = verdict(parity, skipped, precisions)  # informational rows are never counted as passed
         if counted.gated == 0:
             raise NothingCheckedError(counted.nothing_checked(), "this is a bug in gamexport (its fp32 rows are "

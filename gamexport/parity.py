@@ -184,6 +184,20 @@ def chunk_plan(length: int, kernel_size: int) -> list[int]:
 #: The input label of rows scored on the text the INT8 graphs were calibrated on (too little held-out text to
 #: split): such rows are informational, never a gate.
 CALIBRATION_TEXT = "calibration-text"
+#: Precisions calibrated on the held-out text (static INT8; dynamic INT8 measures its scales at run time).
+CALIBRATED = ("int8",)
+CALIBRATION_NOTE = ("scored on its own calibration text (the held-out text gave fewer than 2 rows): "
+                    "not a held-out gate")
+
+
+def mark_calibration_scored(row: dict) -> dict:
+    """A row of a calibrated precision (INT8) on text that was also its calibration text: informational,
+    labelled ``calibration-text``, and its note says why. Other rows are returned unchanged."""
+    if row["input"] in ("text", CALIBRATION_TEXT) and row["precision"] in CALIBRATED \
+            and CALIBRATION_NOTE not in row.get("note", ""):
+        row.update(input=CALIBRATION_TEXT, gated=False, passed=True,
+                   note=f"{row['note']}; {CALIBRATION_NOTE}" if row.get("note") else CALIBRATION_NOTE)
+    return row
 
 
 @dataclass(frozen=True)

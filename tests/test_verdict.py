@@ -59,7 +59,7 @@ def test_report_headline_never_counts_informational_rows(tiny_build):
 
 
 # ---- builds with real text ------------------------------------------------------------------------------------
-def _text_build(tmp: Path, cfg, rows: int) -> Path:
+def _text_build(tmp: Path, cfg, rows: int, precisions=("fp32", "int8")) -> Path:
     """A tiny INT8 build (vocabulary 300, for a byte-level tokenizer) from a checkpoint with a tokenizer and
     held-out text of ``rows`` rows of P tokens (and a few tokens more)."""
     from gamexport.checkpoint import save_checkpoint
@@ -78,7 +78,7 @@ def _text_build(tmp: Path, cfg, rows: int) -> Path:
     n = next(i for i in range(1, len(words)) if len(tok.encode(" ".join(words[:i]))) >= rows * cfg.max_positions + 8)
     (src / "heldout.txt").write_text(" ".join(words[:n]), encoding="utf-8")
     out = tmp / "build"
-    build(BuildOptions(source=str(src), out=out, threads=1, latency=False, precisions=("fp32", "int8")))
+    build(BuildOptions(source=str(src), out=out, threads=1, latency=False, precisions=precisions))
     return out
 
 
@@ -122,16 +122,22 @@ def test_recheck_gates_int8_step_graphs(text_build, monkeypatch):
     assert result["parity_counts"]["gated_failed"] == 1
 
 
-def test_int8_rows_scored_on_calibration_text_are_not_gated(tmp_path, tiny_cfg):
+def test_int8_rows_scored_on_calibration_text_are_not_gated(tmp_path, tiny_cfg, monkeypatch):
     """Held-out text of one row is also the calibration text: the INT8 rows on it say so and are informational,
-    calibration.json says so, and the saved reference is labelled so that ``gamexport parity`` does not gate it."""
+    calibration.json says so, and the saved reference is labelled so that ``gamexport parity`` does not gate it.
+    Dynamic INT8 (not calibrated) stays gated on that text."""
+    from gamexport import parity
     from gamexport.engines.recheck import recheck
 
-    out = _text_build(tmp_path, tiny_cfg, 1)
+    for p in ("int8", "int8-dyn"):  # untrained weights: the test is of the gating, not of the 2 % value
+        monkeypatch.setitem(parity.TOLERANCES, p, dataclasses.replace(parity.TOLERANCES[p], ppl_rel=0.5))
+    out = _text_build(tmp_path, tiny_cfg, 1, ("fp32", "int8", "int8-dyn"))
     report = json.loads((out / "report.json").read_text())
-    int8_text = [r for r in report["parity"] if r["precision"] == "int8" and "ppl_rel_change" in r]
-    assert int8_text and all(r["input"] == CALIBRATION_TEXT and not r["gated"] for r in int8_text)
-    assert all("scored on its own calibration text" in r["note"] for r in int8_text)
+    text = [r for r in report["parity"] if r["precision"].startswith("int8") and "ppl_rel_change" in r]
+    int8 = [r for r in text if r["precision"] == "int8"]
+    assert int8 and all(r["input"] == CALIBRATION_TEXT and not r["gated"] for r in int8)
+    assert all("scored on its own calibration text" in r["note"] for r in int8)
+    assert all(r["input"] == "text" and r["gated"] for r in text if r["precision"] == "int8-dyn")
     assert "info (scored on its own calibration text)" in (out / "report.md").read_text()
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["rows"] == 1 and "scored on this calibration text" in calibration["source"]
@@ -139,3 +145,8 @@ def test_int8_rows_scored_on_calibration_text_are_not_gated(tmp_path, tiny_cfg):
     result = recheck(out, precisions=("int8",))
     assert result["parity_counts"]["gated_passed"] + result["parity_counts"]["gated_failed"] == 0
     assert not result["passed"]
+    assert all("scored on its own calibration text" in r["note"] for r in result["parity"]
+               if r["input"] == CALIBRATION_TEXT)
+    result = recheck(out, precisions=("int8-dyn",))
+    assert {(r["graph"], r["input"]) for r in result["parity"] if r["gated"]} == {("prefill", CALIBRATION_TEXT),
+                                                                                 ("step", CALIBRATION_TEXT)}
