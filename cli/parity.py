@@ -43,14 +43,6 @@ def parity(
         report_path = check_file(report, option="--report", guards={"the build folder": folder})
         split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
         result = recheck(folder, split(engines), split(precision) if precision else (), device, threads, say)
-        from gamexport.parity import Verdict
-
-        counted = Verdict.from_counts(result["parity_counts"])
-        if counted.gated == 0:  # bad input, so nothing is written; the line says why (skipped precisions included)
-            from gamexport.errors import NothingCheckedError
-
-            raise NothingCheckedError(counted.nothing_checked(), NOTHING_CHECKED_FIX)
-        atomic_write_json(report_path, result)
         for row in result["parity"]:
             mark = "pass" if row["passed"] else "FAIL"
             if not row.get("gated", True):
@@ -59,6 +51,14 @@ def parity(
                 f"max abs {row['max_abs_diff']:.3g}, KL {row['kl_mean']:.3g}"
             print(f"{mark:4}  {row['runtime']} {row['precision']:<8} {row['graph']:<7} {row['input']:<6} "
                   f"B{row['batch']}×{row['seq_len']}: {extra}")
+        from gamexport.parity import Verdict
+
+        counted = Verdict.from_counts(result["parity_counts"])
+        if counted.gated == 0:  # bad input, so nothing is written; the line says why (skipped precisions included)
+            from gamexport.errors import NothingCheckedError
+
+            raise NothingCheckedError(counted.nothing_checked(), NOTHING_CHECKED_FIX)
+        atomic_write_json(report_path, result)
         for row in result["skipped"]:
             say(f"skipped: {row['runtime']} {row.get('precision', '')}: {row['reason']}")
         print(f"parity: {counted.headline()}; report: {report}")
