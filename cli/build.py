@@ -62,8 +62,9 @@ def build(
                                         triton=triton,
                                         progress=say))
         rep = result.report
-        n = len(rep["parity"])
-        print(f"parity: {sum(r['passed'] for r in rep['parity'])}/{n} checks passed")
+        from gamexport.parity import Verdict
+
+        print(f"parity: {Verdict.from_counts(rep['parity_counts']).headline()}")
         for row in rep["latency"]:
             print(f"latency: {row['runtime'] + ' ' + row['precision']:<21} {row['mode']:<7} B{row['batch']}×{row['seq_len']:<4} "
                   f"p50 {row['p50_ms']:8.3f} ms {row['tokens_per_s']:10.1f} tokens/s "

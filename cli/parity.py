@@ -10,6 +10,12 @@ import typer
 from .common import DebugOption, ThreadsOption, run, say
 
 
+#: How to get a re-check that gates something (the fix of its "nothing was checked" line).
+NOTHING_CHECKED_FIX = ("check a precision this machine runs (e.g. --precision fp32), or run on a machine where "
+                       "the others run (bf16 and TensorRT: --device cuda on an NVIDIA GPU); INT8 rows are gated "
+                       "only in folders built from a checkpoint with tokenizer.json and heldout.txt")
+
+
 def parity(
     folder: Annotated[Path, typer.Argument(help="A build folder (written by gamexport build).")],
     engines: Annotated[str, typer.Option(help="Engines, comma-separated: onnxruntime, tensorrt.")] = "onnxruntime",
@@ -24,7 +30,8 @@ def parity(
 ) -> None:
     """Re-run the folder's graphs here and compare them with the eager fp32 outputs saved at build time.
 
-    Needs no torch, so it runs on the edge box itself. Exits 1 when a gated check fails.
+    Needs no torch, so it runs on the edge box itself. Exits 1 when a gated check fails, 2 when no row was
+    gated (nothing was checked: that is not a pass).
     """
 
     def body() -> None:
@@ -36,19 +43,25 @@ def parity(
         report_path = check_file(report, option="--report", guards={"the build folder": folder})
         split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
         result = recheck(folder, split(engines), split(precision) if precision else (), device, threads, say)
-        atomic_write_json(report_path, result)
         for row in result["parity"]:
-            verdict = "pass" if row["passed"] else "FAIL"
+            mark = "pass" if row["passed"] else "FAIL"
             if not row.get("gated", True):
-                verdict = "info"
+                mark = "info"
             extra = f"ppl change {row['ppl_rel_change']:.4f}" if "ppl_rel_change" in row else \
                 f"max abs {row['max_abs_diff']:.3g}, KL {row['kl_mean']:.3g}"
-            print(f"{verdict:4}  {row['runtime']} {row['precision']:<8} {row['graph']:<7} {row['input']:<6} "
+            print(f"{mark:4}  {row['runtime']} {row['precision']:<8} {row['graph']:<7} {row['input']:<6} "
                   f"B{row['batch']}×{row['seq_len']}: {extra}")
+        from gamexport.parity import Verdict
+
+        counted = Verdict.from_counts(result["parity_counts"])
+        if counted.gated == 0:  # bad input, so nothing is written; the line says why (skipped precisions included)
+            from gamexport.errors import NothingCheckedError
+
+            raise NothingCheckedError(counted.nothing_checked(), NOTHING_CHECKED_FIX)
+        atomic_write_json(report_path, result)
         for row in result["skipped"]:
             say(f"skipped: {row['runtime']} {row.get('precision', '')}: {row['reason']}")
-        n = len(result["parity"])
-        print(f"parity: {sum(r['passed'] for r in result['parity'])}/{n} checks passed; report: {report}")
+        print(f"parity: {counted.headline()}; report: {report}")
         if not result["passed"]:
             from gamexport.engines.pipeline import parity_failure
             from gamexport.errors import ParityError

@@ -23,7 +23,7 @@ from gamexport import __version__
 from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, Checkpoint, load_checkpoint
 from gamexport.config import GAMConfig, preset as get_preset
 from gamexport.engines.benchmark import BUILD_LIMITS, annotate_latency, limits_summary, measure_limits
-from gamexport.errors import ConfigError, GamexportError, OutputError, ParityError
+from gamexport.errors import ConfigError, GamexportError, NothingCheckedError, OutputError, ParityError
 from gamexport.fsutil import (atomic_write_json, atomic_write_text, dumps_json, removable_lock, replace_dir,
                               sha256_file)
 
@@ -208,6 +208,11 @@ def held_out_ids(ckpt: Checkpoint, max_rows: int = 8) -> np.ndarray | None:
     return ids[: rows * P].reshape(rows, P)
 
 # ---- parity rows ------------------------------------------------------------------------------------------
+def held_out(text_ids: np.ndarray | None) -> bool:
+    """Whether the real text splits into calibration rows and held-out rows (at least one row each)."""
+    return text_ids is not None and text_ids.shape[0] >= 2
+
+
 def split_calibration(text_ids: np.ndarray | None, cfg: GAMConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """(calibration ids, evaluation ids): disjoint halves of the held-out rows; random ids without text."""
     if text_ids is None:
@@ -215,8 +220,8 @@ def split_calibration(text_ids: np.ndarray | None, cfg: GAMConfig) -> tuple[np.n
 
         rng_ids = np.concatenate([v for v in parity_inputs(cfg.vocab_size, cfg.max_positions, seed=7).values()])
         return rng_ids, None
-    if text_ids.shape[0] < 2:
-        return text_ids, text_ids  # too little text to split: the gate is measured on the calibration text
+    if not held_out(text_ids):
+        return text_ids, text_ids  # too little text to split: scored on the calibration text, not gated
     half = text_ids.shape[0] // 2
     return text_ids[:half], text_ids[half:]
 
@@ -436,13 +441,14 @@ PARITY_DIR = "parity"
 def write_parity_references(folder: Path, eager, cfg: GAMConfig, text_ids: np.ndarray | None) -> list[str]:
     """Keep the parity inputs and eager fp32's outputs in the build folder (Polygraphy JSON), short enough to be
     small (≤ 32 tokens), so ``gamexport parity`` and ``polygraphy run`` can re-check the graphs anywhere."""
-    from gamexport.parity import parity_inputs
+    from gamexport.parity import CALIBRATION_TEXT, parity_inputs
     from gamexport.polyjson import save_feeds, save_run_results
 
     T = min(32, cfg.max_positions)
     inputs = {k: v[:, :T] for k, v in parity_inputs(cfg.vocab_size, cfg.max_positions, seed=3).items()}
     if text_ids is not None and text_ids.shape[1] >= 2:
-        inputs["text"] = text_ids[-1:, :T]  # the last row: held out from INT8 calibration
+        # The last row: held out from INT8 calibration — unless there is one row, which calibrated INT8 too.
+        inputs["text" if held_out(text_ids) else CALIBRATION_TEXT] = text_ids[-1:, :T]
     names = list(inputs)
     feeds = [{"input_ids": inputs[n]} for n in names]
     outs = []
@@ -683,10 +689,11 @@ def write_manifest(folder: Path, ckpt: Checkpoint) -> dict:
 def parity_failure(rows: list[dict]) -> str:
     """What failed, for the one error line of a failed build or ``gamexport parity``: how many checks, and the
     first failing row (runtime, precision, graph, input) with its failed metrics and where it diverged."""
-    bad = [r for r in rows if not r["passed"]]
+    gated = [r for r in rows if r.get("gated", True)]
+    bad = [r for r in gated if not r["passed"]]
     first = bad[0]
     where = next((r["divergence"]["summary"] for r in bad if "summary" in r.get("divergence", {})), None)
-    return (f"{len(bad)} of {len(rows)} parity checks failed (first: {first['runtime']} {first['precision']} "
+    return (f"{len(bad)} of {len(gated)} gated parity checks failed (first: {first['runtime']} {first['precision']} "
             f"{first['graph']} on '{first['input']}': "
             f"{', '.join(first.get('failed_checks', [])) or first.get('error', 'see the report')}"
             + (f"; {where}" if where else "") + ")")
@@ -701,6 +708,7 @@ def build(opts: BuildOptions) -> BuildResult:
     from gamexport.graph import export_graphs
     from gamexport.graph.builder import graph_file_name
     from gamexport.graph.checks import check_graph_file
+    from gamexport.parity import mark_calibration_scored, verdict
 
     say = opts.progress
     out, triton = check_destinations(opts)
@@ -734,6 +742,8 @@ def build(opts: BuildOptions) -> BuildResult:
             calibration = calibrate(cfg, ckpt.weights, [calib_ids])
             atomic_write_json(staging / "calibration.json", {
                 "source": ("held-out text, the first half of its rows (the INT8 gate uses the other half)"
+                           if held_out(text_ids) else "held-out text, its only row: too little to hold any out, "
+                           "so the INT8 rows are scored on this calibration text and are informational"
                            if text_ids is not None else "random token ids: no tokenizer and held-out text, so the "
                            "INT8 gate is informational"),
                 "rows": int(calib_ids.shape[0]), "tokens_per_row": int(calib_ids.shape[1]),
@@ -802,7 +812,13 @@ def build(opts: BuildOptions) -> BuildResult:
             variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say,
                                                 opts.cuda_graph))
             parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids, emulate, threads)
-        passed = all(r["passed"] for r in parity)  # informational rows (gated: false) pass by definition
+        if not held_out(text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
+            parity = [mark_calibration_scored(r) for r in parity]
+        counted = verdict(parity, skipped, precisions)  # informational rows are never counted as passed
+        if counted.gated == 0:
+            raise NothingCheckedError(counted.nothing_checked(), "this is a bug in gamexport (its fp32 rows are "
+                                      "always gated): rerun with --debug and report it")
+        passed = counted.passed
         write_parity_references(staging, eager, cfg, text_ids)
         write_emulation_references(staging, ckpt, precisions, calibration)
 
@@ -821,6 +837,7 @@ def build(opts: BuildOptions) -> BuildResult:
         stage(5, "writing report")
         report = {
             "schema_version": 1, "gamexport_version": __version__, "passed": passed,
+            "parity_counts": counted.counts(),
             "source": {"path": ckpt.source, "sha256": ckpt.sha256, "trained": is_trained(ckpt),
                        "label": str(ckpt.meta.get("label", ""))},
             "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,

@@ -47,3 +47,8 @@ class ParityError(GamexportError):
 
 class OutputError(GamexportError):
     """An output location that cannot be written."""
+
+
+class NothingCheckedError(GamexportError):
+    """A parity run with no gated row: nothing was measured against a gate, so it cannot pass (exit 2, not 1:
+    nothing was found to differ; the request cannot be checked here)."""

@@ -225,3 +225,111 @@ def chunk_plan(length: int, kernel_size: int) -> list[int]:
         pos += size
         i += 1
     return sizes
+
+
+# ---- the verdict of a set of rows -------------------------------------------------------------------------------
+#: The input label of rows scored on the text the INT8 graphs were calibrated on (too little held-out text to
+#: split): such rows are informational, never a gate.
+CALIBRATION_TEXT = "calibration-text"
+#: Precisions calibrated on the held-out text (static INT8; dynamic INT8 measures its scales at run time).
+CALIBRATED = ("int8",)
+CALIBRATION_NOTE = ("scored on its own calibration text (the held-out text gave fewer than 2 rows): "
+                    "not a held-out gate")
+
+
+def mark_calibration_scored(row: dict) -> dict:
+    """A row of a calibrated precision (INT8) on text that was also its calibration text: informational,
+    labelled ``calibration-text``, and its note says why. Other rows are returned unchanged."""
+    if row["input"] in ("text", CALIBRATION_TEXT) and row["precision"] in CALIBRATED \
+            and CALIBRATION_NOTE not in row.get("note", ""):
+        row.update(input=CALIBRATION_TEXT, gated=False, passed=True,
+                   note=f"{row['note']}; {CALIBRATION_NOTE}" if row.get("note") else CALIBRATION_NOTE)
+    return row
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a set of parity rows says, counted in one place for the build, ``gamexport parity`` and the report.
+
+    A row is *gated* unless it says ``gated: false``; an informational row is measured and reported but never
+    counted as passed (nor failed). ``passed`` needs at least one gated row and no failing one: a run that checked
+    nothing has not passed. ``ungated`` names the precisions that were asked for but have no gated row (every row
+    informational, or not run here), with why.
+    """
+
+    gated_passed: int
+    gated_failed: int
+    informational: int
+    ungated: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def gated(self) -> int:
+        return self.gated_passed + self.gated_failed
+
+    @property
+    def passed(self) -> bool:
+        return self.gated > 0 and self.gated_failed == 0
+
+    def headline(self) -> str:
+        """``12 gated passed, 4 informational`` or ``2 of 14 gated failed, 4 informational``."""
+        head = (f"{self.gated_failed} of {self.gated} gated failed" if self.gated_failed
+                else f"{self.gated_passed} gated passed")
+        tail = f"; no gated check of {', '.join(p for p, _ in self.ungated)}" if self.ungated else ""
+        return f"{head}, {self.informational} informational{tail}"
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, Any]) -> Verdict:
+        """The verdict a report's ``parity_counts`` holds."""
+        return cls(counts["gated_passed"], counts["gated_failed"], counts["informational"],
+                   tuple((u["precision"], u["reason"]) for u in counts.get("ungated", ())))
+
+    def counts(self) -> dict[str, Any]:
+        """For report.json (``parity_counts``)."""
+        return {"gated_passed": self.gated_passed, "gated_failed": self.gated_failed,
+                "informational": self.informational,
+                "ungated": [{"precision": p, "reason": why} for p, why in self.ungated]}
+
+    def nothing_checked(self) -> str:
+        """Why no row was gated, for the one error line of a run that checked nothing."""
+        whys = [f"{p}: {why}" for p, why in self.ungated]
+        if self.informational:
+            whys.append(f"every one of the {self.informational} rows is informational")
+        return "nothing was checked: " + ("; ".join(whys) or "no parity row was produced")
+
+
+def informational_reason(row: dict) -> str:
+    """Why a row with ``gated: false`` is not a gate, in a few words (report.md and error lines)."""
+    if row.get("input") == CALIBRATION_TEXT:
+        return "scored on its own calibration text"
+    if str(row.get("reference", "")).startswith("emulation-"):
+        return "plan and fp32 compute indistinguishable on these inputs"
+    if (row.get("tolerances") or {}).get("ppl_rel") is not None:
+        if row.get("input") == "text":
+            return "too short a feed for the perplexity gate; the chunked text row gates this graph"
+        return "gate needs held-out text"
+    return "not gated"
+
+
+def verdict(rows: list[dict], skipped: list[dict] = (), precisions: tuple[str, ...] = ()) -> Verdict:
+    """Count ``rows`` (parity rows) into a :class:`Verdict`.
+
+    ``precisions`` are the precisions asked for; each one with no gated row is named in ``ungated`` with why:
+    the reason of its ``skipped`` row (not run here), or the reason its rows are informational.
+    """
+    gated = [r for r in rows if r.get("gated", True)]
+    failed = sum(not r["passed"] for r in gated)
+    ungated = []
+    for p in dict.fromkeys(precisions):
+        if any(r["precision"] == p for r in gated):
+            continue
+        mine = [r for r in rows if r["precision"] == p]
+        skip = next((s for s in skipped if s.get("precision") == p), None)
+        if mine:
+            why = "informational only (" + ", ".join(dict.fromkeys(informational_reason(r) for r in mine)) + ")"
+        elif skip is not None:
+            why = f"not run on {skip['runtime']} ({skip['reason'].split(';')[0]})"
+        else:
+            why = "not run"
+        ungated.append((p, why))
+    return Verdict(gated_passed=len(gated) - failed, gated_failed=failed, informational=len(rows) - len(gated),
+                   ungated=tuple(ungated))

@@ -32,10 +32,18 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 def _result(row: dict) -> str:
     if not row.get("gated", True):
-        if row.get("reference") in ("emulation-fp16", "emulation-bf16"):
-            return "info (plan and fp32 compute indistinguishable on these inputs)"
-        return "info (gate needs real text)"
+        from gamexport.parity import informational_reason
+
+        return f"info ({informational_reason(row)})"
     return "pass" if row["passed"] else "FAIL " + ", ".join(row.get("failed_checks", []))
+
+
+def _headline(report: dict) -> str:
+    """``12 gated passed, 4 informational``: counted by the one verdict function (informational rows never pass)."""
+    from gamexport.parity import Verdict, verdict
+
+    counts = report.get("parity_counts")
+    return (Verdict.from_counts(counts) if counts else verdict(report["parity"])).headline()
 
 
 def render_markdown(report: dict) -> str:
@@ -45,8 +53,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# gamexport build report",
         "",
-        f"- **Result:** {'PASSED' if report['passed'] else 'FAILED'} — "
-        f"{sum(r['passed'] for r in report['parity'])}/{len(report['parity'])} parity checks passed",
+        f"- **Result:** {'PASSED' if report['passed'] else 'FAILED'} — parity: {_headline(report)}",
         f"- **Source:** `{src['path']}` (sha256 `{src['sha256'][:16]}…`)"
         + ("" if src.get("trained") else " — **untrained seeded weights**: parity is exact math, "
            "but generated text is noise"),

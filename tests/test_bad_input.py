@@ -917,6 +917,18 @@ FILES_TABLE = [
 TABLE += FILES_TABLE
 
 
+# ---- no vacuous pass (issue 12, item 3): a re-check that gated no row exits 2 and says why, never 0 ----------
+_NOTHING = ["parity", "{build}", "-j", "1", "--report", "{tmp}/r.json", "--precision"]
+TABLE += [
+    row("parity-nothing-gated-bf16-on-cpu", [*_NOTHING, "bf16"], with_build, 2,
+        r"nothing was checked: bf16: not run on onnxruntime-cpu \(ONNX Runtime's CPU provider has no bf16 kernels"
+        r".*\)\. Check a precision this machine runs \(e\.g\. --precision fp32\)"),
+    row("parity-nothing-gated-int8-without-text", [*_NOTHING, "int8"], with_build, 2,
+        r"nothing was checked: int8: informational only \(gate needs held-out text\); every one of the \d+ rows "
+        r"is informational\. .*INT8 rows are gated only in folders built from a checkpoint with tokenizer\.json"),
+]
+
+
 # ---- the test -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckpt_src(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:

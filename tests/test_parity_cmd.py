@@ -69,7 +69,7 @@ def test_parity_fails_when_the_reference_disagrees(tiny_build, tmp_path, parity_
     # The last line names the failed rows and what to do, formatted as a failed build's (one function).
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"error: \d+ of \d+ parity checks failed \(first: onnxruntime\S* fp32 prefill on '\w+': "
+    assert re.fullmatch(r"error: \d+ of \d+ gated parity checks failed \(first: onnxruntime\S* fp32 prefill on '\w+': "
                         r"[^)]*max_abs[^)]*\)\. Read \S*r\.json for the measured differences; .*", last), last
 
 
