@@ -47,15 +47,26 @@ def test_a_run_with_no_gated_row_has_not_passed():
 
 
 def test_report_headline_never_counts_informational_rows(tiny_build):
-    """report.md and report.json count from the same verdict: the tiny build's INT8 rows (no text) are
-    informational, not passed."""
+    """report.md and report.json count from the same verdict, and informational rows are never passes: the tiny
+    build's counts match its rows, and the same report with two rows made informational (as rows without a gate
+    are) is re-counted and re-rendered with them apart."""
+    from gamexport.report import render_markdown
+
     report = json.loads((tiny_build / "report.json").read_text())
     counts = report["parity_counts"]
     info = sum(not r["gated"] for r in report["parity"])
-    assert info > 0 and counts["informational"] == info
-    assert counts["gated_passed"] == len(report["parity"]) - info and counts["gated_failed"] == 0
+    assert counts["informational"] == info and counts["gated_failed"] == 0
+    assert counts["gated_passed"] == len(report["parity"]) - info
     md = (tiny_build / "report.md").read_text()
     assert f"parity: {counts['gated_passed']} gated passed, {info} informational" in md
+
+    for row in report["parity"][:2]:
+        row["gated"] = False
+    report.pop("parity_counts")
+    n_info = sum(not r["gated"] for r in report["parity"])
+    assert n_info >= 2
+    md = render_markdown(report)
+    assert f"parity: {len(report['parity']) - n_info} gated passed, {n_info} informational" in md
 
 
 # ---- builds with real text ------------------------------------------------------------------------------------
@@ -98,7 +109,9 @@ def test_recheck_gates_int8_step_graphs(text_build, monkeypatch):
     monkeypatch.setitem(parity.TOLERANCES, "int8", dataclasses.replace(parity.TOLERANCES["int8"], ppl_rel=0.5))
     clean = recheck(text_build, precisions=("int8",))
     gated = {(r["graph"], r["input"]) for r in clean["parity"] if r["gated"]}
-    assert clean["passed"] and gated == {("prefill", "text"), ("step", "text")}
+    # The text rows carry the perplexity gate (prefill, and the step graph fed in chunks); the other rows are gated
+    # on the streaming state and the INT8 plan emulation.
+    assert clean["passed"] and {("prefill", "text"), ("step", "text")} <= gated
 
     opened = pipeline.open_variant_runner
 
@@ -118,8 +131,8 @@ def test_recheck_gates_int8_step_graphs(text_build, monkeypatch):
     monkeypatch.setattr(pipeline, "open_variant_runner", broken_step)
     result = recheck(text_build, precisions=("int8",))
     failed = [(r["graph"], r["input"]) for r in result["parity"] if r["gated"] and not r["passed"]]
-    assert not result["passed"] and failed == [("step", "text")]
-    assert result["parity_counts"]["gated_failed"] == 1
+    assert not result["passed"] and ("step", "text") in failed and all(g == "step" for g, _ in failed)
+    assert result["parity_counts"]["gated_failed"] == len(failed)
 
 
 def test_int8_rows_scored_on_calibration_text_are_not_gated(tmp_path, tiny_cfg, monkeypatch):
@@ -143,10 +156,9 @@ def test_int8_rows_scored_on_calibration_text_are_not_gated(tmp_path, tiny_cfg, 
     assert calibration["rows"] == 1 and "scored on this calibration text" in calibration["source"]
     assert CALIBRATION_TEXT in json.loads((out / "parity" / "feeds.json").read_text())["prefill"]
     result = recheck(out, precisions=("int8",))
-    assert result["parity_counts"]["gated_passed"] + result["parity_counts"]["gated_failed"] == 0
-    assert not result["passed"]
+    assert not any(r["gated"] for r in result["parity"] if r["input"] == CALIBRATION_TEXT)
     assert all("scored on its own calibration text" in r["note"] for r in result["parity"]
                if r["input"] == CALIBRATION_TEXT)
     result = recheck(out, precisions=("int8-dyn",))
-    assert {(r["graph"], r["input"]) for r in result["parity"] if r["gated"]} == {("prefill", CALIBRATION_TEXT),
+    assert {(r["graph"], r["input"]) for r in result["parity"] if r["gated"]} >= {("prefill", CALIBRATION_TEXT),
                                                                                  ("step", CALIBRATION_TEXT)}
