@@ -301,6 +301,8 @@ def informational_reason(row: dict) -> str:
     """Why a row with ``gated: false`` is not a gate, in a few words (report.md and error lines)."""
     if row.get("input") == CALIBRATION_TEXT:
         return "scored on its own calibration text"
+    if row.get("chunks") and row.get("precision") == "int8-dyn":
+        return "int8-dyn chunks quantized with their own run-time scales, too few tokens to gate"
     if str(row.get("reference", "")).startswith("emulation-"):
         return "plan and fp32 compute indistinguishable on these inputs"
     if (row.get("tolerances") or {}).get("ppl_rel") is not None:
