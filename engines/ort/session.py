@@ -1,0 +1,173 @@
+"""ONNX Runtime sessions for gamexport's graphs: session options, loading on exactly one execution provider, what
+the optimized graph really multiplies in, the ORT-format file, and per-block outputs for localising a divergence.
+
+Imports numpy and onnxruntime only — never torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gamexport.config import INPUT_IDS
+from gamexport.errors import GamexportError, GraphError
+
+#: Report label of each execution provider gamexport runs.
+RUNTIMES = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
+            "TensorrtExecutionProvider": "onnxruntime-trt"}
+
+
+def import_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise GamexportError("onnxruntime is not installed",
+                             "pip install 'gamexport[cpu]' (or [gpu] on an NVIDIA machine, never both)") from exc
+    return onnxruntime
+
+
+def session_options(threads: int | None, config: dict[str, str] | None = None):
+    """Session options: ``threads`` intra-op threads, all graph optimizations, and ``config`` session entries."""
+    ort = import_ort()
+    so = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    so.log_severity_level = 3  # errors only
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider",
+                 config: dict[str, str] | None = None):
+    """An InferenceSession on exactly ``provider``: a GPU provider that ends up on the CPU is an error."""
+    ort = import_ort()
+    if not Path(path).is_file():
+        raise GraphError(f"{path} does not exist", "run gamexport build first, or pass the build folder")
+    if Path(path).suffix == ".onnx":
+        from gamexport.graph.checks import check_external_data
+
+        check_external_data(Path(path))
+    if provider != "CPUExecutionProvider":
+        from gamexport.device import cuda_status
+
+        usable, why = cuda_status()
+        if not usable:
+            raise GamexportError(f"{RUNTIMES.get(provider, provider)} needs an NVIDIA GPU, but {why}",
+                                 "run on a machine with a GPU, or use --device cpu")
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads, config),
+                                       providers=[provider])
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, …)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise GraphError(f"ONNX Runtime cannot load {path}: {first}",
+                         "the file is corrupt or from an incompatible gamexport; rebuild it") from exc
+    if session.get_providers()[0] != provider:
+        raise GamexportError(f"ONNX Runtime was asked for {provider} but runs {path.name} on "
+                             f"{session.get_providers()[0]}",
+                             "install onnxruntime-gpu (and uninstall onnxruntime) with a CUDA that matches it")
+    return session
+
+
+def optimized_matmul_ops(path: Path, threads: int | None, provider: str = "CPUExecutionProvider") -> dict[str, int]:
+    """What ONNX Runtime really multiplies with: the matrix-multiply ops of the session's optimized graph.
+
+    Keys are ``op_type`` (plus ``:fp16``/``:bf16``/``:fp32`` for float MatMul/Gemm/FusedMatMul), values counts.
+    ORT's CPU provider has no fp16 MatMul kernel on x86 and computes an fp16 graph in fp32 (it inserts casts);
+    it fuses Q/DQ around a MatMul into integer ops. Asking the optimized graph is the only honest label.
+    """
+    import tempfile
+
+    import onnx
+
+    ort = import_ort()
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable, fused
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=so, providers=[provider])
+        model = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
+    types.update({t.name: t.data_type for t in typed.graph.initializer})
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    ops: dict[str, int] = {}
+    for node in typed.graph.node:
+        if node.op_type in INT8_MATMULS:
+            key = node.op_type
+        elif node.op_type in ("MatMul", "Gemm", "FusedMatMul"):
+            key = f"{node.op_type}:{names.get(types.get(node.input[0]), 'other')}"
+        else:
+            continue
+        ops[key] = ops.get(key, 0) + 1
+    return dict(sorted(ops.items()))
+
+
+def compute_label(ops: dict[str, int]) -> str:
+    """One word for the optimized graph's matrix multiplies: fp32, fp16, bf16, int8, or mixed."""
+    kinds = {("int8" if op in INT8_COMPUTE else "int8w-fp32" if op in INT8_MATMULS else op.split(":")[1])
+             for op in ops}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+#: Ops that multiply int8 operands in ONNX Runtime's CPU provider…
+INT8_COMPUTE = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+#: …and all ops that take int8 weights (MatMulNBits dequantizes its 8-bit weights and multiplies in fp32).
+INT8_MATMULS = INT8_COMPUTE + ("MatMulNBits",)
+
+
+#: Session entries that make ONNX Runtime run an INT8 graph's QuantizeLinear/DequantizeLinear pairs as written
+#: (fp32 MatMuls on dequantized values) instead of fusing them into integer kernels: the graph's own arithmetic,
+#: comparable with a NumPy emulation of the plan to float rounding. The fused CPU kernels are a different
+#: computation (measured on an AVX2 CPU without VNNI, demo model: up to 2.2 in the logits from the Q/DQ
+#: semantics, after layer 0), checked against eager fp32 by the INT8 quality gate instead.
+QDQ_REFERENCE = {"session.disable_quant_qdq": "1"}
+
+
+def write_ort_format(src: Path, out_dir: Path, threads: int | None = None) -> list[Path]:
+    """``<stem>.ort``: ONNX Runtime's own format, which its mobile and minimal builds load.
+
+    Written as ORT's converter does with the *Runtime* optimization style: basic optimizations applied, the
+    others recorded to be replayed at load time, so the file stays valid on any machine (the *Fixed* style bakes
+    in platform-specific ones). For a minimal ORT build, list its operators with ORT's
+    ``create_reduced_build_config`` tool.
+    """
+    import tempfile
+
+    from gamexport.fsutil import atomic_write_bytes
+
+    ort = import_ort()
+    src = Path(src)
+    stem = src.name.removesuffix(".onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(tmp) / f"{stem}.ort")
+        so.add_session_config_entry("session.save_model_format", "ORT")
+        so.add_session_config_entry("optimization.minimal_build_optimizations", "save")
+        try:
+            ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT's own exception types
+            raise GraphError(f"ONNX Runtime could not write {src.name} in the ORT format: {str(exc)[:300]}",
+                             "this is a gamexport bug; please report it with --debug output") from exc
+        return [atomic_write_bytes(Path(out_dir) / f"{stem}.ort", (Path(tmp) / f"{stem}.ort").read_bytes())]
+
+
+def block_outputs(model_path: Path, ids: np.ndarray, n_layers: int, threads: int | None = None) -> list[np.ndarray]:
+    """The residual stream after every block (``x_1 … x_L``) of a prefill graph, read by exposing those values as
+    extra graph outputs — Polygraphy-style per-layer comparison, to localise where a variant diverges."""
+    import onnx
+
+    ort = import_ort()
+    model = onnx.load(str(model_path))
+    names = [f"x_{i + 1}" for i in range(n_layers)]
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(names, {INPUT_IDS: np.asarray(ids, dtype=np.int64)})
