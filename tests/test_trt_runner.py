@@ -241,6 +241,29 @@ def test_cuda_graph_captures_decode_once_per_shape_and_replays(fake_engines, fak
     assert runner.cuda_graph_note().startswith("CUDA graphs: on for decode, 3 captures (1x1, 2x1), 6 replays")
 
 
+def test_tensorrt_runner_describes_itself(fake_engines, fake_trt, fake_cuda, tiny_cfg):
+    """describe(): TensorRT's note, no kernel census, the engine files, and the CUDA-graph status and note — off when
+    not requested; used once a decode step replayed a captured graph."""
+    from gamexport.engines.trt import TrtRunner
+
+    folder, _ = fake_engines
+    fake_cuda()
+    plain = TrtRunner.from_folder(folder)
+    d = plain.describe()
+    assert (d.runtime, d.precision, d.compute_precision, d.kernels) == ("tensorrt", "fp32", "fp32", {})
+    assert d.note == "fp32: TensorRT's strongly typed network computes in the graph's precision"
+    assert d.cuda_graph["requested"] is False and d.cuda_graph_note == "CUDA graphs: off (not requested)"
+    assert (plain.model_path.name, plain.step_path.name) == ("model.fp32.plan", "step.fp32.plan")
+    runner = TrtRunner.from_folder(folder, cuda_graph=True)
+    ids = np.random.default_rng(7).integers(0, tiny_cfg.vocab_size, size=(1, 8))
+    _, state = runner.prefill(ids[:, :5])
+    assert runner.describe().cuda_graph["used"] is False
+    _decode(runner, ids, 5, 3, state)
+    d = runner.describe()
+    assert d.cuda_graph["used"] is True and d.cuda_graph["replays"] == 2 and d.cuda_graph["captures"] == 1
+    assert d.cuda_graph_note == runner.cuda_graph_note() and "2 replays" in d.cuda_graph_note
+
+
 def test_cuda_graph_capture_failure_falls_back_and_says_why(fake_engines, fake_trt, fake_cuda, tiny_cfg):
     from gamexport.engines.trt import TrtRunner
 

@@ -71,6 +71,17 @@ class OrtRunner(Runner):
         step_path = folder / graph_file_name("step", precision, inlined)
         return cls(None if step_only else model_path, step_path, None, threads, precision)
 
+    def precision_note(self) -> str:
+        """The int8 variants name the ops the optimized graph multiplies with; fp16/bf16 on the CPU provider say
+        that it computes them in fp32."""
+        p = self.precision
+        if p.startswith("int8"):
+            ops = ", ".join(f"{v}× {k}" for k, v in self.matmul_ops.items())
+            return f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
+        if p != "fp32" and self.compute_precision == "fp32":
+            return f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
+        return super().precision_note()
+
     def _prefill(self, ids):
         if self.prefill_session is None:
             return self._step(ids, np.zeros((ids.shape[0], 1), np.int64), self.empty_state(ids.shape[0]))

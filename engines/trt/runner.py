@@ -253,6 +253,12 @@ class TrtRunner(Runner):
         return (f"CUDA graphs: on for decode, {s['captures']} captures ({', '.join(shapes) or 'none yet'}), "
                 f"{s['replays']} replays, {s['uncaptured_steps']} un-captured steps")
 
+    def cuda_graph_state(self) -> tuple[dict[str, Any], str]:
+        return self.cuda_graph_status, self.cuda_graph_note()
+
+    def precision_note(self) -> str:
+        return f"{self.precision}: TensorRT's strongly typed network computes in the graph's precision"
+
     # ---- the state kept on the device --------------------------------------------------------------------
     def _forget_state(self) -> None:
         self._state_device = self._state_host = None
