@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-
 from fakes.trt import fake_checkpoint, fake_trt  # noqa: F401 (fixtures)
 
 
 # ---- half-precision graphs against an emulation of the same precision plan ---------------------------------------
-
 def test_half_plan_gate_passes_half_arithmetic_and_fails_fp32_compute(tiny_build, tiny_cfg, tiny_weights):
     """The gate of the emulation-{p} rows, on the CPU: the real fp16/bf16 graph executed in half arithmetic by onnx's
     reference evaluator (rounding where it rounds, not where the emulation does) passes; the same fp16 graph on

@@ -8,7 +8,6 @@ from gamexport.errors import InputError
 from gamexport.engines.trt import ProfileError, TrtProfile, default_profile, make_profile
 
 
-
 # ---- (b) profiles -------------------------------------------------------------------------------------------------
 def test_default_profiles(tiny_cfg):
     P = tiny_cfg.max_positions

@@ -27,7 +27,6 @@ import types
 import numpy as np
 import pytest
 
-
 from gamexport.engines.trt import cuda as cuda_mod, loader as loader_mod, runner as runner_mod
 
 ENV = {"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
