@@ -61,7 +61,7 @@ def generate(
 
     def body() -> None:
         from gamexport.errors import InputError
-        from gamexport.engines.loader import open_runner, run_generation
+        from gamexport.generation import open_runner, run_generation
         from gamexport.sampling import SamplingConfig
 
         if (prompt is None) == (ids is None):

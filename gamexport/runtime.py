@@ -10,7 +10,10 @@ sampling loop.
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -19,18 +22,82 @@ from .errors import InputError, NonFiniteError
 from .sampling import Sampler, SamplingConfig
 
 
+@dataclass(frozen=True)
+class RunnerDescription:
+    """What a runner says about itself, for report rows and the bench (see :meth:`Runner.describe`).
+
+    ``note``: one line on what it computes in (the parity rows' note); ``kernels``: the matrix-multiply ops it
+    really runs, by op (ONNX Runtime's optimized graph; empty where the backend has none to read);
+    ``cuda_graph``: the CUDA-graph status of a runner that can replay decode steps (None: it cannot), with
+    ``cuda_graph_note`` saying it in one line.
+    """
+
+    runtime: str
+    precision: str
+    compute_precision: str
+    note: str
+    kernels: dict[str, int]
+    cuda_graph: dict[str, Any] | None = None
+    cuda_graph_note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Runner(abc.ABC):
-    """Lifecycle: construct (loads the model) → prefill/step/generate any number of times → close()."""
+    """Lifecycle: construct (loads the model) → prefill/step/generate any number of times → close().
+
+    Besides running, a runner answers what the pipeline and the bench ask it: ``runtime``, ``precision``,
+    ``compute_precision``, ``matmul_ops``, the graph or engine files it runs (``model_path``, ``step_path``) and
+    :meth:`describe`. The defaults here fit a runner of an fp32 model in memory (eager PyTorch).
+    """
 
     #: report label, one of eager, eager-compile, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt, tensorrt
     runtime: str = ""
+    #: the precision of the weights and graph it runs
     precision: str = "fp32"
+    #: the prefill and step graphs or engines it runs (None: no file, e.g. eager PyTorch)
+    model_path: Path | None = None
+    step_path: Path | None = None
+    #: matrix-multiply ops by op type as the backend really runs them (empty: the backend has none to read)
+    matmul_ops: Mapping[str, int] = MappingProxyType({})
+    _compute_precision: str | None = None
     #: refuse non-finite outputs (NonFiniteError). Parity sets it False on the runner under test: there a NaN is a
     #: measured outcome, a failing row, not a bad input.
     check_finite: bool = True
 
     def __init__(self, config: GAMConfig):
         self.config = config
+
+    # ---- what the runner says about itself ------------------------------------------------------------------
+    @property
+    def compute_precision(self) -> str:
+        """The precision its matrix multiplies really run in (ONNX Runtime's CPU provider computes an fp16 graph
+        in fp32); ``precision`` unless the backend says otherwise."""
+        return self._compute_precision or self.precision
+
+    @compute_precision.setter
+    def compute_precision(self, value: str) -> None:
+        self._compute_precision = value
+
+    def precision_note(self) -> str:
+        """One line on what this runner computes in, as the parity rows say it."""
+        p = self.precision
+        if p == "fp32":
+            return "fp32 weights and MatMuls"
+        if self.compute_precision == "fp32":
+            return f"{p} weights, fp32 compute"
+        return f"{p} weights and MatMuls"
+
+    def cuda_graph_state(self) -> tuple[dict[str, Any], str] | None:
+        """(status, one-line note) of CUDA-graph decode for a runner that can replay it; None where it cannot."""
+        return None
+
+    def describe(self) -> RunnerDescription:
+        """Runtime, precisions, the note, the kernels and the CUDA-graph status, in one value."""
+        graphs = self.cuda_graph_state()
+        return RunnerDescription(self.runtime, self.precision, self.compute_precision, self.precision_note(),
+                                 dict(self.matmul_ops), graphs[0] if graphs else None, graphs[1] if graphs else None)
 
     # ---- backend hooks --------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -105,8 +172,8 @@ class Runner(abc.ABC):
         start = int(first[where[0]] if first.size > 1 else first[0])
         position = f"position {start + int(where[1])}" if what == "logits" else f"layer {int(where[1])}"
         kind = "NaN" if np.isnan(arr).any() else "infinite"
-        artifact = getattr(self, "step_path" if graph == "step" else "model_path", None)
-        name = f" ({artifact.name})" if hasattr(artifact, "name") else ""
+        artifact = self.step_path if graph == "step" else self.model_path
+        name = f" ({artifact.name})" if artifact is not None else ""
         raise NonFiniteError(f"{self.runtime} {self.precision} {graph}{name} produced {kind} {what} at batch row "
                              f"{int(where[0])}, {position}",
                              "the weights or config.json overflow float32: check for huge weights and that ln_eps "

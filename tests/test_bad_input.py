@@ -369,18 +369,12 @@ def short_stories(ctx):
 # ---- engines through the stand-in tensorrt (no GPU here) ---------------------------------------------------------
 def _engines(ctx, mutate: Callable[[dict], None] | None = None, env_change: dict | None = None):
     """Stand-in TensorRT installed, tiny engines built (prefill profile batch 1..2 × sequence 1..16)."""
-    import contextlib
-
-    from test_trt import ENV, HostDevice, make_fake_trt
+    from fakes.trt import ENV, install_fake_trt, make_fake_trt
 
     from gamexport.engines import trt as trt_mod
 
     fake = make_fake_trt(10, [])
-    env = dict(ENV, tensorrt_version=fake.__version__)
-    ctx.monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    ctx.monkeypatch.setattr(trt_mod, "runtime_environment", lambda device=0: dict(env))
-    ctx.monkeypatch.setattr(trt_mod, "TorchCudaDevice", HostDevice)
-    ctx.monkeypatch.setattr(trt_mod, "_device_scope", lambda device=0: contextlib.nullcontext())
+    env = install_fake_trt(ctx.monkeypatch, fake, dict(ENV, tensorrt_version=fake.__version__))
     folder = ctx.tmp / "engines"
     folder.mkdir()
     for name in ("model.onnx", "step.onnx"):

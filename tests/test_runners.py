@@ -152,3 +152,38 @@ def test_parity_keeps_a_nan_as_a_failing_row(ort_tiny, eager_tiny, tiny_cfg, tin
     monkeypatch.setattr(eager_tiny, "_prefill", nan_logits(eager_tiny._prefill))
     with pytest.raises(NonFiniteError, match="eager fp32 prefill"):
         variant_parity_checks(ckpt, eager_tiny, ort_tiny, lambda _msg: None)
+
+
+# ---- what a runner says about itself (the Runner interface the pipeline and the bench ask) -----------------------
+def test_eager_describes_itself(eager_tiny):
+    d = eager_tiny.describe()
+    assert (d.runtime, d.precision, d.compute_precision) == ("eager", "fp32", "fp32")
+    assert d.note == "fp32 weights and MatMuls" and d.kernels == {}
+    assert d.cuda_graph is None and d.cuda_graph_note is None
+    assert eager_tiny.model_path is None and eager_tiny.step_path is None
+    assert d.to_dict()["runtime"] == "eager"
+
+
+@pytest.mark.parametrize("precision,compute,note", [
+    ("fp32", "fp32", "fp32 weights and MatMuls"),
+    ("fp16", "fp32", "fp16 weights, fp32 compute (ONNX Runtime's CPU provider computes fp16 MatMuls in fp32)"),
+    ("int8-dyn", "int8", "int8-dyn: ONNX Runtime's optimized graph multiplies with "),
+])
+def test_onnxruntime_describes_what_it_computes_in(tiny_build, precision, compute, note):
+    """The note and the kernel census come from the session's optimized graph (which ops ORT fuses to varies by
+    version: the test asks for their kind, not their names)."""
+    from gamexport.engines.ort import INT8_COMPUTE, OrtRunner
+
+    with OrtRunner.from_folder(tiny_build, threads=1, precision=precision) as runner:
+        d = runner.describe()
+        assert runner.model_path.name == ("model.onnx" if precision == "fp32" else f"model.{precision}.onnx")
+        assert runner.step_path.name == runner.model_path.name.replace("model", "step")
+    assert (d.runtime, d.precision, d.compute_precision) == ("onnxruntime-cpu", precision, compute)
+    assert d.note.startswith(note) and d.cuda_graph is None and d.cuda_graph_note is None
+    if precision == "fp32":
+        assert d.kernels == {}  # fp32: nothing to relabel, the census is not taken
+    elif precision == "fp16":
+        assert d.kernels and all(k.endswith(":fp32") for k in d.kernels), d.kernels
+    else:
+        assert d.kernels and set(d.kernels) <= set(INT8_COMPUTE), d.kernels
+        assert all(f"{v}× {k}" in d.note for k, v in d.kernels.items()), d.note

@@ -6,11 +6,9 @@ batcher — plus an emulation of what the sequence batcher does with that state,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,16 +192,13 @@ def test_sequence_batcher_emulation_matches_prefill(repo):
 @pytest.fixture
 def plans_build(tiny_build, tiny_cfg, tmp_path, monkeypatch):
     """A copy of the tiny build with fp32 plans written by gamexport's own build_engines, driven through the
-    TensorRT stand-in of tests/test_trt.py (no GPU here; a plan is opaque bytes to the repository writer)."""
+    TensorRT stand-in of tests/fakes/trt.py (no GPU here; a plan is opaque bytes to the repository writer)."""
     from gamexport.engines import trt as trt_mod
-    from test_trt import ENV, make_fake_trt  # pytest puts tests/ on sys.path (rootdir-less test modules)
+    from fakes.trt import install_fake_trt, make_fake_trt  # pytest puts tests/ on sys.path (rootdir-less modules)
 
     folder = tmp_path / "build"
     shutil.copytree(tiny_build, folder)
-    fake = make_fake_trt(11, [])
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_mod, "runtime_environment", lambda device=0: dict(ENV, tensorrt_version=fake.__version__))
-    monkeypatch.setattr(trt_mod, "_device_scope", lambda device=0: contextlib.nullcontext())
+    install_fake_trt(monkeypatch, make_fake_trt(11, []))
     trt_mod.build_engines(folder, tiny_cfg, profiles={"prefill": {"max": "4x64"}, "step": {"max": "4x64"}})
     return folder
 

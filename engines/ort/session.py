@@ -1,6 +1,7 @@
-"""ONNX Runtime runner for a build folder's ``model.onnx`` (prefill) and ``step.onnx`` (streaming chunks).
+"""ONNX Runtime sessions for gamexport's graphs: session options, loading on exactly one execution provider, what
+the optimized graph really multiplies in, the ORT-format file, and per-block outputs for localising a divergence.
 
-Imports numpy and onnxruntime only — never torch — so a build folder runs on a small box.
+Imports numpy and onnxruntime only — never torch.
 """
 
 from __future__ import annotations
@@ -9,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS, GAMConfig
+from gamexport.config import INPUT_IDS
 from gamexport.errors import GamexportError, GraphError
-from gamexport.runtime import Runner
 
 #: Report label of each execution provider gamexport runs.
 RUNTIMES = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
             "TensorrtExecutionProvider": "onnxruntime-trt"}
 
 
-def _import_ort():
+def import_ort():
     try:
         import onnxruntime
     except ImportError as exc:
@@ -29,7 +29,7 @@ def _import_ort():
 
 def session_options(threads: int | None, config: dict[str, str] | None = None):
     """Session options: ``threads`` intra-op threads, all graph optimizations, and ``config`` session entries."""
-    ort = _import_ort()
+    ort = import_ort()
     so = ort.SessionOptions()
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
@@ -44,7 +44,7 @@ def session_options(threads: int | None, config: dict[str, str] | None = None):
 def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider",
                  config: dict[str, str] | None = None):
     """An InferenceSession on exactly ``provider``: a GPU provider that ends up on the CPU is an error."""
-    ort = _import_ort()
+    ort = import_ort()
     if not Path(path).is_file():
         raise GraphError(f"{path} does not exist", "run gamexport build first, or pass the build folder")
     if Path(path).suffix == ".onnx":
@@ -83,7 +83,7 @@ def optimized_matmul_ops(path: Path, threads: int | None, provider: str = "CPUEx
 
     import onnx
 
-    ort = _import_ort()
+    ort = import_ort()
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable, fused
@@ -119,118 +119,12 @@ INT8_COMPUTE = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatM
 INT8_MATMULS = INT8_COMPUTE + ("MatMulNBits",)
 
 
-def write_int8_dynamic(src: Path, dst: Path, threads: int | None = None) -> Path:
-    """``*.int8-dyn.onnx``: ONNX Runtime's dynamic quantization (int8 weights per channel, MatMulInteger).
-
-    ORT's quantizer skips local-function bodies and only quantizes a MatMul whose weight is an initializer, so
-    the source must be the inlined graph, and its ``Transpose(weight)`` nodes are folded first by an offline
-    basic-level optimization. CPU only.
-    """
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from gamexport.fsutil import atomic_write_bytes
-
-    ort = _import_ort()
-    with tempfile.TemporaryDirectory() as tmp:
-        folded = Path(tmp) / "folded.onnx"
-        so = session_options(threads)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(folded)
-        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
-        quantized = Path(tmp) / "quantized.onnx"
-        import logging
-        logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING
-        quantize_dynamic(str(folded), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"])
-        model = onnx.load(str(quantized))
-    # Keep gamexport's metadata (config, source hash), relabelled with this precision.
-    meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
-    meta["gamexport.precision"] = "int8-dyn"
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, meta)
-    atomic_write_bytes(dst, model.SerializeToString(deterministic=True))
-    return dst
-
-
 #: Session entries that make ONNX Runtime run an INT8 graph's QuantizeLinear/DequantizeLinear pairs as written
 #: (fp32 MatMuls on dequantized values) instead of fusing them into integer kernels: the graph's own arithmetic,
 #: comparable with a NumPy emulation of the plan to float rounding. The fused CPU kernels are a different
 #: computation (measured on an AVX2 CPU without VNNI, demo model: up to 2.2 in the logits from the Q/DQ
 #: semantics, after layer 0), checked against eager fp32 by the INT8 quality gate instead.
 QDQ_REFERENCE = {"session.disable_quant_qdq": "1"}
-
-
-class OrtRunner(Runner):
-    """Runs the prefill and step graphs with ONNX Runtime on one execution provider (CPU, CUDA or TensorRT).
-
-    ``precision`` is the graph's storage precision; ``compute_precision`` what ORT actually multiplies in
-    (for an fp16 graph on the CPU provider: fp32 — "fp16 weights, fp32 compute").
-    """
-
-    runtime = "onnxruntime-cpu"
-
-    def __init__(self, model_path: str | Path | None, step_path: str | Path, config: GAMConfig | None,
-                 threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider",
-                 session_config: dict[str, str] | None = None):
-        """``model_path=None``: step graph only — prefill runs as a chunk from the zero state at position 0
-        (identical by construction), so generation needs one session and one copy of the weights.
-        ``config=None``: read from the step session's metadata (no second parse of the file).
-        ``session_config``: ONNX Runtime session entries (``QDQ_REFERENCE``: run Q/DQ pairs as written)."""
-        if provider not in RUNTIMES:
-            raise GamexportError(f"unknown ONNX Runtime provider {provider!r}", f"use one of {', '.join(RUNTIMES)}")
-        self.step_path = Path(step_path)
-        self.model_path = Path(model_path) if model_path is not None else self.step_path
-        self.precision = precision
-        self.provider = provider
-        self.runtime = RUNTIMES[provider]
-        self.step_session = load_session(self.step_path, threads, provider, session_config)
-        if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
-            from gamexport.graph.builder import check_config_against_graph, config_from_metadata, embedding_shapes
-
-            config = config_from_metadata(self.step_session.get_modelmeta().custom_metadata_map, str(self.step_path))
-            shapes = {t.name: [d if isinstance(d, int) else None for d in t.shape]
-                      for t in [*self.step_session.get_inputs(), *self.step_session.get_outputs()]}
-            if self.step_path.suffix == ".onnx":  # the session hides initializers: the positions are in the file
-                import onnx
-
-                shapes.update(embedding_shapes(onnx.load(str(self.step_path), load_external_data=False)))
-            check_config_against_graph(config, shapes, str(self.step_path))
-        super().__init__(config)
-        self.prefill_session = (load_session(self.model_path, threads, provider, session_config) if model_path is not None
-                                else None)
-        self.matmul_ops: dict[str, int] = {}
-        self.compute_precision = precision
-        if precision != "fp32" and provider == "CPUExecutionProvider":
-            self.matmul_ops = optimized_matmul_ops(self.model_path, threads)
-            self.compute_precision = compute_label(self.matmul_ops)
-
-    @classmethod
-    def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,
-                    precision: str = "fp32", step_only: bool = False) -> "OrtRunner":
-        """A runner over a build folder; the config is read from the graph's metadata."""
-        from gamexport.graph.builder import graph_file_name
-
-        folder = Path(folder)
-        model_path = folder / graph_file_name("prefill", precision, inlined)
-        step_path = folder / graph_file_name("step", precision, inlined)
-        return cls(None if step_only else model_path, step_path, None, threads, precision)
-
-    def _prefill(self, ids):
-        if self.prefill_session is None:
-            return self._step(ids, np.zeros((ids.shape[0], 1), np.int64), self.empty_state(ids.shape[0]))
-        logits, state = self.prefill_session.run(None, {INPUT_IDS: ids})
-        return logits, state
-
-    def _step(self, ids, position_ids, state):
-        logits, new_state = self.step_session.run(None, {INPUT_IDS: ids, POSITION_IDS: position_ids,
-                                                         CONV_STATE: state})
-        return logits, new_state
-
-    def close(self) -> None:
-        self.prefill_session = self.step_session = None
 
 
 def write_ort_format(src: Path, out_dir: Path, threads: int | None = None) -> list[Path]:
@@ -245,7 +139,7 @@ def write_ort_format(src: Path, out_dir: Path, threads: int | None = None) -> li
 
     from gamexport.fsutil import atomic_write_bytes
 
-    ort = _import_ort()
+    ort = import_ort()
     src = Path(src)
     stem = src.name.removesuffix(".onnx")
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,7 +161,7 @@ def block_outputs(model_path: Path, ids: np.ndarray, n_layers: int, threads: int
     extra graph outputs — Polygraphy-style per-layer comparison, to localise where a variant diverges."""
     import onnx
 
-    ort = _import_ort()
+    ort = import_ort()
     model = onnx.load(str(model_path))
     names = [f"x_{i + 1}" for i in range(n_layers)]
     have = {o.name for o in model.graph.output}

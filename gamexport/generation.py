@@ -28,15 +28,15 @@ def open_runner(source: str | None, threads: int | None = None) -> Iterator[tupl
     """Yield (runner, tokenizer or None, label) for a build folder, a checkpoint, or the embedded default."""
     folder = Path(source) if source is not None else None
     if folder is not None and folder.is_dir() and (folder / MANIFEST_NAME).is_file():
-        from .ort import OrtRunner
+        from gamexport.engines.ort import OrtRunner
 
         verify(folder, ["step.onnx", *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])])
         runner = OrtRunner.from_folder(folder, threads, step_only=True)  # one session: prefill is a chunk
         label = f"onnxruntime-cpu, {folder}"
         tok_path = folder / "tokenizer.json"
     else:
-        from .eager import EagerRunner
-        from .pipeline import resolve_source
+        from gamexport.engines.eager import EagerRunner
+        from gamexport.engines.pipeline import resolve_source
 
         ckpt = resolve_source(source, None)
         runner = EagerRunner(ckpt.config, ckpt.weights, threads=threads)

@@ -1,0 +1,97 @@
+"""OrtRunner: a build folder's prefill and step graphs on one ONNX Runtime execution provider.
+
+Imports numpy and onnxruntime only — never torch — so a build folder runs on a small box.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS, GAMConfig
+from gamexport.errors import GamexportError
+from gamexport.runtime import Runner
+
+from .session import RUNTIMES, compute_label, load_session, optimized_matmul_ops
+
+
+class OrtRunner(Runner):
+    """Runs the prefill and step graphs with ONNX Runtime on one execution provider (CPU, CUDA or TensorRT).
+
+    ``precision`` is the graph's storage precision; ``compute_precision`` what ORT actually multiplies in
+    (for an fp16 graph on the CPU provider: fp32 — "fp16 weights, fp32 compute").
+    """
+
+    runtime = "onnxruntime-cpu"
+
+    def __init__(self, model_path: str | Path | None, step_path: str | Path, config: GAMConfig | None,
+                 threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider",
+                 session_config: dict[str, str] | None = None):
+        """``model_path=None``: step graph only — prefill runs as a chunk from the zero state at position 0
+        (identical by construction), so generation needs one session and one copy of the weights.
+        ``config=None``: read from the step session's metadata (no second parse of the file).
+        ``session_config``: ONNX Runtime session entries (``QDQ_REFERENCE``: run Q/DQ pairs as written)."""
+        if provider not in RUNTIMES:
+            raise GamexportError(f"unknown ONNX Runtime provider {provider!r}", f"use one of {', '.join(RUNTIMES)}")
+        self.step_path = Path(step_path)
+        self.model_path = Path(model_path) if model_path is not None else self.step_path
+        self.precision = precision
+        self.provider = provider
+        self.runtime = RUNTIMES[provider]
+        self.step_session = load_session(self.step_path, threads, provider, session_config)
+        if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
+            from gamexport.graph.builder import check_config_against_graph, config_from_metadata, embedding_shapes
+
+            config = config_from_metadata(self.step_session.get_modelmeta().custom_metadata_map, str(self.step_path))
+            shapes = {t.name: [d if isinstance(d, int) else None for d in t.shape]
+                      for t in [*self.step_session.get_inputs(), *self.step_session.get_outputs()]}
+            if self.step_path.suffix == ".onnx":  # the session hides initializers: the positions are in the file
+                import onnx
+
+                shapes.update(embedding_shapes(onnx.load(str(self.step_path), load_external_data=False)))
+            check_config_against_graph(config, shapes, str(self.step_path))
+        super().__init__(config)
+        self.prefill_session = (load_session(self.model_path, threads, provider, session_config) if model_path is not None
+                                else None)
+        self.matmul_ops: dict[str, int] = {}
+        self.compute_precision = precision
+        if precision != "fp32" and provider == "CPUExecutionProvider":
+            self.matmul_ops = optimized_matmul_ops(self.model_path, threads)
+            self.compute_precision = compute_label(self.matmul_ops)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,
+                    precision: str = "fp32", step_only: bool = False) -> "OrtRunner":
+        """A runner over a build folder; the config is read from the graph's metadata."""
+        from gamexport.graph.builder import graph_file_name
+
+        folder = Path(folder)
+        model_path = folder / graph_file_name("prefill", precision, inlined)
+        step_path = folder / graph_file_name("step", precision, inlined)
+        return cls(None if step_only else model_path, step_path, None, threads, precision)
+
+    def precision_note(self) -> str:
+        """The int8 variants name the ops the optimized graph multiplies with; fp16/bf16 on the CPU provider say
+        that it computes them in fp32."""
+        p = self.precision
+        if p.startswith("int8"):
+            ops = ", ".join(f"{v}× {k}" for k, v in self.matmul_ops.items())
+            return f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
+        if p != "fp32" and self.compute_precision == "fp32":
+            return f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
+        return super().precision_note()
+
+    def _prefill(self, ids):
+        if self.prefill_session is None:
+            return self._step(ids, np.zeros((ids.shape[0], 1), np.int64), self.empty_state(ids.shape[0]))
+        logits, state = self.prefill_session.run(None, {INPUT_IDS: ids})
+        return logits, state
+
+    def _step(self, ids, position_ids, state):
+        logits, new_state = self.step_session.run(None, {INPUT_IDS: ids, POSITION_IDS: position_ids,
+                                                         CONV_STATE: state})
+        return logits, new_state
+
+    def close(self) -> None:
+        self.prefill_session = self.step_session = None

@@ -1,0 +1,1 @@
+"""Test doubles for TensorRT and CUDA (see tests/fakes/trt.py)."""
