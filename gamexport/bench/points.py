@@ -1,7 +1,8 @@
 """What runs inside one fresh measuring process: a scaling point (one block, one mode, one T) or a training
 point (full AdamW steps of one language model), and the peak memory of that process.
 
-The blocks: GAM's own ``GAMBlock`` and a pre-LN Transformer block, both at the scaling shape of ``settings``.
+The blocks: GAM's own ``GAMBlock`` and the baselines' ``TransformerBlock`` (``gamexport.training.baselines``,
+the one definition), both at the scaling shape of ``settings``.
 """
 
 from __future__ import annotations
@@ -11,29 +12,11 @@ from gamexport.config import GAMConfig
 
 
 def make_transformer_block(d: int = SCALING_D, n_heads: int = SCALING_HEADS):
-    """A pre-LN Transformer block: x + proj(SDPA_causal(LN1 x)); x + MLP(LN2 x) with a 4d GELU MLP."""
-    import torch.nn as nn
-    import torch.nn.functional as F
+    """The baselines' pre-LN Transformer block, the one definition (``gamexport.training.baselines``):
+    x + proj(SDPA_causal(LN1 x)); x + MLP(LN2 x) with a 4d GELU MLP; dropout 0, as the GAM block's."""
+    from gamexport.training.baselines import TransformerBlock, TransformerConfig
 
-    class TransformerBlock(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.n_heads = n_heads
-            self.ln1 = nn.LayerNorm(d)
-            self.qkv = nn.Linear(d, 3 * d)
-            self.proj = nn.Linear(d, d)
-            self.ln2 = nn.LayerNorm(d)
-            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-        def forward(self, x):
-            B, T, _ = x.shape                                                      # x: (B, T, d)
-            q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)                       # 3 × (B, T, d)
-            q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)            # (B, H, T, d/H)
-            x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))                  # (B, T, d)
-            return x + self.mlp(self.ln2(x))                                       # (B, T, d)
-
-    return TransformerBlock()
+    return TransformerBlock(TransformerConfig(vocab_size=1, d_model=d, n_layers=1, n_heads=n_heads, dropout=0.0))
 
 
 def make_gam_block(d: int = SCALING_D):
