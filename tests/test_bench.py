@@ -168,6 +168,45 @@ def test_bench_json_structure(quick):
     assert st["help"]["command"][-1] == "--help" and "generate" in st["first_token"]["command"]
 
 
+#: Everything the bench may import from the project (module- or function-level): its own package, the core it
+#: measures, the two engines it times and the Transformer baseline. Not the build pipeline: the build imports the
+#: limits from gamexport.bench.limits, so a bench importing the build back would be a cycle (issue 13).
+BENCH_MAY_IMPORT = ("gamexport.bench", "gamexport.calibration", "gamexport.checkpoint", "gamexport.config",
+                    "gamexport.destinations", "gamexport.device", "gamexport.engines.eager", "gamexport.engines.ort",
+                    "gamexport.errors", "gamexport.fsutil", "gamexport.graph", "gamexport.jsonfile",
+                    "gamexport.limits", "gamexport.manifest", "gamexport.model", "gamexport.sources",
+                    "gamexport.targets", "gamexport.training.baselines")
+
+
+def test_the_bench_imports_no_build_pipeline():
+    """Every import in gamexport/bench/ (also those inside functions) is one the bench may make: a new dependency
+    on the build pipeline, the CLI or another engine fails here, naming the file and the module."""
+    import ast
+
+    import gamexport.bench
+
+    folder = Path(gamexport.bench.__file__).parent
+    seen = set()
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names = [f"gamexport.bench.{node.module}" if node.module else "gamexport.bench"]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module != "gamexport" else [
+                    f"gamexport.{a.name}" for a in node.names if not a.name.startswith("__")]   # not __version__
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "gamexport" or not name.startswith("gamexport"):
+                    continue
+                seen.add(name)
+                assert any(name == ok or name.startswith(ok + ".") for ok in BENCH_MAY_IMPORT), \
+                    f"{path.name} imports {name}"
+    assert "gamexport.engines.ort" in seen and "gamexport.bench.limits" in seen   # the walk saw the imports
+
+
 def test_weight_matmul_shapes_are_the_models():
     """The ceilings' graph multiplies by every weight the paper model multiplies by — the memory bank twice (h·Mᵀ
     and softmax·M) — and by nothing else."""
