@@ -50,7 +50,7 @@ def bench(
     """
 
     def body() -> None:
-        from gamexport.engines.benchmark import BenchOptions, render_table, run_bench
+        from gamexport.bench.command import BenchOptions, render_table, run_bench
 
         result = run_bench(BenchOptions(source=source, preset=preset, out=out, threads=threads,
                                         precisions=_split(precision), compile=compile_, quick=quick, min_t=min_t,

@@ -8,7 +8,6 @@ A failed build keeps its staging folder as ``<out>.failed`` for diagnosis and sa
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import time
@@ -20,12 +19,14 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gamexport import __version__
-from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, Checkpoint, load_checkpoint
-from gamexport.config import GAMConfig, preset as get_preset
-from gamexport.engines.benchmark import BUILD_LIMITS, annotate_latency, limits_summary, measure_limits
-from gamexport.errors import ConfigError, GamexportError, NothingCheckedError, OutputError, ParityError
-from gamexport.fsutil import (atomic_write_json, atomic_write_text, dumps_json, removable_lock, replace_dir,
-                              sha256_file)
+from gamexport.bench.limits import BUILD_LIMITS, annotate_latency, limits_summary, measure_limits
+from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, Checkpoint
+from gamexport.config import GAMConfig
+from gamexport.errors import GamexportError, NothingCheckedError, OutputError, ParityError
+from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, removable_lock, replace_dir
+from gamexport.manifest import write_manifest
+from gamexport.sources import demo_folder, resolve_source, seeded_checkpoint
+from gamexport.targets import UNSUPPORTED
 
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
@@ -62,48 +63,6 @@ class BuildResult:
 
 
 # ---- sources ------------------------------------------------------------------------------------------------
-def weights_sha256(weights: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(weights[name], dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
-def demo_folder() -> Path | None:
-    """The trained demo model shipped inside the package, if this install has one."""
-    folder = Path(__file__).resolve().parent.parent / "gamexport" / "demo"
-    if not folder.is_dir():
-        from importlib import resources
-        folder = Path(str(resources.files("gamexport").joinpath("demo")))
-    return folder if (folder / "model.safetensors").is_file() else None
-
-
-def seeded_checkpoint(preset_name: str, seed: int = 0) -> Checkpoint:
-    """Seeded, untrained weights of a preset: exact-math parity works, generated text is noise."""
-    from gamexport.model import build_model, state_dict_numpy
-
-    cfg = get_preset(preset_name)
-    weights = state_dict_numpy(build_model(cfg, seed=seed))
-    return Checkpoint(config=cfg, weights=weights, source=f"<seeded '{preset_name}' preset, seed {seed}>",
-                      sha256=weights_sha256(weights),
-                      meta={"trained": False, "label": f"untrained: '{preset_name}' preset, seed {seed}"})
-
-
-def resolve_source(source: str | None, preset_name: str | None) -> Checkpoint:
-    if source is not None:
-        if preset_name is not None:
-            raise ConfigError("--preset chooses seeded weights and cannot be combined with a SOURCE",
-                              "drop --preset (the config comes from the checkpoint)")
-        return load_checkpoint(source)
-    if preset_name is None:
-        demo = demo_folder()
-        if demo is not None:
-            return load_checkpoint(demo)
-        preset_name = "paper"
-    return seeded_checkpoint(preset_name)
-
-
 def is_trained(ckpt: Checkpoint) -> bool:
     return bool(ckpt.meta.get("trained", True))
 
@@ -540,15 +499,6 @@ def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, 
     return rows
 
 
-#: (runtime, precision) pairs that cannot run, and why.
-UNSUPPORTED = {
-    ("onnxruntime-cpu", "bf16"): "ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add, Sigmoid); the bf16 "
-                                 "graphs are for CUDA and TensorRT and are checked here structurally",
-    ("onnxruntime-cuda", "int8-dyn"): "dynamic quantization (MatMulInteger) is a CPU-provider format",
-    ("tensorrt", "int8-dyn"): "TensorRT takes explicit Q/DQ (int8), not MatMulInteger (int8-dyn)",
-}
-
-
 def plan_matrix(precisions: tuple[str, ...], engines: tuple[str, ...], device: str,
                 cuda_graph: bool = False) -> tuple[list, list[dict]]:
     """The (runtime, precision) pairs this build runs, and ``skipped`` rows for the rest (with reasons).
@@ -665,25 +615,6 @@ def write_plot(latency: list[dict], path: Path) -> bool:
     from gamexport.fsutil import atomic_write_bytes
     atomic_write_bytes(path, buf.getvalue())
     return True
-
-
-def write_manifest(folder: Path, ckpt: Checkpoint) -> dict:
-    """``manifest.json``: every file but itself with size and sha256, plus library versions; its ``kind``
-    marks the folder as a build that a later build may replace (``gamexport.destinations``)."""
-    from gamexport.bench import machine_info
-    from gamexport.destinations import BUILD_KIND
-
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        rel = path.relative_to(folder).as_posix()
-        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    versions = machine_info(None)["versions"]
-    manifest = {"schema_version": 1, "kind": BUILD_KIND, "gamexport_version": __version__, "files": files,
-                "versions": {k: v for k, v in versions.items() if k in ("torch", "onnx", "onnxruntime",
-                                                                         "onnxruntime-gpu", "numpy")},
-                "source": {"path": ckpt.source, "sha256": ckpt.sha256}}
-    atomic_write_json(folder / "manifest.json", manifest)
-    return manifest
 
 
 def parity_failure(rows: list[dict]) -> str:

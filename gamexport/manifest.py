@@ -1,12 +1,14 @@
-"""``manifest.json`` of a build folder: every file with its size and sha256, checked before loading."""
+"""``manifest.json`` of a build folder: every file with its size and sha256, written last (``write_manifest``) and
+checked before loading (``verify``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
 
+from . import __version__
 from .errors import GamexportError
-from .fsutil import sha256_file
+from .fsutil import atomic_write_json, sha256_file
 from .jsonfile import MIB, Int, Map, Obj, Str, read_json
 
 MANIFEST_NAME = "manifest.json"
@@ -16,10 +18,30 @@ class ManifestError(GamexportError):
     """A build folder whose files do not match its manifest."""
 
 
-#: The shape manifest.json must have (what ``write_manifest`` in the build pipeline writes).
+#: The shape manifest.json must have (what ``write_manifest`` writes).
 MANIFEST_SCHEMA = Obj(required={"files": Map(Obj(required={"size": Int(0), "sha256": Str(max_len=64)}))},
                       optional={"schema_version": Int(), "gamexport_version": Str(), "versions": Map(),
                                 "source": Obj()})
+
+
+def write_manifest(folder: Path, ckpt) -> dict:
+    """``manifest.json``: every file but itself with size and sha256, plus library versions and the source
+    checkpoint (``ckpt``: a ``gamexport.checkpoint.Checkpoint``); its ``kind`` marks the folder as a build that a
+    later build may replace (``gamexport.destinations``)."""
+    from .bench.timing import machine_info
+    from .destinations import BUILD_KIND
+
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    versions = machine_info(None)["versions"]
+    manifest = {"schema_version": 1, "kind": BUILD_KIND, "gamexport_version": __version__, "files": files,
+                "versions": {k: v for k, v in versions.items() if k in ("torch", "onnx", "onnxruntime",
+                                                                         "onnxruntime-gpu", "numpy")},
+                "source": {"path": ckpt.source, "sha256": ckpt.sha256}}
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    return manifest
 
 
 def read_manifest(folder: Path) -> dict:

@@ -168,10 +168,49 @@ def test_bench_json_structure(quick):
     assert st["help"]["command"][-1] == "--help" and "generate" in st["first_token"]["command"]
 
 
+#: Everything the bench may import from the project (module- or function-level): its own package, the core it
+#: measures, the two engines it times and the Transformer baseline. Not the build pipeline: the build imports the
+#: limits from gamexport.bench.limits, so a bench importing the build back would be a cycle (issue 13).
+BENCH_MAY_IMPORT = ("gamexport.bench", "gamexport.calibration", "gamexport.checkpoint", "gamexport.config",
+                    "gamexport.destinations", "gamexport.device", "gamexport.engines.eager", "gamexport.engines.ort",
+                    "gamexport.errors", "gamexport.fsutil", "gamexport.graph", "gamexport.jsonfile",
+                    "gamexport.limits", "gamexport.manifest", "gamexport.model", "gamexport.sources",
+                    "gamexport.targets", "gamexport.training.baselines")
+
+
+def test_the_bench_imports_no_build_pipeline():
+    """Every import in gamexport/bench/ (also those inside functions) is one the bench may make: a new dependency
+    on the build pipeline, the CLI or another engine fails here, naming the file and the module."""
+    import ast
+
+    import gamexport.bench
+
+    folder = Path(gamexport.bench.__file__).parent
+    seen = set()
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names = [f"gamexport.bench.{node.module}" if node.module else "gamexport.bench"]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module != "gamexport" else [
+                    f"gamexport.{a.name}" for a in node.names if not a.name.startswith("__")]   # not __version__
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "gamexport" or not name.startswith("gamexport"):
+                    continue
+                seen.add(name)
+                assert any(name == ok or name.startswith(ok + ".") for ok in BENCH_MAY_IMPORT), \
+                    f"{path.name} imports {name}"
+    assert "gamexport.engines.ort" in seen and "gamexport.bench.limits" in seen   # the walk saw the imports
+
+
 def test_weight_matmul_shapes_are_the_models():
     """The ceilings' graph multiplies by every weight the paper model multiplies by — the memory bank twice (h·Mᵀ
     and softmax·M) — and by nothing else."""
-    from gamexport.engines.benchmark import weight_matmul_shapes
+    from gamexport.bench.flops import weight_matmul_shapes
 
     cfg = GAMConfig()
     shapes = weight_matmul_shapes(cfg)
@@ -184,13 +223,13 @@ def test_weight_matmul_shapes_are_the_models():
 
 
 def _one(key: str, value: float, name: str = "k") -> dict:
-    from gamexport.engines.benchmark import best_of
+    from gamexport.bench.limits import best_of
 
     return best_of([{"name": name, key: value, "p50_ms": 1.0}], key)
 
 
 def test_best_limits_keeps_the_higher_measurement_of_each():
-    from gamexport.engines.benchmark import best_limits, best_of
+    from gamexport.bench.limits import best_limits, best_of
 
     def limits(compute, other, bw, batched, int8_bw):
         return {"compute": best_of([{"name": "a", "gflops": compute}, {"name": "b", "gflops": other}], "gflops"),
@@ -215,23 +254,25 @@ def test_best_limits_keeps_the_higher_measurement_of_each():
 def test_limits_are_the_best_of_their_candidates(monkeypatch):
     """Fake timings: whichever kernel is fastest gives the limit, by name — a graph-input MatMul, torch.mm or a
     streaming read, not always ONNX Runtime's own kernel; without torch its candidates are left out."""
-    from gamexport.engines import benchmark as bm
+    from gamexport.bench import kernels
+    from gamexport.bench.limits import measure_limits
+    from gamexport.bench.settings import BATCHED_M, QUICK
 
     def fake_matmul(M, K, N, threads, effort, constant=True):
-        fast = (M, constant) == (2048, False) or (M == bm.BATCHED_M)
+        fast = (M, constant) == (2048, False) or (M == BATCHED_M)
         return {"shape": [M, K, N], "engine": "fake", "p50_ms": 1.0 if fast else 4.0}
 
     class FakeTorch:
         __version__ = "fake"
 
-    monkeypatch.setattr(bm, "_time_matmul", fake_matmul)
-    monkeypatch.setattr(bm, "_time_torch_mm", lambda torch, M, K, N, threads, effort: {
-        "shape": [M, K, N], "engine": "fake torch", "p50_ms": 0.5 if M == bm.BATCHED_M else 2.0})
-    monkeypatch.setattr(bm, "_time_stream", lambda nbytes, threads, effort: {
+    monkeypatch.setattr(kernels, "time_matmul", fake_matmul)
+    monkeypatch.setattr(kernels, "time_torch_mm", lambda torch, M, K, N, threads, effort: {
+        "shape": [M, K, N], "engine": "fake torch", "p50_ms": 0.5 if M == BATCHED_M else 2.0})
+    monkeypatch.setattr(kernels, "time_stream", lambda nbytes, threads, effort: {
         "shape": [nbytes // 4], "engine": "fake", "p50_ms": 1e-3})
-    monkeypatch.setattr(bm, "_torch_or_none", lambda: FakeTorch)
+    monkeypatch.setattr(kernels, "torch_or_none", lambda: FakeTorch)
     cfg = GAMConfig()
-    limits = bm.measure_limits(cfg, ("fp32", "int8"), 2, bm.QUICK, lambda msg: None)
+    limits = measure_limits(cfg, ("fp32", "int8"), 2, QUICK, lambda msg: None)
     assert limits["compute"]["best"] == "onnxruntime 2048x2048x2048 inputs"
     assert limits["compute"]["gflops"] == pytest.approx(2 * 2048 ** 3 / 1e-3 / 1e9)
     assert len(limits["compute"]["candidates"]) == 4 + 3           # gate, FFN ×2, head; 2048³ ×2, torch.mm
@@ -240,8 +281,8 @@ def test_limits_are_the_best_of_their_candidates(monkeypatch):
     assert limits["bandwidth_by_precision"]["int8"]["best"].startswith("stream read")
     assert limits["batched_by_precision"]["int8"]["best"].startswith("torch.mm 32x")
 
-    monkeypatch.setattr(bm, "_torch_or_none", lambda: None)      # an edge box without torch
-    limits = bm.measure_limits(cfg, ("fp32",), 2, bm.QUICK, lambda msg: None)
+    monkeypatch.setattr(kernels, "torch_or_none", lambda: None)  # an edge box without torch
+    limits = measure_limits(cfg, ("fp32",), 2, QUICK, lambda msg: None)
     assert not any(c["name"].startswith("torch") for c in limits["compute"]["candidates"])
     assert limits["batched"]["best"].startswith("onnxruntime 32x")
 
@@ -249,8 +290,8 @@ def test_limits_are_the_best_of_their_candidates(monkeypatch):
 def test_a_row_above_its_limit_marks_the_limit_invalid():
     """A limit lower than what a row achieved is wrong: the check marks it, names the row, and leaves the limits no
     row beats valid — in bench.json's terms and in the build report's summary."""
-    from gamexport.engines.benchmark import (batched_against_limit, check_limits, decode_against_limit,
-                                             limits_summary, prefill_against_limit)
+    from gamexport.bench.limits import (batched_against_limit, check_limits, decode_against_limit, limits_summary,
+                                        prefill_against_limit)
 
     cfg = PRESETS["tiny"]
     limits = {"compute": _one("gflops", 10.0), "bandwidth": _one("gbps", 20.0), "batched": _one("gflops", 30.0),
@@ -291,21 +332,21 @@ def test_a_row_above_its_limit_marks_the_limit_invalid():
 
 
 def bm_flops(cfg) -> int:
-    from gamexport.engines.benchmark import flops_per_token
+    from gamexport.bench.flops import flops_per_token
 
     return flops_per_token(cfg)["total"]
 
 
 def int8_roofline(cfg, gbps: float) -> float:
-    from gamexport.engines.benchmark import weight_bytes_per_step
+    from gamexport.bench.flops import weight_bytes_per_step
 
     return gbps * 1e9 / weight_bytes_per_step(cfg, "int8")
 
 
 def test_other_processes_cpu(monkeypatch):
     """Other processes' cores = (all busy CPU − this process's own) ÷ wall; the bench marks > 0.2 busy."""
-    from gamexport.bench import cpu_seconds, other_cpu_cores
-    from gamexport.engines.benchmark import run_load
+    from gamexport.bench.command import run_load
+    from gamexport.bench.timing import cpu_seconds, other_cpu_cores
 
     assert other_cpu_cores((100.0, 10.0), (130.0, 20.0), 10.0) == 2.0
     assert other_cpu_cores((100.0, 10.0), (105.0, 20.0), 10.0) == 0.0   # never negative
@@ -318,7 +359,8 @@ def test_other_processes_cpu(monkeypatch):
 
 def test_training_section():
     """GAM and the width-matched Transformer train in fresh processes; tokens/s follows from each step time."""
-    from gamexport.engines.benchmark import QUICK, run_training
+    from gamexport.bench.settings import QUICK
+    from gamexport.bench.training import run_training
     from gamexport.training.baselines import matched_config
     from gamexport.training.presets import TRAIN_PRESETS
 
@@ -350,7 +392,7 @@ def test_plots_and_table(quick):
 
 def test_flops_per_token_by_hand():
     """The paper config (V 10000, d 512, L 6, S 512, k 3), counted term by term from the issue's formula."""
-    from gamexport.engines.benchmark import flops_per_token, gam_block_flops, transformer_block_flops
+    from gamexport.bench.flops import flops_per_token, gam_block_flops, transformer_block_flops
 
     f = flops_per_token(GAMConfig())
     per_layer = 4 * 512 * 512 + 4 * 512 ** 2 + 16 * 512 ** 2 + 2 * 3 * 512   # 6,294,528
@@ -366,8 +408,8 @@ def test_flops_against_torch_flop_counter():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gamexport.engines.benchmark import (flops_per_token, gam_block_flops, make_gam_block,
-                                             make_transformer_block, transformer_block_flops)
+    from gamexport.bench.flops import flops_per_token, gam_block_flops, transformer_block_flops
+    from gamexport.bench.points import make_gam_block, make_transformer_block
     from gamexport.model import build_model
 
     T, d = 8, 512
@@ -393,7 +435,7 @@ def test_flops_against_torch_flop_counter():
 
 
 def test_weight_bytes_per_step():
-    from gamexport.engines.benchmark import weight_bytes_per_step
+    from gamexport.bench.flops import weight_bytes_per_step
 
     cfg = GAMConfig()
     fp32 = weight_bytes_per_step(cfg, "fp32")
@@ -422,7 +464,7 @@ def test_bad_option_is_one_line(tmp_path, args, needle):
 ])
 def test_library_bounds(change, needle):
     """The CLI's typer options refuse these first (bad-input table); the library checks the same bounds."""
-    from gamexport.engines.benchmark import BenchOptions, check_options
+    from gamexport.bench.options import BenchOptions, check_options
     from gamexport.errors import InputError
 
     with pytest.raises(InputError, match=re.escape(needle)):

@@ -66,7 +66,7 @@ def test_latency_rows_are_measured_against_the_machine_limits(tiny_build, tiny_c
     """Issue 6: the build's report carries the limits under ``machine`` and a fraction on every CPU row.
 
     FLOPs per token are recounted here from the paper's shapes (per layer h·Mᵀ and softmax·M: 2·2·S·d; gate
-    d→2d: 2·2·d²; FFN d→4d→d: 2·8·d²; conv 2·k·d; the head 2·V·d), independently of engines/benchmark.py.
+    d→2d: 2·2·d²; FFN d→4d→d: 2·8·d²; conv 2·k·d; the head 2·V·d), independently of gamexport/bench/flops.py.
     """
     report = json.loads((tiny_build / "report.json").read_text())
     limits = report["machine"]["limits"]

@@ -61,7 +61,7 @@ def test_generate_from_build_folder_and_checkpoint_agree(cli_build, tmp_path):
     assert len(tokens) == 12 and all(0 <= t < 97 for t in tokens)
     # The same weights through eager PyTorch give the same tokens for the same seed.
     from gamexport.checkpoint import save_checkpoint
-    from gamexport.engines.pipeline import seeded_checkpoint
+    from gamexport.sources import seeded_checkpoint
 
     ck = seeded_checkpoint("tiny")
     save_checkpoint(tmp_path, ck.config, ck.weights)

@@ -344,7 +344,7 @@ def _child(argv: list[str], cwd: str, stdout: str, stderr: str) -> None:
 
 PRELOAD = ["test_fuzz_cli", "numpy", "torch", "onnx", "onnxruntime", "safetensors", "tokenizers", "matplotlib",
            "gamexport.cli.main", "gamexport.engines.pipeline", "gamexport.generation",
-           "gamexport.engines.recheck", "gamexport.engines.benchmark", "gamexport.inspection",
+           "gamexport.engines.recheck", "gamexport.bench.command", "gamexport.inspection",
            "gamexport.manifest", "gamexport.training.loop"]
 
 

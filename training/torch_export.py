@@ -118,13 +118,13 @@ def _timing_dict(timing, batch: int, seq_len: int, threads: int, backend: str) -
 def ort_latency(path: str | Path, batch: int, seq_len: int, threads: int = 2, repeats: int = 20,
                 warmup: int = 3) -> dict:
     """Prefill latency of an exported graph in ONNX Runtime (CPU, ``threads`` intra-op threads, all graph
-    optimisations) on random ids: ``gamexport.bench`` timing fields (p50_ms, min_ms, ...) plus ``median_ms``,
+    optimisations) on random ids: ``gamexport.bench.timing`` fields (p50_ms, min_ms, ...) plus ``median_ms``,
     ``tokens_per_s`` and the shape. The vocabulary for the random ids is read from the logits' static last axis.
     """
     import numpy as np
     import onnxruntime as ort
 
-    from gamexport.bench import measure
+    from gamexport.bench.timing import measure
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -146,7 +146,7 @@ def torch_latency(model: nn.Module, batch: int, seq_len: int, threads: int = 2, 
                   warmup: int = 3) -> dict:
     """Eager prefill latency under ``torch.inference_mode`` with ``threads`` intra-op threads (restored after),
     model in eval mode (its flag restored after); same dict as ``ort_latency``."""
-    from gamexport.bench import measure
+    from gamexport.bench.timing import measure
 
     _check_seq_len(model, seq_len)
     ids = _example_ids(model.config.vocab_size, batch, seq_len)

@@ -1,0 +1,101 @@
+"""Ceilings: what the kernels allow before any graph overhead — the model's weight MatMuls alone, in one ONNX
+Runtime graph (fp32 MatMul and the integer GEMM), at a decode step's M = 1 and a prefill's M = min(256, P)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+
+from gamexport.bench.flops import weight_bytes_per_step, weight_matmul_shapes
+from gamexport.bench.kernels import nodes_session
+from gamexport.bench.limits import fraction
+from gamexport.bench.settings import Effort, Progress
+from gamexport.config import GAMConfig
+
+
+def _weights_only_session(cfg: GAMConfig, kind: str, threads: int, seed: int = 0):
+    """One ONNX Runtime graph holding only the model's weight MatMuls, each fed by a graph input [M, K]:
+    ``fp32`` MatMul, or ``int8`` DynamicQuantizeMatMul (int8 weights per output channel, activations quantized
+    on the fly — the integer GEMM both of ONNX Runtime's INT8 flavours run)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, outputs = [], [], []
+    for i, (K, N) in enumerate(weight_matmul_shapes(cfg)):
+        if kind == "fp32":
+            inits.append(numpy_helper.from_array((rng.standard_normal((K, N), dtype=np.float32) * 0.02), f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [f"x{K}", f"w{i}"], [f"y{i}"]))
+        else:
+            inits += [numpy_helper.from_array(rng.integers(-127, 128, (K, N), dtype=np.int8), f"w{i}"),
+                      numpy_helper.from_array(np.full((N,), 0.01, np.float32), f"s{i}"),
+                      numpy_helper.from_array(np.zeros((N,), np.int8), f"z{i}")]
+            nodes.append(helper.make_node("DynamicQuantizeMatMul", [f"x{K}", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"],
+                                          domain="com.microsoft"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    widths = sorted({K for K, _ in weight_matmul_shapes(cfg)})
+    inputs = [helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT, ["M", K]) for K in widths]
+    return nodes_session(nodes, inputs, outputs, inits, threads), widths
+
+
+def measure_ceilings(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> dict:
+    """What the kernels allow before any graph overhead: the model's weight MatMuls alone (fp32 MatMul and the
+    integer GEMM), at M = 1 (a decode step) and M = min(256, P) (a prefill).
+
+    ``fp32_decode_fraction`` (set by :func:`refit_fractions`, against the run's final limits) is the
+    bandwidth-roofline fraction a step would reach if everything but its weight MatMuls were free (h·Mᵀ and
+    softmax·M read the memory bank in two layouts, which the roofline counts once);
+    ``int8_speedup`` at each M is the fastest INT8 ÷ fp32 a graph built on these kernels can reach.
+    """
+    from gamexport.bench.timing import measure
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for kind in ("fp32", "int8"):
+        session, widths = _weights_only_session(cfg, kind, threads)
+        for M in (1, min(256, cfg.max_positions)):
+            say(f"ceilings: the model's {len(weight_matmul_shapes(cfg))} weight MatMuls alone, {kind}, M = {M}")
+            feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
+            timing = measure(lambda: session.run(None, feeds), warmup=effort.warmup, runs=effort.runs,
+                             max_seconds=effort.max_seconds)
+            rows.append({"precision": kind, "M": M, **timing.as_dict()})
+        del session
+        gc.collect()
+    t = {(r["precision"], r["M"]): r["p50_ms"] for r in rows}
+    Ms = sorted({r["M"] for r in rows})
+    return {"what": "the model's weight MatMuls (per layer h·Mᵀ, softmax·M, gate, FFN×2; the head) in one ONNX "
+                    "Runtime graph, each fed by a graph input, nothing else: fp32 MatMul and int8 "
+                    "DynamicQuantizeMatMul",
+            "matmuls": len(weight_matmul_shapes(cfg)), "rows": rows,
+            "int8_speedup": {str(M): t[("fp32", M)] / t[("int8", M)] for M in Ms}}
+
+
+def ceiling_decode_fraction(cfg: GAMConfig, ceilings: dict, limits: dict) -> float:
+    """The bandwidth-roofline step time over the fp32 weight MatMuls' own time at M = 1."""
+    roofline_ms = weight_bytes_per_step(cfg, "fp32") / (limits["bandwidth"]["gbps"] * 1e9) * 1e3
+    return roofline_ms / next(r["p50_ms"] for r in ceilings["rows"] if r["precision"] == "fp32" and r["M"] == 1)
+
+
+def ceiling_against_limits(cfg: GAMConfig, row: dict, limits: dict) -> dict:
+    """A ceilings row against the limit it could beat: at M > 1 its GFLOP/s (the int8 rows count the same FLOPs)
+    against compute; at M = 1 the bytes its weights hold (the memory bank twice, as the graph holds it) per second
+    against the bandwidth over that precision's bytes. {} for an int8 row at M = 1 when no INT8 bandwidth was
+    measured (its weights may sit in cache: the fp32 bandwidth is no limit for them)."""
+    elements = sum(K * N for K, N in weight_matmul_shapes(cfg))
+    if row["M"] > 1:
+        flops = 2 * row["M"] * elements
+        achieved, unit, name, limit = flops / (row["p50_ms"] / 1e3) / 1e9, "GFLOP/s", "compute", \
+            limits["compute"]["gflops"]
+    else:
+        by_precision = limits["bandwidth_by_precision"]
+        key = "fp32" if row["precision"] == "fp32" else next((p for p in ("int8", "int8-dyn") if p in by_precision),
+                                                            None)
+        if key is None:
+            return {}
+        outputs = sum(N for _, N in weight_matmul_shapes(cfg))
+        nbytes = 4 * elements if key == "fp32" else elements + 5 * outputs   # int8 weights + fp32 scale + zero point
+        achieved, unit, name, limit = nbytes / (row["p50_ms"] / 1e3) / 1e9, "GB/s", "bandwidth", \
+            by_precision[key]["gbps"]
+        row["bandwidth_precision"] = key
+    return {"achieved": achieved, "unit": unit, "limit": name, "limit_value": limit,
+            "fraction": fraction(achieved, limit)}

@@ -1,0 +1,126 @@
+"""The yardstick kernels the machine's limits are measured with: hand-written ONNX Runtime graphs (one MatMul, or
+a list of nodes), ``torch.mm`` and a streaming read, each timed by the limit harness.
+
+The limits (``limits``) are the best of these; the ceilings (``ceilings``) reuse ``nodes_session``. torch is
+optional: an edge box without it gets the ONNX Runtime and numpy kernels only.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable
+
+import numpy as np
+
+from gamexport.bench.settings import STREAM_FALLBACK_BYTES, Effort
+
+
+def nodes_session(nodes: list, inputs: list, outputs: list, initializers: list, threads: int):
+    """An ONNX Runtime CPU session of a hand-written graph (default and com.microsoft opsets), under the session
+    options the model graphs get."""
+    from onnx import helper
+
+    from gamexport.engines.ort import _import_ort, session_options
+    from gamexport.graph.builder import IR_VERSION, OPSET
+
+    ort = _import_ort()
+    graph = helper.make_graph(nodes, "bench", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=IR_VERSION)
+    data = model.SerializeToString()
+    del graph, model
+    return ort.InferenceSession(data, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def _matmul_session(M: int, K: int, N: int, threads: int, seed: int = 0, constant: bool = True):
+    """An ONNX Runtime session of one MatMul [M, K]×[K, N]: the [K, N] weight an initializer (``constant``: ONNX
+    Runtime pre-packs it once, as it does the model's weights), or a second graph input (packed on every call)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])
+    node = helper.make_node("MatMul", ["a", "w"], ["c"])
+    if not constant:
+        return nodes_session([node], [a, helper.make_tensor_value_info("w", TensorProto.FLOAT, [K, N])], [c], [],
+                              threads)
+    w = (np.random.default_rng(seed).standard_normal((K, N), dtype=np.float32) * 0.02)
+    return nodes_session([node], [a], [c], [numpy_helper.from_array(w, "w")], threads)
+
+
+def _timed(fn: Callable[[], object], effort: Effort) -> dict:
+    """The limit harness: ``effort.limit_runs`` timed calls after ``effort.limit_warmup`` untimed ones."""
+    from gamexport.bench.timing import measure
+
+    return measure(fn, warmup=effort.limit_warmup, runs=effort.limit_runs,
+                   max_seconds=max(effort.max_seconds, 10.0)).as_dict()
+
+
+def time_matmul(M: int, K: int, N: int, threads: int, effort: Effort, constant: bool = True) -> dict:
+    """Time an ONNX Runtime MatMul (see :func:`_matmul_session`); the timing, its shape and engine."""
+    session = _matmul_session(M, K, N, threads, constant=constant)
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.standard_normal((M, K), dtype=np.float32)}
+    if not constant:
+        feeds["w"] = rng.standard_normal((K, N), dtype=np.float32) * 0.02
+    timing = _timed(lambda: session.run(None, feeds), effort)
+    del session
+    gc.collect()
+    engine = "onnxruntime-cpu MatMul fp32" + ("" if constant else ", weight a graph input (not pre-packed)")
+    return {"shape": [M, K, N], "engine": engine, **timing}
+
+
+def torch_or_none():
+    """torch, imported only where it is installed (an edge box running the bench may not have it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch
+
+
+def _with_torch_threads(torch, threads: int, fn: Callable[[], dict]) -> dict:
+    """``fn()`` with torch on ``threads`` intra-op threads, the previous setting restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
+    """Time ``torch.mm`` [M, K]×[K, N] fp32 on ``threads`` threads."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g) * 0.02
+    timing = _with_torch_threads(torch, threads, lambda: _timed(lambda: torch.mm(a, w), effort))
+    del a, w
+    return {"shape": [M, K, N], "engine": f"torch {torch.__version__} torch.mm fp32", **timing}
+
+
+def time_stream(nbytes: int, threads: int, effort: Effort) -> dict:
+    """Time a plain streaming read of ``nbytes`` of float32: ``torch.sum`` on ``threads`` threads where torch is
+    installed, else numpy's sum (single-threaded: a weak limit on more than one core, and it says so)."""
+    n = max(1, nbytes // 4)
+    torch = torch_or_none()
+    if torch is not None:
+        x = torch.ones(n, dtype=torch.float32)
+        timing = _with_torch_threads(torch, threads, lambda: _timed(lambda: torch.sum(x), effort))
+        engine = f"torch {torch.__version__} torch.sum over float32, {threads} threads"
+    else:
+        x = np.ones(n, dtype=np.float32)
+        timing = _timed(lambda: np.add.reduce(x), effort)
+        engine = "numpy sum over float32 (single-threaded: a weak limit; install torch for a threaded read)"
+    del x
+    gc.collect()
+    return {"shape": [n], "engine": engine, **timing}
+
+
+def stream_bytes() -> int:
+    """Bytes the streaming-read bandwidth candidate reads: 4 × the last-level cache, 256 MB where its size is
+    unknown (so the read comes from memory, not from cache)."""
+    from gamexport.bench.timing import llc_bytes
+
+    llc = llc_bytes()
+    return 4 * llc if llc else STREAM_FALLBACK_BYTES

@@ -1,0 +1,302 @@
+"""The machine's limits, defined once: measured, kept best-of, checked against the rows, summarised.
+
+Both ``gamexport bench`` and ``gamexport build`` (``BUILD_LIMITS``, ``measure_limits``, ``annotate_latency``,
+``limits_summary``) import this module; it imports neither of them. Each limit is the best of several kernels
+(``kernels``), all recorded and the winner named, so that no single kernel's weakness passes for the machine's:
+
+* **compute** — GFLOP/s of ONNX Runtime ``MatMul`` with a constant (pre-packed) weight at the model's own prefill
+  shapes and at 2048³, the same with the weight a graph input, and ``torch.mm`` 2048³ where torch is installed
+  (prefill is measured against it);
+* **bandwidth** — GB/s of ONNX Runtime's GEMV ``MatMul`` [1, K]×[K, N] whose weight holds as many fp32 bytes as the
+  model has, and of a plain streaming read of 4× the last-level cache (batch-1 decode is measured against the
+  roofline ``bandwidth ÷ bytes of weights a step reads``);
+* **batched** — the GEMV's weights at M = 32, ONNX Runtime and ``torch.mm``, GFLOP/s (batched decode).
+
+A row that runs above 1.0 of its limit proves the limit wrong: :func:`check_limits` marks it ``valid: false`` and
+names the row.
+"""
+
+from __future__ import annotations
+
+from gamexport.bench import kernels
+from gamexport.bench.flops import flops_per_token, weight_bytes_per_step
+from gamexport.bench.settings import BATCHED_M, COMPUTE_SHAPE, Effort, Progress
+from gamexport.config import GAMConfig
+
+
+def bandwidth_shape(nbytes: int, K: int) -> tuple[int, int]:
+    """[K, N] fp32 holding about ``nbytes``: K fixed (the model's width), N = round(nbytes / 4 / K)."""
+    return K, max(1, round(nbytes / 4 / K))
+
+
+def prefill_shapes(cfg: GAMConfig) -> list[tuple[str, int, int]]:
+    """(name, K, N) of the model's own large prefill MatMuls: gate, FFN up and down, and the tied head when its
+    weight is at least the FFN's."""
+    d = cfg.d_model
+    shapes = [("gate", d, 2 * d), ("ffn up", d, 4 * d), ("ffn down", 4 * d, d)]
+    return shapes + ([("head", d, cfg.vocab_size)] if cfg.vocab_size >= 4 * d else [])
+
+
+def _gflops(entry: dict) -> dict:
+    M, K, N = entry["shape"]
+    return {**entry, "gflops": 2 * M * K * N / (entry["p50_ms"] / 1e3) / 1e9}
+
+
+def _gbps(entry: dict, nbytes: int) -> dict:
+    return {**entry, "bytes": int(nbytes), "gbps": nbytes / (entry["p50_ms"] / 1e3) / 1e9}
+
+
+def compute_candidates(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> list[dict]:
+    """Every GEMM the compute limit is the best of: ONNX Runtime with a constant (pre-packed) weight at the
+    model's own prefill shapes (T = min(256, P)) and at 2048³, ONNX Runtime with the weight a graph input at
+    2048³, and ``torch.mm`` 2048³ where torch is installed."""
+    T = min(256, cfg.max_positions)
+    M, K, N = COMPUTE_SHAPE
+    out = []
+    for name, Kp, Np in prefill_shapes(cfg):
+        say(f"limits: compute, onnxruntime MatMul {name} {T}×{Kp}×{Np}, constant weight, {threads} threads")
+        out.append({"name": f"onnxruntime {name} {T}x{Kp}x{Np}", **kernels.time_matmul(T, Kp, Np, threads, effort)})
+    say(f"limits: compute, onnxruntime MatMul {M}×{K}×{N}, constant weight and graph input")
+    out.append({"name": f"onnxruntime {M}x{K}x{N}", **kernels.time_matmul(M, K, N, threads, effort)})
+    out.append({"name": f"onnxruntime {M}x{K}x{N} inputs",
+                **kernels.time_matmul(M, K, N, threads, effort, constant=False)})
+    torch = kernels.torch_or_none()
+    if torch is not None:
+        say(f"limits: compute, torch.mm {M}×{K}×{N}")
+        out.append({"name": f"torch.mm {M}x{K}x{N}", **kernels.time_torch_mm(torch, M, K, N, threads, effort)})
+    return [_gflops(c) for c in out]
+
+
+def bandwidth_candidates(nbytes: int, K: int, threads: int, effort: Effort, say: Progress,
+                         read_bytes: int | None = None) -> list[dict]:
+    """ONNX Runtime's GEMV [1, K]×[K, N] over ``nbytes`` of fp32 weights, and a plain streaming read of
+    ``read_bytes`` (default: the same bytes)."""
+    Kb, Nb = bandwidth_shape(nbytes, K)
+    read_bytes = read_bytes or Kb * Nb * 4
+    say(f"limits: bandwidth, onnxruntime MatMul [1,{Kb}]×[{Kb},{Nb}] ({Kb * Nb * 4 / 1e6:.1f} MB of fp32 weights) "
+        f"and a streaming read of {read_bytes / 1e6:.1f} MB")
+    gemv = _gbps({"name": f"onnxruntime GEMV 1x{Kb}x{Nb}", **kernels.time_matmul(1, Kb, Nb, threads, effort)},
+                 Kb * Nb * 4)
+    stream = kernels.time_stream(read_bytes, threads, effort)
+    nread = stream["shape"][0] * 4
+    size = f"{nread / 1e6:.1f} MB" if nread >= 1e6 else f"{nread / 1e3:.1f} kB"
+    stream = _gbps({"name": f"stream read {size}", **stream}, nread)
+    return [gemv, stream]
+
+
+def batched_candidates(K: int, N: int, threads: int, effort: Effort, say: Progress) -> list[dict]:
+    """The bandwidth limit's weights at M = BATCHED_M: ONNX Runtime with the weight constant, and ``torch.mm``
+    where torch is installed."""
+    say(f"limits: batched, the same weights at M = {BATCHED_M}")
+    out = [{"name": f"onnxruntime {BATCHED_M}x{K}x{N}", **kernels.time_matmul(BATCHED_M, K, N, threads, effort)}]
+    torch = kernels.torch_or_none()
+    if torch is not None:
+        timing = kernels.time_torch_mm(torch, BATCHED_M, K, N, threads, effort)
+        out.append({"name": f"torch.mm {BATCHED_M}x{K}x{N}", **timing})
+    return [_gflops(c) for c in out]
+
+
+def best_of(candidates: list[dict], key: str) -> dict:
+    """A limit: the fields of the candidate that reached the most ``key`` (``gflops`` or ``gbps``), which one it
+    was (``best``), every candidate, and ``valid`` (until a row beats it, see :func:`check_limits`)."""
+    winner = max(candidates, key=lambda c: c[key])
+    return {**winner, "best": winner["name"], "candidates": candidates, "valid": True, "beaten_by": []}
+
+
+def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, effort: Effort,
+                   say: Progress) -> dict:
+    """The machine's limits (see the module docstring), each the best of several kernels measured now, plus the
+    bandwidth and the batched limit at each reduced precision's byte count (its decode limits: an INT8 model's
+    weights may fit in cache where fp32's do not)."""
+    compute = best_of(compute_candidates(cfg, threads, effort, say), "gflops")
+    model_bytes = 4 * cfg.n_params()
+    bandwidth = best_of(bandwidth_candidates(model_bytes, cfg.d_model, threads, effort, say,
+                                             read_bytes=kernels.stream_bytes()), "gbps")
+    Kb, Nb = bandwidth_shape(model_bytes, cfg.d_model)
+    batched = best_of(batched_candidates(Kb, Nb, threads, effort, say), "gflops")
+
+    by_precision: dict[str, dict] = {"fp32": {"bytes": bandwidth["bytes"], "gbps": bandwidth["gbps"],
+                                              "shape": bandwidth["shape"], "same_as": "bandwidth"}}
+    batched_by: dict[str, dict] = {"fp32": {"gflops": batched["gflops"], "shape": batched["shape"],
+                                            "same_as": "batched"}}
+    done: dict[int, tuple[dict, dict]] = {}
+    for p in precisions:
+        if p == "fp32" or p == "bf16":
+            continue
+        nbytes = weight_bytes_per_step(cfg, p)
+        Kp, Np = bandwidth_shape(nbytes, cfg.d_model)
+        if Kp * Np not in done:
+            say(f"limits: bandwidth and batched over the {p} weights' bytes")
+            done[Kp * Np] = (best_of(bandwidth_candidates(nbytes, cfg.d_model, threads, effort, say), "gbps"),
+                             best_of(batched_candidates(Kp, Np, threads, effort, say), "gflops"))
+        by_precision[p], batched_by[p] = done[Kp * Np]
+    return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision,
+            "batched_by_precision": batched_by}
+
+
+#: Limits measured again over each reduced precision's weight bytes: table → (the fp32 limit, its unit key).
+BY_PRECISION = {"bandwidth_by_precision": ("bandwidth", "gbps"), "batched_by_precision": ("batched", "gflops")}
+
+
+def best_limits(first: dict, second: dict) -> dict:
+    """Each limit from whichever of two measurements (start and end of a run) reached more: other work on the
+    machine only ever lowers a limit, and a lowered limit would flatter every fraction measured against it.
+    Each candidate keeps its higher measurement (both in ``measured``); the limit is again the best candidate,
+    and records its own two values (``measured``) and which one it kept (``kept``)."""
+    keys = {"compute": "gflops", "bandwidth": "gbps", "batched": "gflops"}
+
+    def higher(a: dict, b: dict, key: str) -> dict:
+        return {**(b if b[key] > a[key] else a), "measured": {"start": a[key], "end": b[key]}}
+
+    def pick(a: dict, b: dict, key: str) -> dict:
+        ends = {c["name"]: c for c in b["candidates"]}
+        merged = [higher(c, ends[c["name"]], key) if c["name"] in ends else c for c in a["candidates"]]
+        best = best_of(merged, key)
+        best.update(measured={"start": a[key], "end": b[key]}, kept="end" if b[key] > a[key] else "start")
+        return best
+
+    out = {name: pick(first[name], second[name], key) for name, key in keys.items()}
+    for table, (name, key) in BY_PRECISION.items():
+        if table not in first:
+            continue
+        by_precision = {}
+        for p, entry in first[table].items():
+            if entry.get("same_as") == name:
+                by_precision[p] = {**entry, key: out[name][key]}
+            else:
+                by_precision[p] = pick(entry, second[table][p], key)
+        out[table] = by_precision
+    return out
+
+
+#: A row faster than this fraction of its limit proves the limit wrong (not the row fast).
+FRACTION_MAX = 1.0
+
+
+def fraction(achieved: float, limit: float) -> float:
+    """achieved ÷ limit (0 where the limit is not positive)."""
+    return achieved / limit if limit > 0 else 0.0
+
+
+def prefill_against_limit(cfg: GAMConfig, batch: int, seq_len: int, p50_ms: float, limits: dict) -> dict:
+    """A prefill timing as achieved GFLOP/s and its fraction of the compute limit."""
+    flops = batch * seq_len * flops_per_token(cfg)["total"]
+    achieved = flops / (p50_ms / 1e3) / 1e9
+    limit = limits["compute"]["gflops"]
+    return {"flops": flops, "achieved": achieved, "unit": "GFLOP/s", "limit": "compute", "limit_value": limit,
+            "fraction": fraction(achieved, limit)}
+
+
+def decode_against_limit(cfg: GAMConfig, precision: str, p50_ms: float, limits: dict) -> dict:
+    """A batch-1 decode step's timing as tokens/s and its fraction of the bandwidth roofline (bandwidth ÷ bytes of
+    weights one step reads, at the precision's own bandwidth measurement)."""
+    nbytes = weight_bytes_per_step(cfg, precision)
+    by_precision = limits["bandwidth_by_precision"]
+    bw = by_precision.get(precision, by_precision["fp32"])["gbps"]
+    roofline = bw * 1e9 / nbytes
+    tps = 1 / (p50_ms / 1e3)
+    return {"bytes_per_step": nbytes, "bandwidth_gbps": bw, "achieved": tps, "unit": "tokens/s",
+            "limit": "bandwidth-roofline", "limit_value": roofline, "fraction": fraction(tps, roofline)}
+
+
+def batched_against_limit(cfg: GAMConfig, batch: int, p50_ms: float, limits: dict,
+                          precision: str = "fp32") -> dict:
+    """A batched decode step's timing as achieved GFLOP/s and its fraction of the batched (M = 32) limit over the
+    precision's own weight bytes (``limits.batched_by_precision``; the fp32 one where it has none)."""
+    achieved = batch * flops_per_token(cfg)["total"] / (p50_ms / 1e3) / 1e9
+    by_precision = limits.get("batched_by_precision") or {}
+    limit = by_precision.get(precision, limits["batched"])["gflops"]
+    return {"achieved": achieved, "unit": "GFLOP/s", "limit": "batched", "limit_value": limit,
+            "fraction": fraction(achieved, limit)}
+
+
+def row_label(r: dict) -> str:
+    """A row's name in ``beaten_by`` and bench.json's ``noisy`` list (runtime, ceiling, scaling or training)."""
+    if "M" in r:
+        return f"ceiling {r['precision']} weight MatMuls M{r['M']}"
+    if "model" in r:
+        return f"training {r['model']} B{r['batch']}×{r['T']}"
+    if "block" in r:
+        return f"scaling {r['block']} {r['mode']} T{r['T']}"
+    return f"{r['runtime']} {r['precision']} {r['mode']} B{r['batch']}×{r['seq_len']}"
+
+
+def _limit_entries(limits: dict, row: dict) -> list[dict]:
+    """The limit entries a row's fraction was measured against (a bandwidth or batched row: its precision's entry,
+    and the fp32 limit itself where that entry is the same measurement)."""
+    if row["limit"] == "compute":
+        return [limits["compute"]]
+    name = "batched" if row["limit"] == "batched" else "bandwidth"
+    by_precision = limits.get(f"{name}_by_precision") or {}
+    key = row.get("bandwidth_precision") or row.get("precision", "fp32")
+    entry = by_precision.get(key, limits[name])
+    return [limits[name], entry] if entry.get("same_as") == name else [entry]
+
+
+def check_limits(limits: dict, rows: list[dict]) -> list[dict]:
+    """Mark every limit that a row beats (fraction > 1: the machine did more than its "limit") ``valid: false``,
+    naming the rows in ``beaten_by``; each row measured against an invalid limit gets ``limit_valid: false`` and
+    the same names in ``limit_beaten_by``. Returns [{"limit", "beaten_by"}] of the invalid limits."""
+    entries = [limits["compute"], limits["bandwidth"], limits["batched"],
+               *[e for table in BY_PRECISION for e in (limits.get(table) or {}).values()]]
+    for entry in entries:
+        entry["valid"], entry["beaten_by"] = True, []
+    for row in rows:
+        if "fraction" in row and row["fraction"] > FRACTION_MAX:
+            for entry in _limit_entries(limits, row):
+                entry["valid"] = False
+                if row_label(row) not in entry["beaten_by"]:
+                    entry["beaten_by"].append(row_label(row))
+    for row in rows:
+        if "fraction" in row:
+            beaten = [name for e in _limit_entries(limits, row) for name in e["beaten_by"]]
+            row.pop("limit_beaten_by", None)
+            row["limit_valid"] = not beaten
+            if beaten:
+                row["limit_beaten_by"] = list(dict.fromkeys(beaten))
+    return invalid_limits(limits)
+
+
+def invalid_limits(limits: dict) -> list[dict]:
+    """[{"limit", "beaten_by"}] of the limits :func:`check_limits` marked invalid ([] when all hold)."""
+    invalid = [{"limit": name, "beaten_by": limits[name]["beaten_by"]}
+               for name in ("compute", "bandwidth", "batched") if not limits[name].get("valid", True)]
+    invalid += [{"limit": f"{table}.{p}", "beaten_by": e["beaten_by"]}
+                for table, (name, _) in BY_PRECISION.items() for p, e in (limits.get(table) or {}).items()
+                if not e.get("valid", True) and e.get("same_as") != name]
+    return invalid
+
+
+#: The build measures the limits with fewer runs than ``gamexport bench`` (it is a build, not a benchmark).
+BUILD_LIMITS = Effort(limit_runs=5, limit_warmup=1, runs=10, warmup=2, max_seconds=10.0, batched_decode_steps=16,
+                      scaling_runs=0, scaling_max_seconds=0.0, help_runs=0, first_token_runs=0, startup_warmup=0,
+                      training_runs=0)
+
+
+def limits_summary(limits: dict) -> dict:
+    """The limits as the build report's ``machine.limits`` carries them: values, the kernel each came from, and
+    whether any latency row beat them (:func:`check_limits`, run by :func:`annotate_latency`)."""
+    invalid = invalid_limits(limits)
+    return {"compute_gflops": limits["compute"]["gflops"], "bandwidth_gbps": limits["bandwidth"]["gbps"],
+            "batched_gflops": limits["batched"]["gflops"],
+            "bandwidth_by_precision_gbps": {p: v["gbps"] for p, v in limits["bandwidth_by_precision"].items()},
+            "best": {name: limits[name]["best"] for name in ("compute", "bandwidth", "batched")},
+            "valid": not invalid, "invalid": invalid,
+            "definition": "the best of several kernels measured in this run: compute of ONNX Runtime MatMul with "
+                          f"constant weights at the model's prefill shapes and at {'x'.join(map(str, COMPUTE_SHAPE))}"
+                          " (also with the weight a graph input) and torch.mm; bandwidth of ONNX Runtime's GEMV "
+                          "over the model's weight bytes and a streaming read of 4x the last-level cache; batched "
+                          f"the same weights at M={BATCHED_M}; medians (see docs/benchmarks.md)"}
+
+
+def annotate_latency(rows: list[dict], cfg: GAMConfig, limits: dict) -> None:
+    """Add achieved / limit / fraction to the build's CPU latency rows (GPU rows have no CPU limit to meet), and
+    mark any limit a row beats invalid (:func:`check_limits`)."""
+    for row in rows:
+        if row["runtime"] not in ("eager", "onnxruntime-cpu"):      # the build's eager runner is on the CPU
+            continue
+        if row["mode"] == "prefill":
+            row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
+        elif row["batch"] == 1:
+            row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits))
+    check_limits(limits, rows)

@@ -1,0 +1,221 @@
+"""Runtimes: every (runtime, precision) this machine runs, timed through the calls ``generate`` makes and set
+against the limits — batch-1 and batched prefill against compute, batch-1 decode against the bandwidth roofline,
+batched decode against the batched limit."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gamexport.bench.flops import flops_per_token
+from gamexport.bench.limits import batched_against_limit, decode_against_limit, prefill_against_limit
+from gamexport.bench.options import PRECISIONS
+from gamexport.bench.settings import BATCHED_PREFILL, DECODE_BATCHES, EDGE, PREFILL_LENGTHS, Effort, Progress
+from gamexport.config import GAMConfig
+
+
+def export_for_bench(ckpt, folder: Path, precisions: tuple[str, ...], say: Progress) -> dict:
+    """Write the graphs each precision needs into ``folder`` with gamexport's own builder (INT8 calibrated on
+    random token ids — fine for speed, not for accuracy) and ONNX Runtime's dynamic quantizer."""
+    from gamexport.graph.builder import export_graphs
+
+    cfg = ckpt.config
+    graph_precisions = tuple(p for p in ("fp32", "fp16", "int8") if p == "fp32" or p in precisions)
+    calibration = None
+    if "int8" in precisions:
+        from gamexport.calibration import calibrate
+
+        ids = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, cfg.max_positions), dtype=np.int64)
+        calibration = calibrate(cfg, ckpt.weights, [ids])
+    say(f"export: {', '.join(graph_precisions)} graphs into a temporary folder")
+    written = export_graphs(cfg, ckpt.weights, folder, ckpt.sha256, graph_precisions, calibration)
+    if "int8-dyn" in precisions:
+        from gamexport.engines.ort import write_int8_dynamic
+
+        say("export: int8-dyn graphs (ONNX Runtime's dynamic quantization of the inlined fp32 graphs)")
+        for kind in ("model", "step"):
+            path = write_int8_dynamic(folder / f"{kind}.inlined.onnx", folder / f"{kind}.int8-dyn.onnx")
+            written[path.name] = path
+    return written
+
+
+def runner_plan(precisions: tuple[str, ...], compile: bool) -> tuple[list[tuple[str, str]], list[dict]]:
+    """(runtime, precision) pairs this machine runs, and ``skipped`` rows with reasons for the rest."""
+    from gamexport.targets import UNSUPPORTED
+
+    pairs = [("eager", "fp32")]
+    skipped = []
+    if compile:
+        pairs.append(("eager-compile", "fp32"))
+    else:
+        skipped.append({"runtime": "eager-compile", "precision": "fp32",
+                        "reason": "torch.compile takes minutes to compile on CPU: pass --compile to time it"})
+    for p in PRECISIONS + ("bf16",):
+        reason = UNSUPPORTED.get(("onnxruntime-cpu", p))
+        if reason:
+            skipped.append({"runtime": "onnxruntime-cpu", "precision": p, "reason": reason})
+        elif p in precisions:
+            pairs.append(("onnxruntime-cpu", p))
+        else:
+            skipped.append({"runtime": "onnxruntime-cpu", "precision": p, "reason": "not requested (--precision)"})
+    skipped += gpu_skips()
+    return pairs, skipped
+
+
+def gpu_skips() -> list[dict]:
+    """Skipped rows for the GPU runtimes, with the reason this machine cannot (or the bench does not) run them."""
+    from gamexport.device import cuda_status
+
+    usable, why = cuda_status()
+    if not usable:
+        return [{"runtime": r, "reason": f"needs an NVIDIA GPU: {why}"}
+                for r in ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")]
+    try:
+        import onnxruntime as ort
+        providers = ort.get_available_providers()
+    except ImportError:
+        providers = []
+    cpu_build = "onnxruntime-gpu is not installed (this onnxruntime is the CPU build)"
+    checks = (("onnxruntime-cuda", "CUDAExecutionProvider" in providers, cpu_build),
+              ("onnxruntime-trt", "TensorrtExecutionProvider" in providers, cpu_build),
+              ("tensorrt", _has_tensorrt(), "tensorrt is not installed"))
+    return [{"runtime": runtime, "reason": missing if not ok else
+             f"GPU present ({why}), but bench measures CPU limits only; GPU rows need GPU limits first"}
+            for runtime, ok, missing in checks]
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def open_runner(runtime: str, precision: str, ckpt, folder: Path, threads: int):
+    """The runner of one (runtime, precision): eager PyTorch (compiled or not) on the checkpoint's weights, or
+    ONNX Runtime on the graphs in ``folder``."""
+    from gamexport.graph.builder import graph_file_name
+
+    if runtime in ("eager", "eager-compile"):
+        from gamexport.engines.eager import EagerRunner
+
+        return EagerRunner(ckpt.config, ckpt.weights, threads=threads, compile=runtime == "eager-compile")
+    from gamexport.engines.ort import OrtRunner
+
+    return OrtRunner(folder / graph_file_name("prefill", precision), folder / graph_file_name("step", precision),
+                     ckpt.config, threads, precision=precision)
+
+
+def describe_runner(runner) -> dict:
+    """The fields every row of a runner starts with: runtime, precision, the precision it computes in, and the
+    MatMul ops it runs (where the runner says)."""
+    return {"runtime": runner.runtime, "precision": runner.precision,
+            "compute_precision": getattr(runner, "compute_precision", runner.precision),
+            **({"matmul_ops": runner.matmul_ops} if getattr(runner, "matmul_ops", None) else {})}
+
+
+def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: int, say: Progress) -> list[dict]:
+    """Batch-1 prefill at T ∈ {64, 256} (capped at P) and batched prefill, against the compute limit."""
+    from gamexport.bench.timing import measure
+
+    P = cfg.max_positions
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(BATCHED_PREFILL, P), dtype=np.int64)
+    shapes = [(1, T) for T in sorted({min(T, P) for T in PREFILL_LENGTHS})] + [(BATCHED_PREFILL, min(256, P))]
+    rows = []
+    for B, T in shapes:
+        say(f"prefill: {runner.runtime} {runner.precision}, batch {B} × {T} tokens")
+        x = np.ascontiguousarray(ids[:B, :T])
+        timing = measure(lambda: runner._prefill(x), warmup=effort.warmup, runs=effort.runs,
+                         max_seconds=effort.max_seconds)
+        rows.append({**describe_runner(runner), "mode": "prefill", "batch": B, "seq_len": T, **timing.as_dict(),
+                     "tokens_per_s": B * T / (timing.p50_ms / 1e3), "head_positions": "all",
+                     **prefill_against_limit(cfg, B, T, timing.p50_ms, limits), "threads": threads})
+    return rows
+
+
+def _decode_samples(runner, ids: np.ndarray, positions: list[int], warmup: int) -> list[float]:
+    """Per-step seconds of one-token decode steps at ``positions`` (state carried), as ``generate`` calls them."""
+    B = ids.shape[0]
+    _, state0 = runner._prefill(np.ascontiguousarray(ids[:, : positions[0]]))
+    pos_arrays = {p: np.full((B, 1), p, np.int64) for p in positions}
+    tokens = {p: np.ascontiguousarray(ids[:, p:p + 1]) for p in positions}
+    state = state0
+    for p in positions[:warmup]:
+        _, state = runner._step(tokens[p], pos_arrays[p], state)
+    state = state0
+    samples = []
+    for p in positions:
+        t0 = time.perf_counter()
+        _, state = runner._step(tokens[p], pos_arrays[p], state)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: int, say: Progress) -> list[dict]:
+    """Batch-1 decode over every position 1..P−1 against the bandwidth roofline; batched decode at B = 8 and 32
+    against the batched (M = 32) limit."""
+    from gamexport.bench.timing import summarize
+
+    P = cfg.max_positions
+    if P < 2:
+        return []
+    per_token = flops_per_token(cfg)["total"]
+    rng = np.random.default_rng(2)
+    rows = []
+    say(f"decode: {runner.runtime} {runner.precision}, batch 1, positions 1..{P - 1}")
+    positions = list(range(1, P))
+    samples = _decode_samples(runner, rng.integers(0, cfg.vocab_size, size=(1, P), dtype=np.int64), positions,
+                              effort.warmup + 2)
+    timing = summarize(samples, effort.warmup + 2)
+    ms = np.asarray(samples) * 1e3
+    first, last = float(np.median(ms[:EDGE])), float(np.median(ms[-EDGE:]))
+    rows.append({**describe_runner(runner), "mode": "decode", "batch": 1, "seq_len": 1, "positions": [1, P - 1],
+                 **timing.as_dict(), "first_ms": first, "last_ms": last, "edge_positions": min(EDGE, len(ms)),
+                 "last_over_first": last / first, "tokens_per_s": 1 / (timing.p50_ms / 1e3),
+                 "flops_per_token": per_token,
+                 **decode_against_limit(cfg, runner.precision, timing.p50_ms, limits), "threads": threads})
+    steps = min(P - 1, effort.batched_decode_steps)
+    for B in DECODE_BATCHES:
+        say(f"decode: {runner.runtime} {runner.precision}, batch {B}, positions 1..{steps}")
+        ids = rng.integers(0, cfg.vocab_size, size=(B, P), dtype=np.int64)
+        samples = _decode_samples(runner, ids, list(range(1, 1 + steps)), effort.warmup)
+        timing = summarize(samples, effort.warmup)
+        rows.append({**describe_runner(runner), "mode": "decode", "batch": B, "seq_len": 1, "positions": [1, steps],
+                     **timing.as_dict(), "tokens_per_s": B / (timing.p50_ms / 1e3), "flops_per_token": per_token,
+                     **batched_against_limit(cfg, B, timing.p50_ms, limits, runner.precision),
+                     "threads": threads})
+    return rows
+
+
+def runtime_rows(pairs: list[tuple[str, str]], ckpt, folder: Path, limits: dict, effort: Effort, threads: int,
+                 skip: tuple[str, ...], say: Progress) -> tuple[list[dict], list[dict], list[dict]]:
+    """Prefill and decode rows of every (runtime, precision) in ``pairs`` (graphs in ``folder``), one runner open
+    at a time; (prefill, decode, skipped). A failing ``torch.compile`` becomes a skipped row; any other failure is
+    a bug and is raised."""
+    cfg = ckpt.config
+    prefill: list[dict] = []
+    decode: list[dict] = []
+    skipped: list[dict] = []
+    for runtime, precision in pairs:
+        if runtime == "eager-compile":
+            say("compile: torch.compile of prefill and step (slow on CPU; compiled on the first calls)")
+        runner = open_runner(runtime, precision, ckpt, folder, threads)
+        try:
+            rows_p = [] if "prefill" in skip else prefill_rows(runner, cfg, limits, effort, threads, say)
+            rows_d = [] if "decode" in skip else decode_rows(runner, cfg, limits, effort, threads, say)
+            prefill += rows_p
+            decode += rows_d
+        except Exception as exc:  # torch.compile needs a working C++ toolchain; anything else is a bug
+            if runtime != "eager-compile":
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            skipped.append({"runtime": runtime, "precision": precision,
+                            "reason": f"torch.compile failed: {type(exc).__name__}: {first}"})
+            say(f"compile: torch.compile failed, skipped ({type(exc).__name__})")
+        finally:
+            runner.close()
+            del runner
+            gc.collect()
+    return prefill, decode, skipped
