@@ -12,7 +12,6 @@ from .runner import OrtRunner
 from .session import (INT8_COMPUTE, INT8_MATMULS, QDQ_REFERENCE, RUNTIMES, block_outputs, compute_label, import_ort,
                       load_session, optimized_matmul_ops, session_options, write_ort_format)
 
-_import_ort = import_ort  # the name engines/benchmark.py imports
 
 __all__ = ["OrtRunner", "INT8_COMPUTE", "INT8_MATMULS", "QDQ_REFERENCE", "RUNTIMES", "block_outputs", "compute_label",
            "import_ort", "load_session", "optimized_matmul_ops", "session_options", "write_int8_dynamic",

@@ -20,10 +20,10 @@ def nodes_session(nodes: list, inputs: list, outputs: list, initializers: list, 
     options the model graphs get."""
     from onnx import helper
 
-    from gamexport.engines.ort import _import_ort, session_options
+    from gamexport.engines.ort import import_ort, session_options
     from gamexport.graph.builder import IR_VERSION, OPSET
 
-    ort = _import_ort()
+    ort = import_ort()
     graph = helper.make_graph(nodes, "bench", inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                     helper.make_opsetid("com.microsoft", 1)], ir_version=IR_VERSION)
