@@ -444,7 +444,7 @@ class _Settings:
 class _Data:
     """The corpus, its tokenizer and token streams, and the run's length in steps."""
 
-    corpus: Any                     # data.Corpus
+    corpus: data.Corpus
     tokenizer: Tokenizer
     held_out_text: str
     train_tokens: np.ndarray
@@ -604,7 +604,7 @@ def _prepare_data(ctx: Dist, s: _Settings) -> _Data:
                  total_steps, warmup)
 
 
-def _run_tokenizer(ctx: Dist, s: _Settings, corpus) -> Tokenizer:
+def _run_tokenizer(ctx: Dist, s: _Settings, corpus: data.Corpus) -> Tokenizer:
     """The checkpoint's tokenizer on --resume; else one trained on the training split (rank 0) and saved in OUT.
 
     Rank 0 trains it and sends it to the others: the other ranks neither spend the time (nor the shared cores)
