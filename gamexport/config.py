@@ -197,11 +197,6 @@ CONV_STATE = "conv_state"
 LOGITS = "logits"
 CONV_STATE_OUT = "conv_state_out"
 
-PREFILL_INPUTS = (INPUT_IDS,)
-PREFILL_OUTPUTS = (LOGITS, CONV_STATE)
-STEP_INPUTS = (INPUT_IDS, POSITION_IDS, CONV_STATE)
-STEP_OUTPUTS = (LOGITS, CONV_STATE_OUT)
-
 
 def io_spec(cfg: GAMConfig, graph: str) -> dict[str, list[tuple[str, str, list[int | str]]]]:
     """Names, element types and shapes (symbolic axes as strings) of a graph's inputs and outputs."""

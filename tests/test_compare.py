@@ -12,6 +12,8 @@ import pytest
 
 from gamexport.training.compare import SMOKE, run_compare, table
 
+pytestmark = pytest.mark.slow           # the module trains, exports and times three models (minutes)
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

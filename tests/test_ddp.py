@@ -126,6 +126,7 @@ def weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_exactly(tmp_path):
     text = write_stories(tmp_path / "stories.txt", 18)
     ddp, single = tmp_path / "ddp", tmp_path / "single"

@@ -342,10 +342,15 @@ def _child(argv: list[str], cwd: str, stdout: str, stderr: str) -> None:
     main(argv)   # exits; multiprocessing turns SystemExit into the exit code and prints any other traceback
 
 
+# What the commands import, loaded once in the server instead of in every example. Besides gamexport's own
+# modules, the lazy imports of the libraries (each measured at a second or more per example on two cores):
+# typer's parameter coercion (pydantic, on the first parse), torch._dynamo (sympy; on an optimizer's first
+# step) and matplotlib's figure and Agg canvas (the training plots).
 PRELOAD = ["test_fuzz_cli", "numpy", "torch", "onnx", "onnxruntime", "safetensors", "tokenizers", "matplotlib",
            "gamexport.cli.main", "gamexport.engines.pipeline", "gamexport.generation",
-           "gamexport.engines.recheck", "gamexport.bench.command", "gamexport.inspection",
-           "gamexport.manifest", "gamexport.training.loop"]
+           "gamexport.engines.recheck", "gamexport.bench.command", "gamexport.inspection", "gamexport.parity",
+           "gamexport.manifest", "gamexport.training.loop", "gamexport.training.plots", "typer._adapters",
+           "torch._dynamo", "matplotlib.figure", "matplotlib.backends.backend_agg"]
 
 
 @pytest.fixture(scope="module")

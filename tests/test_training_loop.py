@@ -51,6 +51,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert lrs[99] < 1e-6 and lr_at(100, 1e-3, 10, 100) == 0.0
 
 
+@pytest.mark.slow
 def test_a_tiny_run_writes_a_loadable_resumable_run(tmp_path):
     text = write_stories(tmp_path / "stories.txt", 60, rare_word_in_tail="zyzzyva")
     out = tmp_path / "run"
@@ -112,6 +113,7 @@ def test_a_tiny_run_writes_a_loadable_resumable_run(tmp_path):
     assert nll / count == pytest.approx(meta["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     text = write_stories(tmp_path / "stories.txt", 20)
     kwargs = dict(dataset=str(text), preset="tiny", max_steps=16, eval_every=3, checkpoint_every=6, seed=7,
@@ -170,6 +172,7 @@ def _stop_at(step: int):
     return on_step
 
 
+@pytest.mark.slow
 def test_an_interrupted_fresh_run_leaves_nothing_but_its_checkpoints(tmp_path):
     """Ctrl-C before the first checkpoint: the run folder it created goes (an empty folder it was given is left
     empty); after a checkpoint the run stays, for --resume."""
@@ -188,6 +191,7 @@ def test_an_interrupted_fresh_run_leaves_nothing_but_its_checkpoints(tmp_path):
     assert train(out=tmp_path / "kept", resume=True, progress=False)["steps"] == 8
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_fresh_run_removes_its_folder(tmp_path):
     """SIGTERM (as from a scheduler) is handled like Ctrl-C: exit 128 + 15, the folder the run created is gone."""
     import os
@@ -214,6 +218,7 @@ def test_sigterm_during_a_fresh_run_removes_its_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stories.txt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["transformer", "mamba"])
 def test_a_baseline_trains_resumes_exactly_and_is_refused_by_the_gam_tools(tmp_path, kind):
     from gamexport.config import GAMConfig
@@ -316,6 +321,7 @@ def test_cli_command(tmp_path):
 DEMO = Path(__file__).resolve().parents[1] / "gamexport" / "demo"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO / "model.safetensors").is_file(), reason="no bundled demo model")
 def test_bundled_demo_model_matches_its_card():
     ckpt = load_checkpoint(DEMO)
@@ -333,6 +339,7 @@ def test_bundled_demo_model_matches_its_card():
     assert val_loss == pytest.approx(ckpt.meta["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_then_build_then_generate(tmp_path):
     """The whole user path on the tiny preset: train a few steps, build the run folder, generate from the build."""
     import os
@@ -360,6 +367,7 @@ def test_train_then_build_then_generate(tmp_path):
     assert generated.stdout.startswith("Once upon a time") and len(generated.stdout) > len("Once upon a time")
 
 
+@pytest.mark.slow
 def test_a_corrupted_last_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
     text = write_stories(tmp_path / "stories.txt", 20)
     kwargs = dict(dataset=str(text), preset="tiny", max_steps=8, eval_every=4, checkpoint_every=2, seed=3,

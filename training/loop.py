@@ -46,6 +46,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -408,33 +409,127 @@ def _check_bounds(**values) -> None:
             check_range(f"--{name.replace('_', '-')}", value, *ranges[name])
 
 
+# ---- one rank's run, step by step ------------------------------------------------------------------------------
+# ``_train`` reads as the table of contents: resolve the arguments (``_resolve_run``), load the data and the
+# tokenizer (``_prepare_data``), build the model and optimizer and restore or start the run (``_set_up``), run the
+# optimisation steps with their evaluations and checkpoints (``_train_steps``), then write the plots and the
+# summary (``_finish``). The order in which they draw random numbers is part of what makes --resume exact.
+
+@dataclass
+class _Settings:
+    """The run's arguments, resolved: on --resume the run's own (run.json), else the given ones or the preset's."""
+
+    out: Path
+    dataset: str
+    data_dir: str | os.PathLike | None
+    preset_name: str
+    recipe: TrainPreset
+    seed: int
+    max_steps: int | None
+    vocab_size: int | None
+    kind: str                       # "gam", "transformer" or "mamba"
+    dropout: float | None
+    eval_every: int
+    checkpoint_every: int
+    threads: int | None
+    saved: dict[str, Any]           # run.json of the run being resumed ({} for a fresh run)
+    resume_from: tuple[int, Path] | None    # (step, checkpoint folder) to continue from; None for a fresh run
+
+    @property
+    def resume(self) -> bool:
+        return self.resume_from is not None
+
+
+@dataclass
+class _Data:
+    """The corpus, its tokenizer and token streams, and the run's length in steps."""
+
+    corpus: data.Corpus
+    tokenizer: Tokenizer
+    held_out_text: str
+    train_tokens: np.ndarray
+    valid_tokens: np.ndarray
+    n_chunks: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+
+@dataclass
+class _Run:
+    """Everything one rank's run holds once it is set up; the loop's steps read it and advance its position."""
+
+    ctx: Dist
+    dev: torch.device
+    settings: _Settings
+    data: _Data
+    net: torch.nn.Module            # the model (its weights are what a checkpoint saves)
+    ddp: torch.nn.Module            # the model wrapped in DistributedDataParallel, or ``net`` itself
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], Any]
+    amp_dtype: torch.dtype | None
+    step: int = 0                   # optimizer updates done
+    epoch: int = 0
+    batch_index: int = 0            # the next batch of the epoch
+    last_val: tuple[float | None, float | None] = (None, None)
+    last_checkpoint: int | None = None
+    session_tokens: int = 0         # this session's (not the run's) throughput, for the bar and the summary
+    session_time: float = 0.0
+    recipe_record: dict[str, Any] = field(default_factory=dict)
+    tokenizer_record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.settings.out / METRICS_NAME
+
+
 def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out, max_steps, resume, seed, data_dir,
            eval_every, checkpoint_every, threads, vocab_size, progress, on_step, model, dropout) -> dict[str, Any]:
     """``train`` on one rank (the only one, or one of ``ctx.world_size``)."""
-    out = Path(out)
-    run_path = out / RUN_NAME
-    saved: dict[str, Any] = {}
-    resume_from: tuple[int, Path] | None = None
-    if resume:
-        if not run_path.is_file():
-            raise TrainingError(f"{out} holds no training run to resume ({RUN_NAME} is missing)",
-                                "drop --resume to start a new run there")
-        saved = read_json(run_path, schema=Obj(), error=TrainingError, max_bytes=MIB,
-                          fix=f"delete {out} and start a new run, or drop --resume")
-        checkpoints = list_checkpoints(out)
-        if not checkpoints:
-            raise TrainingError(f"{out} holds no checkpoint yet (the run stopped before its first one)",
-                                "start it again with the same command without --resume")
-        # Rank 0 chooses (and warns about damaged ones); every rank then reads the one it chose.
-        chosen = usable_checkpoint(checkpoints) if ctx.is_main else None
-        resume_step = ctx.broadcast_object(chosen[0] if chosen else None)
-        resume_from = (resume_step, out / CHECKPOINTS / f"step-{resume_step:06d}")
-    elif out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file", "pass a folder path (it is created if missing)")
-    elif list_checkpoints(out):
-        raise TrainingError(f"{out} already holds a training run",
-                            "pass --resume to continue it, or choose another --out")
+    settings = _resolve_run(ctx, Path(out), resume, dict(
+        dataset=dataset, preset=preset, max_steps=max_steps, seed=seed, data_dir=data_dir, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, threads=threads, vocab_size=vocab_size, model=model, dropout=dropout))
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    seed_everything(settings.seed)
+    run = _set_up(ctx, dev, settings, _prepare_data(ctx, settings))
+    start_step = run.step
+    _train_steps(run, progress, on_step)
+    return _finish(run, started, start_step)
 
+
+def _resume_point(ctx: Dist, out: Path, resume: bool) -> tuple[dict[str, Any], tuple[int, Path] | None]:
+    """(run.json, (step, checkpoint folder)) of the run to resume, or ({}, None) for a fresh run: a fresh run's
+    ``out`` may not hold a run already, a resumed one must hold a run with a readable checkpoint."""
+    run_path = out / RUN_NAME
+    if not resume:
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"--out {out} is a file", "pass a folder path (it is created if missing)")
+        if list_checkpoints(out):
+            raise TrainingError(f"{out} already holds a training run",
+                                "pass --resume to continue it, or choose another --out")
+        return {}, None
+    if not run_path.is_file():
+        raise TrainingError(f"{out} holds no training run to resume ({RUN_NAME} is missing)",
+                            "drop --resume to start a new run there")
+    saved = read_json(run_path, schema=Obj(), error=TrainingError, max_bytes=MIB,
+                      fix=f"delete {out} and start a new run, or drop --resume")
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        raise TrainingError(f"{out} holds no checkpoint yet (the run stopped before its first one)",
+                            "start it again with the same command without --resume")
+    # Rank 0 chooses (and warns about damaged ones); every rank then reads the one it chose.
+    chosen = usable_checkpoint(checkpoints) if ctx.is_main else None
+    resume_step = ctx.broadcast_object(chosen[0] if chosen else None)
+    return saved, (resume_step, out / CHECKPOINTS / f"step-{resume_step:06d}")
+
+
+def _resolve_run(ctx: Dist, out: Path, resume: bool, given: dict[str, Any]) -> _Settings:
+    """The run's settings from the arguments ``given`` (None: not given) and, on --resume, the run's run.json;
+    every refusal here comes before anything is written."""
+    saved, resume_from = _resume_point(ctx, out, resume)
+    dataset = given["dataset"]
     if dataset is not None:
         dataset = os.fspath(dataset)
     if dataset is not None and not data.is_named(dataset):
@@ -442,25 +537,26 @@ def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out
     dataset = _pick("--dataset", dataset, saved, "dataset")
     if dataset is None:
         raise TrainingError("no dataset given", "pass --dataset wikitext2, tinystories or a text file/folder")
-    preset_name = _pick("--preset", preset, saved, "preset", default="small")
-    seed = _pick("--seed", seed, saved, "seed", default=0)
-    max_steps = _pick("--max-steps", max_steps, saved, "max_steps")
-    vocab_size = _pick("vocab_size", vocab_size, saved, "vocab_size")
-    kind = _pick("--model", model, saved, "model", default="gam")
-    dropout = _pick("--dropout", dropout, saved, "dropout")
+    preset_name = _pick("--preset", given["preset"], saved, "preset", default="small")
+    seed = _pick("--seed", given["seed"], saved, "seed", default=0)
+    max_steps = _pick("--max-steps", given["max_steps"], saved, "max_steps")
+    vocab_size = _pick("vocab_size", given["vocab_size"], saved, "vocab_size")
+    kind = _pick("--model", given["model"], saved, "model", default="gam")
+    dropout = _pick("--dropout", given["dropout"], saved, "dropout")
     if kind != "gam":                        # the baselines are imported only when asked for
         from .baselines import MODEL_KINDS
         if kind not in MODEL_KINDS:
             raise TrainingError(f"unknown model {kind!r}", f"choose one of: {', '.join(MODEL_KINDS)}")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise TrainingError(f"--dropout must be in [0, 1), got {dropout}", "pass a dropout such as 0 or 0.1")
+    data_dir = given["data_dir"]
     if data_dir is None:
         data_dir = saved.get("data_dir") or (data.default_data_dir() if data.is_named(dataset) else None)
     recipe: TrainPreset = train_preset(preset_name)
     # These may change on --resume (they do not alter the arithmetic); by default the run keeps its own.
-    eval_every = eval_every or saved.get("eval_every") or recipe.eval_every
-    checkpoint_every = checkpoint_every or saved.get("checkpoint_every") or recipe.checkpoint_every
-    threads = threads or saved.get("threads")
+    eval_every = given["eval_every"] or saved.get("eval_every") or recipe.eval_every
+    checkpoint_every = given["checkpoint_every"] or saved.get("checkpoint_every") or recipe.checkpoint_every
+    threads = given["threads"] or saved.get("threads")
     for name, value in (("--max-steps", max_steps), ("--eval-every", eval_every),
                         ("--checkpoint-every", checkpoint_every), ("--threads", threads)):
         if value is not None and value < 1:
@@ -469,51 +565,32 @@ def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out
         raise distributed.DistributedError(
             f"preset {preset_name}'s batch of {recipe.batch_size} sequences (the global batch) does not split "
             f"evenly over {ctx.world_size} processes", "start a number of processes that divides it")
+    return _Settings(out, dataset, data_dir, preset_name, recipe, seed, max_steps, vocab_size, kind, dropout,
+                     eval_every, checkpoint_every, threads, saved, resume_from)
 
-    if threads:
-        torch.set_num_threads(threads)
-    amp_dtype = None
-    if dev.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    def autocast():
-        return torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-
-    seed_everything(seed)
-
-    # ---- data and tokenizer ----
-    corpus = data.load_corpus(dataset, data_dir)
-    if resume and saved.get("files") and saved["files"] != corpus.files:
-        raise TrainingError(f"the files of dataset {dataset!r} changed since the run started",
+def _prepare_data(ctx: Dist, s: _Settings) -> _Data:
+    """Load the corpus, create ``out`` (rank 0), get the tokenizer (trained, or the checkpoint's), encode both
+    splits and derive the run's length: epochs of full chunks, in global batches of the preset's size."""
+    corpus = data.load_corpus(s.dataset, s.data_dir)
+    if s.resume and s.saved.get("files") and s.saved["files"] != corpus.files:
+        raise TrainingError(f"the files of dataset {s.dataset!r} changed since the run started",
                             "restore the original files to resume, or start a new run")
     if ctx.is_main:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            s.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TrainingError(f"cannot create {out}: {exc.strerror or exc}",
+            raise TrainingError(f"cannot create {s.out}: {exc.strerror or exc}",
                                 "choose an --out you can write to") from exc
-        for stale in (out / CHECKPOINTS).glob(".tmp-step-*"):      # left by a run killed while saving
+        for stale in (s.out / CHECKPOINTS).glob(".tmp-step-*"):      # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-    if resume:
-        tokenizer = Tokenizer.from_file(resume_from[1] / TOKENIZER_NAME)
-    else:
-        # Rank 0 trains the tokenizer and sends it to the others: the other ranks neither spend the time (nor
-        # the shared cores) nor depend on BPE training giving the same merges in every process, and need no
-        # shared filesystem to see it.
-        tokenizer_json = None
-        if ctx.is_main:
-            tokenizer = train_tokenizer(corpus.train, vocab_size or recipe.vocab_size)   # training split only
-            save_tokenizer(tokenizer, out / TOKENIZER_NAME)
-            tokenizer_json = tokenizer.to_json()
-        tokenizer_json = ctx.broadcast_object(tokenizer_json)
-        if not ctx.is_main:
-            tokenizer = _tokenizer_from_json(tokenizer_json)
+    tokenizer = _run_tokenizer(ctx, s, corpus)
     # The validation split as one text that encodes to exactly the validation token stream (documents closed by
     # <|endoftext|>); saved beside every checkpoint so `gamexport build` can check parity on real held-out text.
     held_out_text = "".join(doc + data.EOS for doc in corpus.valid)
     train_tokens = data.encode_documents(tokenizer, corpus.train)
     valid_tokens = data.encode_documents(tokenizer, corpus.valid)
-    T, B = recipe.seq_len, recipe.batch_size
+    T, B = s.recipe.seq_len, s.recipe.batch_size
     n_chunks = data.n_train_chunks(len(train_tokens), T)
     if n_chunks == 0:
         raise TrainingError(f"the training split has {len(train_tokens)} tokens, fewer than one sequence of {T + 1}",
@@ -521,252 +598,351 @@ def _train(ctx: Dist, dev: torch.device, started: float, *, dataset, preset, out
     if len(valid_tokens) < 2:
         raise TrainingError("the validation split has fewer than 2 tokens", "use a longer validation text")
     steps_per_epoch = data.batches_per_epoch(n_chunks, B)
-    total_steps = max_steps or recipe.epochs * steps_per_epoch
-    warmup = min(recipe.warmup_steps, max(1, total_steps // 2))
+    total_steps = s.max_steps or s.recipe.epochs * steps_per_epoch
+    warmup = min(s.recipe.warmup_steps, max(1, total_steps // 2))
+    return _Data(corpus, tokenizer, held_out_text, train_tokens, valid_tokens, n_chunks, steps_per_epoch,
+                 total_steps, warmup)
 
-    # ---- model and optimizer ----
-    gam_cfg = recipe.model.replace(vocab_size=tokenizer.vocab_size,
-                                   **({"dropout": float(dropout)} if dropout is not None else {}))
-    resumed_config, resumed_weights = load_run_weights(resume_from[1]) if resume else (None, None)
-    if resume:                       # the shape the run was started with (even if the preset changed since)
+
+def _run_tokenizer(ctx: Dist, s: _Settings, corpus: data.Corpus) -> Tokenizer:
+    """The checkpoint's tokenizer on --resume; else one trained on the training split (rank 0) and saved in OUT.
+
+    Rank 0 trains it and sends it to the others: the other ranks neither spend the time (nor the shared cores)
+    nor depend on BPE training giving the same merges in every process, and need no shared filesystem to see it.
+    """
+    if s.resume:
+        return Tokenizer.from_file(s.resume_from[1] / TOKENIZER_NAME)
+    tokenizer_json = None
+    if ctx.is_main:
+        tokenizer = train_tokenizer(corpus.train, s.vocab_size or s.recipe.vocab_size)   # training split only
+        save_tokenizer(tokenizer, s.out / TOKENIZER_NAME)
+        tokenizer_json = tokenizer.to_json()
+    tokenizer_json = ctx.broadcast_object(tokenizer_json)
+    if not ctx.is_main:
+        tokenizer = _tokenizer_from_json(tokenizer_json)
+    return tokenizer
+
+
+def _set_up(ctx: Dist, dev: torch.device, s: _Settings, d: _Data) -> _Run:
+    """Model, optimizer and gradient scaler on ``dev``; then the resumed run's state, or a fresh run's files."""
+    amp_dtype = None
+    if dev.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast():
+        return torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    resumed_config, resumed_weights = load_run_weights(s.resume_from[1]) if s.resume else (None, None)
+    net = _build_net(s, d, resumed_config).to(dev).train()          # train mode: dropout active
+    optimizer = torch.optim.AdamW(net.parameters(), lr=s.recipe.lr, betas=s.recipe.betas,
+                                  weight_decay=s.recipe.weight_decay)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    run = _Run(ctx, dev, s, d, net, net, optimizer, scaler, autocast, amp_dtype)
+    if s.resume:
+        _restore(run, resumed_weights)
+    else:
+        _start_fresh(run)
+    if ctx.enabled:
+        # Starting DDP broadcasts rank 0's parameters; they are already equal (same seed, or the same checkpoint).
+        run.ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    run.recipe_record, run.tokenizer_record = _recipe_record(run), _tokenizer_record(d.tokenizer)
+    return run
+
+
+def _build_net(s: _Settings, d: _Data, resumed_config: dict[str, Any] | None) -> torch.nn.Module:
+    """The model: on --resume the shape the run was started with (even if the preset changed since; its weights
+    are loaded by ``_restore``); else the preset's, seeded, sized to the tokenizer (a baseline matched to it)."""
+    gam_cfg = s.recipe.model.replace(vocab_size=d.tokenizer.vocab_size,
+                                     **({"dropout": float(s.dropout)} if s.dropout is not None else {}))
+    if s.resume:
         saved_kind = resumed_config.get("architecture", "gam")
-        if saved_kind != kind:
-            raise TrainingError(f"run.json says --model {kind}, but {resume_from[1]} holds a {saved_kind} model",
+        if saved_kind != s.kind:
+            raise TrainingError(f"run.json says --model {s.kind}, but {s.resume_from[1]} holds a {saved_kind} model",
                                 "the run folder is inconsistent; start a new run")
-        if kind == "gam":
-            net = build_model(GAMConfig.from_dict(resumed_config))
-        else:
-            from .baselines import lm_from_config
-            net = lm_from_config(resumed_config)
-    elif kind == "gam":
-        net = build_model(gam_cfg, seed=seed)
+        if s.kind == "gam":
+            return build_model(GAMConfig.from_dict(resumed_config))
+        from .baselines import lm_from_config
+        return lm_from_config(resumed_config)
+    if s.kind == "gam":
+        net = build_model(gam_cfg, seed=s.seed)
     else:
         from .baselines import build_lm
-        net = build_lm(kind, gam_cfg, seed=seed)                    # width matched to gam_cfg's parameters
-    cfg = net.config
-    if recipe.embedding_init_std is not None and not resume:   # see presets.py: why not the reference init
-        generator = torch.Generator().manual_seed(seed)
+        net = build_lm(s.kind, gam_cfg, seed=s.seed)                    # width matched to gam_cfg's parameters
+    if s.recipe.embedding_init_std is not None:             # see presets.py: why not the reference init
+        generator = torch.Generator().manual_seed(s.seed)
         with torch.no_grad():
             for name in ("token_embedding", "pos_embedding"):   # whichever the architecture has
                 embedding = getattr(net, name, None)
                 if embedding is not None:
-                    embedding.weight.normal_(0.0, recipe.embedding_init_std, generator=generator)
-    net = net.to(dev).train()                                  # train mode: dropout active
-    optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, betas=recipe.betas,
-                                  weight_decay=recipe.weight_decay)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
-    step, epoch, batch_index = 0, 0, 0
-    metrics_path = out / METRICS_NAME
-    if resume:
-        step, folder = resume_from
-        _load_weights(net, resumed_weights)
-        state = load_trainer_state(folder)
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, batch_index = state["epoch"], state["batch_index"]
-        by_rank = state.get("rng_by_rank")
-        if by_rank and len(by_rank) == ctx.world_size:
-            set_rng_state(by_rank[ctx.rank])                   # every rank continues its own dropout stream
-        else:
-            set_rng_state(state["rng"])
-            if ctx.rank > 0:
-                torch.manual_seed(distributed.derived_seed(seed, ctx.rank) ^ step)
-            saved_world = len(by_rank) if by_rank else 1
-            if ctx.is_main and saved_world != ctx.world_size and cfg.dropout > 0:
-                print(f"warning: the run was checkpointed by {saved_world} process(es) and continues in "
-                      f"{ctx.world_size}: data order and optimizer are exact, dropout masks differ from an "
-                      "uninterrupted run", file=sys.stderr, flush=True)
-        if ctx.is_main:
-            kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]   # drop steps after the checkpoint
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+                    embedding.weight.normal_(0.0, s.recipe.embedding_init_std, generator=generator)
+    return net
+
+
+def _restore(run: _Run, weights: dict[str, np.ndarray]) -> None:
+    """Continue from the checkpoint: weights, optimizer, scaler, data position and random generators (each rank
+    its own when the run had as many); metrics.jsonl loses the steps logged after the checkpoint."""
+    ctx, s = run.ctx, run.settings
+    run.step, folder = s.resume_from
+    run.last_checkpoint = run.step
+    _load_weights(run.net, weights)
+    state = load_trainer_state(folder)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.batch_index = state["epoch"], state["batch_index"]
+    by_rank = state.get("rng_by_rank")
+    if by_rank and len(by_rank) == ctx.world_size:
+        set_rng_state(by_rank[ctx.rank])                   # every rank continues its own dropout stream
     else:
-        if ctx.rank > 0:       # rank 0 keeps the single-process stream; the others draw their own dropout masks
-            torch.manual_seed(distributed.derived_seed(seed, ctx.rank))
-        if ctx.is_main:
-            atomic_write_json(run_path, {
-                "kind": RUN_KIND, "dataset": dataset, "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-                "preset": preset_name, "seed": seed, "max_steps": max_steps, "vocab_size": vocab_size,
-                "model": kind, "dropout": dropout,
-                "eval_every": eval_every, "checkpoint_every": checkpoint_every, "threads": threads,
-                "files": corpus.files, "gamexport_version": __version__})
-            metrics_path.write_text("", encoding="utf-8")
+        set_rng_state(state["rng"])
+        if ctx.rank > 0:
+            torch.manual_seed(distributed.derived_seed(s.seed, ctx.rank) ^ run.step)
+        saved_world = len(by_rank) if by_rank else 1
+        if ctx.is_main and saved_world != ctx.world_size and run.net.config.dropout > 0:
+            print(f"warning: the run was checkpointed by {saved_world} process(es) and continues in "
+                  f"{ctx.world_size}: data order and optimizer are exact, dropout masks differ from an "
+                  "uninterrupted run", file=sys.stderr, flush=True)
+    if ctx.is_main:
+        kept = [r for r in read_metrics(run.metrics_path) if r["step"] <= run.step]   # drop steps after it
+        atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _start_fresh(run: _Run) -> None:
+    """A fresh run: every rank but 0 seeds its own dropout stream; rank 0 writes run.json and metrics.jsonl."""
+    ctx, s = run.ctx, run.settings
+    if ctx.rank > 0:       # rank 0 keeps the single-process stream; the others draw their own dropout masks
+        torch.manual_seed(distributed.derived_seed(s.seed, ctx.rank))
+    if not ctx.is_main:
+        return
+    atomic_write_json(s.out / RUN_NAME, {
+        "kind": RUN_KIND, "dataset": s.dataset,
+        "data_dir": str(Path(s.data_dir).resolve()) if s.data_dir is not None else None,
+        "preset": s.preset_name, "seed": s.seed, "max_steps": s.max_steps, "vocab_size": s.vocab_size,
+        "model": s.kind, "dropout": s.dropout,
+        "eval_every": s.eval_every, "checkpoint_every": s.checkpoint_every, "threads": s.threads,
+        "files": run.data.corpus.files, "gamexport_version": __version__})
+    run.metrics_path.write_text("", encoding="utf-8")
+
+
+def _recipe_record(run: _Run) -> dict[str, Any]:
+    """The training recipe as config.json's and summary.json's "training" record."""
+    recipe, d, ctx = run.settings.recipe, run.data, run.ctx
+    record = {
+        "batch_size": recipe.batch_size, "seq_len": recipe.seq_len, "lr": recipe.lr, "betas": list(recipe.betas),
+        "weight_decay": recipe.weight_decay, "warmup_steps": d.warmup, "schedule": "linear warm-up, cosine to 0",
+        "grad_clip": recipe.grad_clip, "total_steps": d.total_steps, "steps_per_epoch": d.steps_per_epoch,
+        "dropout": run.net.config.dropout, "embedding_init_std": recipe.embedding_init_std,
+        "amp": str(run.amp_dtype).removeprefix("torch.") if run.amp_dtype else "fp32"}
     if ctx.enabled:
-        # Starting DDP broadcasts rank 0's parameters; they are already equal (same seed, or the same checkpoint).
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    else:
-        ddp = net
+        record["data_parallel"] = {"world_size": ctx.world_size, "backend": ctx.backend,
+                                   "per_rank_batch": recipe.batch_size // ctx.world_size}
+    return record
 
-    recipe_record = {
-        "batch_size": B, "seq_len": T, "lr": recipe.lr, "betas": list(recipe.betas),
-        "weight_decay": recipe.weight_decay, "warmup_steps": warmup, "schedule": "linear warm-up, cosine to 0",
-        "grad_clip": recipe.grad_clip, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-        "dropout": cfg.dropout, "embedding_init_std": recipe.embedding_init_std,
-        "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"}
-    if ctx.enabled:
-        recipe_record["data_parallel"] = {"world_size": ctx.world_size, "backend": ctx.backend,
-                                          "per_rank_batch": B // ctx.world_size}
-    tokenizer_record = {"file": TOKENIZER_NAME, "type": "byte-level BPE (Hugging Face tokenizers)",
-                        "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-                        "trained_on": "training split only"}
 
-    def meta(val_loss: float | None, val_ppl: float | None) -> dict[str, Any]:
-        what = "" if kind == "gam" else f"{kind} baseline, "
-        label = f"trained: {what}{corpus.name}, preset {preset_name}, seed {seed}, step {step}" + (
-            f", val ppl {val_ppl:.2f}" if val_ppl is not None else "")
-        return {"trained": True, "label": label, "heldout_text": HELD_OUT_NAME, "preset": preset_name,
-                "model": kind, "seed": seed, "step": step, "epoch": round(step / steps_per_epoch, 4),
-                "val_loss": val_loss, "val_ppl": val_ppl, "dataset": corpus.record(), "tokenizer": tokenizer_record,
-                "training": recipe_record, "gamexport_version": __version__}
+def _tokenizer_record(tokenizer: Tokenizer) -> dict[str, Any]:
+    return {"file": TOKENIZER_NAME, "type": "byte-level BPE (Hugging Face tokenizers)",
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "trained_on": "training split only"}
 
-    def trainer_state(rng_by_rank: list[dict[str, Any]], digests: list[str] | None) -> dict[str, Any]:
-        state = {"step": step, "epoch": epoch, "batch_index": batch_index, "seed": seed,
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                 "scheduler": {"kind": "warmup_cosine", "peak_lr": recipe.lr, "warmup_steps": warmup,
-                               "total_steps": total_steps},
-                 "rng": rng_by_rank[0], "rng_by_rank": rng_by_rank, "world_size": ctx.world_size}
-        if digests is not None:
-            state["weights_sha256_by_rank"] = digests
-        return state
 
-    def checkpoint(last_val: tuple[float | None, float | None]) -> None:
-        """Every rank takes part (generator states and weight digests are gathered); rank 0 writes."""
-        weights = state_dict_numpy(net)
-        rng_by_rank = ctx.all_gather_object(rng_state())
-        digests = None
-        if ctx.enabled:
-            digests = ctx.all_gather_object(distributed.weights_digest(weights))
-            if len(set(digests)) > 1:
-                raise TrainingError(f"the weights of the {ctx.world_size} processes differ at step {step} "
-                                    "(data-parallel ranks out of step)",
-                                    "resume from the last checkpoint; report it if it happens again")
-        if ctx.is_main:
-            save_training_checkpoint(out, step, net, tokenizer, trainer_state(rng_by_rank, digests),
-                                     meta(*last_val), held_out_text, weights=weights)
-        ctx.barrier()          # the others continue only once the checkpoint is on disk (a resume must see it)
+# ---- the loop ----------------------------------------------------------------------------------------------------
 
-    # ---- the loop ----
-    start_step = step
-    last_val = (None, None)
-    last_checkpoint = step if resume else None
-    session_tokens, session_time = 0, 0.0
-    bar = None
-    if progress and ctx.is_main:
-        try:
-            from tqdm import tqdm
-        except ImportError:          # no progress bar without tqdm; metrics.jsonl still records every step
-            tqdm = None
-        if tqdm is not None:
-            label = "" if kind == "gam" else f"{kind} "
-            bar = tqdm(total=total_steps, initial=step, file=sys.stderr, unit="step", dynamic_ncols=True,
-                       desc=f"train {label}{corpus.name}/{preset_name}" + (
-                           f" ×{ctx.world_size}" if ctx.enabled else ""))
+def _train_steps(run: _Run, progress: bool, on_step: Callable[[dict[str, Any]], None] | None) -> None:
+    """Optimisation steps until the run's last: each one logged to metrics.jsonl, evaluated and checkpointed on
+    schedule (both also at the last step). Ctrl-C becomes ``TrainingInterrupted``, saying how to continue."""
+    ctx, d = run.ctx, run.data
+    bar = _progress_bar(run) if progress and ctx.is_main else None
     order_epoch, order = -1, None
     try:
-        with (metrics_path.open("a", encoding="utf-8") if ctx.is_main else contextlib.nullcontext()) as metrics_file:
-            while step < total_steps:
-                if order_epoch != epoch:
-                    order, order_epoch = data.epoch_order(n_chunks, seed, epoch), epoch
-                x, y = data.train_batch(train_tokens, order, batch_index, B, T)       # 2 × (b, T): global batch
-                n_targets = y.size
-                lr = lr_at(step, recipe.lr, warmup, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-
-                t0 = time.perf_counter()
-                if ctx.enabled:
-                    # This rank's rows of the global batch. Its loss is its SUMMED cross-entropy × W / (targets
-                    # of the global batch): DDP averages gradients over the W ranks, so the update is the
-                    # gradient of the global mean loss, also when the rows do not split evenly. A rank left
-                    # without rows (a last batch smaller than W) runs row 0 with weight 0, because every rank
-                    # must take part in the gradient all-reduce.
-                    lo, hi = ctx.shard(len(x))
-                    weight = ctx.world_size / n_targets if hi > lo else 0.0
-                    if hi == lo:
-                        lo, hi = 0, 1
-                    xs, ys = torch.from_numpy(x[lo:hi]).to(dev), torch.from_numpy(y[lo:hi]).to(dev)
-                    with autocast():
-                        logits, _ = ddp(xs)
-                    nll = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten(), reduction="sum")
-                    loss = nll * weight
-                else:
-                    xs, ys = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-                    with autocast():
-                        _, loss = ddp(xs, ys)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if ctx.enabled:      # the global mean loss, for the log: Σ over ranks of their summed losses / targets
-                    train_loss = ctx.all_reduce_sum([nll.item() if weight else 0.0])[0] / n_targets
-                else:
-                    train_loss = loss.item()                                           # waits for the step
-                dt = time.perf_counter() - t0
-                session_tokens += n_targets
-                session_time += dt
-
-                step += 1
-                batch_index += 1
-                if batch_index == steps_per_epoch:
-                    epoch, batch_index = epoch + 1, 0
-                if not math.isfinite(train_loss):
-                    raise TrainingError(f"the training loss became {train_loss} at step {step}",
-                                        "lower the learning rate or resume from an earlier checkpoint")
-
-                do_checkpoint = step % checkpoint_every == 0 or step == total_steps
-                do_eval = do_checkpoint or step % eval_every == 0
-                val_loss = val_ppl = None
-                if do_eval:
-                    val_loss, val_ppl = evaluate(net, valid_tokens, T, B, dev, autocast, dist=ctx)
-                    last_val = (val_loss, val_ppl)
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": train_loss,
-                          "val_loss": val_loss, "val_ppl": val_ppl, "tokens_per_s": round(n_targets / dt, 1),
-                          "lr": lr}
+        log = run.metrics_path.open("a", encoding="utf-8") if ctx.is_main else contextlib.nullcontext()
+        with log as metrics_file:
+            while run.step < d.total_steps:
+                if order_epoch != run.epoch:
+                    order, order_epoch = data.epoch_order(d.n_chunks, run.settings.seed, run.epoch), run.epoch
+                record = _optimisation_step(run, order)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                if do_checkpoint:
-                    checkpoint(last_val)
-                    last_checkpoint = step
+                if _checkpoint_due(run):
+                    _checkpoint(run)
+                    run.last_checkpoint = run.step
                 if bar is not None:
-                    postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{session_tokens / session_time:,.0f}"}
-                    if last_val[1] is not None:
-                        postfix["val_ppl"] = f"{last_val[1]:.2f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
+                    _update_bar(bar, run, record)
                 if on_step is not None:
                     on_step(record)
     except KeyboardInterrupt:
-        where = (f"the last checkpoint is step {last_checkpoint}; continue with the same command and --resume"
-                 if last_checkpoint is not None else "no checkpoint was written yet; start the run again")
-        raise TrainingInterrupted(f"training interrupted at step {step}", where) from None
+        where = (f"the last checkpoint is step {run.last_checkpoint}; continue with the same command and --resume"
+                 if run.last_checkpoint is not None else "no checkpoint was written yet; start the run again")
+        raise TrainingInterrupted(f"training interrupted at step {run.step}", where) from None
     finally:
         if bar is not None:
             bar.close()
 
-    # ---- the end: plots and summary ----
-    if last_val[0] is None:            # resumed at the last step: nothing ran, evaluate for the summary
-        last_val = evaluate(net, valid_tokens, T, B, dev, autocast, dist=ctx)
-    summary = None
+
+def _optimisation_step(run: _Run, order: np.ndarray) -> dict[str, Any]:
+    """One update on the next global batch, the position advanced, a validation pass when one is due; returns
+    the step's metrics record."""
+    s, d = run.settings, run.data
+    x, y = data.train_batch(d.train_tokens, order, run.batch_index, s.recipe.batch_size, s.recipe.seq_len)
+    n_targets = y.size                                                      # x, y: 2 × (b, T), the global batch
+    lr = lr_at(run.step, s.recipe.lr, d.warmup, d.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.perf_counter()
+    train_loss = _gradient_step(run, x, y, n_targets)
+    dt = time.perf_counter() - t0
+    run.session_tokens += n_targets
+    run.session_time += dt
+
+    run.step += 1
+    run.batch_index += 1
+    if run.batch_index == d.steps_per_epoch:
+        run.epoch, run.batch_index = run.epoch + 1, 0
+    if not math.isfinite(train_loss):
+        raise TrainingError(f"the training loss became {train_loss} at step {run.step}",
+                            "lower the learning rate or resume from an earlier checkpoint")
+    val_loss = val_ppl = None
+    if _checkpoint_due(run) or run.step % s.eval_every == 0:              # every checkpoint is evaluated
+        val_loss, val_ppl = evaluate(run.net, d.valid_tokens, s.recipe.seq_len, s.recipe.batch_size, run.dev,
+                                     run.autocast, dist=run.ctx)
+        run.last_val = (val_loss, val_ppl)
+    return {"step": run.step, "epoch": round(run.step / d.steps_per_epoch, 4), "train_loss": train_loss,
+            "val_loss": val_loss, "val_ppl": val_ppl, "tokens_per_s": round(n_targets / dt, 1), "lr": lr}
+
+
+def _checkpoint_due(run: _Run) -> bool:
+    """Whether the step just done is checkpointed: every ``checkpoint_every`` steps, and the last one."""
+    return run.step % run.settings.checkpoint_every == 0 or run.step == run.data.total_steps
+
+
+def _gradient_step(run: _Run, x: np.ndarray, y: np.ndarray, n_targets: int) -> float:
+    """Forward, backward, clip and AdamW update on the global batch ``x, y``; returns its mean training loss."""
+    ctx, dev = run.ctx, run.dev
+    if ctx.enabled:
+        # This rank's rows of the global batch. Its loss is its SUMMED cross-entropy × W / (targets of the global
+        # batch): DDP averages gradients over the W ranks, so the update is the gradient of the global mean loss,
+        # also when the rows do not split evenly. A rank left without rows (a last batch smaller than W) runs
+        # row 0 with weight 0, because every rank must take part in the gradient all-reduce.
+        lo, hi = ctx.shard(len(x))
+        weight = ctx.world_size / n_targets if hi > lo else 0.0
+        if hi == lo:
+            lo, hi = 0, 1
+        xs, ys = torch.from_numpy(x[lo:hi]).to(dev), torch.from_numpy(y[lo:hi]).to(dev)
+        with run.autocast():
+            logits, _ = run.ddp(xs)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten(), reduction="sum")
+        loss = nll * weight
+    else:
+        xs, ys = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+        with run.autocast():
+            _, loss = run.ddp(xs, ys)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.net.parameters(), run.settings.recipe.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if ctx.enabled:      # the global mean loss, for the log: Σ over ranks of their summed losses / targets
+        return ctx.all_reduce_sum([nll.item() if weight else 0.0])[0] / n_targets
+    return loss.item()                                                      # waits for the step
+
+
+def _progress_bar(run: _Run):
+    """A tqdm bar on stderr (rank 0), or None without tqdm: metrics.jsonl still records every step."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    s = run.settings
+    label = "" if s.kind == "gam" else f"{s.kind} "
+    return tqdm(total=run.data.total_steps, initial=run.step, file=sys.stderr, unit="step", dynamic_ncols=True,
+                desc=f"train {label}{run.data.corpus.name}/{s.preset_name}" + (
+                    f" ×{run.ctx.world_size}" if run.ctx.enabled else ""))
+
+
+def _update_bar(bar, run: _Run, record: dict[str, Any]) -> None:
+    postfix = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{run.session_tokens / run.session_time:,.0f}"}
+    if run.last_val[1] is not None:
+        postfix["val_ppl"] = f"{run.last_val[1]:.2f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
+
+
+# ---- checkpoints of the run --------------------------------------------------------------------------------------
+
+def _checkpoint(run: _Run) -> None:
+    """Every rank takes part (generator states and weight digests are gathered); rank 0 writes."""
+    ctx = run.ctx
+    weights = state_dict_numpy(run.net)
+    rng_by_rank = ctx.all_gather_object(rng_state())
+    digests = None
+    if ctx.enabled:
+        digests = ctx.all_gather_object(distributed.weights_digest(weights))
+        if len(set(digests)) > 1:
+            raise TrainingError(f"the weights of the {ctx.world_size} processes differ at step {run.step} "
+                                "(data-parallel ranks out of step)",
+                                "resume from the last checkpoint; report it if it happens again")
     if ctx.is_main:
+        save_training_checkpoint(run.settings.out, run.step, run.net, run.data.tokenizer,
+                                 _trainer_state(run, rng_by_rank, digests), _meta(run, *run.last_val),
+                                 run.data.held_out_text, weights=weights)
+    ctx.barrier()          # the others continue only once the checkpoint is on disk (a resume must see it)
+
+
+def _meta(run: _Run, val_loss: float | None, val_ppl: float | None) -> dict[str, Any]:
+    """config.json's metadata beside the model's shape: what was trained, on what, how far, how well."""
+    s, d = run.settings, run.data
+    what = "" if s.kind == "gam" else f"{s.kind} baseline, "
+    label = f"trained: {what}{d.corpus.name}, preset {s.preset_name}, seed {s.seed}, step {run.step}" + (
+        f", val ppl {val_ppl:.2f}" if val_ppl is not None else "")
+    return {"trained": True, "label": label, "heldout_text": HELD_OUT_NAME, "preset": s.preset_name,
+            "model": s.kind, "seed": s.seed, "step": run.step, "epoch": round(run.step / d.steps_per_epoch, 4),
+            "val_loss": val_loss, "val_ppl": val_ppl, "dataset": d.corpus.record(),
+            "tokenizer": run.tokenizer_record, "training": run.recipe_record, "gamexport_version": __version__}
+
+
+def _trainer_state(run: _Run, rng_by_rank: list[dict[str, Any]], digests: list[str] | None) -> dict[str, Any]:
+    """trainer_state.pt: what, beside the weights, decides the next step (see the module's docstring)."""
+    s, d = run.settings, run.data
+    state = {"step": run.step, "epoch": run.epoch, "batch_index": run.batch_index, "seed": s.seed,
+             "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+             "scheduler": {"kind": "warmup_cosine", "peak_lr": s.recipe.lr, "warmup_steps": d.warmup,
+                           "total_steps": d.total_steps},
+             "rng": rng_by_rank[0], "rng_by_rank": rng_by_rank, "world_size": run.ctx.world_size}
+    if digests is not None:
+        state["weights_sha256_by_rank"] = digests
+    return state
+
+
+# ---- the end: plots and summary ----------------------------------------------------------------------------------
+
+def _finish(run: _Run, started: float, start_step: int) -> dict[str, Any]:
+    """Rank 0 draws the plots and writes summary.json; every rank returns that summary, once the folder is
+    complete."""
+    s, d = run.settings, run.data
+    last_val = run.last_val
+    if last_val[0] is None:            # resumed at the last step: nothing ran, evaluate for the summary
+        last_val = evaluate(run.net, d.valid_tokens, s.recipe.seq_len, s.recipe.batch_size, run.dev, run.autocast,
+                            dist=run.ctx)
+    summary = None
+    if run.ctx.is_main:
         from .plots import plot_metrics
 
-        plots = plot_metrics(read_metrics(metrics_path), out)
+        plots = plot_metrics(read_metrics(run.metrics_path), s.out)
         summary = {
-            "out": str(out), "model": kind, "steps": step, "total_steps": total_steps,
-            "epochs": round(step / steps_per_epoch, 4),
-            "resumed_from": start_step if resume else None, "val_loss": last_val[0], "val_ppl": last_val[1],
-            "tokens_per_s": round(session_tokens / session_time, 1) if session_time else None,
-            "wall_s": round(time.time() - started, 1), "device": str(dev), "threads": torch.get_num_threads(),
-            "world_size": ctx.world_size,
-            "params": net.num_parameters(), "preset": preset_name, "seed": seed, "config": cfg.to_dict(),
-            "dataset": corpus.record(), "tokens": {"train": int(len(train_tokens)), "valid": int(len(valid_tokens))},
-            "tokenizer": tokenizer_record, "training": recipe_record,
-            "weights": str(out / WEIGHTS_NAME), "config_file": str(out / CONFIG_NAME),
+            "out": str(s.out), "model": s.kind, "steps": run.step, "total_steps": d.total_steps,
+            "epochs": round(run.step / d.steps_per_epoch, 4),
+            "resumed_from": start_step if s.resume else None, "val_loss": last_val[0], "val_ppl": last_val[1],
+            "tokens_per_s": round(run.session_tokens / run.session_time, 1) if run.session_time else None,
+            "wall_s": round(time.time() - started, 1), "device": str(run.dev), "threads": torch.get_num_threads(),
+            "world_size": run.ctx.world_size,
+            "params": run.net.num_parameters(), "preset": s.preset_name, "seed": s.seed,
+            "config": run.net.config.to_dict(), "dataset": d.corpus.record(),
+            "tokens": {"train": int(len(d.train_tokens)), "valid": int(len(d.valid_tokens))},
+            "tokenizer": run.tokenizer_record, "training": run.recipe_record,
+            "weights": str(s.out / WEIGHTS_NAME), "config_file": str(s.out / CONFIG_NAME),
             "plots": [str(p) for p in plots],
         }
-        atomic_write_json(out / SUMMARY_NAME, summary)
-    # Every rank returns rank 0's summary, once the run folder is complete.
-    return ctx.broadcast_object(summary)
+        atomic_write_json(s.out / SUMMARY_NAME, summary)
+    return run.ctx.broadcast_object(summary)
