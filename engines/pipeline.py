@@ -26,11 +26,10 @@ from gamexport.engines.benchmark import BUILD_LIMITS, annotate_latency, limits_s
 from gamexport.errors import ConfigError, GamexportError, NothingCheckedError, OutputError, ParityError
 from gamexport.fsutil import (atomic_write_json, atomic_write_text, dumps_json, removable_lock, replace_dir,
                               sha256_file)
-# Re-exported for the tests that import them from here (the parity code lives in gamexport/parity/).
+# localise_divergence and run_chunks are re-exported for tests that import them from here (test_build, test_trt).
 from gamexport.parity.engine import localise_divergence  # noqa: F401
 from gamexport.parity.metrics import run_chunks  # noqa: F401
-from gamexport.parity.references import (PARITY_DIR, held_out, held_out_ids, split_calibration,  # noqa: F401
-                                         write_parity_references)
+from gamexport.parity.references import held_out, held_out_ids, split_calibration, write_parity_references
 
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")

@@ -28,7 +28,7 @@ import numpy as np
 
 from .metrics import (CALIBRATION_TEXT, chunk_plan, compare_logits, mark_calibration_scored, parity_inputs,
                       run_chunks, tolerance)
-from .references import SavedFeeds, SavedReferences
+from .references import SavedReferences
 from .rows import ParityRow
 
 Progress = Callable[[str], None]
