@@ -65,10 +65,10 @@ def build(
         from gamexport.parity import Verdict
 
         print(f"parity: {Verdict.from_counts(rep['parity_counts']).headline()}")
+        from gamexport.report import latency_line
+
         for row in rep["latency"]:
-            print(f"latency: {row['runtime'] + ' ' + row['precision']:<21} {row['mode']:<7} B{row['batch']}×{row['seq_len']:<4} "
-                  f"p50 {row['p50_ms']:8.3f} ms {row['tokens_per_s']:10.1f} tokens/s "
-                  f"({row['speedup_vs_eager']:.2f}× eager)" + ("  [noisy]" if row["noisy"] else ""))
+            print(latency_line(row))
         if any(row["noisy"] for row in rep["latency"]):
             say("warning: some timings are too noisy to trust ((p90-p10)/p50 > 0.3); is other work sharing "
                 "the cores? Rerun on a quiet machine.")

@@ -43,14 +43,10 @@ def parity(
         report_path = check_file(report, option="--report", guards={"the build folder": folder})
         split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
         result = recheck(folder, split(engines), split(precision) if precision else (), device, threads, say)
+        from gamexport.report import parity_failure, parity_line
+
         for row in result["parity"]:
-            mark = "pass" if row["passed"] else "FAIL"
-            if not row.get("gated", True):
-                mark = "info"
-            extra = f"ppl change {row['ppl_rel_change']:.4f}" if "ppl_rel_change" in row else \
-                f"max abs {row['max_abs_diff']:.3g}, KL {row['kl_mean']:.3g}"
-            print(f"{mark:4}  {row['runtime']} {row['precision']:<8} {row['graph']:<7} {row['input']:<6} "
-                  f"B{row['batch']}×{row['seq_len']}: {extra}")
+            print(parity_line(row))
         from gamexport.parity import Verdict
 
         counted = Verdict.from_counts(result["parity_counts"])
@@ -63,7 +59,6 @@ def parity(
             say(f"skipped: {row['runtime']} {row.get('precision', '')}: {row['reason']}")
         print(f"parity: {counted.headline()}; report: {report}")
         if not result["passed"]:
-            from gamexport.engines.pipeline import parity_failure
             from gamexport.errors import ParityError
 
             raise ParityError(parity_failure(result["parity"]),

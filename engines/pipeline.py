@@ -18,13 +18,16 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from gamexport import __version__
 from gamexport.bench.limits import BUILD_LIMITS, annotate_latency, limits_summary, measure_limits
 from gamexport.checkpoint import CONFIG_NAME, TOKENIZER_NAME, Checkpoint
 from gamexport.config import GAMConfig
 from gamexport.errors import GamexportError, NothingCheckedError, OutputError, ParityError
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, removable_lock, replace_dir
 from gamexport.manifest import write_manifest
+# localise_divergence and run_chunks are re-exported for tests that import them from here (test_build, test_trt).
+from gamexport.parity.engine import localise_divergence  # noqa: F401
+from gamexport.parity.metrics import run_chunks  # noqa: F401
+from gamexport.parity.references import held_out, held_out_ids, split_calibration, write_parity_references
 from gamexport.sources import demo_folder, resolve_source, seeded_checkpoint
 from gamexport.targets import UNSUPPORTED
 
@@ -137,306 +140,24 @@ def _pause_hook(stage: str) -> None:
     time.sleep(float(os.environ.get("GAMEXPORT_TEST_PAUSE_SECONDS", "60")))
 
 
-# ---- parity ----
-HELD_OUT_NAME = "heldout.txt"
-
-
-def held_out_ids(ckpt: Checkpoint, max_rows: int = 8) -> np.ndarray | None:
-    """Real held-out text as token ids (rows of P tokens), when the source has a tokenizer and a held-out text.
-
-    The text is ``heldout.txt`` beside the weights, or the file named by config.json's ``heldout_text``
-    (relative to the checkpoint folder); training writes it from the validation split it recorded.
-    """
-    if ckpt.tokenizer_path is None or ckpt.source.startswith("<"):
-        return None
-    folder = Path(ckpt.source).parent
-    name = ckpt.meta.get("heldout_text", HELD_OUT_NAME)
-    path = (folder / str(name)).resolve()
-    if not path.is_file() or folder.resolve() not in path.parents:
-        return None
-    from gamexport.tokenizer import Tokenizer
-
-    P = ckpt.config.max_positions
-    with open(path, encoding="utf-8", errors="replace") as f:   # only what is used, however big the file
-        text = f.read(64 * P * max_rows)
-    ids = np.asarray(Tokenizer.from_file(ckpt.tokenizer_path).encode(text), dtype=np.int64)
-    ids = ids[ids < ckpt.config.vocab_size]
-    if ids.size < P:
-        return ids[None, :] if ids.size >= 2 else None
-    rows = min(max_rows, ids.size // P)
-    return ids[: rows * P].reshape(rows, P)
-
-# ---- parity rows ------------------------------------------------------------------------------------------
-def held_out(text_ids: np.ndarray | None) -> bool:
-    """Whether the real text splits into calibration rows and held-out rows (at least one row each)."""
-    return text_ids is not None and text_ids.shape[0] >= 2
-
-
-def split_calibration(text_ids: np.ndarray | None, cfg: GAMConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    """(calibration ids, evaluation ids): disjoint halves of the held-out rows; random ids without text."""
-    if text_ids is None:
-        from gamexport.parity import parity_inputs
-
-        rng_ids = np.concatenate([v for v in parity_inputs(cfg.vocab_size, cfg.max_positions, seed=7).values()])
-        return rng_ids, None
-    if not held_out(text_ids):
-        return text_ids, text_ids  # too little text to split: scored on the calibration text, not gated
-    half = text_ids.shape[0] // 2
-    return text_ids[:half], text_ids[half:]
-
-
-def _row(runtime: str, graph: str, artifact: str, reference: str, input_name: str, ids: np.ndarray,
-         metrics: dict, precision: str = "fp32", **extra) -> dict:
-    return {"runtime": runtime, "precision": precision, "graph": graph, "artifact": artifact,
-            "reference": reference, "input": input_name, "batch": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
-            **metrics, **extra}
-
-
-def run_chunks(runner, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Feed ``ids`` through ``runner.step`` in chunks of ``sizes`` from the zero state; concatenated logits."""
-    state = runner.empty_state(ids.shape[0])
-    pos, outs = 0, []
-    for size in sizes:
-        logits, state = runner.step(ids[:, pos:pos + size], np.full((ids.shape[0], 1), pos, np.int64), state)
-        outs.append(logits)
-        pos += size
-    return np.concatenate(outs, axis=1), state
-
-
+# ---- parity (gamexport/parity/: the engine, the references, the rows) -------------------------------------------
 def parity_checks(ckpt: Checkpoint, eager, ort_runners: dict[str, Callable[[], object]], progress: Progress,
                   text_ids: np.ndarray | None = None) -> tuple[list[dict], object]:
-    """Every parity row of a build: eager vs float64 NumPy; each ONNX Runtime graph vs eager fp32.
+    """The build's fp32 rows as report dicts (``gamexport.parity.engine.fp32_parity``); kept for tests/zoo.py."""
+    from gamexport.parity.engine import fp32_parity
 
-    ``ort_runners`` maps each fp32 artifact ("functions", "inlined", "ort-format") to a function that opens its
-    runner. They are opened one at a time and closed after their rows — each holds the model's weights (and ONNX
-    Runtime's pre-packed copies), so three at once would triple the build's peak memory. The "functions" runner
-    is returned open, for the latency stage.
-    """
-    from gamexport.parity import chunk_plan, compare_logits, parity_inputs, tolerance
-    from gamexport.reference import reference_logits
-
-    cfg = ckpt.config
-    tol = tolerance("fp32")
-    rows = []
-    inputs = parity_inputs(cfg.vocab_size, cfg.max_positions)
-    if text_ids is not None:
-        inputs["text"] = text_ids[:, : cfg.max_positions]
-
-    short = inputs["random"][:, : min(16, cfg.max_positions)]
-    progress(f"parity: eager fp32 vs float64 NumPy reference on {short.shape[1]} tokens")
-    ref64 = reference_logits(ckpt.weights, cfg, short)
-    rows.append(_row("eager", "prefill", "gamexport.model (PyTorch)", "float64-numpy", "random", short,
-                     compare_logits(ref64, eager.prefill(short)[0], tol)))
-
-    sizes = chunk_plan(cfg.max_positions, cfg.kernel_size)
-    refs = {name: eager.prefill(ids) for name, ids in inputs.items()}
-    ref_logits, ref_state = refs["random"]
-    logits, state = run_chunks(eager, inputs["random"], sizes)
-    rows.append(_row("eager", "step", "gamexport.model (PyTorch)", "eager-fp32", "random", inputs["random"],
-                     compare_logits(ref_logits, logits, tol, states=(ref_state, state)), chunks=sizes))
-    kept = None
-    for artifact, open_runner in ort_runners.items():
-        runner = open_runner()
-        runner.check_finite = False  # a NaN here is a failing row (exit 1), not a bad input; eager stays checked
-        for name, ids in inputs.items():
-            if artifact != "functions" and name != "random":
-                continue
-            ref_logits, ref_state = refs[name]
-            progress(f"parity: onnxruntime-cpu {artifact} graphs vs eager on '{name}' tokens")
-            logits, state = runner.prefill(ids)
-            rows.append(_row("onnxruntime-cpu", "prefill", runner.model_path.name, "eager-fp32", name, ids,
-                             compare_logits(ref_logits, logits, tol, states=(ref_state, state))))
-            logits, state = run_chunks(runner, ids, sizes)
-            rows.append(_row("onnxruntime-cpu", "step", runner.step_path.name, "eager-fp32", name, ids,
-                             compare_logits(ref_logits, logits, tol, states=(ref_state, state)), chunks=sizes))
-        if artifact != "functions":
-            runner.close()
-            continue
-        kept = runner
-        batch = np.concatenate([inputs["random"], inputs["ngram"]], axis=0)
-        progress("parity: onnxruntime-cpu prefill at batch 2")
-        ref_logits, ref_state = eager.prefill(batch)
-        logits, state = runner.prefill(batch)
-        rows.append(_row("onnxruntime-cpu", "prefill", runner.model_path.name, "eager-fp32", "random+ngram",
-                         batch, compare_logits(ref_logits, logits, tol, states=(ref_state, state))))
-    return rows, kept
+    rows, kept = fp32_parity(ckpt, eager, ort_runners, progress, text_ids)
+    return [row.to_dict() for row in rows], kept
 
 
-def localise_divergence(ckpt: Checkpoint, runner, ids: np.ndarray) -> dict | None:
-    """For a failing row: the relative error of the residual stream after every block, eager fp32 vs the graph,
-    and the block where it grows most — where to look first. ONNX Runtime CPU graphs only."""
-    if runner.runtime != "onnxruntime-cpu" or runner.model_path.suffix != ".onnx":
-        return None
-    import torch
+def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress, text_ids: np.ndarray | None = None,
+                          emulate: dict | None = None, threads: int | None = None) -> list[dict]:
+    """A reduced-precision runner's rows as report dicts (``run_parity`` against a ``PrecisionReference``);
+    kept for tests/zoo.py, tests/test_trt.py and tests/test_runners.py."""
+    from gamexport.parity.engine import PrecisionReference, run_parity
 
-    from gamexport.engines.ort import block_outputs
-    from gamexport.model import build_model
-
-    model = build_model(ckpt.config, ckpt.weights)
-    captured: list[np.ndarray] = []
-    hooks = [b.register_forward_hook(lambda _m, _i, out: captured.append(out[0].detach().numpy()))
-             for b in model.blocks]
-    with torch.inference_mode():
-        model.prefill(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
-    for h in hooks:
-        h.remove()
-    try:
-        graph = block_outputs(runner.model_path, ids, ckpt.config.n_layers)
-    except Exception as exc:  # a diagnostic must never hide the parity failure itself
-        return {"error": f"could not read block outputs: {str(exc)[:200]}"}
-    errors = [float(np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-30)) for g, r in zip(graph, captured)]
-    growth = [errors[0]] + [b - a for a, b in zip(errors, errors[1:])]
-    worst = int(np.argmax(growth))
-    return {"block_rel_errors": errors, "largest_growth_block": f"blocks.{worst}",
-            "summary": f"relative error of the residual stream grows most in blocks.{worst} "
-                       f"({(errors[worst - 1] if worst else 0.0):.2%} → {errors[worst]:.2%})"}
-
-
-def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
-                          text_ids: np.ndarray | None = None, emulate: dict | None = None,
-                          threads: int | None = None) -> list[dict]:
-    """Rows for a reduced-precision runner (ONNX Runtime or TensorRT) against eager fp32 under its precision's gate
-    (the INT8 gate — perplexity on real text — needs ``text_ids``; without it the rows are informational); and, for
-    half precision, against an independent emulation of the same precision plan:
-
-    - computed in fp32 (ONNX Runtime's CPU provider): fp32 math on half-rounded weights, under the fp32
-      tolerance (reference ``emulation-{p}-weights``) — so a graph that silently kept fp32 weights fails;
-    - computed in fp16/bf16 (TensorRT, ONNX Runtime CUDA): eager PyTorch on CUDA running the plan (half weights
-      and MatMuls, fp32 LayerNorm/Softmax/gates/conv; ``gamexport.graph.emulate``), prefill and chunked step
-      (reference ``emulation-{p}``), gated by :func:`~gamexport.graph.emulate.half_plan_metrics` so that a graph
-      silently computing in fp32 fails — or informational, saying why, when nothing can tell the two apart.
-      Without a CUDA GPU for torch these rows are not produced, and the other rows' note says why.
-
-    ``emulate`` (``engines.emulation.emulators``) adds the emulation rows of ``engines.emulation`` — prefill and
-    chunked step of every input, logits and state — which replace the single fp16-weights row above.
-
-    TensorRT rows also say whether the runner replayed CUDA graphs (``cuda_graph``)."""
-    from gamexport.engines.eager import EagerRunner
-    from gamexport.graph.emulate import emulation_device, half_plan_metrics, half_plan_references, round_weights
-    from gamexport.parity import chunk_plan, compare_logits, parity_inputs, tolerance
-
-    cfg = ckpt.config
-    runner.check_finite = False  # a NaN here is a failing row (exit 1), not a bad input; eager stays checked
-    p = runner.precision
-    compute = getattr(runner, "compute_precision", p)
-    inputs = {"random": parity_inputs(cfg.vocab_size, cfg.max_positions)["random"]}
-    if text_ids is not None:
-        inputs["text"] = text_ids[:, : cfg.max_positions]
-    if runner.runtime == "tensorrt":
-        note = f"{p}: TensorRT's strongly typed network computes in the graph's precision"
-    elif p.startswith("int8"):
-        ops = ", ".join(f"{v}× {k}" for k, v in (getattr(runner, "matmul_ops", None) or {}).items())
-        note = f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
-    elif p == "fp32":
-        note = "fp32 weights and MatMuls"
-    elif compute == "fp32":
-        note = f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
-    else:
-        note = f"{p} weights and MatMuls"
-    emulation = None
-    if p in ("fp16", "bf16") and compute == "fp32" and f"emulation-{p}-weights" not in (emulate or {}):
-        emulation = EagerRunner(cfg, round_weights(ckpt.weights, p))
-        emulation.check_finite = False  # half-rounded weights may overflow: then the rows fail, as the graph's do
-    plan_device, plan_where = None, ""
-    if p in ("fp16", "bf16") and compute == p:
-        plan_device, plan_where = emulation_device()
-        if plan_device is None:
-            skip = f"{p} plan emulation not run: {plan_where} (it runs eager PyTorch in {p} on CUDA)"
-            progress(f"parity: {runner.runtime} {p}: {skip}")
-            note += f"; {skip}"
-    sizes = chunk_plan(cfg.max_positions, cfg.kernel_size)
-    rows = []
-    for name, ids in inputs.items():
-        progress(f"parity: {runner.runtime} {p} graphs vs eager fp32 on '{name}' tokens")
-        ref_logits, ref_state = eager.prefill(ids)
-        logits, state = runner.prefill(ids)
-        extra = {"compute_precision": compute, "note": note}
-        # Perplexity needs the true next tokens: on real text only.
-        targets = ids[:, 1:] if name == "text" else None
-        cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
-        metrics = compare_logits(cut(ref_logits), cut(logits), tolerance(p), targets, states=(ref_state, state))
-        if not metrics["passed"]:
-            where = localise_divergence(ckpt, runner, ids)
-            if where is not None:
-                metrics["divergence"] = where
-                progress(f"parity: {runner.runtime} {p} fails on '{name}'; {where.get('summary', where.get('error'))}")
-        rows.append(_row(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids, metrics,
-                         precision=p, **extra))
-        step_logits, step_state = run_chunks(runner, ids, sizes)
-        rows.append(_row(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
-                         compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets,
-                                        states=(ref_state, step_state)), precision=p,
-                         chunks=sizes, **extra))
-        if emulation is not None and name == "random":
-            emu_logits, _ = emulation.prefill(ids)
-            metrics = compare_logits(emu_logits, logits, tolerance("fp32"))
-            metrics["tolerances"]["reason"] = "must equal fp32 compute on half-rounded weights"
-            rows.append(_row(runner.runtime, "prefill", runner.model_path.name, f"emulation-{p}-weights", name, ids,
-                             metrics, precision=p, **extra))
-        if plan_device is not None and name == "random":
-            progress(f"parity: {runner.runtime} {p} vs the {p} plan emulated by eager PyTorch on {plan_where}")
-            plan, fp32_compute = half_plan_references(ckpt.weights, cfg, ids, p, plan_device)
-            for graph, artifact, test, more in (("prefill", runner.model_path.name, logits, {}),
-                                                ("step", runner.step_path.name, step_logits, {"chunks": sizes})):
-                metrics = half_plan_metrics(test, plan, fp32_compute, p)
-                rows.append(_row(runner.runtime, graph, artifact, f"emulation-{p}", name, ids, metrics,
-                                 precision=p, **more, **extra))
-    if emulate:
-        from .emulation import build_rows
-
-        rows += [{**row, "compute_precision": compute, "note": note}
-                 for row in build_rows(ckpt, runner, inputs, sizes, emulate, threads, progress)]
-    if hasattr(runner, "cuda_graph_status"):  # TensorRT: say whether decode steps replayed CUDA graphs
-        used, graph_note = bool(runner.cuda_graph_status["used"]), runner.cuda_graph_note()
-        for row in rows:
-            if row["graph"] == "step":  # prefill never runs as a graph
-                row.update(cuda_graph=used, note=f"{row['note']}; {graph_note}")
-    return rows
-
-
-PARITY_DIR = "parity"
-
-
-def write_parity_references(folder: Path, eager, cfg: GAMConfig, text_ids: np.ndarray | None) -> list[str]:
-    """Keep the parity inputs and eager fp32's outputs in the build folder (Polygraphy JSON), short enough to be
-    small (≤ 32 tokens), so ``gamexport parity`` and ``polygraphy run`` can re-check the graphs anywhere."""
-    from gamexport.parity import CALIBRATION_TEXT, parity_inputs
-    from gamexport.polyjson import save_feeds, save_run_results
-
-    T = min(32, cfg.max_positions)
-    inputs = {k: v[:, :T] for k, v in parity_inputs(cfg.vocab_size, cfg.max_positions, seed=3).items()}
-    if text_ids is not None and text_ids.shape[1] >= 2:
-        # The last row: held out from INT8 calibration — unless there is one row, which calibrated INT8 too.
-        inputs["text" if held_out(text_ids) else CALIBRATION_TEXT] = text_ids[-1:, :T]
-    names = list(inputs)
-    feeds = [{"input_ids": inputs[n]} for n in names]
-    outs = []
-    for feed in feeds:
-        logits, state = eager.prefill(feed["input_ids"])
-        outs.append({"logits": logits, "conv_state": state})
-    d = folder / PARITY_DIR
-    d.mkdir(exist_ok=True)
-    save_feeds(d / "prefill_inputs.json", feeds)
-    save_run_results(d / "prefill_outputs.json", "eager-fp32", outs)
-    # Step feeds: a chunk from the middle (state from prefill) and one decode token, per input.
-    step_feeds, step_outs = [], []
-    for n in names:
-        ids = inputs[n]
-        for start, size in ((T // 2, min(4, T - T // 2)), (T - 1, 1)):
-            if start < 1 or size < 1:
-                continue
-            _, state = eager.prefill(ids[:, :start])
-            feed = {"input_ids": ids[:, start:start + size], "position_ids": np.full((ids.shape[0], 1), start, np.int64),
-                    "conv_state": state}
-            logits, new_state = eager.step(feed["input_ids"], feed["position_ids"], state)
-            step_feeds.append(feed)
-            step_outs.append({"logits": logits, "conv_state_out": new_state})
-    save_feeds(d / "step_inputs.json", step_feeds)
-    save_run_results(d / "step_outputs.json", "eager-fp32", step_outs)
-    atomic_write_json(d / "feeds.json", {"prefill": names, "step": [n for n in names for _ in range(
-        len(step_feeds) // len(names))], "tokens": T, "reference": "eager PyTorch fp32"})
-    return [f"{PARITY_DIR}/{f}" for f in ("prefill_inputs.json", "prefill_outputs.json", "step_inputs.json",
-                                          "step_outputs.json", "feeds.json")]
+    reference = PrecisionReference.for_build(ckpt, eager, text_ids, emulate)
+    return [row.to_dict() for row in run_parity(runner, reference, progress, threads)]
 
 
 # ---- latency ------------------------------------------------------------------------------------------------
@@ -467,8 +188,10 @@ def build_limits(cfg: GAMConfig, matrix, threads: int | None, progress: Progress
 def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, runs: int,
                  progress: Progress, prefill_lengths: tuple[int, ...] = ()) -> list[dict]:
     """Batch-1 prefill at each length (default min(256, P)) and per-token decode with state, for eager and
-    ONNX Runtime in one run; ``speedup_vs_eager`` compares rows of the same mode and length."""
+    ONNX Runtime in one run; ``speedup_vs_eager`` compares rows of the same mode and length. Report dicts of
+    ``gamexport.parity.rows.LatencyRow``."""
     from gamexport.bench import measure, measure_decode
+    from gamexport.parity.rows import LatencyRow
 
     lengths = check_prefill_lengths(cfg, prefill_lengths)
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, cfg.max_positions), dtype=np.int64)
@@ -478,10 +201,7 @@ def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, 
         for T in lengths:
             progress(f"latency: {runner.runtime} {runner.precision} prefill, batch 1 × {T} tokens")
             timing = measure(lambda: runner.prefill(ids[:, :T]), warmup=2, runs=runs)
-            rows.append({"runtime": runner.runtime, "precision": runner.precision, "graph": "prefill",
-                         "mode": "prefill",
-                         "batch": 1, "seq_len": T, **timing.as_dict(),
-                         "tokens_per_s": T / (timing.p50_ms / 1e3), "threads": threads})
+            rows.append(LatencyRow(runner.runtime, runner.precision, "prefill", 1, T, timing.as_dict(), threads))
         progress(f"latency: {runner.runtime} {runner.precision} decode, one token per step with state")
         n = min(64, cfg.max_positions - 1)
         state = {"s": runner.prefill(ids[:, :1])[1]}
@@ -490,13 +210,11 @@ def latency_rows(eager, ort_runners: list, cfg: GAMConfig, threads: int | None, 
             state["s"] = runner.step(ids[:, pos:pos + 1], np.array([[pos]], np.int64), state["s"])[1]
 
         timing = measure_decode(one, range(1, 1 + n))
-        rows.append({"runtime": runner.runtime, "precision": runner.precision, "graph": "step", "mode": "decode",
-                     "batch": 1, "seq_len": 1, **timing.as_dict(),
-                     "tokens_per_s": 1 / (timing.p50_ms / 1e3), "threads": threads})
-    base = {(r["mode"], r["seq_len"]): r["p50_ms"] for r in rows if r["runtime"] == "eager"}
+        rows.append(LatencyRow(runner.runtime, runner.precision, "decode", 1, 1, timing.as_dict(), threads))
+    base = {(r.mode, r.seq_len): r.p50_ms for r in rows if r.runtime == "eager"}
     for r in rows:
-        r["speedup_vs_eager"] = base[(r["mode"], r["seq_len"])] / r["p50_ms"]
-    return rows
+        r.speedup_vs_eager = base[(r.mode, r.seq_len)] / r.p50_ms
+    return [r.to_dict() for r in rows]
 
 
 def plan_matrix(precisions: tuple[str, ...], engines: tuple[str, ...], device: str,
@@ -617,17 +335,6 @@ def write_plot(latency: list[dict], path: Path) -> bool:
     return True
 
 
-def parity_failure(rows: list[dict]) -> str:
-    """What failed, for the one error line of a failed build or ``gamexport parity``: how many checks, and the
-    first failing row (runtime, precision, graph, input) with its failed metrics and where it diverged."""
-    gated = [r for r in rows if r.get("gated", True)]
-    bad = [r for r in gated if not r["passed"]]
-    first = bad[0]
-    where = next((r["divergence"]["summary"] for r in bad if "summary" in r.get("divergence", {})), None)
-    return (f"{len(bad)} of {len(gated)} gated parity checks failed (first: {first['runtime']} {first['precision']} "
-            f"{first['graph']} on '{first['input']}': "
-            f"{', '.join(first.get('failed_checks', [])) or first.get('error', 'see the report')}"
-            + (f"; {where}" if where else "") + ")")
 
 
 # ---- the build ----------------------------------------------------------------------------------------------
@@ -640,6 +347,9 @@ def build(opts: BuildOptions) -> BuildResult:
     from gamexport.graph.builder import graph_file_name
     from gamexport.graph.checks import check_graph_file
     from gamexport.parity import mark_calibration_scored, verdict
+    from gamexport.parity.emulation import emulators, write_emulation_references
+    from gamexport.parity.engine import PrecisionReference, fp32_parity, run_parity
+    from gamexport.report import build_report, parity_failure, render_markdown
 
     say = opts.progress
     out, triton = check_destinations(opts)
@@ -732,20 +442,19 @@ def build(opts: BuildOptions) -> BuildResult:
             for artifact, m, st in (("functions", "model.onnx", "step.onnx"),
                                     ("inlined", "model.inlined.onnx", "step.inlined.onnx"),
                                     ("ort-format", "model.ort", "step.ort"))}
-        parity, fp32_runner = parity_checks(ckpt, eager, ort_runners, progress, text_ids)
-        from .emulation import emulators, write_emulation_references
-
-        emulate = emulators(ckpt, precisions, calibration)
+        parity, fp32_runner = fp32_parity(ckpt, eager, ort_runners, progress, text_ids)
+        reference = PrecisionReference.for_build(ckpt, eager, eval_ids, emulators(ckpt, precisions, calibration))
         variants = []
         for runtime, precision in matrix:
             if (runtime, precision) == ("onnxruntime-cpu", "fp32"):
                 continue
             variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say,
                                                 opts.cuda_graph))
-            parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids, emulate, threads)
+            parity += run_parity(variants[-1], reference, progress, threads)
         if not held_out(text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
             parity = [mark_calibration_scored(r) for r in parity]
-        counted = verdict(parity, skipped, precisions)  # informational rows are never counted as passed
+        # informational rows are never counted as passed
+        counted = verdict([r.to_dict() for r in parity], skipped, precisions)
         if counted.gated == 0:
             raise NothingCheckedError(counted.nothing_checked(), "this is a bug in gamexport (its fp32 rows are "
                                       "always gated): rerun with --debug and report it")
@@ -766,18 +475,9 @@ def build(opts: BuildOptions) -> BuildResult:
             runner.close()
 
         stage(5, "writing report")
-        report = {
-            "schema_version": 1, "gamexport_version": __version__, "passed": passed,
-            "parity_counts": counted.counts(),
-            "source": {"path": ckpt.source, "sha256": ckpt.sha256, "trained": is_trained(ckpt),
-                       "label": str(ckpt.meta.get("label", ""))},
-            "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
-            "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
-            "machine": {**machine_info(threads), **({"limits": limits_summary(limits)} if limits else {})},
-            "artifacts": artifacts, "graph_checks": graph_checks,
-            "parity": parity, "latency": latency, "skipped": skipped,
-        }
-        from gamexport.report import render_markdown
+        machine = {**machine_info(threads), **({"limits": limits_summary(limits)} if limits else {})}
+        report = build_report(ckpt, is_trained(ckpt), counted, machine, artifacts, graph_checks, parity, latency,
+                              skipped)
         atomic_write_text(staging / "report.json", dumps_json(report))
         atomic_write_text(staging / "report.md", render_markdown(report))
         if latency:
@@ -788,7 +488,7 @@ def build(opts: BuildOptions) -> BuildResult:
             failed_dir = out.with_name(out.name + ".failed")
             shutil.rmtree(failed_dir, ignore_errors=True)
             os.replace(staging, failed_dir)
-            raise ParityError(f"{parity_failure(parity)}; {out} was left as it was",
+            raise ParityError(f"{parity_failure(report['parity'])}; {out} was left as it was",
                               f"read {failed_dir / 'report.md'} for the measured differences")
         stage(6, f"moving the finished build into {out}")
         replace_dir(staging, out)

@@ -2,14 +2,20 @@
 
 Row keys: ``runtime`` ∈ RUNTIMES, ``precision`` ∈ PRECISIONS, ``graph`` ∈ {prefill, step}, ``batch``,
 ``seq_len``. Parity rows carry the metrics of ``gamexport.parity`` with their tolerances and ``passed``;
-latency rows carry p50/p90/p99 ms and tokens/s; skipped rows say why something was not run.
+latency rows carry p50/p90/p99 ms and tokens/s; skipped rows say why something was not run. The rows are built as
+``gamexport.parity.rows`` types; this module assembles the reports from them and holds the one formatter of rows
+(report.md, and the lines ``gamexport build`` and ``gamexport parity`` print).
 """
 
 from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from gamexport.parity.rows import ParityRow
 
 SCHEMA_VERSION = 1
 RUNTIMES = ("eager", "eager-compile", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
@@ -30,12 +36,56 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return str(value)
 
 
-def _result(row: dict) -> str:
+# ---- the reports, built from typed rows --------------------------------------------------------------------
+def build_report(ckpt, trained: bool, counted, machine: dict, artifacts: list[str], graph_checks: list[dict],
+                 parity: Sequence[ParityRow], latency: list[dict], skipped: list[dict]) -> dict:
+    """``report.json`` of a build: the source and model, the machine, what was written and checked, and the rows.
+
+    ``counted`` is the :class:`~gamexport.parity.metrics.Verdict` of ``parity``; ``latency`` holds the latency
+    rows as dicts (``LatencyRow.to_dict()``, with the machine's limits added)."""
+    from gamexport import __version__
+
+    cfg = ckpt.config
+    return {
+        "schema_version": SCHEMA_VERSION, "gamexport_version": __version__, "passed": counted.passed,
+        "parity_counts": counted.counts(),
+        "source": {"path": ckpt.source, "sha256": ckpt.sha256, "trained": trained,
+                   "label": str(ckpt.meta.get("label", ""))},
+        "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
+        "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
+        "machine": machine, "artifacts": artifacts, "graph_checks": graph_checks,
+        "parity": [row.to_dict() for row in parity], "latency": latency, "skipped": skipped,
+    }
+
+
+def recheck_report(folder: Path, parity: Sequence[ParityRow], skipped: list[dict], precisions: tuple[str, ...],
+                   threads: int | None) -> dict:
+    """The report of ``gamexport parity DIR`` (``--report``): the verdict of ``parity`` over ``precisions``."""
+    from gamexport.bench import machine_info
+    from gamexport.parity import verdict
+
+    rows = [row.to_dict() for row in parity]
+    counted = verdict(rows, skipped, precisions)
+    return {"schema_version": SCHEMA_VERSION, "folder": str(folder), "passed": counted.passed,
+            "parity_counts": counted.counts(), "machine": machine_info(threads), "parity": rows, "skipped": skipped}
+
+
+# ---- the one formatter of parity and latency rows (report.md, gamexport build, gamexport parity) -------------
+def parity_mark(row: dict) -> str:
+    """``pass``, ``FAIL`` or ``info`` (an informational row: measured, never counted as passed or failed)."""
     if not row.get("gated", True):
+        return "info"
+    return "pass" if row["passed"] else "FAIL"
+
+
+def _result(row: dict) -> str:
+    """The result cell of report.md: the mark, with why a row is informational or which checks failed."""
+    mark = parity_mark(row)
+    if mark == "info":
         from gamexport.parity import informational_reason
 
         return f"info ({informational_reason(row)})"
-    return "pass" if row["passed"] else "FAIL " + ", ".join(row.get("failed_checks", []))
+    return mark if mark == "pass" else "FAIL " + ", ".join(row.get("failed_checks", []))
 
 
 def _headline(report: dict) -> str:
@@ -44,6 +94,34 @@ def _headline(report: dict) -> str:
 
     counts = report.get("parity_counts")
     return (Verdict.from_counts(counts) if counts else verdict(report["parity"])).headline()
+
+
+def parity_line(row: dict) -> str:
+    """One parity row as ``gamexport parity`` prints it."""
+    extra = f"ppl change {row['ppl_rel_change']:.4f}" if "ppl_rel_change" in row else \
+        f"max abs {row['max_abs_diff']:.3g}, KL {row['kl_mean']:.3g}"
+    return (f"{parity_mark(row):4}  {row['runtime']} {row['precision']:<8} {row['graph']:<7} {row['input']:<6} "
+            f"B{row['batch']}×{row['seq_len']}: {extra}")
+
+
+def latency_line(row: dict) -> str:
+    """One latency row as ``gamexport build`` prints it."""
+    return (f"latency: {row['runtime'] + ' ' + row['precision']:<21} {row['mode']:<7} B{row['batch']}×{row['seq_len']:<4} "
+            f"p50 {row['p50_ms']:8.3f} ms {row['tokens_per_s']:10.1f} tokens/s "
+            f"({row['speedup_vs_eager']:.2f}× eager)" + ("  [noisy]" if row["noisy"] else ""))
+
+
+def parity_failure(rows: list[dict]) -> str:
+    """What failed, for the one error line of a failed build or ``gamexport parity``: how many checks, and the
+    first failing row (runtime, precision, graph, input) with its failed metrics and where it diverged."""
+    gated = [r for r in rows if r.get("gated", True)]
+    bad = [r for r in gated if not r["passed"]]
+    first = bad[0]
+    where = next((r["divergence"]["summary"] for r in bad if "summary" in r.get("divergence", {})), None)
+    return (f"{len(bad)} of {len(gated)} gated parity checks failed (first: {first['runtime']} {first['precision']} "
+            f"{first['graph']} on '{first['input']}': "
+            f"{', '.join(first.get('failed_checks', [])) or first.get('error', 'see the report')}"
+            + (f"; {where}" if where else "") + ")")
 
 
 def render_markdown(report: dict) -> str:

@@ -296,7 +296,7 @@ def build_rows(ckpt, eager, folder: Path, precision: str, text_ids, eval_ids) ->
         return [r for r in rows if r["runtime"] != "eager"]
     import json
 
-    from gamexport.engines.emulation import emulators
+    from gamexport.parity.emulation import emulators
 
     calibration = (json.loads((folder / "calibration.json").read_text())["amax"]
                    if (folder / "calibration.json").is_file() else None)

@@ -19,9 +19,12 @@ text) is reported with ``gated: false``: informational, it does not fail the bui
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .rows import ParityRow
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,17 @@ def chunk_plan(length: int, kernel_size: int) -> list[int]:
     return sizes
 
 
+def run_chunks(runner, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Feed ``ids`` through ``runner.step`` in chunks of ``sizes`` from the zero state; concatenated logits."""
+    state = runner.empty_state(ids.shape[0])
+    pos, outs = 0, []
+    for size in sizes:
+        logits, state = runner.step(ids[:, pos:pos + size], np.full((ids.shape[0], 1), pos, np.int64), state)
+        outs.append(logits)
+        pos += size
+    return np.concatenate(outs, axis=1), state
+
+
 # ---- the verdict of a set of rows -------------------------------------------------------------------------------
 #: The input label of rows scored on the text the INT8 graphs were calibrated on (too little held-out text to
 #: split): such rows are informational, never a gate.
@@ -237,13 +251,12 @@ CALIBRATION_NOTE = ("scored on its own calibration text (the held-out text gave 
                     "not a held-out gate")
 
 
-def mark_calibration_scored(row: dict) -> dict:
+def mark_calibration_scored(row: ParityRow) -> ParityRow:
     """A row of a calibrated precision (INT8) on text that was also its calibration text: informational,
     labelled ``calibration-text``, and its note says why. Other rows are returned unchanged."""
-    if row["input"] in ("text", CALIBRATION_TEXT) and row["precision"] in CALIBRATED \
-            and CALIBRATION_NOTE not in row.get("note", ""):
-        row.update(input=CALIBRATION_TEXT, gated=False, passed=True,
-                   note=f"{row['note']}; {CALIBRATION_NOTE}" if row.get("note") else CALIBRATION_NOTE)
+    if row.input in ("text", CALIBRATION_TEXT) and row.precision in CALIBRATED \
+            and CALIBRATION_NOTE not in (row.note or ""):
+        row.informational(CALIBRATION_NOTE, input_name=CALIBRATION_TEXT)
     return row
 
 

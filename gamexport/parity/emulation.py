@@ -19,6 +19,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .rows import ParityRow
+
 #: reference name → the precision whose graphs it checks
 REFERENCES = {"emulation-fp16-weights": "fp16", "emulation-int8": "int8"}
 
@@ -60,7 +62,7 @@ def write_emulation_references(folder: Path, ckpt, precisions, calibration) -> l
     """Each emulation's outputs on the saved parity feeds (``DIR/parity/``); the files written, relative."""
     from gamexport.polyjson import load_feeds, save_run_results
 
-    from .pipeline import PARITY_DIR
+    from .references import PARITY_DIR
 
     pdir = Path(folder) / PARITY_DIR
     pre, step = load_feeds(pdir / "prefill_inputs.json"), load_feeds(pdir / "step_inputs.json")
@@ -96,7 +98,7 @@ def applicable(name: str, runner) -> bool:
 
 
 def _tolerance(name: str):
-    from gamexport.parity import INT8_PLAN, tolerance
+    from .metrics import INT8_PLAN, tolerance
 
     if name == "emulation-int8":
         return INT8_PLAN
@@ -107,11 +109,9 @@ def _tolerance(name: str):
 
 
 def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], emulate: Mapping[str, Callable],
-               threads: int | None, progress) -> list[dict]:
+               threads: int | None, progress) -> list[ParityRow]:
     """The build's emulation rows for ``runner``: prefill and chunked step of each input vs each emulation."""
-    from gamexport.parity import compare_logits
-
-    from .pipeline import _row, run_chunks
+    from .metrics import compare_logits, run_chunks
 
     rows = []
     for name, fn in emulate.items():
@@ -127,23 +127,23 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
                         ("prefill", test.prefill(ids), runner.model_path.name, {}),
                         ("step", run_chunks(test, ids, sizes), runner.step_path.name, {"chunks": sizes})):
                     metrics = compare_logits(ref_logits, logits, tol, states=(ref_state, state))
-                    rows.append(_row(runner.runtime, graph, artifact, name, label, ids, metrics,
-                                     precision=runner.precision, **more))
+                    rows.append(ParityRow.of(runner.runtime, graph, artifact, name, label, ids, metrics,
+                                             precision=runner.precision, **more))
         finally:
             if opened:
                 test.close()
     return rows
 
 
-def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list[dict]:
+def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list[ParityRow]:
     """``gamexport parity``'s emulation rows for ``runner`` from the references kept in ``DIR/parity/``.
 
     ``feeds``: {"prefill": (inputs, labels), "step": (inputs, labels)} as loaded by the re-check."""
     from gamexport.manifest import verify
-    from gamexport.parity import compare_logits
     from gamexport.polyjson import load_run_results
 
-    from .pipeline import PARITY_DIR
+    from .metrics import compare_logits
+    from .references import PARITY_DIR
 
     pdir = Path(folder) / PARITY_DIR
     rows = []
@@ -179,9 +179,9 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
                 metrics = compare_logits(np.concatenate(want)[None], np.concatenate(got)[None], tol,
                                          states=(np.concatenate(ref_states), np.concatenate(states)))
                 path = runner.model_path if graph == "prefill" else runner.step_path
-                rows.append({"runtime": runner.runtime, "precision": runner.precision, "graph": graph,
-                             "artifact": path.name, "reference": name, "input": "+".join(dict.fromkeys(labels)),
-                             "batch": len(inputs), "seq_len": int(sum(g.shape[0] for g in got)), **metrics})
+                rows.append(ParityRow(runner.runtime, runner.precision, graph, path.name, name,
+                                      "+".join(dict.fromkeys(labels)), len(inputs), int(sum(g.shape[0] for g in got)),
+                                      metrics))
         finally:
             if opened:
                 test.close()
