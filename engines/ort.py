@@ -163,6 +163,55 @@ def write_int8_dynamic(src: Path, dst: Path, threads: int | None = None) -> Path
 QDQ_REFERENCE = {"session.disable_quant_qdq": "1"}
 
 
+def exact_integer_matmuls(model):
+    """``model`` (an int8-dyn ``ModelProto``, edited in place and returned) with every ``MatMulInteger`` computed
+    as ONNX defines it — (A − a_zero) · (B − b_zero), exact — in float64 MatMuls whose integer result is cast
+    back to int32, so the rest of the graph is unchanged.
+
+    ONNX Runtime's integer kernel is not that on every CPU: on AVX2 without VNNI it multiplies uint8 × int8 with
+    ``vpmaddubsw``, which saturates each pair of products at int16 (measured on the demo model: 1307 of 65536
+    outputs of layer 0's gate MatMul off, by up to 15215). The int8-dyn emulation reference describes the graph's
+    arithmetic, so it is compared with this run; the real kernels are gated against eager fp32 by perplexity."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type != "MatMulInteger":
+            nodes.append(n)
+            continue
+        a, b, a_zero, b_zero = n.input
+        t = n.output[0] + "/exact"
+        nodes += [helper.make_node("Cast", [a], [t + "/a"], to=TensorProto.DOUBLE),
+                  helper.make_node("Cast", [a_zero], [t + "/az"], to=TensorProto.DOUBLE),
+                  helper.make_node("Sub", [t + "/a", t + "/az"], [t + "/a0"]),
+                  helper.make_node("Cast", [b], [t + "/b"], to=TensorProto.DOUBLE),
+                  helper.make_node("Cast", [b_zero], [t + "/bz"], to=TensorProto.DOUBLE),
+                  helper.make_node("Sub", [t + "/b", t + "/bz"], [t + "/b0"]),
+                  helper.make_node("MatMul", [t + "/a0", t + "/b0"], [t + "/y"]),
+                  helper.make_node("Cast", [t + "/y"], [n.output[0]], to=TensorProto.INT32)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def exact_int8_dynamic_runner(model_path: Path, step_path: Path, config: GAMConfig, threads: int | None
+                              ) -> "OrtRunner":
+    """A runner over int8-dyn graphs with exact integer MatMuls (:func:`exact_integer_matmuls`): the graphs'
+    own arithmetic, comparable with the NumPy emulation of dynamic quantization to float rounding."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:  # the sessions hold the graphs: the files may go
+        paths = []
+        for path in (model_path, step_path):
+            paths.append(Path(tmp) / Path(path).name)
+            onnx.save(exact_integer_matmuls(onnx.load(str(path))), str(paths[-1]))
+        runner = OrtRunner(paths[0], paths[1], config, threads, precision="int8-dyn")
+    runner.model_path, runner.step_path = Path(model_path), Path(step_path)
+    return runner
+
+
 class OrtRunner(Runner):
     """Runs the prefill and step graphs with ONNX Runtime on one execution provider (CPU, CUDA or TensorRT).
 
