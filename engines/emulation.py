@@ -3,6 +3,8 @@ its own plan, tight enough to catch one-layer bugs that hide under the precision
 
 - ``emulation-fp16-weights``: fp32 math (eager PyTorch) on fp16-rounded weights — what ONNX Runtime's CPU
   provider computes with an fp16 graph — under the fp32 tolerance, logits and state.
+- ``emulation-bf16-weights``: the same on bf16-rounded weights, for the bf16 graphs' structural run on the CPU
+  (``engines.ort.bf16_structural_runner``: bf16 weights upcast to fp32, bf16 casts made fp32).
 - ``emulation-int8``: the NumPy fake-quant emulation of the INT8 plan (``gamexport.graph.emulate_int8``: the
   same per-channel weight scales, the calibration table's activation scales), against the int8 graph run as
   written (``engines.ort.QDQ_REFERENCE``), under ``parity.INT8_PLAN``, logits and state.
@@ -25,7 +27,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 #: reference name → the precision whose graphs it checks
-REFERENCES = {"emulation-fp16-weights": "fp16", "emulation-int8": "int8", "emulation-int8-dyn": "int8-dyn"}
+REFERENCES = {"emulation-fp16-weights": "fp16", "emulation-bf16-weights": "bf16", "emulation-int8": "int8",
+              "emulation-int8-dyn": "int8-dyn"}
 #: references whose plan depends on each call's whole input (dynamic quantization's run-time scales)
 PER_CALL = ("emulation-int8-dyn",)
 
@@ -48,15 +51,17 @@ def emulators(ckpt, precisions, calibration: Mapping[str, float] | None) -> dict
 
     cfg = ckpt.config
     out: dict[str, Callable] = {}
-    if "fp16" in precisions:
-        runner = EagerRunner(cfg, round_weights(ckpt.weights, "fp16"))
+    for half in ("fp16", "bf16"):
+        if half not in precisions:
+            continue
+        runner = EagerRunner(cfg, round_weights(ckpt.weights, half))
         runner.check_finite = False
 
-        def fp16(ids, position=0, state=None, runner=runner):
+        def rounded(ids, position=0, state=None, runner=runner):
             if state is None:
                 return runner.prefill(ids)
             return runner.step(ids, np.full((ids.shape[0], 1), position, np.int64), state)
-        out["emulation-fp16-weights"] = fp16
+        out[f"emulation-{half}-weights"] = rounded
     if "int8" in precisions and calibration is not None:
         table = int8_table(cfg, ckpt.weights, calibration)
         out["emulation-int8"] = lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
@@ -106,11 +111,12 @@ def plan_runner(runner, precision: str, threads: int | None):
 
 
 def applicable(name: str, runner) -> bool:
-    """An emulation describes ONNX Runtime's CPU provider: fp16 graphs computed in fp32, int8 graphs as written."""
+    """An emulation describes ONNX Runtime's CPU provider: fp16 (and, structurally, bf16) graphs computed in fp32,
+    int8 graphs as written."""
     precision = REFERENCES[name]
     if runner.runtime != "onnxruntime-cpu" or runner.precision != precision:
         return False
-    return precision != "fp16" or getattr(runner, "compute_precision", "fp32") == "fp32"
+    return precision not in ("fp16", "bf16") or getattr(runner, "compute_precision", "fp32") == "fp32"
 
 
 def _tolerance(name: str):
@@ -121,7 +127,7 @@ def _tolerance(name: str):
     tol = tolerance("fp32")
     from dataclasses import replace
 
-    return replace(tol, reason="must equal fp32 compute on fp16-rounded weights")
+    return replace(tol, reason=f"must equal fp32 compute on {REFERENCES[name]}-rounded weights")
 
 
 def emulate_chunks(fn: Callable, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -370,6 +370,10 @@ def variant_parity_checks(ckpt: Checkpoint, eager, runner, progress: Progress,
         note = f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
     elif p == "fp32":
         note = "fp32 weights and MatMuls"
+    elif getattr(runner, "structural", False):
+        from gamexport.engines.ort import BF16_STRUCTURAL
+
+        note = BF16_STRUCTURAL
     elif compute == "fp32":
         note = f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
     else:
@@ -616,12 +620,28 @@ def trt_profiles(cfg: GAMConfig, given: dict | None) -> dict | None:
                                          "max": f"{prefill.max[0]}x{step.max[1]}"}}
 
 
+#: Skipped (runtime, precision) pairs whose graphs are still checked, by a structural run on that runtime (never
+#: timed): the bf16 graphs with bf16 weights upcast to fp32 and bf16 casts made fp32 (engines.ort.upcast_bf16).
+STRUCTURAL = (("onnxruntime-cpu", "bf16"),)
+
+
+def structural_runs(skipped: list[dict]) -> list[tuple[str, str]]:
+    """The skipped pairs that get a structural run (:data:`STRUCTURAL`)."""
+    return [(s["runtime"], s["precision"]) for s in skipped if (s["runtime"], s.get("precision")) in STRUCTURAL]
+
+
 def open_variant_runner(staging: Path, cfg: GAMConfig, runtime: str, precision: str, threads: int | None,
-                        trt_profile: dict | None, say: Progress, cuda_graph: bool = False):
-    """A runner for one (runtime, precision) of the matrix over the staged graphs (TensorRT: builds engines)."""
+                        trt_profile: dict | None, say: Progress, cuda_graph: bool = False, structural: bool = False):
+    """A runner for one (runtime, precision) of the matrix over the staged graphs (TensorRT: builds engines);
+    ``structural``: the structural run of a skipped pair (:data:`STRUCTURAL`)."""
     from gamexport.engines.ort import OrtRunner
     from gamexport.graph.builder import graph_file_name
 
+    if structural:
+        from gamexport.engines.ort import bf16_structural_runner
+
+        return bf16_structural_runner(staging / graph_file_name("prefill", precision),
+                                      staging / graph_file_name("step", precision), cfg, threads)
     if runtime == "tensorrt":
         from gamexport.engines.trt import TrtRunner, build_engines
 
@@ -812,6 +832,10 @@ def build(opts: BuildOptions) -> BuildResult:
             variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say,
                                                 opts.cuda_graph))
             parity += variant_parity_checks(ckpt, eager, variants[-1], progress, eval_ids, emulate, threads)
+        for runtime, precision in structural_runs(skipped):  # checked, not timed
+            runner = open_variant_runner(staging, cfg, runtime, precision, threads, None, say, structural=True)
+            parity += variant_parity_checks(ckpt, eager, runner, progress, eval_ids, emulate, threads)
+            runner.close()
         if not held_out(text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
             parity = [mark_calibration_scored(r) for r in parity]
         counted = verdict(parity, skipped, precisions)  # informational rows are never counted as passed

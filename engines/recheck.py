@@ -94,7 +94,7 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
     from gamexport.parity import CALIBRATION_TEXT, compare_logits, mark_calibration_scored, tolerance
     from gamexport.polyjson import load_feeds, load_run_results
 
-    from .pipeline import PARITY_DIR, open_variant_runner, plan_matrix
+    from .pipeline import PARITY_DIR, open_variant_runner, plan_matrix, structural_runs
 
     folder = Path(folder)
     pdir = folder / PARITY_DIR
@@ -118,9 +118,10 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
     matrix, skipped = plan_matrix(wanted, tuple(engines), device)
     skipped = [row for row in skipped if row["runtime"] != "eager-compile"]  # no eager here
     rows = []
-    for runtime, precision in matrix:
-        progress(f"parity: {runtime} {precision}")
-        runner = open_variant_runner(folder, cfg, runtime, precision, threads, None, progress)
+    runs = [(*pair, False) for pair in matrix] + [(*pair, True) for pair in structural_runs(skipped)]
+    for runtime, precision, structural in runs:
+        progress(f"parity: {runtime} {precision}" + (" (structural run)" if structural else ""))
+        runner = open_variant_runner(folder, cfg, runtime, precision, threads, None, progress, structural=structural)
         runner.check_finite = False  # a NaN is a failing row here (exit 1), measured against the saved reference
         tol = tolerance(precision)
         try:
