@@ -12,7 +12,8 @@ from .common import DebugOption, ThreadsOption, run, say
 
 #: How to get a re-check that gates something (the fix of its "nothing was checked" line).
 NOTHING_CHECKED_FIX = ("check a precision this machine runs (e.g. --precision fp32), or run on a machine where "
-                       "the others run (bf16 and TensorRT: --device cuda on an NVIDIA GPU); INT8 rows are gated "
+                       "the others run (TensorRT: --device cuda on an NVIDIA GPU), or rebuild a folder whose saved "
+                       "parity feeds hold none (gamexport build); INT8 rows are gated "
                        "only in folders built from a checkpoint with tokenizer.json and heldout.txt")
 
 

@@ -284,12 +284,28 @@ def trt_profiles(cfg: GAMConfig, given: dict | None) -> dict | None:
                                          "max": f"{prefill.max[0]}x{step.max[1]}"}}
 
 
+#: Skipped (runtime, precision) pairs whose graphs are still checked, by a structural run on that runtime (never
+#: timed): the bf16 graphs with bf16 weights upcast to fp32 and bf16 casts made fp32 (engines.ort.upcast_bf16).
+STRUCTURAL = (("onnxruntime-cpu", "bf16"),)
+
+
+def structural_runs(skipped: list[dict]) -> list[tuple[str, str]]:
+    """The skipped pairs that get a structural run (:data:`STRUCTURAL`)."""
+    return [(s["runtime"], s["precision"]) for s in skipped if (s["runtime"], s.get("precision")) in STRUCTURAL]
+
+
 def open_variant_runner(staging: Path, cfg: GAMConfig, runtime: str, precision: str, threads: int | None,
-                        trt_profile: dict | None, say: Progress, cuda_graph: bool = False):
-    """A runner for one (runtime, precision) of the matrix over the staged graphs (TensorRT: builds engines)."""
+                        trt_profile: dict | None, say: Progress, cuda_graph: bool = False, structural: bool = False):
+    """A runner for one (runtime, precision) of the matrix over the staged graphs (TensorRT: builds engines);
+    ``structural``: the structural run of a skipped pair (:data:`STRUCTURAL`)."""
     from gamexport.engines.ort import OrtRunner
     from gamexport.graph.builder import graph_file_name
 
+    if structural:
+        from gamexport.engines.ort import bf16_structural_runner
+
+        return bf16_structural_runner(staging / graph_file_name("prefill", precision),
+                                      staging / graph_file_name("step", precision), cfg, threads)
     if runtime == "tensorrt":
         from gamexport.engines.trt import TrtRunner, build_engines
 
@@ -451,6 +467,12 @@ def build(opts: BuildOptions) -> BuildResult:
             variants.append(open_variant_runner(staging, cfg, runtime, precision, threads, opts.trt_profile, say,
                                                 opts.cuda_graph))
             parity += run_parity(variants[-1], reference, progress, threads)
+        for runtime, precision in structural_runs(skipped):  # checked, not timed
+            runner = open_variant_runner(staging, cfg, runtime, precision, threads, None, say, structural=True)
+            try:
+                parity += run_parity(runner, reference, progress, threads)
+            finally:
+                runner.close()
         if not held_out(text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
             parity = [mark_calibration_scored(r) for r in parity]
         # informational rows are never counted as passed

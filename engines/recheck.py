@@ -35,9 +35,11 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
     matrix, skipped = pipeline.plan_matrix(wanted, tuple(engines), device)
     skipped = [row for row in skipped if row["runtime"] != "eager-compile"]  # no eager here
     rows = []
-    for runtime, precision in matrix:
-        progress(f"parity: {runtime} {precision}")
-        runner = pipeline.open_variant_runner(folder, saved.cfg, runtime, precision, threads, None, progress)
+    runs = [(*pair, False) for pair in matrix] + [(*pair, True) for pair in pipeline.structural_runs(skipped)]
+    for runtime, precision, structural in runs:
+        progress(f"parity: {runtime} {precision}" + (" (structural run)" if structural else ""))
+        runner = pipeline.open_variant_runner(folder, saved.cfg, runtime, precision, threads, None, progress,
+                                              structural=structural)
         try:
             rows += run_parity(runner, saved, progress, threads)
         finally:

@@ -280,8 +280,9 @@ def recheck_rows(folder: Path, precision: str) -> list[dict]:
     return recheck(folder, precisions=(precision,), threads=1)["parity"]
 
 
-def build_rows(ckpt, eager, folder: Path, precision: str, text_ids, eval_ids) -> list[dict]:
-    """The rows the build computes for ``precision`` over the graphs in ``folder`` (the build's own functions)."""
+def build_rows(ckpt, eager, folder: Path, precision: str, text_ids, eval_ids, emulate: dict) -> list[dict]:
+    """The rows the build computes for ``precision`` over the graphs in ``folder`` (the build's own functions);
+    ``emulate``: ``gamexport.parity.emulation.emulators`` of the build (the references depend on the checkpoint alone)."""
     from gamexport.engines.ort import OrtRunner
     from gamexport.engines.pipeline import open_variant_runner, parity_checks, variant_parity_checks
 
@@ -294,14 +295,9 @@ def build_rows(ckpt, eager, folder: Path, precision: str, text_ids, eval_ids) ->
         rows, kept = parity_checks(ckpt, eager, runners, lambda m: None, text_ids)
         kept.close()
         return [r for r in rows if r["runtime"] != "eager"]
-    import json
-
-    from gamexport.parity.emulation import emulators
-
-    calibration = (json.loads((folder / "calibration.json").read_text())["amax"]
-                   if (folder / "calibration.json").is_file() else None)
-    emulate = emulators(ckpt, (precision,), calibration)
-    runner = open_variant_runner(folder, cfg, "onnxruntime-cpu", precision, 1, None, lambda m: None)
+    # bf16: the build's structural run on the CPU (engines.pipeline.STRUCTURAL)
+    runner = open_variant_runner(folder, cfg, "onnxruntime-cpu", precision, 1, None, lambda m: None,
+                                 structural=precision == "bf16")
     try:
         return variant_parity_checks(ckpt, eager, runner, lambda m: None, eval_ids, emulate, 1)
     finally:

@@ -14,6 +14,7 @@ from gamexport.errors import GamexportError
 from gamexport.runtime import Runner
 
 from .session import RUNTIMES, compute_label, load_session, optimized_matmul_ops
+from .transforms import exact_integer_matmuls, upcast_bf16
 
 
 class OrtRunner(Runner):
@@ -24,6 +25,7 @@ class OrtRunner(Runner):
     """
 
     runtime = "onnxruntime-cpu"
+    structural = False   # True: a parity-only run over rewritten graphs (bf16_structural_runner), never timed
 
     def __init__(self, model_path: str | Path | None, step_path: str | Path, config: GAMConfig | None,
                  threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider",
@@ -75,6 +77,8 @@ class OrtRunner(Runner):
         """The int8 variants name the ops the optimized graph multiplies with; fp16/bf16 on the CPU provider say
         that it computes them in fp32."""
         p = self.precision
+        if self.structural:
+            return BF16_STRUCTURAL
         if p.startswith("int8"):
             ops = ", ".join(f"{v}× {k}" for k, v in self.matmul_ops.items())
             return f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
@@ -95,3 +99,44 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.prefill_session = self.step_session = None
+
+
+# ---- runners over rewritten graphs (parity references, never timed) ----------------------------------------
+def _rewritten_runner(model_path: Path, step_path: Path, config: GAMConfig, threads: int | None, precision: str,
+                      rewrite) -> "OrtRunner":
+    """An OrtRunner over ``rewrite(graph)`` of both graphs (held in memory by the sessions); its paths, labels and
+    rows name the graphs on disk."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:  # the sessions hold the graphs: the files may go
+        paths = []
+        for path in (model_path, step_path):
+            paths.append(Path(tmp) / Path(path).name)
+            onnx.save(rewrite(onnx.load(str(path))), str(paths[-1]))
+        runner = OrtRunner(paths[0], paths[1], config, threads, precision=precision)
+    runner.model_path, runner.step_path = Path(model_path), Path(step_path)
+    return runner
+
+
+def exact_int8_dynamic_runner(model_path: Path, step_path: Path, config: GAMConfig, threads: int | None
+                              ) -> "OrtRunner":
+    """A runner over int8-dyn graphs with exact integer MatMuls (:func:`exact_integer_matmuls`): the graphs'
+    own arithmetic, comparable with the NumPy emulation of dynamic quantization to float rounding."""
+    return _rewritten_runner(model_path, step_path, config, threads, "int8-dyn", exact_integer_matmuls)
+
+
+#: The note of rows computed by :func:`bf16_structural_runner`.
+BF16_STRUCTURAL = ("bf16 structural run: ONNX Runtime's CPU provider has no bf16 kernels, so the bf16 graphs run "
+                   "with their bf16 weights upcast to fp32 (exact) and their bf16 casts made fp32")
+
+
+def bf16_structural_runner(model_path: Path, step_path: Path, config: GAMConfig, threads: int | None
+                           ) -> "OrtRunner":
+    """A runner over bf16 graphs on ONNX Runtime's CPU provider, through :func:`upcast_bf16`: precision "bf16",
+    compute precision "fp32", ``structural`` True (never timed: it is not how a bf16 runtime computes)."""
+    runner = _rewritten_runner(model_path, step_path, config, threads, "bf16", upcast_bf16)
+    runner.structural = True
+    runner.compute_precision = "fp32"  # no bf16 value is left (the optimized graph's types may read "other")
+    return runner

@@ -77,3 +77,84 @@ def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, 
     xf = _layer_norm(x, W["ln_f.weight"], W["ln_f.bias"], eps)
     logits = _fake_quant(xf, float(W["act.x_f.scale"])) @ _deq(W, emb + ".qT")
     return logits.astype(np.float32), np.stack(presents, axis=1).astype(np.float32)
+
+
+# ---- dynamic INT8: what ONNX Runtime's quantize_dynamic makes of the fp32 graph --------------------------------
+def quantize_weight_dynamic(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMul weight ``w`` (K, N) as ``onnxruntime.quantization.quantize_dynamic`` quantizes it with the options
+    of ``engines.ort.write_int8_dynamic`` (int8, per channel, no reduce_range): one symmetric scale per output
+    column, ``max|w[:, j]| / 127`` (stored as float32), values ``rint(w / scale)`` in float32 arithmetic (the
+    quantizer's own), zero point 0. Returns (int8 values as float64, scales (N,) float64)."""
+    w32 = np.asarray(w, dtype=np.float32)
+    absmax = np.abs(w32).max(axis=0).astype(np.float64)
+    scale = (2.0 * absmax / 254.0).astype(np.float32)
+    scale[scale < np.finfo(np.float32).tiny] = 1.0   # an all-zero column: the quantizer's scale 1
+    q = np.clip(np.rint(w32 / scale[None, :]), -128, 127)
+    return q.astype(np.float64), scale.astype(np.float64)
+
+
+def dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """ONNX ``DynamicQuantizeLinear`` of one whole tensor (one call's activation): uint8, asymmetric; the range
+    is [min(x), max(x)] widened to include 0, scale = range / 255, zero point = rint(−min / scale) saturated to
+    0..255, values rint(x / scale) + zero point saturated (rint: round half to even). Returns (values, scale,
+    zero point)."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero = float(np.clip(np.rint(-lo / scale), 0, 255))
+    return np.clip(np.rint(x / scale) + zero, 0, 255), scale, zero
+
+
+def _dyn_matmul(x: np.ndarray, w: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """``x @ W`` as the dynamically quantized graph computes it: x quantized per tensor at run time, the integer
+    product (exact), then × (x scale · the column's weight scale)."""
+    q, scale = w
+    xq, x_scale, x_zero = dynamic_quantize(x)
+    return ((xq - x_zero) @ q) * (x_scale * scale)
+
+
+def int8_dynamic_weights(cfg: GAMConfig, weights: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """The checkpoint's fp32 weights with every weight MatMul's operand quantized as ``quantize_dynamic`` does
+    (:func:`quantize_weight_dynamic`, on the (K, N) operand the graph multiplies by); the rest float64."""
+    W: dict[str, object] = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}."
+        bank = np.asarray(weights[p + "memory_bank"], dtype=np.float32)               # (S, d)
+        W[p + "memory_bank.qT"] = quantize_weight_dynamic(bank.T)                      # scores: h · Mᵀ
+        W[p + "memory_bank.q"] = quantize_weight_dynamic(bank)                         # read: p · M
+        for name in ("gate.weight", "ffn.0.weight", "ffn.2.weight"):                   # Linear: x · Wᵀ
+            W[p + name + ".qT"] = quantize_weight_dynamic(np.asarray(weights[p + name], np.float32).T)
+    W["head.qT"] = quantize_weight_dynamic(np.asarray(weights["token_embedding.weight"], np.float32).T)
+    return W
+
+
+def int8_dynamic_plan(cfg: GAMConfig, W: Mapping[str, object], ids: np.ndarray, position: int = 0,
+                      state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (B, T, V), state (B, L, k-1, d)) of one call of the int8-dyn graph on ``ids`` (B, T) from
+    ``position`` after ``state``; ``W`` is :func:`int8_dynamic_weights`. Every activation that feeds a weight
+    MatMul is quantized over this call's whole tensor, as the graph does at run time — so a step graph fed in
+    chunks must be emulated chunk by chunk. LayerNorm, the conv, softmax, the gates, GELU, biases and the residual
+    stay float (the fp32 graph's ops)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    B, T = ids.shape
+    d, k1, eps = cfg.d_model, cfg.state_len, cfg.ln_eps
+    x = W["token_embedding.weight"][ids] + W["pos_embedding.weight"][position + np.arange(T)][None]
+    past_all = np.zeros((B, cfg.n_layers, k1, d)) if state is None else np.asarray(state, dtype=np.float64)
+    presents = []
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}."
+        h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
+        hcat = np.concatenate([past_all[:, i], h], axis=1)                       # (B, k-1+T, d)
+        conv_w = W[p + "causal_conv.weight"][:, 0, :]                             # (d, k)
+        local = W[p + "causal_conv.bias"] + sum(hcat[:, j:j + T] * conv_w[:, j] for j in range(k1 + 1))
+        presents.append(hcat[:, -k1:])
+        glob = _dyn_matmul(_softmax(_dyn_matmul(h, W[p + "memory_bank.qT"])), W[p + "memory_bank.q"])
+        g = _dyn_matmul(h, W[p + "gate.weight.qT"]) + W[p + "gate.bias"]
+        sig = 1.0 / (1.0 + np.exp(-g))
+        x = x + sig[..., :d] * local + sig[..., d:] * glob
+        hn = _layer_norm(x, W[p + "ln2.weight"], W[p + "ln2.bias"], eps)
+        u = _dyn_matmul(hn, W[p + "ffn.0.weight.qT"]) + W[p + "ffn.0.bias"]
+        a = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
+        x = x + _dyn_matmul(a, W[p + "ffn.2.weight.qT"]) + W[p + "ffn.2.bias"]
+    xf = _layer_norm(x, W["ln_f.weight"], W["ln_f.bias"], eps)
+    logits = _dyn_matmul(xf, W["head.qT"])
+    return logits.astype(np.float32), np.stack(presents, axis=1).astype(np.float32)

@@ -6,15 +6,15 @@
   written by the build and read by ``gamexport parity``; which real text the rows are scored on.
 - ``engine.py``: ``run_parity``, one runner's rows against eager PyTorch (the build) or against the saved
   references (``gamexport parity``, without torch).
-- ``emulation.py``: emulation references (fp16-rounded weights, the INT8 plan) for the reduced precisions.
+- ``emulation.py``: emulation references (fp16/bf16-rounded weights, the INT8 plan, dynamic quantization) for the reduced precisions.
 
 Importing this package loads the metrics only (NumPy): the names below are re-exported from ``metrics``.
 """
 
-from .metrics import (CALIBRATED, CALIBRATION_NOTE, CALIBRATION_TEXT, INT8_PLAN, TOLERANCES, Tolerance, Verdict,
+from .metrics import (CALIBRATED, CALIBRATION_NOTE, CALIBRATION_TEXT, INT8_DYN_PLAN, INT8_PLAN, TOLERANCES, Tolerance, Verdict,
                       chunk_plan, compare_logits, compare_state, informational_reason, mark_calibration_scored,
                       parity_inputs, perplexity, run_chunks, tolerance, verdict)
 
-__all__ = ["CALIBRATED", "CALIBRATION_NOTE", "CALIBRATION_TEXT", "INT8_PLAN", "TOLERANCES", "Tolerance", "Verdict",
+__all__ = ["CALIBRATED", "CALIBRATION_NOTE", "CALIBRATION_TEXT", "INT8_DYN_PLAN", "INT8_PLAN", "TOLERANCES", "Tolerance", "Verdict",
            "chunk_plan", "compare_logits", "compare_state", "informational_reason", "mark_calibration_scored",
            "parity_inputs", "perplexity", "run_chunks", "tolerance", "verdict"]

@@ -3,9 +3,16 @@ its own plan, tight enough to catch one-layer bugs that hide under the precision
 
 - ``emulation-fp16-weights``: fp32 math (eager PyTorch) on fp16-rounded weights — what ONNX Runtime's CPU
   provider computes with an fp16 graph — under the fp32 tolerance, logits and state.
+- ``emulation-bf16-weights``: the same on bf16-rounded weights, for the bf16 graphs' structural run on the CPU
+  (``engines.ort.bf16_structural_runner``: bf16 weights upcast to fp32, bf16 casts made fp32).
 - ``emulation-int8``: the NumPy fake-quant emulation of the INT8 plan (``gamexport.graph.emulate_int8``: the
   same per-channel weight scales, the calibration table's activation scales), against the int8 graph run as
   written (``engines.ort.QDQ_REFERENCE``), under ``parity.INT8_PLAN``, logits and state.
+- ``emulation-int8-dyn``: the NumPy emulation of ONNX Runtime's dynamic quantization
+  (``gamexport.graph.emulate_int8.int8_dynamic_plan``: the checkpoint's fp32 weights quantized as
+  ``quantize_dynamic`` does, each activation quantized per call with its own run-time scale), against the int8-dyn
+  graph with exact integer MatMuls (``engines.ort.exact_int8_dynamic_runner``), under ``parity.INT8_DYN_PLAN``,
+  logits and state. Its scales depend on each call's whole tensor, so a chunked step run is emulated chunk by chunk.
 
 The build computes them on its parity inputs and keeps them in ``DIR/parity/`` beside eager fp32's outputs
 (Polygraphy JSON, ``prefill_outputs.<reference>.json`` / ``step_outputs.<reference>.json``), so that
@@ -22,7 +29,10 @@ import numpy as np
 from .rows import ParityRow
 
 #: reference name → the precision whose graphs it checks
-REFERENCES = {"emulation-fp16-weights": "fp16", "emulation-int8": "int8"}
+REFERENCES = {"emulation-fp16-weights": "fp16", "emulation-bf16-weights": "bf16", "emulation-int8": "int8",
+              "emulation-int8-dyn": "int8-dyn"}
+#: references whose plan depends on each call's whole input (dynamic quantization's run-time scales)
+PER_CALL = ("emulation-int8-dyn",)
 
 
 def reference_files(name: str) -> tuple[str, str]:
@@ -39,22 +49,28 @@ def emulators(ckpt, precisions, calibration: Mapping[str, float] | None) -> dict
     """reference name → fn(ids, position, state) -> (logits, state), for the precisions built."""
     from gamexport.engines.eager import EagerRunner
     from gamexport.graph.emulate import round_weights
-    from gamexport.graph.emulate_int8 import int8_plan
+    from gamexport.graph.emulate_int8 import int8_dynamic_plan, int8_dynamic_weights, int8_plan
 
     cfg = ckpt.config
     out: dict[str, Callable] = {}
-    if "fp16" in precisions:
-        runner = EagerRunner(cfg, round_weights(ckpt.weights, "fp16"))
+    for half in ("fp16", "bf16"):
+        if half not in precisions:
+            continue
+        runner = EagerRunner(cfg, round_weights(ckpt.weights, half))
         runner.check_finite = False
 
-        def fp16(ids, position=0, state=None, runner=runner):
+        def rounded(ids, position=0, state=None, runner=runner):
             if state is None:
                 return runner.prefill(ids)
             return runner.step(ids, np.full((ids.shape[0], 1), position, np.int64), state)
-        out["emulation-fp16-weights"] = fp16
+        out[f"emulation-{half}-weights"] = rounded
     if "int8" in precisions and calibration is not None:
         table = int8_table(cfg, ckpt.weights, calibration)
         out["emulation-int8"] = lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
+    if "int8-dyn" in precisions:
+        dyn = int8_dynamic_weights(cfg, ckpt.weights)
+        out["emulation-int8-dyn"] = lambda ids, position=0, state=None: int8_dynamic_plan(cfg, dyn, ids, position,
+                                                                                           state)
     return out
 
 
@@ -78,7 +94,14 @@ def write_emulation_references(folder: Path, ckpt, precisions, calibration) -> l
 
 
 def plan_runner(runner, precision: str, threads: int | None):
-    """The runner whose outputs an emulation describes: the same one, or (int8) the graphs run as written."""
+    """The runner whose outputs an emulation describes: the same one, or (int8) the graphs run as written, or
+    (int8-dyn) the graphs with exact integer MatMuls."""
+    if precision == "int8-dyn":
+        from gamexport.engines.ort import exact_int8_dynamic_runner
+
+        exact = exact_int8_dynamic_runner(runner.model_path, runner.step_path, runner.config, threads)
+        exact.check_finite = False
+        return exact, True
     if precision != "int8":
         return runner, False
     from gamexport.engines.ort import QDQ_REFERENCE, OrtRunner
@@ -90,22 +113,34 @@ def plan_runner(runner, precision: str, threads: int | None):
 
 
 def applicable(name: str, runner) -> bool:
-    """An emulation describes ONNX Runtime's CPU provider: fp16 graphs computed in fp32, int8 graphs as written."""
+    """An emulation describes ONNX Runtime's CPU provider: fp16 (and, structurally, bf16) graphs computed in fp32,
+    int8 graphs as written."""
     precision = REFERENCES[name]
     if runner.runtime != "onnxruntime-cpu" or runner.precision != precision:
         return False
-    return precision != "fp16" or getattr(runner, "compute_precision", "fp32") == "fp32"
+    return precision not in ("fp16", "bf16") or getattr(runner, "compute_precision", "fp32") == "fp32"
 
 
 def _tolerance(name: str):
-    from .metrics import INT8_PLAN, tolerance
+    from .metrics import INT8_DYN_PLAN, INT8_PLAN, tolerance
 
-    if name == "emulation-int8":
-        return INT8_PLAN
+    if name in ("emulation-int8", "emulation-int8-dyn"):
+        return INT8_PLAN if name == "emulation-int8" else INT8_DYN_PLAN
     tol = tolerance("fp32")
     from dataclasses import replace
 
-    return replace(tol, reason="must equal fp32 compute on fp16-rounded weights")
+    return replace(tol, reason=f"must equal fp32 compute on {REFERENCES[name]}-rounded weights")
+
+
+def emulate_chunks(fn: Callable, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """An emulation fed ``ids`` call by call in chunks of ``sizes`` from the zero state, as ``run_chunks`` feeds a
+    step graph; the concatenated logits and the last state."""
+    state, pos, outs = None, 0, []
+    for size in sizes:
+        logits, state = fn(ids[:, pos:pos + size], pos, state)
+        outs.append(logits)
+        pos += size
+    return np.concatenate(outs, axis=1), state
 
 
 def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], emulate: Mapping[str, Callable],
@@ -122,10 +157,12 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
         try:
             for label, ids in inputs.items():
                 progress(f"parity: {runner.runtime} {runner.precision} vs {name} on '{label}' tokens")
-                ref_logits, ref_state = fn(ids)
+                ref = fn(ids)
                 for graph, (logits, state), artifact, more in (
                         ("prefill", test.prefill(ids), runner.model_path.name, {}),
                         ("step", run_chunks(test, ids, sizes), runner.step_path.name, {"chunks": sizes})):
+                    ref_logits, ref_state = (emulate_chunks(fn, ids, sizes) if graph == "step" and name in PER_CALL
+                                             else ref)
                     metrics = compare_logits(ref_logits, logits, tol, states=(ref_state, state))
                     rows.append(ParityRow.of(runner.runtime, graph, artifact, name, label, ids, metrics,
                                              precision=runner.precision, **more))

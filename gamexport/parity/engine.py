@@ -168,6 +168,8 @@ def _precision_note(runner) -> str:
     """What the runner computes in, for the rows' ``note``."""
     p = runner.precision
     compute = getattr(runner, "compute_precision", p)
+    if getattr(runner, "structural", False):  # the bf16 structural run says what it is
+        return runner.precision_note()
     if runner.runtime == "tensorrt":
         return f"{p}: TensorRT's strongly typed network computes in the graph's precision"
     if p.startswith("int8"):
