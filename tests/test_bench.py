@@ -99,7 +99,14 @@ def test_bench_json_structure(quick):
     # Batched rows of a reduced precision are measured against the batched limit over their own weight bytes.
     assert lim["batched_by_precision"]["fp32"]["gflops"] == lim["batched"]["gflops"]
     int8_batched = lim["batched_by_precision"]["int8"]
-    assert int8_batched["shape"][2] == lim["bandwidth_by_precision"]["int8"]["candidates"][0]["shape"][2]
+    assert int8_batched["shape"][2] == lim["bandwidth_by_precision"]["int8"]["candidates"][0]["shape"][2] or \
+        int8_batched["best"].startswith("onnxruntime int8 ")
+    # Each INT8 precision's compute and batched limits count its own integer GEMM beside the fp32 candidates.
+    for p in ("int8", "int8-dyn"):
+        cands = [c["name"] for c in lim["compute_by_precision"][p]["candidates"]]
+        assert set(names["compute"]) < set(cands) and f"onnxruntime {p} ffn up 64x{d}x{4 * d}" in cands
+        assert any(c["name"].startswith(f"onnxruntime {p} 32x") for c in lim["batched_by_precision"][p]["candidates"])
+        assert lim["compute_by_precision"][p]["gflops"] >= lim["compute"]["gflops"]
 
     load = bench["load"]  # other processes' CPU time during the run, as the comparison driver measures it
     assert isinstance(load["other_cpu_cores"], float) and load["other_cpu_cores"] >= 0
@@ -120,7 +127,7 @@ def test_bench_json_structure(quick):
             assert _positive(row[key]), (row["runtime"], row["precision"], key, row[key])
         assert isinstance(row["noisy"], bool) and row["threads"] == 1
         assert row["fraction"] == pytest.approx(row["achieved"] / row["limit_value"])
-        limit = {"compute": lim["compute"]["gflops"],
+        limit = {"compute": lim["compute_by_precision"].get(row["precision"], lim["compute"])["gflops"],
                  "batched": lim["batched_by_precision"][row["precision"]]["gflops"]}.get(row["limit"])
         if row["limit"] == "bandwidth-roofline":
             bw = lim["bandwidth_by_precision"][row["precision"]]["gbps"]
@@ -174,7 +181,7 @@ def test_bench_json_structure(quick):
 BENCH_MAY_IMPORT = ("gamexport.bench", "gamexport.calibration", "gamexport.checkpoint", "gamexport.config",
                     "gamexport.destinations", "gamexport.device", "gamexport.engines.eager", "gamexport.engines.ort",
                     "gamexport.errors", "gamexport.fsutil", "gamexport.graph", "gamexport.jsonfile",
-                    "gamexport.limits", "gamexport.manifest", "gamexport.model", "gamexport.sources",
+                    "gamexport.layout", "gamexport.limits", "gamexport.manifest", "gamexport.model", "gamexport.sources",
                     "gamexport.targets", "gamexport.training.baselines")
 
 
@@ -329,6 +336,16 @@ def test_a_row_above_its_limit_marks_the_limit_invalid():
     edge = dict(fast, fraction=1.0)
     invalid = check_limits(limits, [int8, edge])
     assert [i["limit"] for i in invalid] == ["bandwidth_by_precision.int8"] and limits["compute"]["valid"]
+
+    # An INT8 prefill row is measured against its own precision's compute limit (its integer GEMM among the
+    # candidates): 11 GFLOP/s beats the fp32 "limit" of 10 but is 0.55 of int8-dyn's 20, and marks nothing.
+    limits["compute_by_precision"] = {"fp32": {"gflops": 10.0, "same_as": "compute"}, "int8-dyn": _one("gflops", 20.0)}
+    fast.update(prefill_against_limit(cfg, 1, 64, fast["p50_ms"], limits, "int8-dyn"))
+    assert fast["limit_value"] == 20.0 and fast["fraction"] == pytest.approx(0.55)
+    assert check_limits(limits, [fast]) == [] and fast["limit_valid"] is True
+    fast.update(prefill_against_limit(cfg, 1, 64, fast["p50_ms"] / 2, limits, "int8-dyn"))   # 22 GFLOP/s
+    assert [i["limit"] for i in check_limits(limits, [fast])] == ["compute_by_precision.int8-dyn"]
+    assert limits["compute"]["valid"] and limits_summary(limits)["compute_by_precision_gflops"]["int8-dyn"] == 20.0
 
 
 def bm_flops(cfg) -> int:

@@ -78,14 +78,19 @@ def ceiling_decode_fraction(cfg: GAMConfig, ceilings: dict, limits: dict) -> flo
 
 def ceiling_against_limits(cfg: GAMConfig, row: dict, limits: dict) -> dict:
     """A ceilings row against the limit it could beat: at M > 1 its GFLOP/s (the int8 rows count the same FLOPs)
-    against compute; at M = 1 the bytes its weights hold (the memory bank twice, as the graph holds it) per second
+    against compute — for the int8 rows (DynamicQuantizeMatMul) the INT8 compute limit, int8-dyn's where it was
+    measured (the same kernel family), else int8's, else fp32's; at M = 1 the bytes its weights hold (the memory bank twice, as the graph holds it) per second
     against the bandwidth over that precision's bytes. {} for an int8 row at M = 1 when no INT8 bandwidth was
     measured (its weights may sit in cache: the fp32 bandwidth is no limit for them)."""
     elements = sum(K * N for K, N in weight_matmul_shapes(cfg))
     if row["M"] > 1:
         flops = 2 * row["M"] * elements
+        by_precision = limits.get("compute_by_precision") or {}
+        key = "fp32" if row["precision"] == "fp32" else next((p for p in ("int8-dyn", "int8") if p in by_precision),
+                                                            "fp32")
+        row["limit_precision"] = key
         achieved, unit, name, limit = flops / (row["p50_ms"] / 1e3) / 1e9, "GFLOP/s", "compute", \
-            limits["compute"]["gflops"]
+            by_precision.get(key, limits["compute"])["gflops"]
     else:
         by_precision = limits["bandwidth_by_precision"]
         key = "fp32" if row["precision"] == "fp32" else next((p for p in ("int8", "int8-dyn") if p in by_precision),

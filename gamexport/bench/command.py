@@ -139,7 +139,7 @@ def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: l
                     ceilings: dict | None) -> None:
     """Recompute every row's limit and fraction against ``limits`` (the run's final limits)."""
     for row in prefill:
-        row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
+        row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits, row["precision"]))
     for row in decode:
         row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits) if row["batch"] == 1 else
                    batched_against_limit(cfg, row["batch"], row["p50_ms"], limits, row["precision"]))

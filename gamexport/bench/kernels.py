@@ -2,7 +2,10 @@
 a list of nodes), ``torch.mm`` and a streaming read, each timed by the limit harness.
 
 The limits (``limits``) are the best of these; the ceilings (``ceilings``) reuse ``nodes_session``. torch is
-optional: an edge box without it gets the ONNX Runtime and numpy kernels only.
+optional: an edge box without it gets the ONNX Runtime and numpy kernels only. The INT8 kernels
+(:func:`time_int8_matmul`) are the integer GEMMs ONNX Runtime fuses an INT8 graph's MatMuls into: an integer
+GEMM does more multiply-adds per second than an fp32 one, so an INT8 row measured against fp32 kernels alone
+would beat its "limit".
 """
 
 from __future__ import annotations
@@ -67,6 +70,50 @@ def time_matmul(M: int, K: int, N: int, threads: int, effort: Effort, constant: 
     gc.collect()
     engine = "onnxruntime-cpu MatMul fp32" + ("" if constant else ", weight a graph input (not pre-packed)")
     return {"shape": [M, K, N], "engine": engine, **timing}
+
+
+def int8_matmul_nodes(precision: str, K: int, N: int, seed: int = 0) -> tuple[list, list]:
+    """One [M, K]×[K, N] MatMul written the way an INT8 precision writes its weight MatMuls, for ONNX Runtime to
+    fuse into the same integer kernel; (nodes, initializers), input ``a``, output ``c``.
+
+    ``int8``: gamexport's static plan — the activation through QuantizeLinear → DequantizeLinear (symmetric, int8,
+    zero point 0), the int8 weight per output channel through DequantizeLinear. ``int8-dyn``: what
+    ``quantize_dynamic`` writes — DynamicQuantizeLinear, MatMulInteger with per-channel int8 weights, Cast, Mul by
+    the scales."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).integers(-127, 128, size=(K, N), dtype=np.int8)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(N, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(N, np.int8), "wz")]
+    if precision == "int8":
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "as"),
+                  numpy_helper.from_array(np.array(0, np.int8), "az")]
+        return [helper.make_node("QuantizeLinear", ["a", "as", "az"], ["aq"]),
+                helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["ad"]),
+                helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+                helper.make_node("MatMul", ["ad", "wd"], ["c"])], inits
+    if precision == "int8-dyn":
+        return [helper.make_node("DynamicQuantizeLinear", ["a"], ["aq", "as", "az"]),
+                helper.make_node("MatMulInteger", ["aq", "w", "az", "wz"], ["ci"]),
+                helper.make_node("Cast", ["ci"], ["cf"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", ["as", "ws"], ["s"]),
+                helper.make_node("Mul", ["cf", "s"], ["c"])], inits
+    raise ValueError(f"no INT8 kernel for precision {precision!r}")
+
+
+def time_int8_matmul(precision: str, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
+    """Time one INT8 MatMul as :func:`int8_matmul_nodes` writes it; the timing, its shape and engine."""
+    from onnx import TensorProto, helper
+
+    nodes, inits = int8_matmul_nodes(precision, K, N)
+    session = nodes_session(nodes, [helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])],
+                            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])], inits, threads)
+    feeds = {"a": np.random.default_rng(1).standard_normal((M, K), dtype=np.float32)}
+    timing = _timed(lambda: session.run(None, feeds), effort)
+    del session
+    gc.collect()
+    form = "Q/DQ MatMul" if precision == "int8" else "DynamicQuantizeLinear + MatMulInteger"
+    return {"shape": [M, K, N], "engine": f"onnxruntime-cpu {form}, int8 weights per channel", **timing}
 
 
 def torch_or_none():

@@ -12,6 +12,14 @@ Both ``gamexport bench`` and ``gamexport build`` (``BUILD_LIMITS``, ``measure_li
   roofline ``bandwidth ÷ bytes of weights a step reads``);
 * **batched** — the GEMV's weights at M = 32, ONNX Runtime and ``torch.mm``, GFLOP/s (batched decode).
 
+Each INT8 precision (int8, int8-dyn) gets its own compute and batched limit (``compute_by_precision``,
+``batched_by_precision``): the best of the fp32 candidates and of the integer GEMM its graphs become in ONNX
+Runtime (``kernels.time_int8_matmul``) at the same shapes — at M = 32 over as many int8 weights as the model has.
+An integer GEMM does more multiply-adds per second than an fp32 one (measured on an AVX2 host: ~2×), so an INT8
+prefill row measured against fp32 kernels alone ran at 1.2–1.3× its "limit". Bandwidth and batched are also
+measured over each reduced precision's own weight bytes (``bandwidth_by_precision``): an INT8 model's weights may
+fit in cache where fp32's do not.
+
 A row that runs above 1.0 of its limit proves the limit wrong: :func:`check_limits` marks it ``valid: false`` and
 names the row.
 """
@@ -22,6 +30,7 @@ from gamexport.bench import kernels
 from gamexport.bench.flops import flops_per_token, weight_bytes_per_step
 from gamexport.bench.settings import BATCHED_M, COMPUTE_SHAPE, Effort, Progress
 from gamexport.config import GAMConfig
+from gamexport.layout import QUANTIZED_PRECISIONS
 
 
 def bandwidth_shape(nbytes: int, K: int) -> tuple[int, int]:
@@ -67,6 +76,28 @@ def compute_candidates(cfg: GAMConfig, threads: int, effort: Effort, say: Progre
     return [_gflops(c) for c in out]
 
 
+def int8_compute_candidates(cfg: GAMConfig, precision: str, threads: int, effort: Effort,
+                            say: Progress) -> list[dict]:
+    """The integer GEMM an INT8 ``precision``'s graphs run (:func:`kernels.time_int8_matmul`) at the model's own
+    prefill shapes (T = min(256, P)), with constant weights."""
+    T = min(256, cfg.max_positions)
+    out = []
+    for name, Kp, Np in prefill_shapes(cfg):
+        say(f"limits: compute, onnxruntime {precision} MatMul {name} {T}×{Kp}×{Np}, {threads} threads")
+        out.append({"name": f"onnxruntime {precision} {name} {T}x{Kp}x{Np}",
+                    **kernels.time_int8_matmul(precision, T, Kp, Np, threads, effort)})
+    return [_gflops(c) for c in out]
+
+
+def int8_batched_candidates(precision: str, nbytes: int, K: int, threads: int, effort: Effort,
+                            say: Progress) -> list[dict]:
+    """The integer GEMM of an INT8 ``precision`` at M = BATCHED_M over ``nbytes`` of int8 weights [K, N]."""
+    N = max(1, round(nbytes / K))
+    say(f"limits: batched, onnxruntime {precision} MatMul {BATCHED_M}×{K}×{N}")
+    return [_gflops({"name": f"onnxruntime {precision} {BATCHED_M}x{K}x{N}",
+                     **kernels.time_int8_matmul(precision, BATCHED_M, K, N, threads, effort)})]
+
+
 def bandwidth_candidates(nbytes: int, K: int, threads: int, effort: Effort, say: Progress,
                          read_bytes: int | None = None) -> list[dict]:
     """ONNX Runtime's GEMV [1, K]×[K, N] over ``nbytes`` of fp32 weights, and a plain streaming read of
@@ -107,7 +138,8 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
                    say: Progress) -> dict:
     """The machine's limits (see the module docstring), each the best of several kernels measured now, plus the
     bandwidth and the batched limit at each reduced precision's byte count (its decode limits: an INT8 model's
-    weights may fit in cache where fp32's do not)."""
+    weights may fit in cache where fp32's do not) and the compute and batched limits of each INT8 precision with
+    its integer GEMM among the candidates."""
     compute = best_of(compute_candidates(cfg, threads, effort, say), "gflops")
     model_bytes = 4 * cfg.n_params()
     bandwidth = best_of(bandwidth_candidates(model_bytes, cfg.d_model, threads, effort, say,
@@ -119,7 +151,9 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
                                               "shape": bandwidth["shape"], "same_as": "bandwidth"}}
     batched_by: dict[str, dict] = {"fp32": {"gflops": batched["gflops"], "shape": batched["shape"],
                                             "same_as": "batched"}}
-    done: dict[int, tuple[dict, dict]] = {}
+    compute_by: dict[str, dict] = {"fp32": {"gflops": compute["gflops"], "shape": compute["shape"],
+                                            "same_as": "compute"}}
+    done: dict[int, tuple[list, list]] = {}   # fp32 candidates over a byte count, shared by its precisions
     for p in precisions:
         if p == "fp32" or p == "bf16":
             continue
@@ -127,15 +161,22 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
         Kp, Np = bandwidth_shape(nbytes, cfg.d_model)
         if Kp * Np not in done:
             say(f"limits: bandwidth and batched over the {p} weights' bytes")
-            done[Kp * Np] = (best_of(bandwidth_candidates(nbytes, cfg.d_model, threads, effort, say), "gbps"),
-                             best_of(batched_candidates(Kp, Np, threads, effort, say), "gflops"))
-        by_precision[p], batched_by[p] = done[Kp * Np]
+            done[Kp * Np] = (bandwidth_candidates(nbytes, cfg.d_model, threads, effort, say),
+                             batched_candidates(Kp, Np, threads, effort, say))
+        bw, bat = done[Kp * Np]
+        by_precision[p] = best_of(bw, "gbps")
+        if p in QUANTIZED_PRECISIONS:
+            bat = bat + int8_batched_candidates(p, nbytes, cfg.d_model, threads, effort, say)
+            compute_by[p] = best_of(compute["candidates"] + int8_compute_candidates(cfg, p, threads, effort, say),
+                                    "gflops")
+        batched_by[p] = best_of(bat, "gflops")
     return {"compute": compute, "bandwidth": bandwidth, "batched": batched, "bandwidth_by_precision": by_precision,
-            "batched_by_precision": batched_by}
+            "batched_by_precision": batched_by, "compute_by_precision": compute_by}
 
 
 #: Limits measured again over each reduced precision's weight bytes: table → (the fp32 limit, its unit key).
-BY_PRECISION = {"bandwidth_by_precision": ("bandwidth", "gbps"), "batched_by_precision": ("batched", "gflops")}
+BY_PRECISION = {"bandwidth_by_precision": ("bandwidth", "gbps"), "batched_by_precision": ("batched", "gflops"),
+                "compute_by_precision": ("compute", "gflops")}
 
 
 def best_limits(first: dict, second: dict) -> dict:
@@ -178,11 +219,13 @@ def fraction(achieved: float, limit: float) -> float:
     return achieved / limit if limit > 0 else 0.0
 
 
-def prefill_against_limit(cfg: GAMConfig, batch: int, seq_len: int, p50_ms: float, limits: dict) -> dict:
-    """A prefill timing as achieved GFLOP/s and its fraction of the compute limit."""
+def prefill_against_limit(cfg: GAMConfig, batch: int, seq_len: int, p50_ms: float, limits: dict,
+                          precision: str = "fp32") -> dict:
+    """A prefill timing as achieved GFLOP/s and its fraction of the compute limit of its precision
+    (``limits.compute_by_precision``: an INT8 precision's includes its integer GEMM; the fp32 one otherwise)."""
     flops = batch * seq_len * flops_per_token(cfg)["total"]
     achieved = flops / (p50_ms / 1e3) / 1e9
-    limit = limits["compute"]["gflops"]
+    limit = (limits.get("compute_by_precision") or {}).get(precision, limits["compute"])["gflops"]
     return {"flops": flops, "achieved": achieved, "unit": "GFLOP/s", "limit": "compute", "limit_value": limit,
             "fraction": fraction(achieved, limit)}
 
@@ -222,13 +265,12 @@ def row_label(r: dict) -> str:
 
 
 def _limit_entries(limits: dict, row: dict) -> list[dict]:
-    """The limit entries a row's fraction was measured against (a bandwidth or batched row: its precision's entry,
-    and the fp32 limit itself where that entry is the same measurement)."""
-    if row["limit"] == "compute":
-        return [limits["compute"]]
-    name = "batched" if row["limit"] == "batched" else "bandwidth"
+    """The limit entries a row's fraction was measured against: its precision's entry in the limit's
+    ``*_by_precision`` table (``limit_precision`` / ``bandwidth_precision`` where a ceiling row names it), and the
+    fp32 limit itself where that entry is the same measurement or the table has none."""
+    name = row["limit"] if row["limit"] in ("compute", "batched") else "bandwidth"
     by_precision = limits.get(f"{name}_by_precision") or {}
-    key = row.get("bandwidth_precision") or row.get("precision", "fp32")
+    key = row.get("limit_precision") or row.get("bandwidth_precision") or row.get("precision", "fp32")
     entry = by_precision.get(key, limits[name])
     return [limits[name], entry] if entry.get("same_as") == name else [entry]
 
@@ -280,13 +322,17 @@ def limits_summary(limits: dict) -> dict:
     return {"compute_gflops": limits["compute"]["gflops"], "bandwidth_gbps": limits["bandwidth"]["gbps"],
             "batched_gflops": limits["batched"]["gflops"],
             "bandwidth_by_precision_gbps": {p: v["gbps"] for p, v in limits["bandwidth_by_precision"].items()},
+            "compute_by_precision_gflops": {p: v["gflops"]
+                                            for p, v in (limits.get("compute_by_precision") or {}).items()},
             "best": {name: limits[name]["best"] for name in ("compute", "bandwidth", "batched")},
             "valid": not invalid, "invalid": invalid,
             "definition": "the best of several kernels measured in this run: compute of ONNX Runtime MatMul with "
                           f"constant weights at the model's prefill shapes and at {'x'.join(map(str, COMPUTE_SHAPE))}"
                           " (also with the weight a graph input) and torch.mm; bandwidth of ONNX Runtime's GEMV "
                           "over the model's weight bytes and a streaming read of 4x the last-level cache; batched "
-                          f"the same weights at M={BATCHED_M}; medians (see docs/benchmarks.md)"}
+                          f"the same weights at M={BATCHED_M}; each INT8 precision's compute and batched limits also "
+                          "count its integer GEMM (Q/DQ MatMul or DynamicQuantizeLinear + MatMulInteger) at the "
+                          "same shapes; medians (see docs/benchmarks.md)"}
 
 
 def annotate_latency(rows: list[dict], cfg: GAMConfig, limits: dict) -> None:
@@ -296,7 +342,8 @@ def annotate_latency(rows: list[dict], cfg: GAMConfig, limits: dict) -> None:
         if row["runtime"] not in ("eager", "onnxruntime-cpu"):      # the build's eager runner is on the CPU
             continue
         if row["mode"] == "prefill":
-            row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits))
+            row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits,
+                                             row["precision"]))
         elif row["batch"] == 1:
             row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits))
     check_limits(limits, rows)

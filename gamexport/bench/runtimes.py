@@ -131,7 +131,8 @@ def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: 
                          max_seconds=effort.max_seconds)
         rows.append({**describe_runner(runner), "mode": "prefill", "batch": B, "seq_len": T, **timing.as_dict(),
                      "tokens_per_s": B * T / (timing.p50_ms / 1e3), "head_positions": "all",
-                     **prefill_against_limit(cfg, B, T, timing.p50_ms, limits), "threads": threads})
+                     **prefill_against_limit(cfg, B, T, timing.p50_ms, limits, runner.precision),
+                     "threads": threads})
     return rows
 
 
