@@ -7,13 +7,10 @@ from typing import Annotated
 
 import typer
 
+from gamexport.layout import parse_list
 from gamexport.limits import MAX_SCALING_T, MAX_THREADS
 
 from .common import DebugOption, run, say
-
-
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def bench(
@@ -53,8 +50,8 @@ def bench(
         from gamexport.bench.command import BenchOptions, render_table, run_bench
 
         result = run_bench(BenchOptions(source=source, preset=preset, out=out, threads=threads,
-                                        precisions=_split(precision), compile=compile_, quick=quick, min_t=min_t,
-                                        max_t=max_t, skip=_split(skip), progress=say))
+                                        precisions=parse_list(precision), compile=compile_, quick=quick, min_t=min_t,
+                                        max_t=max_t, skip=parse_list(skip), progress=say))
         print(render_table(result))
         print(f"bench: {out / 'bench.json'}" + "".join(f", {out / p}" for p in result["plots"]))
         if result["noisy"]:

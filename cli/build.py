@@ -7,11 +7,9 @@ from typing import Annotated
 
 import typer
 
+from gamexport.layout import parse_list
+
 from .common import DebugOption, ThreadsOption, run, say
-
-
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _profile(lo: str | None, opt: str | None, hi: str | None) -> dict | None:
@@ -57,7 +55,7 @@ def build(
 
         result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
                                         latency=latency, prefill_lengths=tuple(prefill_len or ()),
-                                        precisions=_split(precision), engines=_split(engines), device=device,
+                                        precisions=parse_list(precision), engines=parse_list(engines), device=device,
                                         trt_profile=_profile(trt_min, trt_opt, trt_max), cuda_graph=cuda_graph,
                                         triton=triton,
                                         progress=say))

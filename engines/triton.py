@@ -51,16 +51,15 @@ from typing import Iterable
 from gamexport.config import CONV_STATE, CONV_STATE_OUT, INPUT_IDS, POSITION_IDS
 from gamexport.errors import ConfigError, GamexportError, GraphError, OutputError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256_file
+from gamexport.layout import ENGINE_DIR, PRECISIONS, engine_file, graph_file
+from gamexport.layout import GRAPH_STEMS as GRAPHS  # graph kind -> file stem in the build folder
 
 VERSION = "1"
 BACKENDS = ("onnxruntime", "tensorrt")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
-GRAPHS = {"prefill": "model", "step": "step"}  # graph -> file stem in the build folder
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
 STRATEGIES = ("oldest", "direct")
-ENGINE_DIR = "tensorrt"  # gamexport.engines.trt.ENGINE_DIR (not imported: that module imports numpy and more)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # ONNX TensorProto element type -> Triton DataType (model_config.proto).
@@ -115,14 +114,12 @@ def _io(path: Path) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def _graph_file(build_dir: Path, graph: str, precision: str, inlined: bool) -> Path:
-    suffix = ("" if precision == "fp32" else f".{precision}") + (".inlined" if inlined else "")
-    return build_dir / f"{GRAPHS[graph]}{suffix}.onnx"
+    return build_dir / graph_file(graph, precision, inlined)
 
 
 def engine_paths(build_dir: str | Path, precision: str = "fp32") -> dict[str, Path]:
-    """Where :func:`gamexport.engines.trt.build_engines` puts a build folder's plans (same naming)."""
-    folder = Path(build_dir) / ENGINE_DIR
-    return {graph: folder / f"{stem}.{precision}.plan" for graph, stem in GRAPHS.items()}
+    """Where :func:`gamexport.engines.trt.build_engines` puts a build folder's plans (``gamexport.layout``)."""
+    return {graph: Path(build_dir) / engine_file(graph, precision) for graph in GRAPHS}
 
 
 def _plan_sources(build_dir: Path, precision: str, max_batch_size: int) -> dict[str, tuple[Path, Path, dict]]:

@@ -19,11 +19,11 @@ from .config import GAMConfig, expected_shapes, infer_config
 from .errors import CheckpointError, ConfigError
 from .fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from .jsonfile import MIB, Obj, Str, read_json, short
+from .layout import CONFIG as CONFIG_NAME
 from .tokenizer import TOKENIZER_NAME
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 #: What config.json must look like before GAMConfig checks its fields (values: GAMConfig.__post_init__).
 CONFIG_SCHEMA = Obj(optional={"architecture": Str(max_len=100), "model_type": Str(max_len=100)})
 

@@ -10,8 +10,7 @@ from . import __version__
 from .errors import GamexportError
 from .fsutil import atomic_write_json, sha256_file
 from .jsonfile import MIB, Int, Map, Obj, Str, read_json
-
-MANIFEST_NAME = "manifest.json"
+from .layout import MANIFEST as MANIFEST_NAME
 
 
 class ManifestError(GamexportError):

@@ -18,9 +18,6 @@ if TYPE_CHECKING:
     from gamexport.parity.rows import ParityRow
 
 SCHEMA_VERSION = 1
-RUNTIMES = ("eager", "eager-compile", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
-GRAPHS = ("prefill", "step")
 
 
 def schema() -> dict:

@@ -18,8 +18,7 @@ import os
 from pathlib import Path
 
 from .errors import GamexportError
-
-TOKENIZER_NAME = "tokenizer.json"
+from .layout import TOKENIZER as TOKENIZER_NAME
 # End-of-document token names, in order of preference; gamexport's own tokenizers use the first.
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]")
 

@@ -64,13 +64,13 @@ from gamexport.fsutil import atomic_write_bytes, atomic_write_json, atomic_write
 from gamexport.jsonfile import MIB, Obj, read_json
 from gamexport.model import build_model, state_dict_numpy
 from gamexport.tokenizer import Tokenizer
+from gamexport.layout import HELD_OUT as HELD_OUT_NAME  # the validation split as text, read by `gamexport build`
 
 from . import data, distributed
 from .distributed import Dist
 from .presets import TrainPreset, train_preset
 from .tokenizer import save_tokenizer, train_tokenizer
 
-HELD_OUT_NAME = "heldout.txt"        # the validation split as text, read by `gamexport build` for parity on real text
 RUN_NAME = "run.json"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"

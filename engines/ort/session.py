@@ -12,10 +12,10 @@ import numpy as np
 
 from gamexport.config import INPUT_IDS
 from gamexport.errors import GamexportError, GraphError
+from gamexport.layout import ORT_PROVIDERS
 
-#: Report label of each execution provider gamexport runs.
-RUNTIMES = {"CPUExecutionProvider": "onnxruntime-cpu", "CUDAExecutionProvider": "onnxruntime-cuda",
-            "TensorrtExecutionProvider": "onnxruntime-trt"}
+#: Report label of each execution provider gamexport runs (``gamexport.layout``).
+RUNTIMES = ORT_PROVIDERS
 
 
 def import_ort():

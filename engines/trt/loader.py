@@ -17,7 +17,9 @@ from gamexport import __version__
 from gamexport.config import GAMConfig
 from gamexport.errors import ConfigError, GraphError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_json, file_lock, remove_temporaries, sha256_file
+from gamexport import layout
 from gamexport.jsonfile import MIB, Int, Obj, Str, read_json
+from gamexport.layout import ENGINE_DIR, GRAPH_STEMS  # noqa: F401  (ENGINE_DIR: re-exported by the package)
 
 from .cuda import device_scope
 from .environment import (EngineMismatchError, TensorRTError, import_tensorrt, last_error, runtime_environment,
@@ -25,9 +27,7 @@ from .environment import (EngineMismatchError, TensorRTError, import_tensorrt, l
 from .profile import TOKEN_AXIS, TrtProfile, make_profile
 
 SIDECAR_SCHEMA = 1
-ENGINE_DIR = "tensorrt"
 CACHE_LOCK = ".gamexport-engines.lock"  # in every folder gamexport writes engines into
-GRAPH_STEMS = {"prefill": "model", "step": "step"}
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
 
 
@@ -73,9 +73,7 @@ def _graph_kind(model, fallback: str | None) -> str:
 
 def inlined_twin(onnx_path: Path) -> Path:
     """``model.onnx`` → ``model.inlined.onnx`` (written beside every graph by the build)."""
-    name = onnx_path.name
-    stem = name[:-len(".onnx")] if name.endswith(".onnx") else name
-    return onnx_path.with_name(stem + ".inlined.onnx")
+    return onnx_path.with_name(layout.inlined_twin(onnx_path.name))
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
@@ -93,8 +91,7 @@ def cache_lock(folder: str | Path, *, shared: bool = False, progress: Callable[[
 
 def engine_paths(folder: str | Path, precision: str = "fp32") -> dict[str, Path]:
     """Where :func:`build_engines` puts the prefill and step plans of a build folder."""
-    folder = Path(folder) / ENGINE_DIR
-    return {graph: folder / f"{stem}.{precision}.plan" for graph, stem in GRAPH_STEMS.items()}
+    return {graph: Path(folder) / layout.engine_file(graph, precision) for graph in layout.GRAPHS}
 
 
 # ---- building -------------------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ by a measured time; tests/test_bench.py checks them by hand and against ``torch.
 from __future__ import annotations
 
 from gamexport.bench.settings import SCALING_D, SCALING_KERNEL, SCALING_SLOTS
+from gamexport import layout
 from gamexport.config import GAMConfig
 
 
 #: Bytes per stored element of the weights a MatMul reads, per precision.
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-dyn": 1}
+WEIGHT_BYTES = layout.WEIGHT_BYTES
 
 
 def flops_per_token(cfg: GAMConfig) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gamexport import layout
 from gamexport.bench.settings import SCALING_MAX_T, SCALING_MIN_T, Progress
 from gamexport.errors import InputError
 
@@ -14,7 +15,7 @@ SECTIONS = ("prefill", "decode", "ceilings", "scaling", "training", "startup")
 
 
 #: ONNX Runtime CPU precisions the bench measures (bf16 has no CPU kernels: a skipped row says so).
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dyn")
+PRECISIONS = tuple(p for p in layout.PRECISIONS if p != "bf16")
 
 
 @dataclass

@@ -22,13 +22,14 @@ import numpy as np
 from gamexport.errors import GamexportError
 from gamexport.jsonfile import List, Obj, Str
 
+from gamexport.layout import HELD_OUT as HELD_OUT_NAME
+from gamexport.layout import PARITY_DIR
+
 from .metrics import CALIBRATION_TEXT, TOLERANCES, parity_inputs
 
-PARITY_DIR = "parity"
 #: The files of ``DIR/parity/`` that eager fp32's references live in.
 REFERENCE_FILES = ("prefill_inputs.json", "prefill_outputs.json", "step_inputs.json", "step_outputs.json",
                    "feeds.json")
-HELD_OUT_NAME = "heldout.txt"
 _REBUILD = "rebuild the folder with gamexport build"
 
 
