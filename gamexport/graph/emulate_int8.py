@@ -44,6 +44,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _causal_conv(W: Mapping[str, object], p: str, h: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Layer ``p``'s causal depthwise conv (float in every plan) of ``h`` (B, T, d) after ``past`` (B, k-1, d):
+    (the local path (B, T, d), the new state (B, k-1, d))."""
+    T, k1 = h.shape[1], past.shape[1]
+    hcat = np.concatenate([past, h], axis=1)                                      # (B, k-1+T, d)
+    conv_w = W[p + "causal_conv.weight"][:, 0, :]                                 # (d, k)
+    local = W[p + "causal_conv.bias"] + sum(hcat[:, j:j + T] * conv_w[:, j] for j in range(k1 + 1))
+    return local, hcat[:, -k1:]
+
+
 def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, position: int = 0,
               state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits (B, T, V), state (B, L, k-1, d)) of ``ids`` (B, T) starting at ``position`` after ``state`` (the
@@ -61,10 +71,8 @@ def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, 
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
         h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
-        hcat = np.concatenate([past_all[:, i], h], axis=1)                       # (B, k-1+T, d)
-        conv_w = W[p + "causal_conv.weight"][:, 0, :]                             # (d, k)
-        local = W[p + "causal_conv.bias"] + sum(hcat[:, j:j + T] * conv_w[:, j] for j in range(k1 + 1))
-        presents.append(hcat[:, -k1:])
+        local, present = _causal_conv(W, p, h, past_all[:, i])
+        presents.append(present)
         hq = _fake_quant(h, float(W[p + "act.h.scale"]))
         glob = _softmax(hq @ _deq(W, p + "memory_bank.qT")) @ _deq(W, p + "memory_bank.q")
         g = hq @ _deq(W, p + "gate.weight.qT") + W[p + "gate.bias"]
@@ -143,10 +151,8 @@ def int8_dynamic_plan(cfg: GAMConfig, W: Mapping[str, object], ids: np.ndarray, 
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
         h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
-        hcat = np.concatenate([past_all[:, i], h], axis=1)                       # (B, k-1+T, d)
-        conv_w = W[p + "causal_conv.weight"][:, 0, :]                             # (d, k)
-        local = W[p + "causal_conv.bias"] + sum(hcat[:, j:j + T] * conv_w[:, j] for j in range(k1 + 1))
-        presents.append(hcat[:, -k1:])
+        local, present = _causal_conv(W, p, h, past_all[:, i])
+        presents.append(present)
         glob = _dyn_matmul(_softmax(_dyn_matmul(h, W[p + "memory_bank.qT"])), W[p + "memory_bank.q"])
         g = _dyn_matmul(h, W[p + "gate.weight.qT"]) + W[p + "gate.bias"]
         sig = 1.0 / (1.0 + np.exp(-g))
