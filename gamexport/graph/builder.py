@@ -18,6 +18,7 @@ from .. import __version__
 from ..config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
 from ..errors import GraphError
 from ..jsonfile import Obj, parse_json
+from ..layout import EXPERIMENTAL_PRECISIONS   # written here, not offered by the build yet (docs/int4.md)
 from . import int4 as q4
 from .int4 import Int4Plan
 
@@ -39,8 +40,6 @@ _DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 #: Softmax, the sigmoid gates and fusion, the residual stream, the (tiny, depthwise) convolution and therefore
 #: the streaming state stay fp32 — the "fp32 islands". Graph inputs and outputs keep their types.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-#: Precisions the builder writes but the build does not offer yet (see ``int4_initializers`` and docs/int4.md).
-EXPERIMENTAL_PRECISIONS = ("int4",)
 MS_DOMAIN = "com.microsoft"   # ONNX Runtime's contrib operators (MatMulNBits)
 META_INT4_PLAN = "gamexport.int4_plan"
 HALF_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}

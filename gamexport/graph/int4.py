@@ -124,7 +124,7 @@ class Int4Plan:
 
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4
-    head: str = "int4"
+    head: str = "int8"
 
     def __post_init__(self) -> None:
         _check(4, self.block_size)
