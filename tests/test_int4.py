@@ -115,6 +115,13 @@ def test_builder_writes_int4_graphs_that_pass_the_checks_and_run(head, tiny_cfg,
     logits, _ = runs["step", True].run(None, {"input_ids": ids[:, 5:], "position_ids": np.full((2, 1), 5),
                                               "conv_state": state})
     np.testing.assert_allclose(logits, full[0][:, 5:], atol=1e-4 * np.abs(full[0]).max())
+    # Values: at accuracy_level 0 the graph is the emulation to fp32 noise (the head's packed rows unpacked by the
+    # embedding, the memory read's K = 16 padded to one block of 32).
+    exact = Int4Plan(head=head, accuracy_level=0)
+    got = ort.InferenceSession(serialize(build_graph(tiny_cfg, tiny_weights, "prefill", precision="int4", int4=exact)),
+                               providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
+    want = int4_plan(tiny_cfg, int4_weights(tiny_cfg, tiny_weights, exact), ids, exact)
+    assert relative_rms(got[0], want[0]) < PLAN_RMS and np.abs(got[1] - want[1]).max() < 1e-5
 
 
 def test_precision_check_refuses_a_graph_that_is_not_int4(tiny_cfg, tiny_weights):
