@@ -30,6 +30,9 @@ HALF_PRECISIONS = ("fp16", "bf16")
 #: Integer precisions, and the one of them that needs calibration text.
 QUANTIZED_PRECISIONS = ("int8", "int8-dyn")
 CALIBRATED_PRECISIONS = ("int8",)
+#: Written by the graph builder but not offered by the build yet: INT4 (ONNX Runtime's MatMulNBits, 4-bit weight
+#: blocks; gamexport/graph/int4.py, docs/int4.md). Not in PRECISIONS, so no command accepts it today.
+EXPERIMENTAL_PRECISIONS = ("int4",)
 #: Bytes of one weight at each precision (the bench's weight-streaming arithmetic).
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-dyn": 1}
 

@@ -18,6 +18,9 @@ from .. import __version__
 from ..config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
 from ..errors import GraphError
 from ..jsonfile import Obj, parse_json
+from ..layout import EXPERIMENTAL_PRECISIONS   # written here, not offered by the build yet (docs/int4.md)
+from . import int4 as q4
+from .int4 import Int4Plan
 
 OPSET = 20
 IR_VERSION = 10
@@ -37,6 +40,8 @@ _DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 #: Softmax, the sigmoid gates and fusion, the residual stream, the (tiny, depthwise) convolution and therefore
 #: the streaming state stay fp32 — the "fp32 islands". Graph inputs and outputs keep their types.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+MS_DOMAIN = "com.microsoft"   # ONNX Runtime's contrib operators (MatMulNBits)
+META_INT4_PLAN = "gamexport.int4_plan"
 HALF_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 META_PRECISION = "gamexport.precision"
 
@@ -85,8 +90,10 @@ def _initializer(name: str, value: np.ndarray, precision: str) -> onnx.TensorPro
     return numpy_helper.from_array(value, name)
 
 
-def _opsets() -> list:
-    return [helper.make_opsetid("", OPSET), helper.make_opsetid(FUNCTION_DOMAIN, 1)]
+def _opsets(contrib: bool = False) -> list:
+    """The model's (and every function's) opset imports; ``contrib`` adds com.microsoft (INT4's MatMulNBits)."""
+    return [helper.make_opsetid("", OPSET), helper.make_opsetid(FUNCTION_DOMAIN, 1),
+            *([helper.make_opsetid(MS_DOMAIN, 1)] if contrib else [])]
 
 
 def _const_i64(name: str, values: list[int]) -> onnx.NodeProto:
@@ -94,14 +101,15 @@ def _const_i64(name: str, values: list[int]) -> onnx.NodeProto:
                                                                              [len(values)], values))
 
 
-def _function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc: str) -> onnx.FunctionProto:
+def _make_function(name: str, inputs: list[str], outputs: list[str], nodes: list, doc: str,
+                   contrib: bool = False) -> onnx.FunctionProto:
     """The local function ``gam.<name>``; every value name in its body is prefixed ``<name>/`` (see below)."""
     def scoped(values) -> list[str]:
         return [_scoped(name, v) for v in values]
 
     for node in nodes:
         node.input[:], node.output[:] = scoped(node.input), scoped(node.output)
-    return helper.make_function(FUNCTION_DOMAIN, name, scoped(inputs), scoped(outputs), nodes, _opsets(),
+    return helper.make_function(FUNCTION_DOMAIN, name, scoped(inputs), scoped(outputs), nodes, _opsets(contrib),
                                 doc_string=doc)
 
 
@@ -118,11 +126,13 @@ def _scoped(function: str, value: str) -> str:
 
 
 class _Body:
-    """Collects the nodes of a function body; casts appear only in half-precision graphs, Q/DQ only in INT8."""
+    """Collects the nodes of a function body; casts appear only in half-precision graphs, Q/DQ only in INT8,
+    MatMulNBits only in INT4 (``int4``: its plan)."""
 
-    def __init__(self, half: int | None, int8: bool = False):
+    def __init__(self, half: int | None, int8: bool = False, int4: Int4Plan | None = None):
         self.half = half
         self.int8 = int8
+        self.int4 = int4
         self.nodes: list[onnx.NodeProto] = []
         self._zero: str | None = None
 
@@ -133,12 +143,18 @@ class _Body:
                                                value=helper.make_tensor("z", TensorProto.INT8, [], [0])))
         return self._zero
 
-    def linear(self, x: str, w: str, out: str, transposed: bool = True, act_scale: str | None = None) -> str:
+    def linear(self, x: str, w: str, out: str, transposed: bool = True, act_scale: str | None = None,
+               kn: tuple[int, int] = (0, 0)) -> str:
         """``x · wᵀ`` (or ``x · w`` when not ``transposed``) for a weight function input ``w``.
 
         INT8: the weight arrives as int8 ``w.qT`` (pre-transposed, [in, out]) or ``w.q`` plus per-column scales,
-        dequantized on the fly; ``act_scale`` adds a Q/DQ pair on ``x``.
+        dequantized on the fly; ``act_scale`` adds a Q/DQ pair on ``x``. INT4: one MatMulNBits of the packed
+        4-bit blocks ``w.q4`` / ``w.q4T`` and their scales; ``kn`` = (K inputs, N outputs) of the product.
         """
+        if self.int4 is not None:
+            return self.op("MatMulNBits", [x, *weight_inputs(w, transposed, "int4")], out, domain=MS_DOMAIN,
+                           K=kn[0], N=kn[1], bits=4, block_size=self.int4.block_size,
+                           accuracy_level=self.int4.accuracy_level)
         if self.int8:
             if act_scale is not None:
                 zp = self.zero_point()
@@ -173,21 +189,27 @@ class _Body:
         last.output[0] = name
 
 
-def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.FunctionProto]:
+def make_functions(cfg: GAMConfig, precision: str = "fp32", int4: Int4Plan | None = None) -> list[onnx.FunctionProto]:
     """The local functions of the block; ``group`` and the state length are fixed per model.
 
     In a half-precision graph the block casts the LN1 output once (``hm``) for the memory read and the gate,
     whose MatMuls run in half precision; Softmax, the sigmoids, the fusion and LayerNorm run in fp32.
+    ``int4``: the plan of an INT4 graph (precision "int4"; the default plan when None).
     """
     k1 = cfg.state_len
     half = HALF_TYPES.get(precision)
     int8 = precision == "int8"
+    int4 = (int4 or Int4Plan()) if precision == "int4" else None
+    d, S = cfg.d_model, cfg.n_slots
 
     def body() -> _Body:
-        return _Body(half, int8)
+        return _Body(half, int8, int4)
 
     def w(name: str, transposed: bool = True) -> list[str]:
-        return weight_inputs(name, transposed, int8)
+        return weight_inputs(name, transposed, precision)
+
+    def _function(*args, **kwargs) -> onnx.FunctionProto:   # every function imports com.microsoft in INT4
+        return _make_function(*args, **kwargs, contrib=int4 is not None)
 
     def scale(name: str) -> list[str]:
         return [name + ".scale"] if int8 else []
@@ -221,16 +243,16 @@ def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.Functio
 
     b = body()
     h_scale = "h.scale" if int8 else None
-    scores = b.linear("h", "memory", "scores", act_scale=h_scale)                 # (B, T, S), unscaled
+    scores = b.linear("h", "memory", "scores", act_scale=h_scale, kn=(d, S))      # (B, T, S), unscaled
     weights = b.op("Softmax", [b.to_float(scores, "scores_f")], "weights", axis=-1)
-    read = b.linear(b.to_half(weights, "weights_h"), "memory", "read", transposed=False)   # (B, T, d)
+    read = b.linear(b.to_half(weights, "weights_h"), "memory", "read", transposed=False, kn=(S, d))  # (B, T, d)
     b.output(read, "global")
     memory_inputs = list(dict.fromkeys(["h", *w("memory"), *w("memory", False), *scale("h")]))  # fp: M once
     memory = _function("MemoryRead", memory_inputs, ["global"], b.nodes,
                        "Global path: softmax(h · Mᵀ) · M over the learned memory slots, per token, no scaling.")
 
     b = body()
-    b.linear("h", "weight", "g0", act_scale=h_scale)                               # (B, T, 2d)
+    b.linear("h", "weight", "g0", act_scale=h_scale, kn=(d, 2 * d))                # (B, T, 2d)
     g = b.to_float(b.op("Add", ["g0", "bias"], "g_h"), "g")
     b.op("Split", [b.op("Sigmoid", [g], "s")], ["s_local", "s_global"], axis=-1, num_outputs=2)
     b.op("Mul", ["s_local", "local"], "a")
@@ -242,10 +264,10 @@ def make_functions(cfg: GAMConfig, precision: str = "fp32") -> list[onnx.Functio
 
     b = body()
     hn = b.op("LayerNormalization", ["x", "ln_weight", "ln_bias"], "hn", axis=-1, epsilon=cfg.ln_eps)
-    b.linear(b.to_half(hn, "hn_h"), "w1", "u0", act_scale="hn.scale" if int8 else None)
+    b.linear(b.to_half(hn, "hn_h"), "w1", "u0", act_scale="hn.scale" if int8 else None, kn=(d, 4 * d))
     b.op("Add", ["u0", "b1"], "u")                                                  # (B, T, 4d)
     b.op("Gelu", ["u"], "a", approximate="none")
-    b.linear("a", "w2", "v0", act_scale="gelu.scale" if int8 else None)
+    b.linear("a", "w2", "v0", act_scale="gelu.scale" if int8 else None, kn=(4 * d, d))
     b.output(b.op("Add", ["v0", "b2"], "v"), "y")                                   # (B, T, d)
     ffn = _function("FeedForward", ["x", "ln_weight", "ln_bias", *w("w1"), "b1", *w("w2"), "b2",
                                     *scale("hn"), *scale("gelu")], ["y"], b.nodes,
@@ -275,27 +297,34 @@ BLOCK_PARAMS = ["ln1.weight", "ln1.bias", "causal_conv.weight", "causal_conv.bia
                 "ffn.2.weight", "ffn.2.bias"]
 
 
-def weight_inputs(name: str, transposed: bool, int8: bool) -> list[str]:
-    """Names carrying a weight: itself, or in INT8 its int8 tensor and per-column scales."""
-    if not int8:
+def weight_inputs(name: str, transposed: bool, precision: str | bool) -> list[str]:
+    """Names carrying a weight: itself; in INT8 its int8 tensor and per-column scales; in INT4 its packed 4-bit
+    blocks and their scales (``.q4``: the rows of the stored [out, in] weight, for ``x · wᵀ``; ``.q4T``: the
+    columns, for ``x · w``). ``precision`` True/False is the older spelling of "int8"/not."""
+    precision = {True: "int8", False: "fp32"}.get(precision, precision)
+    if precision == "int4":
+        q = f"{name}.q4" if transposed else f"{name}.q4T"
+    elif precision == "int8":
+        q = f"{name}.qT" if transposed else f"{name}.q"
+    else:
         return [name]
-    q = f"{name}.qT" if transposed else f"{name}.q"
     return [q, q + ".scale"]
 
 
 def block_params(precision: str) -> list[str]:
-    """gam.Block's weight parameters at a precision (INT8 replaces weights by int8 + scales, adds act scales)."""
-    if precision != "int8":
+    """gam.Block's weight parameters at a precision (INT8 replaces weights by int8 + scales, adds act scales;
+    INT4 replaces them by packed blocks + scales)."""
+    if precision not in ("int8", "int4"):
         return BLOCK_PARAMS
     params: list[str] = []
     for p in BLOCK_PARAMS:
         if p == "memory_bank":
-            params += weight_inputs(p, True, True) + weight_inputs(p, False, True)
+            params += weight_inputs(p, True, precision) + weight_inputs(p, False, precision)
         elif p.endswith("weight") and not p.startswith(("ln", "causal_conv")):
-            params += weight_inputs(p, True, True)
+            params += weight_inputs(p, True, precision)
         else:
             params.append(p)
-    return params + [a + ".scale" for a in INT8_ACTIVATIONS]
+    return params + ([a + ".scale" for a in INT8_ACTIVATIONS] if precision == "int8" else [])
 
 
 def int8_initializers(cfg: GAMConfig, weights: Mapping[str, np.ndarray],
@@ -325,24 +354,112 @@ def int8_initializers(cfg: GAMConfig, weights: Mapping[str, np.ndarray],
     return out
 
 
+def int4_initializers(cfg: GAMConfig, weights: Mapping[str, np.ndarray], plan: Int4Plan) -> dict[str, np.ndarray]:
+    """Every initializer of an INT4 graph: each weight MatMul's matrix as MatMulNBits' packed 4-bit blocks and
+    scales (``int4.quantize``; the memory bank twice, once per orientation, as in INT8), the tied head/embedding
+    table as ``plan.head`` says, everything else fp32 (position table, conv, biases, LayerNorms)."""
+    bs = plan.block_size
+    out: dict[str, np.ndarray] = {}
+    emb = "token_embedding.weight"
+    if plan.head_bits is None:
+        out[emb] = weights[emb]
+    else:  # MatMulNBits' B for logits = x_f · Eᵀ holds E's rows; the embedding gathers the same rows (head_gather)
+        suffix = f".q{plan.head_bits}"
+        w = np.asarray(weights[emb], dtype=np.float32)
+        out[emb + suffix], out[emb + suffix + ".scale"] = q4.quantize(w.T, plan.head_bits, bs)
+    out["pos_embedding.weight"] = weights["pos_embedding.weight"]
+    for i in range(cfg.n_layers):
+        for p in block_params("int4"):
+            key = f"blocks.{i}.{p}"
+            if p.endswith((".q4", ".q4T")):
+                w = np.asarray(weights[key.rsplit(".", 1)[0]], dtype=np.float32)   # (out, in), or M (S, d)
+                out[key], out[key + ".scale"] = q4.quantize(w.T if p.endswith(".q4") else w, 4, bs)
+            elif not p.endswith(".scale"):
+                out[key] = weights[key]
+    out["ln_f.weight"], out["ln_f.bias"] = weights["ln_f.weight"], weights["ln_f.bias"]
+    return out
+
+
+def _int4_embedding(nodes: list, cfg: GAMConfig, plan: Int4Plan) -> None:
+    """Nodes computing ``tok_emb`` (B, T, d) fp32 in an INT4 graph.
+
+    With a quantized head the lookup reads the head's own packed rows (no second copy of the table): Gather the
+    ids' rows [B, T, n_blocks, blob] of uint8, split each byte into its two 4-bit codes (low nibble first, as
+    MatMulNBits packs them), then (code − 2^(bits−1)) · the row's block scale. Only T rows are unpacked per call.
+    """
+    n = helper.make_node
+    emb = "token_embedding.weight"
+    bits = plan.head_bits
+    if bits is None:
+        nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb"], axis=0))
+        return
+    packed, scale, bs = f"{emb}.q{bits}", f"{emb}.q{bits}.scale", plan.block_size
+    nb = q4.n_blocks(cfg.d_model, bs)
+    nodes.append(n("Gather", [packed, INPUT_IDS], ["tok_codes_packed"], axis=0))          # (B, T, nb, blob) u8
+    codes = "tok_codes_packed"
+    if bits == 4:
+        nodes.append(helper.make_node("Constant", [], ["nibble_mask"],
+                                      value=helper.make_tensor("m", TensorProto.UINT8, [], [0x0F])))
+        nodes.append(helper.make_node("Constant", [], ["nibble_shift"],
+                                      value=helper.make_tensor("s", TensorProto.UINT8, [], [4])))
+        nodes.append(_const_i64("last_axis", [-1]))
+        nodes.append(n("BitwiseAnd", [codes, "nibble_mask"], ["tok_low"]))
+        nodes.append(n("BitShift", [codes, "nibble_shift"], ["tok_high"], direction="RIGHT"))
+        nodes.append(n("Unsqueeze", ["tok_low", "last_axis"], ["tok_low_5d"]))
+        nodes.append(n("Unsqueeze", ["tok_high", "last_axis"], ["tok_high_5d"]))
+        nodes.append(n("Concat", ["tok_low_5d", "tok_high_5d"], ["tok_pairs"], axis=-1))  # (B, T, nb, blob, 2)
+        nodes.append(_const_i64("block_shape", [0, 0, nb, bs]))
+        nodes.append(n("Reshape", ["tok_pairs", "block_shape"], ["tok_codes"]))           # (B, T, nb, bs)
+        codes = "tok_codes"
+    nodes.append(n("Cast", [codes], ["tok_codes_f"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("Constant", [], ["code_zero"],
+                                  value=helper.make_tensor("z", TensorProto.FLOAT, [], [float(1 << (bits - 1))])))
+    nodes.append(n("Sub", ["tok_codes_f", "code_zero"], ["tok_q"]))
+    nodes.append(n("Gather", [scale, INPUT_IDS], ["tok_scale"], axis=0))                  # (B, T, nb)
+    nodes.append(_const_i64("minus_one", [-1]))
+    nodes.append(n("Unsqueeze", ["tok_scale", "minus_one"], ["tok_scale_4d"]))
+    nodes.append(n("Mul", ["tok_q", "tok_scale_4d"], ["tok_blocks"]))                    # (B, T, nb, bs)
+    nodes.append(_const_i64("row_shape", [0, 0, nb * bs]))
+    padded = nb * bs != cfg.d_model
+    nodes.append(n("Reshape", ["tok_blocks", "row_shape"], ["tok_emb_padded" if padded else "tok_emb"]))
+    if padded:  # d is not a whole number of blocks: drop the zero padding
+        nodes += [_const_i64("emb_start", [0]), _const_i64("emb_end", [cfg.d_model])]
+        nodes.append(n("Slice", ["tok_emb_padded", "emb_start", "emb_end", "minus_one"], ["tok_emb"]))
+
+
+def _int4_head(nodes: list, cfg: GAMConfig, plan: Int4Plan) -> None:
+    """The tied head of an INT4 graph: MatMulNBits over the packed table, or the fp32 table transposed."""
+    emb = "token_embedding.weight"
+    bits = plan.head_bits
+    if bits is None:
+        nodes.append(helper.make_node("Transpose", [emb], ["head_t"], perm=[1, 0]))
+        nodes.append(helper.make_node("MatMul", ["x_f", "head_t"], [LOGITS]))
+        return
+    nodes.append(helper.make_node("MatMulNBits", ["x_f", f"{emb}.q{bits}", f"{emb}.q{bits}.scale"], [LOGITS],
+                                  domain=MS_DOMAIN, K=cfg.d_model, N=cfg.vocab_size, bits=bits,
+                                  block_size=plan.block_size, accuracy_level=plan.accuracy_level))
+
+
 def _value_info(name: str, dtype: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, _DTYPES[dtype], shape)
 
 
 def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, source_sha256: str = "",
                 name: str = "gam", precision: str = "fp32",
-                calibration: Mapping[str, float] | None = None) -> onnx.ModelProto:
+                calibration: Mapping[str, float] | None = None, int4: Int4Plan | None = None) -> onnx.ModelProto:
     """The ONNX model of one graph kind ("prefill" or "step") at one precision, weights as initializers.
 
     INT8 needs ``calibration``: the max |activation| per quantized activation (``blocks.{i}.act.h``, ``.act.hn``,
     ``.act.gelu`` and ``act.x_f``), shared by the prefill and step graphs so that chunk steps equal prefill.
+    INT4 (experimental, ONNX Runtime only) follows ``int4`` (the default ``Int4Plan()`` when None).
     """
     if kind not in ("prefill", "step"):
         raise ValueError(f"kind must be 'prefill' or 'step', not {kind!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision not in PRECISIONS + EXPERIMENTAL_PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS + EXPERIMENTAL_PRECISIONS}, not {precision!r}")
     half = HALF_TYPES.get(precision)
     int8 = precision == "int8"
+    plan = (int4 or Int4Plan()) if precision == "int4" else None
     if int8 and calibration is None:
         raise ValueError("an INT8 graph needs a calibration table")
     n = helper.make_node
@@ -357,6 +474,8 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
         nodes.append(_const_i64("minus_one", [-1]))
         nodes.append(n("Unsqueeze", ["tok_scale", "minus_one"], ["tok_scale_3d"]))
         nodes.append(n("Mul", ["tok_emb_f", "tok_scale_3d"], ["tok_emb"]))
+    elif plan is not None:
+        _int4_embedding(nodes, cfg, plan)
     else:
         nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb_h" if half else "tok_emb"], axis=0))  # (B, T, d)
     if half:
@@ -405,29 +524,35 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
         nodes.append(n("DequantizeLinear", ["x_f_q", "act.x_f.scale", "int8_zero"], ["x_f_dq"]))
         nodes.append(n("DequantizeLinear", [emb + ".qT", emb + ".qT.scale"], ["head_t"], axis=1))  # (d, V)
         nodes.append(n("MatMul", ["x_f_dq", "head_t"], [LOGITS]))
+    elif plan is not None:
+        _int4_head(nodes, cfg, plan)
     else:
         nodes.append(n("Transpose", [emb], ["head_t"], perm=[1, 0]))                   # (d, V), tied head
     if half:
         nodes.append(n("Cast", ["x_f"], ["x_f_h"], to=half))
         nodes.append(n("MatMul", ["x_f_h", "head_t"], ["logits_h"]))
         nodes.append(n("Cast", ["logits_h"], [LOGITS], to=TensorProto.FLOAT))         # (B, T, V)
-    elif not int8:
+    elif not int8 and plan is None:
         nodes.append(n("MatMul", ["x_f", "head_t"], [LOGITS]))                         # (B, T, V)
 
     spec = io_spec(cfg, kind)
     if int8:
         table = int8_initializers(cfg, weights, calibration)
         inits = [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in table.items()]
+    elif plan is not None:
+        inits = [numpy_helper.from_array(np.ascontiguousarray(v), k)
+                 for k, v in int4_initializers(cfg, weights, plan).items()]
     else:
         inits = [_initializer(key, weights[key], precision) for key in _initializer_names(cfg)]
     graph = helper.make_graph(nodes, f"{name}_{kind}_{precision}",
                               [_value_info(*v) for v in spec["inputs"]],
                               [_value_info(*v) for v in spec["outputs"]], initializer=inits)
-    model = helper.make_model(graph, opset_imports=_opsets(), functions=make_functions(cfg, precision),
+    model = helper.make_model(graph, opset_imports=_opsets(plan is not None),
+                              functions=make_functions(cfg, precision, plan),
                               producer_name=PRODUCER, producer_version=__version__, ir_version=IR_VERSION)
     helper.set_model_props(model, {META_CONFIG: cfg.to_json(), META_VERSION: __version__,
-                                   META_SOURCE_SHA: source_sha256, META_GRAPH: kind,
-                                   META_PRECISION: precision})
+                                   META_SOURCE_SHA: source_sha256, META_GRAPH: kind, META_PRECISION: precision,
+                                   **({META_INT4_PLAN: plan.to_json()} if plan is not None else {})})
     return model
 
 
@@ -459,14 +584,15 @@ def graph_file_name(kind: str, precision: str = "fp32", inlined: bool = False) -
 
 def export_graphs(cfg: GAMConfig, weights: Mapping[str, np.ndarray], out_dir: Path, source_sha256: str = "",
                   precisions: tuple[str, ...] = ("fp32",),
-                  calibration: Mapping[str, float] | None = None) -> dict[str, Path]:
+                  calibration: Mapping[str, float] | None = None, int4: Int4Plan | None = None) -> dict[str, Path]:
     """Write the prefill and step graphs (and inlined twins) at each precision atomically; {file name: path}."""
     from ..fsutil import atomic_write_bytes
 
     written = {}
     for precision in precisions:
         for kind in ("prefill", "step"):
-            model = build_graph(cfg, weights, kind, source_sha256, precision=precision, calibration=calibration)
+            model = build_graph(cfg, weights, kind, source_sha256, precision=precision, calibration=calibration,
+                                int4=int4)
             for inlined, proto in ((False, model), (True, inline(model))):
                 path = Path(out_dir) / graph_file_name(kind, precision, inlined)
                 written[path.name] = atomic_write_bytes(path, serialize(proto))

@@ -156,6 +156,8 @@ def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
 
     if model.functions:
         model = inline(model)
+    if precision == "int4":
+        model = _declare_contrib_outputs(model)
     typed = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     types = {v.name: v.type.tensor_type.elem_type for v in
              [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
@@ -165,7 +167,9 @@ def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
     problems = []
     producers = {o: node for node in typed.graph.node for o in node.output}
     for node in typed.graph.node:
-        if node.op_type == "MatMul" and precision == "int8":
+        if precision == "int4" and node.op_type in ("MatMul", "MatMulNBits"):
+            problems += _int4_matmul_problems(node, types)
+        elif node.op_type == "MatMul" and precision == "int8":
             # Weight operand: DequantizeLinear of an int8 initializer (per-channel, zero point 0).
             dq = producers.get(node.input[1])
             if dq is None or dq.op_type != "DequantizeLinear" or types.get(dq.input[0]) != onnx.TensorProto.INT8:
@@ -188,6 +192,36 @@ def precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
             if t != onnx.TensorProto.FLOAT:
                 problems.append(f"{node.op_type} {node.name or node.output[0]} takes {name(t) if t else '?'}, "
                                 "expected TensorProto.FLOAT (fp32 island)")
+    return problems
+
+
+def _declare_contrib_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an inlined INT4 model whose MatMulNBits outputs are declared fp32: ONNX's shape inference does not
+    know ONNX Runtime's contrib ops, and would leave every type after them unknown."""
+    declared = onnx.ModelProto()
+    declared.CopyFrom(model)
+    for node in declared.graph.node:
+        if node.op_type == "MatMulNBits":
+            declared.graph.value_info.append(
+                onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None))
+    return declared
+
+
+def _int4_matmul_problems(node: onnx.NodeProto, types: dict) -> list[str]:
+    """INT4: every weight MatMul is a 4-bit MatMulNBits on an fp32 activation (its weights uint8 blocks with fp32
+    scales); a plain MatMul is allowed only for the head kept fp32 (its output is the logits)."""
+    from ..config import LOGITS
+
+    if node.op_type == "MatMul":
+        if node.output[0] != LOGITS:
+            return [f"MatMul {node.output[0]} is not a MatMulNBits: its weights are not 4-bit"]
+        return []
+    bits = next((a.i for a in node.attribute if a.name == "bits"), None)
+    got = [types.get(i) for i in node.input[:3]]
+    want = [onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT]
+    problems = [] if got == want else [f"MatMulNBits {node.output[0]} takes types {got}, expected {want}"]
+    if bits != 4 and node.output[0] != LOGITS:   # the head may be 8-bit (Int4Plan.head == "int8")
+        problems.append(f"MatMulNBits {node.output[0]} has bits={bits}, expected 4")
     return problems
 
 
