@@ -89,7 +89,7 @@ def train(
         raise typer.BadParameter(f"{device!r} is not cpu or cuda", param_hint="--device")
 
     def body() -> dict:
-        from gamexport.training.loop import TrainingInterrupted
+        from gamexport.training.checkpoints import TrainingInterrupted
         from gamexport.training.loop import train as run_training
 
         try:

@@ -23,7 +23,8 @@ from safetensors.numpy import load_file
 
 from gamexport.training import data
 from gamexport.training.distributed import Dist, DistributedError, requested_world_size, weights_digest
-from gamexport.training.loop import load_trainer_state, train
+from gamexport.training.checkpoints import load_trainer_state
+from gamexport.training.loop import train
 
 from test_training_loop import metrics, write_stories
 

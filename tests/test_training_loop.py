@@ -17,8 +17,9 @@ from gamexport.errors import GamexportError
 from gamexport.model import build_model
 from gamexport.tokenizer import Tokenizer
 from gamexport.training import data
-from gamexport.training.loop import (STATE_NAME, TrainingError, TrainingInterrupted, list_checkpoints,
-                                     load_trainer_state, lr_at, train)
+from gamexport.training.checkpoints import (STATE_NAME, TrainingError, TrainingInterrupted, list_checkpoints,
+                                            load_trainer_state)
+from gamexport.training.loop import lr_at, train
 
 
 def write_stories(path, n: int, seed: int = 0, rare_word_in_tail: str | None = None):
@@ -331,7 +332,7 @@ def test_bundled_demo_model_matches_its_card():
     assert ckpt.config.vocab_size == tok.vocab_size and tok.eos_id == 1
     assert f"{ckpt.meta['val_ppl']:.2f}" in (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
     # Its recorded validation perplexity is reproduced from heldout.txt by the evaluation code.
-    from gamexport.training.loop import evaluate
+    from gamexport.training.evaluation import evaluate
 
     stream = np.asarray(tok.encode((DEMO / "heldout.txt").read_text(encoding="utf-8")), dtype=np.int32)
     model = build_model(ckpt.config, ckpt.weights)

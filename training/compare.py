@@ -32,14 +32,14 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from gamexport.bench.timing import BUSY_CORES, cpu_seconds, other_cpu_cores
-from gamexport.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gamexport.fsutil import atomic_write_json, atomic_write_text
 
 PAPER_TABLE = {   # arXiv 2509.00605, Table 1: one unseeded run per model on a T4 GPU, raw WikiText-2
     "wikitext2": {"gam": (882.57, 117.2), "transformer": (918.99, 131.9), "mamba": (1017.54, 127.1)},

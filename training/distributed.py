@@ -80,7 +80,7 @@ class Dist:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks, in float64. Adding the zeros of ranks that did not fill an entry is exact,
-        which ``loop.evaluate`` relies on to reproduce a single process's numbers bit for bit."""
+        which ``evaluation.evaluate`` relies on to reproduce a single process's numbers bit for bit."""
         if not self.enabled:
             return list(values)
         import torch
