@@ -45,9 +45,9 @@ def export_for_bench(ckpt, folder: Path, precisions: tuple[str, ...], say: Progr
 def runner_plan(precisions: tuple[str, ...], compile: bool) -> tuple[list[tuple[str, str]], list[dict]]:
     """(runtime, precision) pairs this machine runs, and ``skipped`` rows with reasons for the rest: eager PyTorch,
     then ONNX Runtime's CPU provider at every precision (``gamexport.targets.plan``), then the GPU targets."""
-    from gamexport.targets import plan
+    from gamexport.targets import REFERENCE, plan
 
-    pairs = [("eager", "fp32")]
+    pairs = [(REFERENCE, "fp32")]
     skipped = []
     if compile:
         pairs.append(("eager-compile", "fp32"))
