@@ -21,8 +21,8 @@ from gamexport.bench.limits import annotate_latency, limits_summary
 from gamexport.checkpoint import Checkpoint
 from gamexport.errors import NothingCheckedError, ParityError
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir
-from gamexport.layout import (CONFIG, GRAPH_PRECISIONS, GRAPHS, LATENCY_PLOT, PRECISIONS, REPORT_JSON, REPORT_MD,
-                              TOKENIZER, graph_file, ort_file)
+from gamexport.layout import (CALIBRATED_PRECISIONS, CONFIG, GRAPH_PRECISIONS, GRAPHS, LATENCY_PLOT, PRECISIONS,
+                              REPORT_JSON, REPORT_MD, TOKENIZER, graph_file, ort_file)
 from gamexport.manifest import write_manifest
 from gamexport.parity.references import held_out, held_out_ids, split_calibration, write_parity_references
 from gamexport.sources import resolve_source
@@ -121,7 +121,7 @@ def export(b: Build) -> None:
     if b.text_ids is not None:
         b.say(f"      real text: {b.text_ids.shape[0]} × {b.text_ids.shape[1]} held-out tokens")
     calib_ids, b.eval_ids = split_calibration(b.text_ids, b.cfg)
-    if "int8" in b.precisions:
+    if any(p in CALIBRATED_PRECISIONS for p in b.precisions):
         calibrate(b, calib_ids)
     written = export_graphs(b.cfg, b.ckpt.weights, b.staging, b.ckpt.sha256,
                             tuple(p for p in b.precisions if p in GRAPH_PRECISIONS), b.calibration)
