@@ -51,7 +51,7 @@ def build(
     """
 
     def body() -> None:
-        from gamexport.engines.pipeline import BuildOptions, build as run_build
+        from gamexport.pipeline import BuildOptions, build as run_build
 
         result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
                                         latency=latency, prefill_lengths=tuple(prefill_len or ()),

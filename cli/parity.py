@@ -37,7 +37,7 @@ def parity(
 
     def body() -> None:
         from gamexport.destinations import check_file
-        from gamexport.engines.recheck import recheck
+        from gamexport.pipeline.recheck import recheck
         from gamexport.fsutil import atomic_write_json
 
         # Checked first: a report goes to a regular file or a new path, never into the folder it checks.

@@ -36,7 +36,7 @@ def open_runner(source: str | None, threads: int | None = None) -> Iterator[tupl
         tok_path = folder / "tokenizer.json"
     else:
         from gamexport.engines.eager import EagerRunner
-        from gamexport.engines.pipeline import resolve_source
+        from gamexport.sources import resolve_source
 
         ckpt = resolve_source(source, None)
         runner = EagerRunner(ckpt.config, ckpt.weights, threads=threads)

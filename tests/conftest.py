@@ -34,7 +34,7 @@ def tiny_weights(tiny_cfg) -> dict[str, np.ndarray]:
 def tiny_build(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:
     """A complete build folder of the tiny model (latency measured briefly)."""
     from gamexport.checkpoint import save_checkpoint
-    from gamexport.engines.pipeline import BuildOptions, build
+    from gamexport.pipeline import BuildOptions, build
 
     src = tmp_path_factory.mktemp("tiny_ckpt")
     save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})

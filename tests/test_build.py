@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from gamexport.engines.pipeline import STAGES, BuildOptions, build
+from gamexport.pipeline import STAGES, BuildOptions, build
 from gamexport.errors import ParityError
 
 
@@ -171,7 +171,7 @@ def test_divergence_is_localised_to_a_block(tiny_build, tiny_cfg, tiny_weights):
 
     from gamexport.checkpoint import Checkpoint
     from gamexport.engines.ort import OrtRunner
-    from gamexport.engines.pipeline import localise_divergence
+    from gamexport.parity.engine import localise_divergence
 
     ckpt = Checkpoint(config=tiny_cfg, weights=tiny_weights)
     ids = np.random.default_rng(0).integers(0, tiny_cfg.vocab_size, size=(1, 24))

@@ -347,8 +347,8 @@ def _child(argv: list[str], cwd: str, stdout: str, stderr: str) -> None:
 # typer's parameter coercion (pydantic, on the first parse), torch._dynamo (sympy; on an optimizer's first
 # step) and matplotlib's figure and Agg canvas (the training plots).
 PRELOAD = ["test_fuzz_cli", "numpy", "torch", "onnx", "onnxruntime", "safetensors", "tokenizers", "matplotlib",
-           "gamexport.cli.main", "gamexport.engines.pipeline", "gamexport.generation",
-           "gamexport.engines.recheck", "gamexport.bench.command", "gamexport.inspection", "gamexport.parity",
+           "gamexport.cli.main", "gamexport.pipeline", "gamexport.generation",
+           "gamexport.pipeline.recheck", "gamexport.bench.command", "gamexport.inspection", "gamexport.parity",
            "gamexport.manifest", "gamexport.training.loop", "gamexport.training.plots", "typer._adapters",
            "torch._dynamo", "matplotlib.figure", "matplotlib.backends.backend_agg"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gamexport.engines.pipeline import STAGES
+from gamexport.pipeline import STAGES
 
 GAMEXPORT = [sys.executable, "-m", "gamexport.cli.main"]
 

@@ -134,7 +134,7 @@ def test_parity_keeps_a_nan_as_a_failing_row(ort_tiny, eager_tiny, tiny_cfg, tin
     (exit 1, diagnostics kept), not an exception; the eager fp32 reference stays checked (a NaN there is bad
     input: exit 2)."""
     from gamexport.checkpoint import Checkpoint
-    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.pipeline.stages import variant_parity_checks
     from gamexport.errors import NonFiniteError
 
     def nan_logits(real):

@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import text_format
 
 from gamexport.errors import GamexportError
-from gamexport.engines.triton import (BuildFolderError, MissingPlanError, TritonConfigError, choose_backend,
+from gamexport.bundles.triton import (BuildFolderError, MissingPlanError, TritonConfigError, choose_backend,
                                       write_model_repository)
 
 ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}

@@ -45,7 +45,7 @@ def real_engines(tiny_build, tiny_cfg, tmp_path_factory):
 @pytest.mark.skipif(_GPU_SKIP is not None, reason=str(_GPU_SKIP))
 def test_gpu_engine_parity_prefill_and_step(real_engines, eager_tiny, tiny_cfg):
     """fp32 engine built with TF32 disabled vs eager fp32 on CPU: max abs ≤ 1e-3 (and state too)."""
-    from gamexport.engines.pipeline import run_chunks
+    from gamexport.parity.metrics import run_chunks
     from gamexport.engines.trt import TrtRunner
     from gamexport.parity import chunk_plan, parity_inputs
 
@@ -104,7 +104,7 @@ def test_gpu_cuda_graph_decode_matches_uncaptured_decode(real_engines, eager_tin
 def test_gpu_fp16_engine_against_the_plan_emulation(tiny_build, tiny_cfg, tiny_weights, eager_tiny,
                                                     tmp_path_factory):
     """A real fp16 engine computes in fp16: its prefill and step rows against the plan emulated on CUDA pass."""
-    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.pipeline.stages import variant_parity_checks
     from gamexport.engines.trt import TrtRunner, build_engines
 
     folder = tmp_path_factory.mktemp("trt_fp16")

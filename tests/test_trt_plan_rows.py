@@ -86,7 +86,7 @@ def test_half_compute_rows_against_the_plan_emulation(monkeypatch, tiny_build, t
     (here on the CPU: CUDA is stood in for), which pass for half arithmetic and fail the step graph that silently
     computes in fp32."""
     from gamexport.engines.eager import EagerRunner
-    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.pipeline.stages import variant_parity_checks
     from gamexport.graph import emulate
     from gamexport.parity import parity_inputs
 
@@ -120,7 +120,7 @@ def test_half_compute_rows_against_the_plan_emulation(monkeypatch, tiny_build, t
 def test_without_cuda_the_plan_rows_are_skipped_and_the_note_says_why(monkeypatch, tiny_build, tiny_cfg,
                                                                        tiny_weights):
     from gamexport.engines.eager import EagerRunner
-    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.pipeline.stages import variant_parity_checks
     from gamexport.graph import emulate
     from gamexport.parity import parity_inputs
 
@@ -154,7 +154,7 @@ def test_tensorrt_fp16_rows_catch_an_engine_computing_in_fp32(monkeypatch, fake_
     engine the plan rows exist to catch. Both plan rows fail as fp32-compute; every row says the runner is
     TensorRT and whether it replayed CUDA graphs."""
     from gamexport.engines.eager import EagerRunner
-    from gamexport.engines.pipeline import variant_parity_checks
+    from gamexport.pipeline.stages import variant_parity_checks
     from gamexport.engines.trt import TrtRunner, build_engines
     from gamexport.graph import emulate
 

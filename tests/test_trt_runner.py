@@ -16,7 +16,7 @@ from fakes.trt import HostDevice, fake_cuda, fake_engines, fake_trt  # noqa: F40
 
 
 def test_runner_parity_through_the_stand_in(fake_engines, fake_trt, eager_tiny, tiny_cfg):
-    from gamexport.engines.pipeline import run_chunks
+    from gamexport.parity.metrics import run_chunks
     from gamexport.engines.trt import TrtRunner
     from gamexport.parity import chunk_plan, compare_logits, compare_state, parity_inputs, tolerance
 
@@ -339,7 +339,8 @@ def test_a_runner_never_reads_a_plan_while_it_is_written(fake_engines, fake_trt)
 def test_build_option_cuda_graph_reaches_the_tensorrt_runner(monkeypatch, tiny_cfg, tmp_path):
     """``gamexport build --cuda-graph`` opens its TensorRT runners with CUDA graphs; without it, they run
     un-captured."""
-    from gamexport.engines import pipeline, trt
+    from gamexport import targets
+    from gamexport.engines import trt
 
     opened = []
     monkeypatch.setattr(trt, "build_engines", lambda *a, **k: None)
@@ -347,6 +348,6 @@ def test_build_option_cuda_graph_reaches_the_tensorrt_runner(monkeypatch, tiny_c
                         classmethod(lambda cls, folder, precision="fp32", device=0, cuda_graph=False:
                                     opened.append((precision, cuda_graph)) or "runner"))
     for flag in (True, False):
-        assert pipeline.open_variant_runner(tmp_path, tiny_cfg, "tensorrt", "fp16", 1, None, lambda m: None,
-                                            flag) == "runner"
+        assert targets.open_runner("tensorrt", "fp16", tmp_path, tiny_cfg,
+                                   targets.OpenOptions(threads=1, cuda_graph=flag)) == "runner"
     assert opened == [("fp16", True), ("fp16", False)]

@@ -74,7 +74,7 @@ def _text_build(tmp: Path, cfg, rows: int, precisions=("fp32", "int8")) -> Path:
     """A tiny INT8 build (vocabulary 300, for a byte-level tokenizer) from a checkpoint with a tokenizer and
     held-out text of ``rows`` rows of P tokens (and a few tokens more)."""
     from gamexport.checkpoint import save_checkpoint
-    from gamexport.engines.pipeline import BuildOptions, build
+    from gamexport.pipeline import BuildOptions, build
     from gamexport.model import build_model, state_dict_numpy
     from gamexport.tokenizer import Tokenizer
     from gamexport.training.tokenizer import save_tokenizer, train_tokenizer
@@ -102,8 +102,8 @@ def test_recheck_gates_int8_step_graphs(text_build, monkeypatch):
     """A step graph that computes wrong (planted through the runner) fails ``gamexport parity``: the INT8 step
     graph is gated on the held-out text, as in the build, while its prefill rows still pass."""
     from gamexport import parity
-    from gamexport.engines import pipeline
-    from gamexport.engines.recheck import recheck
+    from gamexport import targets
+    from gamexport.pipeline.recheck import recheck
 
     # Untrained weights on 32 tokens move perplexity by a few %: the test is of the gating, not of the 2 % value.
     monkeypatch.setitem(parity.TOLERANCES, "int8", dataclasses.replace(parity.TOLERANCES["int8"], ppl_rel=0.5))
@@ -113,7 +113,7 @@ def test_recheck_gates_int8_step_graphs(text_build, monkeypatch):
     # on the streaming state and the INT8 plan emulation.
     assert clean["passed"] and {("prefill", "text"), ("step", "text")} <= gated
 
-    opened = pipeline.open_variant_runner
+    opened = targets.open_runner
 
     def broken_step(*args, **kwargs):
         runner = opened(*args, **kwargs)
@@ -128,7 +128,7 @@ def test_recheck_gates_int8_step_graphs(text_build, monkeypatch):
         runner.step = wrong
         return runner
 
-    monkeypatch.setattr(pipeline, "open_variant_runner", broken_step)
+    monkeypatch.setattr(targets, "open_runner", broken_step)
     result = recheck(text_build, precisions=("int8",))
     failed = [(r["graph"], r["input"]) for r in result["parity"] if r["gated"] and not r["passed"]]
     assert not result["passed"] and ("step", "text") in failed and all(g == "step" for g, _ in failed)
@@ -140,7 +140,7 @@ def test_int8_rows_scored_on_calibration_text_are_not_gated(tmp_path, tiny_cfg, 
     calibration.json says so, and the saved reference is labelled so that ``gamexport parity`` does not gate it.
     Dynamic INT8 (not calibrated) stays gated on that text."""
     from gamexport import parity
-    from gamexport.engines.recheck import recheck
+    from gamexport.pipeline.recheck import recheck
 
     for p in ("int8", "int8-dyn"):  # untrained weights: the test is of the gating, not of the 2 % value
         monkeypatch.setitem(parity.TOLERANCES, p, dataclasses.replace(parity.TOLERANCES[p], ppl_rel=0.5))

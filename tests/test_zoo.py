@@ -58,8 +58,8 @@ def demo(tmp_path_factory):
     """(build folder, checkpoint, eager runner, held-out text ids, evaluation ids, emulations) of one demo build."""
     from gamexport.engines.eager import EagerRunner
     from gamexport.parity.emulation import emulators
-    from gamexport.engines.pipeline import (BuildOptions, build, held_out_ids, resolve_source,
-                                            split_calibration)
+    from gamexport.parity.references import held_out_ids, split_calibration
+    from gamexport.pipeline import BuildOptions, build, resolve_source
 
     out = tmp_path_factory.mktemp("zoo") / "demo"
     result = build(BuildOptions(out=out, precisions=PRECISIONS, latency=False, threads=1))

@@ -275,7 +275,7 @@ def rewrite_manifest(folder: Path, names: list[str]) -> None:
 # ---- the two judges -------------------------------------------------------------------------------------------
 def recheck_rows(folder: Path, precision: str) -> list[dict]:
     """``gamexport parity DIR --precision P`` in process: its rows."""
-    from gamexport.engines.recheck import recheck
+    from gamexport.pipeline.recheck import recheck
 
     return recheck(folder, precisions=(precision,), threads=1)["parity"]
 
@@ -284,7 +284,8 @@ def build_rows(ckpt, eager, folder: Path, precision: str, text_ids, eval_ids, em
     """The rows the build computes for ``precision`` over the graphs in ``folder`` (the build's own functions);
     ``emulate``: ``gamexport.parity.emulation.emulators`` of the build (the references depend on the checkpoint alone)."""
     from gamexport.engines.ort import OrtRunner
-    from gamexport.engines.pipeline import open_variant_runner, parity_checks, variant_parity_checks
+    from gamexport.pipeline.stages import parity_checks, variant_parity_checks
+    from gamexport.targets import OpenOptions, open_runner
 
     cfg = ckpt.config
     if precision == "fp32":
@@ -295,9 +296,9 @@ def build_rows(ckpt, eager, folder: Path, precision: str, text_ids, eval_ids, em
         rows, kept = parity_checks(ckpt, eager, runners, lambda m: None, text_ids)
         kept.close()
         return [r for r in rows if r["runtime"] != "eager"]
-    # bf16: the build's structural run on the CPU (engines.pipeline.STRUCTURAL)
-    runner = open_variant_runner(folder, cfg, "onnxruntime-cpu", precision, 1, None, lambda m: None,
-                                 structural=precision == "bf16")
+    # bf16: the build's structural run on the CPU (gamexport.targets: Target.structural)
+    runner = open_runner("onnxruntime-cpu", precision, folder, cfg, OpenOptions(threads=1),
+                         structural=precision == "bf16")
     try:
         return variant_parity_checks(ckpt, eager, runner, lambda m: None, eval_ids, emulate, 1)
     finally:

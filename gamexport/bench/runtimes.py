@@ -43,69 +43,42 @@ def export_for_bench(ckpt, folder: Path, precisions: tuple[str, ...], say: Progr
 
 
 def runner_plan(precisions: tuple[str, ...], compile: bool) -> tuple[list[tuple[str, str]], list[dict]]:
-    """(runtime, precision) pairs this machine runs, and ``skipped`` rows with reasons for the rest."""
-    from gamexport.targets import UNSUPPORTED
+    """(runtime, precision) pairs this machine runs, and ``skipped`` rows with reasons for the rest: eager PyTorch,
+    then ONNX Runtime's CPU provider at every precision (``gamexport.targets.plan``), then the GPU targets."""
+    from gamexport.targets import REFERENCE, plan
 
-    pairs = [("eager", "fp32")]
+    pairs = [(REFERENCE, "fp32")]
     skipped = []
     if compile:
         pairs.append(("eager-compile", "fp32"))
     else:
         skipped.append({"runtime": "eager-compile", "precision": "fp32",
                         "reason": "torch.compile takes minutes to compile on CPU: pass --compile to time it"})
-    for p in PRECISIONS + ("bf16",):
-        reason = UNSUPPORTED.get(("onnxruntime-cpu", p))
-        if reason:
-            skipped.append({"runtime": "onnxruntime-cpu", "precision": p, "reason": reason})
-        elif p in precisions:
-            pairs.append(("onnxruntime-cpu", p))
-        else:
-            skipped.append({"runtime": "onnxruntime-cpu", "precision": p, "reason": "not requested (--precision)"})
-    skipped += gpu_skips()
-    return pairs, skipped
+    cpu = plan(precisions, listed=PRECISIONS + ("bf16",), elsewhere=gpu_skip_reason())
+    return pairs + cpu.pairs, skipped + cpu.skipped + cpu.elsewhere
 
 
-def gpu_skips() -> list[dict]:
-    """Skipped rows for the GPU runtimes, with the reason this machine cannot (or the bench does not) run them."""
+def gpu_skip_reason():
+    """The reason a GPU target is not run by the bench: this machine cannot, or the bench does not (yet)."""
     from gamexport.device import cuda_status
 
     usable, why = cuda_status()
-    if not usable:
-        return [{"runtime": r, "reason": f"needs an NVIDIA GPU: {why}"}
-                for r in ("onnxruntime-cuda", "onnxruntime-trt", "tensorrt")]
-    try:
-        import onnxruntime as ort
-        providers = ort.get_available_providers()
-    except ImportError:
-        providers = []
-    cpu_build = "onnxruntime-gpu is not installed (this onnxruntime is the CPU build)"
-    checks = (("onnxruntime-cuda", "CUDAExecutionProvider" in providers, cpu_build),
-              ("onnxruntime-trt", "TensorrtExecutionProvider" in providers, cpu_build),
-              ("tensorrt", _has_tensorrt(), "tensorrt is not installed"))
-    return [{"runtime": runtime, "reason": missing if not ok else
-             f"GPU present ({why}), but bench measures CPU limits only; GPU rows need GPU limits first"}
-            for runtime, ok, missing in checks]
 
+    def reason(target) -> str:
+        if not usable:
+            return f"needs an NVIDIA GPU: {why}"
+        return target.missing() or (f"GPU present ({why}), but bench measures CPU limits only; GPU rows need GPU "
+                                    "limits first")
 
-def _has_tensorrt() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None
+    return reason
 
 
 def open_runner(runtime: str, precision: str, ckpt, folder: Path, threads: int):
-    """The runner of one (runtime, precision): eager PyTorch (compiled or not) on the checkpoint's weights, or
-    ONNX Runtime on the graphs in ``folder``."""
-    from gamexport.graph.builder import graph_file_name
+    """The runner of one (runtime, precision) (``gamexport.targets.open_runner``): eager PyTorch (compiled or
+    not) on the checkpoint's weights, or ONNX Runtime on the graphs in ``folder``."""
+    from gamexport.targets import OpenOptions, open_runner as open_target
 
-    if runtime in ("eager", "eager-compile"):
-        from gamexport.engines.eager import EagerRunner
-
-        return EagerRunner(ckpt.config, ckpt.weights, threads=threads, compile=runtime == "eager-compile")
-    from gamexport.engines.ort import OrtRunner
-
-    return OrtRunner(folder / graph_file_name("prefill", precision), folder / graph_file_name("step", precision),
-                     ckpt.config, threads, precision=precision)
+    return open_target(runtime, precision, folder, ckpt.config, OpenOptions(threads=threads), checkpoint=ckpt)
 
 
 def describe_runner(runner) -> dict:

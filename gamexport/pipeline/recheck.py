@@ -1,8 +1,9 @@
 """``gamexport parity DIR``: re-check a build folder's graphs (and engines) on this machine, without torch.
 
 The build kept its parity inputs and eager fp32's outputs in ``DIR/parity/`` (``gamexport.parity.references``).
-This plans the (runtime, precision) pairs asked for, opens each runner as the build does, and hands it to
-``gamexport.parity.engine.run_parity`` against those references: the same loop and tolerance table as the build.
+This plans the (runtime, precision) pairs asked for and opens each runner through ``gamexport.targets`` as the
+build does, and hands it to ``gamexport.parity.engine.run_parity`` against those references: the same loop and
+tolerance table as the build.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
             device: str = "cpu", threads: int | None = None, progress=lambda m: None) -> dict:
     """The re-check report (rows in the build report's format) for every (runtime, precision) this machine
     supports over the folder's saved references."""
+    from gamexport import targets  # looked up at call time: tests plant a broken runner through targets.open_runner
     from gamexport.parity.engine import run_parity
     from gamexport.parity.references import PARITY_DIR, available_precisions, load_references
     from gamexport.report import recheck_report
-
-    from . import pipeline  # looked up at call time: tests plant a broken runner through it
 
     folder = Path(folder)
     if not (folder / PARITY_DIR / "feeds.json").is_file():
@@ -32,16 +32,15 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
     if missing:
         raise GamexportError(f"{folder} has no {missing[0]} graphs", f"it has: {', '.join(have)}")
     saved = load_references(folder, wanted)
-    matrix, skipped = pipeline.plan_matrix(wanted, tuple(engines), device)
-    skipped = [row for row in skipped if row["runtime"] != "eager-compile"]  # no eager here
+    plan = targets.plan(wanted, tuple(engines), device)
+    options = targets.OpenOptions(threads=threads, say=progress)
     rows = []
-    runs = [(*pair, False) for pair in matrix] + [(*pair, True) for pair in pipeline.structural_runs(skipped)]
+    runs = [(*pair, False) for pair in plan.pairs] + [(*pair, True) for pair in plan.structural]
     for runtime, precision, structural in runs:
         progress(f"parity: {runtime} {precision}" + (" (structural run)" if structural else ""))
-        runner = pipeline.open_variant_runner(folder, saved.cfg, runtime, precision, threads, None, progress,
-                                              structural=structural)
+        runner = targets.open_runner(runtime, precision, folder, saved.cfg, options, structural=structural)
         try:
             rows += run_parity(runner, saved, progress, threads)
         finally:
             runner.close()
-    return recheck_report(folder, rows, skipped, wanted, threads)
+    return recheck_report(folder, rows, [*plan.elsewhere, *plan.skipped], wanted, threads)

@@ -131,7 +131,7 @@ def _plan_sources(build_dir: Path, precision: str, max_batch_size: int) -> dict[
         raise MissingPlanError(f"{build_dir / ENGINE_DIR} has no {precision} TensorRT plan {', '.join(missing)}",
                                "build the engines on the serving GPU (gamexport.engines.trt.build_engines), "
                                "or write the onnxruntime backend")
-    from .trt import read_sidecar, sidecar_path
+    from gamexport.engines.trt import read_sidecar, sidecar_path
 
     for graph, plan in paths.items():
         side = sidecar_path(plan)

@@ -1,0 +1,58 @@
+"""What ``gamexport build`` is asked (``BuildOptions``) and what it returns (``BuildResult``), and the checks of
+those options that need no model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from gamexport.config import GAMConfig
+from gamexport.layout import PRECISIONS
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuildOptions:
+    source: str | None = None      # checkpoint file/folder; None: the embedded default
+    out: Path = Path("gamexport-build")
+    preset: str | None = None      # seeded weights of this preset when no source is given
+    threads: int | None = None     # ONNX Runtime and torch intra-op threads (None: all cores)
+    latency: bool = True
+    latency_runs: int = 20
+    prefill_lengths: tuple[int, ...] = ()  # batch-1 prefill lengths to time; () = (min(256, P),)
+    precisions: tuple[str, ...] = ("fp32",)  # graph precisions to write; fp32 is always built
+    engines: tuple[str, ...] = ("onnxruntime",)
+    device: str = "cpu"
+    trt_profile: dict | None = None   # {"min": "1x1", "opt": "1x256", "max": "8x256"} for TensorRT
+    cuda_graph: bool = False          # TensorRT decode steps replay CUDA graphs (TrtRunner(cuda_graph=True))
+    triton: Path | None = None        # also write a Triton model repository here (fp32)
+    progress: Progress = field(default=lambda msg: None)
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    report: dict
+    passed: bool
+
+
+def check_precisions(precisions: tuple[str, ...]) -> tuple[str, ...]:
+    """The asked-for precisions in the vocabulary's order, fp32 always among them; an unknown one is an error."""
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        from gamexport.errors import InputError
+        raise InputError(f"unknown precision {unknown[0]!r}", f"choose from {', '.join(PRECISIONS)}")
+    return tuple(p for p in PRECISIONS if p == "fp32" or p in precisions)
+
+
+def check_prefill_lengths(cfg: GAMConfig, lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """The prefill lengths to time, each within the model's positions; () means (min(256, P),)."""
+    from gamexport.errors import InputError
+
+    for T in lengths:
+        if not 1 <= T <= cfg.max_positions:
+            raise InputError(f"prefill length {T} is outside 1..{cfg.max_positions}",
+                             f"choose lengths within the model's {cfg.max_positions} positions")
+    return lengths or (min(256, cfg.max_positions),)
