@@ -135,7 +135,8 @@ def test_precision_check_refuses_a_graph_that_is_not_int4(tiny_cfg, tiny_weights
 @pytest.fixture(scope="module")
 def demo():
     from gamexport.checkpoint import load_checkpoint
-    from gamexport.engines.pipeline import demo_folder, held_out_ids
+    from gamexport.parity.references import held_out_ids
+    from gamexport.sources import demo_folder
 
     folder = demo_folder()
     if folder is None:
