@@ -75,3 +75,27 @@ def test_the_import_reader_sees_what_a_planted_import_would_add(tmp_path):
     assert [name for _, name in imports(source, "gamexport.parity")] == [
         "numpy", "gamexport.parity", "gamexport.parity.metrics", "gamexport.engines", "gamexport.engines",
         "gamexport.engines.eager", "importlib", "<dynamic>"]
+
+
+def probes(path: Path) -> list[str]:
+    """``getattr``/``hasattr`` calls and comparisons with a runtime's name in ``path``, as 'line: source'."""
+    from gamexport.layout import RUNTIMES
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr"):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Compare) and set(RUNTIMES) & {
+                c.value for o in (node.left, *node.comparators) for c in ast.walk(o) if isinstance(c, ast.Constant)}:
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_parity_asks_runners_through_their_interface():
+    """The modules of gamexport/parity/ that handle runners (the loop, the emulations) neither probe a runner's
+    attributes nor switch on its backend's name: what differs between backends, the runner says through
+    gamexport.runtime.Runner. Planting ``runner.runtime == "tensorrt"`` or ``getattr(runner, "matmul_ops", {})``
+    back fails here."""
+    folder = Path(gamexport.parity.__file__).parent
+    for name in ("engine.py", "emulation.py"):
+        assert probes(folder / name) == [], f"gamexport/parity/{name} probes a runner"
