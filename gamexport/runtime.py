@@ -47,9 +47,11 @@ class RunnerDescription:
 class Runner(abc.ABC):
     """Lifecycle: construct (loads the model) → prefill/step/generate any number of times → close().
 
-    Besides running, a runner answers what the pipeline and the bench ask it: ``runtime``, ``precision``,
-    ``compute_precision``, ``matmul_ops``, the graph or engine files it runs (``model_path``, ``step_path``) and
-    :meth:`describe`. The defaults here fit a runner of an fp32 model in memory (eager PyTorch).
+    Besides running, a runner answers what the pipeline, parity and the bench ask it: ``runtime``, ``precision``,
+    ``compute_precision``, ``matmul_ops``, the graph or engine files it runs (``model_path``, ``step_path``),
+    :meth:`precision_note`, :meth:`cuda_graph_state`, :meth:`plan_runner`, :meth:`block_outputs` and
+    :meth:`describe`. The defaults here fit a runner of an fp32 model in memory (eager PyTorch). Callers ask
+    through these, never by probing a runner's attributes or comparing its backend's name.
     """
 
     #: report label, one of eager, eager-compile, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt, tensorrt
@@ -91,6 +93,17 @@ class Runner(abc.ABC):
 
     def cuda_graph_state(self) -> tuple[dict[str, Any], str] | None:
         """(status, one-line note) of CUDA-graph decode for a runner that can replay it; None where it cannot."""
+        return None
+
+    def plan_runner(self, threads: int | None = None) -> Runner | None:
+        """The runner whose outputs parity's emulation references describe (``gamexport.parity.emulation``): this
+        runner, or a new one over the same graphs (the caller closes it), or None where no emulation describes this
+        backend's arithmetic — the default."""
+        return None
+
+    def block_outputs(self, ids: np.ndarray) -> list[np.ndarray] | None:
+        """The residual stream after every block (``x_1 … x_L``) of a prefill of ``ids``, as this backend computes
+        it — where a failing parity row starts to diverge; None where the backend cannot show it (the default)."""
         return None
 
     def describe(self) -> RunnerDescription:

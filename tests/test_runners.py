@@ -187,3 +187,59 @@ def test_onnxruntime_describes_what_it_computes_in(tiny_build, precision, comput
     else:
         assert d.kernels and set(d.kernels) <= set(INT8_COMPUTE), d.kernels
         assert all(f"{v}× {k}" in d.note for k, v in d.kernels.items()), d.note
+
+
+def _config_entries(session, keys) -> dict[str, str]:
+    """The session's configuration entries among ``keys`` (ONNX Runtime raises for a key never set)."""
+    options, entries = session.get_session_options(), {}
+    for key in keys:
+        try:
+            entries[key] = options.get_session_config_entry(key)
+        except RuntimeError:
+            pass
+    return entries
+
+
+def test_which_runner_the_emulations_describe(tiny_build, eager_tiny):
+    """plan_runner(): parity's emulations describe ONNX Runtime's CPU provider — the fp16 runner itself (fp16
+    computed in fp32); for int8 a second runner over the same graphs with its Q/DQ pairs run as written; for
+    int8-dyn one with exact integer MatMuls; both new (the caller closes them) and not refusing NaN. Eager
+    PyTorch: no emulation describes it (None)."""
+    from gamexport.engines.ort import QDQ_REFERENCE, OrtRunner
+
+    assert eager_tiny.plan_runner(1) is None
+    with OrtRunner.from_folder(tiny_build, threads=1, precision="fp16") as fp16:
+        assert fp16.plan_runner(1) is fp16
+    for precision in ("int8", "int8-dyn"):
+        with OrtRunner.from_folder(tiny_build, threads=1, precision=precision) as runner:
+            twin = runner.plan_runner(1)
+            assert isinstance(twin, OrtRunner) and twin is not runner and not twin.check_finite
+            assert (twin.precision, twin.model_path, twin.step_path) == (precision, runner.model_path,
+                                                                         runner.step_path)
+            assert _config_entries(twin.step_session, QDQ_REFERENCE) == (QDQ_REFERENCE if precision == "int8"
+                                                                         else {})
+            twin.close()
+
+
+def test_which_runner_shows_its_block_outputs(tiny_build, eager_tiny, tiny_cfg):
+    """block_outputs(): the residual stream after each block, from ONNX Runtime's CPU provider on an .onnx prefill
+    graph — what the eager model computes there; None for eager PyTorch and for the .ort format."""
+    from gamexport.engines.ort import OrtRunner
+
+    ids = np.random.default_rng(3).integers(0, tiny_cfg.vocab_size, size=(1, 12))
+    assert eager_tiny.block_outputs(ids) is None
+    with OrtRunner(tiny_build / "model.ort", tiny_build / "step.ort", None, 1) as packed:
+        assert packed.block_outputs(ids) is None
+    with OrtRunner.from_folder(tiny_build, threads=1) as runner:
+        blocks = runner.block_outputs(ids)
+    captured = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: captured.append(out[0].detach().numpy()))
+             for b in eager_tiny.model.blocks]
+    try:
+        eager_tiny.prefill(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(blocks) == tiny_cfg.n_layers == len(captured)
+    for got, want in zip(blocks, captured):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,8 @@ import numpy as np
 
 from fakes.trt import fake_checkpoint, fake_trt  # noqa: F401 (fixtures)
 
+from gamexport.runtime import Runner
+
 
 # ---- half-precision graphs against an emulation of the same precision plan ---------------------------------------
 def test_half_plan_gate_passes_half_arithmetic_and_fails_fp32_compute(tiny_build, tiny_cfg, tiny_weights):
@@ -45,11 +47,12 @@ def test_half_plan_gate_passes_half_arithmetic_and_fails_fp32_compute(tiny_build
     assert not m["gated"] and m["passed"] and "no tolerance can tell" in m["tolerances"]["reason"]
 
 
-class _HalfRunner:
+class _HalfRunner(Runner):
     """A runner that says it multiplies in fp16 (like ONNX Runtime's CUDA provider) and does: its prefill is the fp16
-    graph run by onnx's reference evaluator; ``step_fp32=True`` makes its step graph silently compute in fp32."""
+    graph run by onnx's reference evaluator; ``step_fp32=True`` makes its step graph silently compute in fp32. It
+    keeps no state (parity runs it with ``check_finite`` off, so the None state of its prefill is never checked)."""
 
-    runtime, precision, compute_precision = "onnxruntime-cuda", "fp16", "fp16"
+    runtime, precision = "onnxruntime-cuda", "fp16"
 
     def __init__(self, build, cfg, weights, step_fp32=False):
         import onnx
@@ -59,25 +62,24 @@ class _HalfRunner:
         from gamexport.graph import inline
         from gamexport.graph.emulate import round_weights
 
+        super().__init__(cfg)
+        self.compute_precision = "fp16"
         self.model_path, self.step_path = build / "model.fp16.onnx", build / "step.fp16.onnx"
         self.evaluator = ReferenceEvaluator(onnx.shape_inference.infer_shapes(inline(onnx.load(str(self.model_path)))))
         self.eager = EagerRunner(cfg, round_weights(weights, "fp16"), threads=1)
         self.step_fp32, self.cache = step_fp32, {}
 
-    def prefill(self, ids):
-        key = np.asarray(ids).tobytes()
+    def _prefill(self, ids):
+        key = ids.tobytes()
         if key not in self.cache:
-            self.cache[key] = self.evaluator.run(None, {"input_ids": np.asarray(ids)})[0]
+            self.cache[key] = self.evaluator.run(None, {"input_ids": ids})[0]
         return self.cache[key], None
 
-    def empty_state(self, batch):
-        return self.eager.empty_state(batch)
-
-    def step(self, ids, position_ids, state):  # the prefix's prefill, sliced: a chunk step in fp16
-        pos = int(np.asarray(position_ids).reshape(-1)[0])
+    def _step(self, ids, position_ids, state):  # the prefix's prefill, sliced: a chunk step in fp16
+        pos = int(position_ids.reshape(-1)[0])
         if self.step_fp32:
             return self.eager.step(ids, position_ids, state)
-        full = self.prefill(np.concatenate([self.prefix[:, :pos], ids], axis=1))[0]
+        full = self._prefill(np.concatenate([self.prefix[:, :pos], ids], axis=1))[0]
         return full[:, pos:], state
 
 

@@ -13,7 +13,7 @@ from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS, GAMConfig
 from gamexport.errors import GamexportError
 from gamexport.runtime import Runner
 
-from .session import RUNTIMES, compute_label, load_session, optimized_matmul_ops
+from .session import QDQ_REFERENCE, RUNTIMES, block_outputs, compute_label, load_session, optimized_matmul_ops
 from .transforms import exact_integer_matmuls, upcast_bf16
 
 
@@ -85,6 +85,29 @@ class OrtRunner(Runner):
         if p != "fp32" and self.compute_precision == "fp32":
             return f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
         return super().precision_note()
+
+    def plan_runner(self, threads: int | None = None) -> "OrtRunner | None":
+        """The emulations describe ONNX Runtime's CPU provider: this runner (fp16/bf16 graphs computed in fp32), or
+        a new runner over the same graphs — int8 with its Q/DQ pairs run as written (``QDQ_REFERENCE``), int8-dyn
+        with exact integer MatMuls — that does not refuse NaN (parity's rows judge it). Other providers: None."""
+        if self.provider != "CPUExecutionProvider":
+            return None
+        if self.precision == "int8-dyn":
+            twin = exact_int8_dynamic_runner(self.model_path, self.step_path, self.config, threads)
+        elif self.precision == "int8":
+            twin = OrtRunner(self.model_path, self.step_path, self.config, threads, precision="int8",
+                             session_config=QDQ_REFERENCE)
+        else:
+            return self
+        twin.check_finite = False
+        return twin
+
+    def block_outputs(self, ids: np.ndarray) -> list[np.ndarray] | None:
+        """Each block's output, read from the prefill graph on disk with those values made graph outputs (CPU
+        provider, .onnx graphs only)."""
+        if self.provider != "CPUExecutionProvider" or self.model_path.suffix != ".onnx":
+            return None
+        return block_outputs(self.model_path, ids, self.config.n_layers)
 
     def _prefill(self, ids):
         if self.prefill_session is None:

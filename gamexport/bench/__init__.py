@@ -14,8 +14,11 @@ One idea per file:
   ``scaling`` and ``training`` — those sections; ``startup`` — ``--help`` and first-token wall times;
 * ``options``, ``command`` (what ``gamexport bench`` runs), ``output`` (plots and the table).
 
-This package imports no build pipeline. The timing harness is re-exported here (``from gamexport.bench import
-measure`` works as it did when it was the module ``gamexport/bench.py``).
+Where it sits: above the engines — it opens and times their runners, so it may import ``gamexport.engines.eager``
+and ``gamexport.engines.ort``, unlike the core and ``gamexport.parity``, which import no engine — and below the
+build pipeline, which imports ``limits`` from here while the bench imports no pipeline (``tests/test_bench.py``
+holds every import here to ``BENCH_MAY_IMPORT``). The timing harness is re-exported here (``from gamexport.bench
+import measure`` works as it did when it was the module ``gamexport/bench.py``).
 """
 
 from gamexport.bench.timing import (BUSY_CORES, CPU_FLAGS, NOISE_LIMIT, Timing, cpu_flags, cpu_name, cpu_seconds,

@@ -82,11 +82,11 @@ def open_runner(runtime: str, precision: str, ckpt, folder: Path, threads: int):
 
 
 def describe_runner(runner) -> dict:
-    """The fields every row of a runner starts with: runtime, precision, the precision it computes in, and the
-    MatMul ops it runs (where the runner says)."""
-    return {"runtime": runner.runtime, "precision": runner.precision,
-            "compute_precision": getattr(runner, "compute_precision", runner.precision),
-            **({"matmul_ops": runner.matmul_ops} if getattr(runner, "matmul_ops", None) else {})}
+    """The fields every row of a runner starts with, from its ``describe()``: runtime, precision, the precision it
+    computes in, and the MatMul ops it runs (where the backend has them to read)."""
+    said = runner.describe()
+    return {"runtime": said.runtime, "precision": said.precision, "compute_precision": said.compute_precision,
+            **({"matmul_ops": said.kernels} if said.kernels else {})}
 
 
 def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: int, say: Progress) -> list[dict]:

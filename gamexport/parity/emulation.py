@@ -7,16 +7,20 @@ its own plan, tight enough to catch one-layer bugs that hide under the precision
   (``engines.ort.bf16_structural_runner``: bf16 weights upcast to fp32, bf16 casts made fp32).
 - ``emulation-int8``: the NumPy fake-quant emulation of the INT8 plan (``gamexport.graph.emulate_int8``: the
   same per-channel weight scales, the calibration table's activation scales), against the int8 graph run as
-  written (``engines.ort.QDQ_REFERENCE``), under ``parity.INT8_PLAN``, logits and state.
+  written (``OrtRunner.plan_runner``: ``engines.ort.QDQ_REFERENCE``), under ``parity.INT8_PLAN``, logits and state.
 - ``emulation-int8-dyn``: the NumPy emulation of ONNX Runtime's dynamic quantization
   (``gamexport.graph.emulate_int8.int8_dynamic_plan``: the checkpoint's fp32 weights quantized as
   ``quantize_dynamic`` does, each activation quantized per call with its own run-time scale), against the int8-dyn
-  graph with exact integer MatMuls (``engines.ort.exact_int8_dynamic_runner``), under ``parity.INT8_DYN_PLAN``,
-  logits and state. Its scales depend on each call's whole tensor, so a chunked step run is emulated chunk by chunk.
+  graph with exact integer MatMuls (``OrtRunner.plan_runner``: ``engines.ort.exact_int8_dynamic_runner``), under
+  ``parity.INT8_DYN_PLAN``, logits and state. Its scales depend on each call's whole tensor, so a chunked step run
+  is emulated chunk by chunk.
 
 The build computes them on its parity inputs and keeps them in ``DIR/parity/`` beside eager fp32's outputs
 (Polygraphy JSON, ``prefill_outputs.<reference>.json`` / ``step_outputs.<reference>.json``), so that
 ``gamexport parity DIR`` re-checks with the same strength as the build.
+
+Which runner an emulation describes, the runner says (:meth:`gamexport.runtime.Runner.plan_runner`: ONNX Runtime's
+CPU provider, or none): this module imports no engine, and runs the weight-rounding emulations on the model itself.
 """
 
 from __future__ import annotations
@@ -45,25 +49,38 @@ def int8_table(cfg, weights: Mapping[str, np.ndarray], calibration: Mapping[str,
     return int8_initializers(cfg, weights, calibration)
 
 
+def rounded_weights(cfg, weights: Mapping[str, np.ndarray], precision: str) -> Callable:
+    """fp32 math on ``precision``-rounded weights — eager PyTorch, ``gamexport.model`` — as fn(ids, position=0,
+    state=None) -> (logits, state): a prefill without ``state``, else a chunk step from ``position``. Its outputs
+    are not checked for NaN: half-rounded weights may overflow, and then the rows fail, as the graph's do."""
+    import torch
+
+    from gamexport.graph.emulate import round_weights
+    from gamexport.model import build_model
+
+    model = build_model(cfg, round_weights(weights, precision))
+
+    def run(ids, position=0, state=None):
+        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        with torch.inference_mode():
+            if state is None:
+                logits, new_state = model.prefill(ids)
+            else:
+                positions = torch.full((ids.shape[0], 1), position, dtype=torch.int64)
+                logits, new_state = model.step(ids, positions, torch.from_numpy(np.asarray(state, dtype=np.float32)))
+        return logits.numpy(), new_state.numpy()
+    return run
+
+
 def emulators(ckpt, precisions, calibration: Mapping[str, float] | None) -> dict[str, Callable]:
     """reference name → fn(ids, position, state) -> (logits, state), for the precisions built."""
-    from gamexport.engines.eager import EagerRunner
-    from gamexport.graph.emulate import round_weights
     from gamexport.graph.emulate_int8 import int8_dynamic_plan, int8_dynamic_weights, int8_plan
 
     cfg = ckpt.config
     out: dict[str, Callable] = {}
     for half in ("fp16", "bf16"):
-        if half not in precisions:
-            continue
-        runner = EagerRunner(cfg, round_weights(ckpt.weights, half))
-        runner.check_finite = False
-
-        def rounded(ids, position=0, state=None, runner=runner):
-            if state is None:
-                return runner.prefill(ids)
-            return runner.step(ids, np.full((ids.shape[0], 1), position, np.int64), state)
-        out[f"emulation-{half}-weights"] = rounded
+        if half in precisions:
+            out[f"emulation-{half}-weights"] = rounded_weights(cfg, ckpt.weights, half)
     if "int8" in precisions and calibration is not None:
         table = int8_table(cfg, ckpt.weights, calibration)
         out["emulation-int8"] = lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
@@ -93,32 +110,13 @@ def write_emulation_references(folder: Path, ckpt, precisions, calibration) -> l
     return written
 
 
-def plan_runner(runner, precision: str, threads: int | None):
-    """The runner whose outputs an emulation describes: the same one, or (int8) the graphs run as written, or
-    (int8-dyn) the graphs with exact integer MatMuls."""
-    if precision == "int8-dyn":
-        from gamexport.engines.ort import exact_int8_dynamic_runner
-
-        exact = exact_int8_dynamic_runner(runner.model_path, runner.step_path, runner.config, threads)
-        exact.check_finite = False
-        return exact, True
-    if precision != "int8":
-        return runner, False
-    from gamexport.engines.ort import QDQ_REFERENCE, OrtRunner
-
-    qdq = OrtRunner(runner.model_path, runner.step_path, runner.config, threads, precision="int8",
-                    session_config=QDQ_REFERENCE)
-    qdq.check_finite = False
-    return qdq, True
-
-
 def applicable(name: str, runner) -> bool:
-    """An emulation describes ONNX Runtime's CPU provider: fp16 (and, structurally, bf16) graphs computed in fp32,
-    int8 graphs as written."""
+    """Whether the emulation ``name`` is of the runner's precision and, for fp16 (and, structurally, bf16), of
+    graphs computed in fp32. Whether it describes the runner's backend, the runner's ``plan_runner`` says."""
     precision = REFERENCES[name]
-    if runner.runtime != "onnxruntime-cpu" or runner.precision != precision:
+    if runner.precision != precision:
         return False
-    return precision not in ("fp16", "bf16") or getattr(runner, "compute_precision", "fp32") == "fp32"
+    return precision not in ("fp16", "bf16") or runner.compute_precision == "fp32"
 
 
 def _tolerance(name: str):
@@ -150,9 +148,9 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
 
     rows = []
     for name, fn in emulate.items():
-        if not applicable(name, runner):
+        test = runner.plan_runner(threads) if applicable(name, runner) else None
+        if test is None:
             continue
-        test, opened = plan_runner(runner, runner.precision, threads)
         tol = _tolerance(name)
         try:
             for label, ids in inputs.items():
@@ -167,7 +165,7 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
                     rows.append(ParityRow.of(runner.runtime, graph, artifact, name, label, ids, metrics,
                                              precision=runner.precision, **more))
         finally:
-            if opened:
+            if test is not runner:
                 test.close()
     return rows
 
@@ -188,10 +186,12 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
         files = reference_files(name)
         if not applicable(name, runner) or not all((pdir / f).is_file() for f in files):
             continue
-        verify(Path(folder), [f"{PARITY_DIR}/{f}" for f in files])
-        test, opened = plan_runner(runner, runner.precision, threads)
+        test = runner.plan_runner(threads)
+        if test is None:
+            continue
         tol = _tolerance(name)
         try:
+            verify(Path(folder), [f"{PARITY_DIR}/{f}" for f in files])
             for graph, file in zip(("prefill", "step"), files):
                 inputs, labels = feeds[graph]
                 refs = load_run_results(pdir / file)
@@ -220,7 +220,7 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
                                       "+".join(dict.fromkeys(labels)), len(inputs), int(sum(g.shape[0] for g in got)),
                                       metrics))
         finally:
-            if opened:
+            if test is not runner:
                 test.close()
     return rows
 

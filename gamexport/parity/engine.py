@@ -11,12 +11,10 @@ A reference says what the runner's outputs should be:
 - :class:`~gamexport.parity.references.SavedReferences` (``gamexport parity DIR``): the outputs eager fp32 gave
   at build time, kept in ``DIR/parity/``; NumPy only — this path never imports torch.
 
-Runners are duck-typed (``prefill``, ``step``, ``empty_state``, ``runtime``, ``precision``, ``model_path``,
-``step_path``); the caller opens and closes them. Capability probes that a declared Runner interface will replace:
-``_artifact`` (``getattr(runner, "model_path"/"step_path")``), ``_precision_note`` and ``PrecisionReference``
-(``getattr(runner, "compute_precision"/"matmul_ops")``, ``runner.runtime == "tensorrt"``),
-``_cuda_graph_notes`` (``hasattr(runner, "cuda_graph_status")``), ``localise_divergence`` and
-``emulation.applicable`` (``runner.runtime == "onnxruntime-cpu"``).
+Runners are :class:`gamexport.runtime.Runner` s, asked only through that declared interface (``precision``,
+``compute_precision``, ``model_path``/``step_path``, ``precision_note()``, ``cuda_graph_state()``,
+``plan_runner()``, ``block_outputs()``) — never probed or switched on by backend name. The caller opens and
+closes them: this package imports no engine (``tests/test_layering.py``).
 """
 
 from __future__ import annotations
@@ -164,24 +162,6 @@ def _eager_rows(runner, ref: EagerReference, progress: Progress) -> list[ParityR
     return rows
 
 
-def _precision_note(runner) -> str:
-    """What the runner computes in, for the rows' ``note``."""
-    p = runner.precision
-    compute = getattr(runner, "compute_precision", p)
-    if getattr(runner, "structural", False):  # the bf16 structural run says what it is
-        return runner.precision_note()
-    if runner.runtime == "tensorrt":
-        return f"{p}: TensorRT's strongly typed network computes in the graph's precision"
-    if p.startswith("int8"):
-        ops = ", ".join(f"{v}× {k}" for k, v in (getattr(runner, "matmul_ops", None) or {}).items())
-        return f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
-    if p == "fp32":
-        return "fp32 weights and MatMuls"
-    if compute == "fp32":
-        return f"{p} weights, fp32 compute (ONNX Runtime's CPU provider computes {p} MatMuls in fp32)"
-    return f"{p} weights and MatMuls"
-
-
 def _precision_rows(runner, ref: PrecisionReference, progress: Progress, threads: int | None) -> list[ParityRow]:
     """Rows for a reduced-precision runner (ONNX Runtime or TensorRT) against eager fp32 under its precision's gate
     (the INT8 gate — perplexity on real text — needs the "text" input; without it the rows are informational);
@@ -198,19 +178,17 @@ def _precision_rows(runner, ref: PrecisionReference, progress: Progress, threads
     ``ref.emulate`` (``emulation.emulators``) adds the emulation rows of ``emulation.build_rows`` — prefill and
     chunked step of every input, logits and state — which replace the single fp16-weights row above.
 
-    TensorRT rows also say whether the runner replayed CUDA graphs (``cuda_graph``)."""
+    Rows of a runner that replays CUDA graphs (TensorRT) also say whether it did (``cuda_graph``)."""
     from gamexport.graph.emulate import emulation_device
 
     p = runner.precision
-    compute = getattr(runner, "compute_precision", p)
-    note = _precision_note(runner)
+    compute = runner.compute_precision
+    note = runner.precision_note()
     weights_emulation = None
     if p in ("fp16", "bf16") and compute == "fp32" and f"emulation-{p}-weights" not in ref.emulate:
-        from gamexport.engines.eager import EagerRunner
-        from gamexport.graph.emulate import round_weights
+        from .emulation import rounded_weights
 
-        weights_emulation = EagerRunner(ref.ckpt.config, round_weights(ref.ckpt.weights, p))
-        weights_emulation.check_finite = False  # half-rounded weights may overflow: then the rows fail, as the graph's do
+        weights_emulation = rounded_weights(ref.ckpt.config, ref.ckpt.weights, p)
     plan_device, plan_where = None, ""
     if p in ("fp16", "bf16") and compute == p:
         plan_device, plan_where = emulation_device()
@@ -224,7 +202,7 @@ def _precision_rows(runner, ref: PrecisionReference, progress: Progress, threads
         progress(f"parity: {runner.runtime} {p} graphs vs eager fp32 on '{name}' tokens")
         prefill, step_logits = _gated_rows(runner, ref, name, ids, labels, progress, rows)
         if weights_emulation is not None and name == "random":
-            emu_logits, _ = weights_emulation.prefill(ids)
+            emu_logits, _ = weights_emulation(ids)
             metrics = compare_logits(emu_logits, prefill, tolerance("fp32"))
             metrics["tolerances"]["reason"] = "must equal fp32 compute on half-rounded weights"
             rows.append(ParityRow.of(runner.runtime, "prefill", runner.model_path.name, f"emulation-{p}-weights",
@@ -281,10 +259,13 @@ def _half_plan_rows(runner, ref: PrecisionReference, ids: np.ndarray, prefill: n
 
 
 def _cuda_graph_notes(runner, rows: list[ParityRow]) -> None:
-    """TensorRT: the step rows say whether decode steps replayed CUDA graphs (prefill never runs as a graph)."""
-    if not hasattr(runner, "cuda_graph_status"):
+    """A runner that can replay CUDA graphs (TensorRT): the step rows say whether decode steps did (prefill never
+    runs as a graph)."""
+    state = runner.cuda_graph_state()
+    if state is None:
         return
-    used, graph_note = bool(runner.cuda_graph_status["used"]), runner.cuda_graph_note()
+    status, graph_note = state
+    used = bool(status["used"])
     for row in rows:
         if row.graph == "step":
             row.cuda_graph, row.note = used, f"{row.note}; {graph_note}"
@@ -292,12 +273,16 @@ def _cuda_graph_notes(runner, rows: list[ParityRow]) -> None:
 
 def localise_divergence(ckpt, runner, ids: np.ndarray) -> dict | None:
     """For a failing row: the relative error of the residual stream after every block, eager fp32 vs the graph,
-    and the block where it grows most — where to look first. ONNX Runtime CPU graphs only."""
-    if runner.runtime != "onnxruntime-cpu" or runner.model_path.suffix != ".onnx":
+    and the block where it grows most — where to look first. None where the runner cannot show its blocks'
+    outputs (:meth:`~gamexport.runtime.Runner.block_outputs`: ONNX Runtime's CPU provider on .onnx graphs only)."""
+    try:
+        graph = runner.block_outputs(ids)
+    except Exception as exc:  # a diagnostic must never hide the parity failure itself
+        return {"error": f"could not read block outputs: {str(exc)[:200]}"}
+    if graph is None:
         return None
     import torch
 
-    from gamexport.engines.ort import block_outputs
     from gamexport.model import build_model
 
     model = build_model(ckpt.config, ckpt.weights)
@@ -308,10 +293,6 @@ def localise_divergence(ckpt, runner, ids: np.ndarray) -> dict | None:
         model.prefill(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
     for h in hooks:
         h.remove()
-    try:
-        graph = block_outputs(runner.model_path, ids, ckpt.config.n_layers)
-    except Exception as exc:  # a diagnostic must never hide the parity failure itself
-        return {"error": f"could not read block outputs: {str(exc)[:200]}"}
     errors = [float(np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-30)) for g, r in zip(graph, captured)]
     growth = [errors[0]] + [b - a for a, b in zip(errors, errors[1:])]
     worst = int(np.argmax(growth))
@@ -326,7 +307,7 @@ INT8_DYN_CHUNKED = ("int8-dyn quantizes each chunk with its own run-time scales:
 
 
 def _artifact(runner, graph: str) -> str:
-    path = getattr(runner, "model_path" if graph == "prefill" else "step_path", None)
+    path = runner.model_path if graph == "prefill" else runner.step_path
     return path.name if path is not None else f"tensorrt/{graph}.{runner.precision}.plan"
 
 
