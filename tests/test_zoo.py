@@ -8,13 +8,15 @@ graphs with bf16 weights upcast to fp32 and bf16 casts made fp32, engines.ort.up
 
 Fast: eager fp32's outputs and the emulation references depend on the checkpoint and the inputs alone, never on
 the graphs under test, so they are computed once for all cases (:class:`Memo`); every graph is still run afresh.
+Each case's folder is a hardlinked copy of the demo build in which only the planted files are new
+(``zoo.link_copy``); the int8-dyn mutants that quantization leaves alone are planted straight into the quantized
+graph (``zoo.INT8_DYN_DIRECT``); ``.ort`` files no judge reads are dropped, not regenerated.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -100,10 +102,12 @@ CASES = [(m, p) for p in PRECISIONS for m in zoo.MUTANTS if zoo.applies(m, p)]
 @pytest.mark.parametrize("mutant,precision", CASES, ids=[f"{m}-{p}" for m, p in CASES])
 def test_mutant_is_caught_by_the_build_and_by_gamexport_parity(demo, tmp_path, mutant, precision):
     folder, ckpt, eager, text, eval_ids, emulate = demo
-    copy = tmp_path / "mutant"
-    shutil.copytree(folder, copy)
+    copy = zoo.link_copy(folder, tmp_path / "mutant")
     changed = zoo.plant(copy, mutant, precision)
     assert changed, "the mutant changed no file"
+    # the copy's files are hardlinks of the demo build's: every file planted must be a new file, or the mutant
+    # would have leaked into the build every other case starts from
+    assert not any(os.path.samefile(folder / name, copy / name) for name in [*changed, "manifest.json"])
     by_build = zoo.caught_by(zoo.build_rows(ckpt, eager, copy, precision, text, eval_ids, emulate))
     by_recheck = zoo.caught_by(zoo.recheck_rows(copy, precision))
     if os.environ.get("GAMEXPORT_ZOO_TABLE"):  # scripts/zoo-table renders docs/guarantees.md's table from these
