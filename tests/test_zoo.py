@@ -55,22 +55,41 @@ class MemoRunner:
         return getattr(self._runner, name)
 
 
+class MemoEmulators:
+    """``gamexport.parity.emulation.emulators`` whose emulations are :class:`Memo` s, one set per precision tuple:
+    patched in while the demo build runs, so the references the build computes (its parity rows and the emulation
+    references it saves) are the ones every case is judged against, not computed a second time."""
+
+    def __init__(self, emulators):
+        self._emulators, self.made = emulators, {}
+
+    def __call__(self, ckpt, precisions, calibration):
+        key = tuple(precisions)
+        if key not in self.made:
+            self.made[key] = {name: Memo(fn) for name, fn in self._emulators(ckpt, precisions, calibration).items()}
+        return self.made[key]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """(build folder, checkpoint, eager runner, held-out text ids, evaluation ids, emulations) of one demo build."""
     from gamexport.engines.eager import EagerRunner
-    from gamexport.parity.emulation import emulators
+    from gamexport.parity import emulation
     from gamexport.engines.pipeline import (BuildOptions, build, held_out_ids, resolve_source,
                                             split_calibration)
 
     out = tmp_path_factory.mktemp("zoo") / "demo"
-    result = build(BuildOptions(out=out, precisions=PRECISIONS, latency=False, threads=1))
+    memo_emulators = MemoEmulators(emulation.emulators)
+    with pytest.MonkeyPatch.context() as patch:  # the build looks emulators up at call time
+        patch.setattr(emulation, "emulators", memo_emulators)
+        result = build(BuildOptions(out=out, precisions=PRECISIONS, latency=False, threads=1))
     assert result.passed, "the unmutated demo build must pass all its gated rows"
+    (emulate,) = memo_emulators.made.values()  # the build asked for its precisions' emulations, once or more
+    assert set(emulate) == {"emulation-fp16-weights", "emulation-bf16-weights", "emulation-int8",
+                            "emulation-int8-dyn"}
     ckpt = resolve_source(None, None)
     text = held_out_ids(ckpt)
     _, eval_ids = split_calibration(text, ckpt.config)
-    calibration = json.loads((out / "calibration.json").read_text())["amax"]
-    emulate = {name: Memo(fn) for name, fn in emulators(ckpt, PRECISIONS, calibration).items()}
     eager = MemoRunner(EagerRunner(ckpt.config, ckpt.weights, threads=1))
     return out, ckpt, eager, text, eval_ids, emulate
 
