@@ -70,6 +70,62 @@ class MemoEmulators:
         return self.made[key]
 
 
+class SharedRunners:
+    """While a case is judged, ``pipeline.open_variant_runner`` and ``emulation.plan_runner`` hand both judges one
+    runner per graph they open — the same sessions of the same files, opened once instead of once per judge (a
+    runner holds no state between calls; the step state is passed in). Each judge still asks for its runner with its
+    own arguments, and a runner is shared only when the arguments are the same; the runners close at the end."""
+
+    def __init__(self, patch):
+        from gamexport.engines import pipeline
+        from gamexport.parity import emulation
+
+        self.opened, self._open, self._plan = {}, pipeline.open_variant_runner, emulation.plan_runner
+        self.asked: dict[tuple, int] = {}  # key → how many times a judge asked for it
+        patch.setattr(pipeline, "open_variant_runner", self.open_variant_runner)
+        patch.setattr(emulation, "plan_runner", self.plan_runner)
+
+    def _shared(self, key, open_runner):
+        self.asked[key] = self.asked.get(key, 0) + 1
+        if key not in self.opened:
+            self.opened[key] = open_runner()
+        return self.opened[key]
+
+    def open_variant_runner(self, staging, cfg, runtime, precision, threads, trt_profile, say, cuda_graph=False,
+                            structural=False):
+        key = ("variant", str(staging), runtime, precision, threads, structural)
+        return _kept_open(self._shared(key, lambda: self._open(staging, cfg, runtime, precision, threads, trt_profile,
+                                                                say, cuda_graph, structural)))
+
+    def plan_runner(self, runner, precision, threads):
+        key = ("plan", str(runner.model_path), str(runner.step_path), precision, threads)
+        test, opened = self._plan(runner, precision, threads) if key not in self.opened else (self.opened[key], True)
+        if not opened:  # the runner itself (fp16, bf16): nothing was opened
+            return test, False
+        self.opened.setdefault(key, test)
+        return _kept_open(test), False
+
+    def close(self):
+        for runner in self.opened.values():
+            type(runner).close(runner)
+
+
+def _kept_open(runner):
+    """``runner`` whose ``close`` does nothing (:class:`SharedRunners` closes it at the end of the case)."""
+    runner.close = lambda: None
+    return runner
+
+
+@pytest.fixture
+def shared_runners():
+    with pytest.MonkeyPatch.context() as patch:
+        shared = SharedRunners(patch)
+        try:
+            yield shared
+        finally:
+            shared.close()
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """(build folder, checkpoint, eager runner, held-out text ids, evaluation ids, emulations) of one demo build."""
@@ -119,7 +175,7 @@ CASES = [(m, p) for p in PRECISIONS for m in zoo.MUTANTS if zoo.applies(m, p)]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant,precision", CASES, ids=[f"{m}-{p}" for m, p in CASES])
-def test_mutant_is_caught_by_the_build_and_by_gamexport_parity(demo, tmp_path, mutant, precision):
+def test_mutant_is_caught_by_the_build_and_by_gamexport_parity(demo, shared_runners, tmp_path, mutant, precision):
     folder, ckpt, eager, text, eval_ids, emulate = demo
     copy = zoo.link_copy(folder, tmp_path / "mutant")
     changed = zoo.plant(copy, mutant, precision)
@@ -129,6 +185,8 @@ def test_mutant_is_caught_by_the_build_and_by_gamexport_parity(demo, tmp_path, m
     assert not any(os.path.samefile(folder / name, copy / name) for name in [*changed, "manifest.json"])
     by_build = zoo.caught_by(zoo.build_rows(ckpt, eager, copy, precision, text, eval_ids, emulate))
     by_recheck = zoo.caught_by(zoo.recheck_rows(copy, precision))
+    if precision != "fp32":  # the build's fp32 rows open their own runners (functions, inlined, ort-format)
+        assert 2 in shared_runners.asked.values(), "the two judges did not share their runner"
     if os.environ.get("GAMEXPORT_ZOO_TABLE"):  # scripts/zoo-table renders docs/guarantees.md's table from these
         with open(os.environ["GAMEXPORT_ZOO_TABLE"], "a") as f:
             f.write(json.dumps({"mutant": mutant, "precision": precision, "build": by_build,
