@@ -10,7 +10,9 @@ Fast: eager fp32's outputs and the emulation references depend on the checkpoint
 the graphs under test, so they are computed once for all cases (:class:`Memo`); every graph is still run afresh.
 Each case's folder is a hardlinked copy of the demo build in which only the planted files are new
 (``zoo.link_copy``); the int8-dyn mutants that quantization leaves alone are planted straight into the quantized
-graph (``zoo.INT8_DYN_DIRECT``); ``.ort`` files no judge reads are dropped, not regenerated.
+graph (``zoo.INT8_DYN_DIRECT``); ``.ort`` files no judge reads are dropped, not regenerated. The emulation
+references are the ones the demo build computed (:class:`MemoEmulators`), and the two judges of a case share the
+runners they open over the same files (:class:`SharedRunners`).
 """
 
 from __future__ import annotations
