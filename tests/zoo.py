@@ -1,11 +1,12 @@
 """A mutant zoo: plausible exporter bugs planted into *built graphs*, to prove that the parity gates catch them.
 
 Each mutant edits the ONNX ``ModelProto`` of one built graph (an initializer, a node, an attribute inside a
-``gam.<F>`` function body) the way a buggy exporter would have written it. :func:`plant` applies a mutant to
-every graph of one precision in a copied build folder — the function graphs, their inlined twins (re-inlined
-from the mutated graph, as the exporter derives them), the ``.ort`` files (regenerated) and, for ``int8-dyn``,
-the dynamic quantization of the mutated fp32 graph — and rewrites the manifest entries, as a buggy exporter
-would write a consistent manifest. Then the build's own parity rows (:func:`build_rows`) and
+``gam.<F>`` function body, or its inlined copies) the way a buggy exporter would have written it. :func:`plant`
+applies a mutant to every graph of one precision in a hardlinked copy of a build folder (:func:`link_copy`) — the
+function graphs, their inlined twins (re-inlined from the mutated graph, as the exporter derives them), the fp32
+``.ort`` files (regenerated) and, for ``int8-dyn``, the quantized graph itself or, where quantization must see the
+edit, the dynamic quantization of the mutated fp32 graph (:data:`INT8_DYN_DIRECT` says which) — and rewrites the
+manifest entries, as a buggy exporter would write a consistent manifest. Then the build's own parity rows (:func:`build_rows`) and
 ``gamexport parity DIR`` (:func:`recheck_rows`) must each fail a gated row.
 """
 
@@ -41,8 +42,14 @@ def _edit_initializers(model: onnx.ModelProto, match: Callable[[str], bool],
     return n
 
 
-def _function(model: onnx.ModelProto, name: str) -> onnx.FunctionProto:
-    return next(f for f in model.functions if f.name == name)
+def _body_nodes(model: onnx.ModelProto, function: str, op_type: str) -> tuple[object, list[onnx.NodeProto]]:
+    """The ``op_type`` nodes of ``gam.<function>``'s body and the node field holding them: the function's own body
+    (one node, shared by every block), or — in an inlined graph such as int8-dyn's, whose bodies were inlined into
+    the main graph with their outputs named ``<function>/...`` — every block's copy."""
+    f = next((f for f in model.functions if f.name == function), None)
+    if f is not None:
+        return f.node, _nodes(f.node, op_type)
+    return model.graph.node, [n for n in _nodes(model.graph.node, op_type) if n.output[0].startswith(function + "/")]
 
 
 def _nodes(nodes, op_type: str) -> list[onnx.NodeProto]:
@@ -96,21 +103,24 @@ def conv_bias_dropped(model, kind, precision) -> bool:
 def memory_scaled(model, kind, precision) -> bool:
     """The memory read's scores scaled by 1/√d (attention habit; GAM's memory read has no scaling)."""
     cfg_d = _d_model(model)
-    f = _function(model, "MemoryRead")
-    softmax = _nodes(f.node, "Softmax")[0]
-    scale = _const("MemoryRead/zoo_scale", 1.0 / math.sqrt(cfg_d))
-    scaled = helper.make_node("Mul", [softmax.input[0], "MemoryRead/zoo_scale"], ["MemoryRead/zoo_scaled"])
-    softmax.input[0] = "MemoryRead/zoo_scaled"  # before inserting: the insert copies the nodes
-    _insert_before(f.node, softmax, [scale, scaled])
-    return True
+    field, softmaxes = _body_nodes(model, "MemoryRead", "Softmax")
+    for i, softmax in enumerate(softmaxes):
+        softmax = next(n for n in field if list(n.output) == list(softmax.output))  # the insert copied the nodes
+        scale = _const(f"MemoryRead/zoo_scale{i}", 1.0 / math.sqrt(cfg_d))
+        scaled = helper.make_node("Mul", [softmax.input[0], f"MemoryRead/zoo_scale{i}"],
+                                  [f"MemoryRead/zoo_scaled{i}"])
+        softmax.input[0] = f"MemoryRead/zoo_scaled{i}"  # before inserting: the insert copies the nodes
+        _insert_before(field, softmax, [scale, scaled])
+    return bool(softmaxes)
 
 
 def gates_swapped(model, kind, precision) -> bool:
     """The local and global gates swapped (the Split's two outputs in the wrong order)."""
-    split = _nodes(_function(model, "GatedFusion").node, "Split")[0]
-    a, b = split.output
-    split.output[:] = [b, a]
-    return True
+    _, splits = _body_nodes(model, "GatedFusion", "Split")
+    for split in splits:
+        a, b = split.output
+        split.output[:] = [b, a]
+    return bool(splits)
 
 
 def gate_bias_dropped_one_layer(model, kind, precision) -> bool:
@@ -125,9 +135,10 @@ def ffn_bias_dropped_one(model, kind, precision) -> bool:
 
 def tanh_gelu(model, kind, precision) -> bool:
     """tanh-approximated GELU for the exact (erf) GELU."""
-    for node in _nodes(_function(model, "FeedForward").node, "Gelu"):
+    _, gelus = _body_nodes(model, "FeedForward", "Gelu")
+    for node in gelus:
         _attribute(node, "approximate", "tanh")
-    return True
+    return bool(gelus)
 
 
 def layernorm_eps(model, kind, precision) -> bool:
@@ -210,57 +221,106 @@ def applies(mutant: str, precision: str) -> bool:
 
 
 # ---- planting into a build folder -----------------------------------------------------------------------------
-def mutate_file(src: Path, dst: Path, mutant: str, kind: str, precision: str) -> bool:
-    """Write the mutated graph of ``src`` to ``dst`` and its inlined twin beside it; whether anything changed."""
+#: Mutants planted straight into the int8-dyn graphs: node and attribute edits, and biases, which ONNX Runtime's
+#: ``quantize_dynamic`` leaves as they are (it quantizes the weight MatMuls only; the biases stay fp32 ``Add``
+#: initializers under their own names), so an exporter could equally have written them into the quantized graph.
+#: The others edit weights that quantization must see — the conv weights, folded into other constants by the
+#: optimization before quantizing (the int8-dyn graph has no ``causal_conv.weight``), and the tied head, quantized —
+#: so they are planted into the fp32 inlined graph and re-quantized by ``write_int8_dynamic``, as the build does.
+INT8_DYN_DIRECT = ("memory_scaled", "gates_swapped", "tanh_gelu", "layernorm_eps", "position_off_by_one",
+                   "state_not_advanced", "conv_bias_dropped", "gate_bias_dropped_one_layer", "ffn_bias_dropped_one")
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new file: the zoo's build copies are hardlinks of the demo build (:func:`link_copy`), so
+    writing through an existing name would change the demo build itself."""
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+
+
+def link_copy(src: Path, dst: Path) -> Path:
+    """A copy of the build folder ``src`` whose files are hardlinks (no bytes copied); :func:`plant` writes every
+    file it changes as a new file, so ``src`` stays as it was."""
+    import os
+    import shutil
+
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def mutate_file(src: Path, dst: Path, mutant: str, kind: str, precision: str, twin: bool = True) -> bool:
+    """Write the mutated graph of ``src`` to ``dst`` and (``twin``) its inlined twin beside it; whether anything
+    changed."""
     model = onnx.load(str(src))
     changed = MUTANTS[mutant](model, kind, precision)
     if changed:
-        dst.write_bytes(serialize(model))
-        dst.with_name(graph_file_name(kind, precision, inlined=True)).write_bytes(serialize(inline(model)))
+        _write_new(dst, serialize(model))
+        if twin:
+            _write_new(dst.with_name(graph_file_name(kind, precision, inlined=True)), serialize(inline(model)))
     return changed
+
+
+def _requantized(folder: Path, mutant: str, kind: str) -> list[str]:
+    """Plant ``mutant`` into the fp32 graph of ``kind`` (in a scratch folder) and write the dynamic quantization of
+    its inlined twin as the folder's int8-dyn graph, as the exporter derives it; the files changed."""
+    import tempfile
+
+    from gamexport.engines.ort import write_int8_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / graph_file_name(kind)
+        if not mutate_file(folder / graph_file_name(kind), scratch, mutant, kind, "fp32"):
+            return []
+        dst = folder / graph_file_name(kind, "int8-dyn")
+        dst.unlink()  # a new file, never through the hardlink (write_int8_dynamic renames over it anyway)
+        write_int8_dynamic(scratch.with_name(graph_file_name(kind, inlined=True)), dst)
+    return [dst.name]
+
+
+def _planted(folder: Path, mutant: str, kind: str, precision: str) -> list[str]:
+    """Plant ``mutant`` into the graph of ``kind`` at ``precision`` (and its inlined twin; int8-dyn has none); the
+    files changed."""
+    path = folder / graph_file_name(kind, precision)
+    twin = precision != "int8-dyn"
+    if not mutate_file(path, path, mutant, kind, precision, twin=twin):
+        return []
+    return [path.name] + ([graph_file_name(kind, precision, inlined=True)] if twin else [])
 
 
 def plant(folder: Path, mutant: str, precision: str) -> list[str]:
     """Plant ``mutant`` into every graph of ``precision`` in the build ``folder`` (in place); the files changed.
 
-    ``.ort`` files are regenerated from the mutated graphs; the manifest's entries are rewritten to match.
+    The fp32 ``.ort`` files are regenerated from the mutated graphs (the build's fp32 rows run them); the int8 and
+    int8-dyn ``.ort`` files, which neither judge reads, are removed rather than regenerated, so no stale graph is
+    left behind. The manifest's entries are rewritten to match, as a buggy exporter's manifest would read.
     """
-    from gamexport.engines.ort import write_int8_dynamic, write_ort_format
+    from gamexport.engines.ort import write_ort_format
 
     folder = Path(folder)
     changed: list[str] = []
+    removed: list[str] = []
     for kind in ("prefill", "step"):
-        if precision == "int8-dyn":  # what the exporter quantizes: the (mutated) fp32 inlined graph
-            scratch = folder / f".zoo-{kind}.onnx"
-            if not mutate_file(folder / graph_file_name(kind), scratch, mutant, kind, "fp32"):
-                scratch.unlink(missing_ok=True)
-                continue
-            inlined = scratch.with_name(graph_file_name(kind, "fp32", inlined=True))
-            fp32_inlined = folder / graph_file_name(kind, inlined=True)
-            saved = fp32_inlined.read_bytes()
-            fp32_inlined.write_bytes(inlined.read_bytes())
-            try:
-                write_int8_dynamic(fp32_inlined, folder / graph_file_name(kind, "int8-dyn"))
-            finally:
-                fp32_inlined.write_bytes(saved)
-                scratch.unlink()
-            names = [graph_file_name(kind, "int8-dyn")]
+        if precision == "int8-dyn" and mutant not in INT8_DYN_DIRECT:
+            names = _requantized(folder, mutant, kind)
         else:
-            path = folder / graph_file_name(kind, precision)
-            if not mutate_file(path, path, mutant, kind, precision):
-                continue
-            names = [path.name, graph_file_name(kind, precision, inlined=True)]
+            names = _planted(folder, mutant, kind, precision)
+        if not names:
+            continue
         ort = folder / names[0].replace(".onnx", ".ort")
-        if ort.is_file():
-            write_ort_format(folder / names[0], folder)
+        if ort.is_file() and precision == "fp32":
+            write_ort_format(folder / names[0], folder)  # atomic: a new file, the hardlink is left alone
             names.append(ort.name)
+        elif ort.is_file():
+            ort.unlink()
+            removed.append(ort.name)
         changed += names
-    rewrite_manifest(folder, changed)
+    rewrite_manifest(folder, changed, removed)
     return changed
 
 
-def rewrite_manifest(folder: Path, names: list[str]) -> None:
-    """Rewrite the manifest entries of ``names`` (size, sha256), as a buggy exporter's manifest would read."""
+def rewrite_manifest(folder: Path, names: list[str], removed: list[str] = ()) -> None:
+    """Rewrite the manifest entries of ``names`` (size, sha256) and drop those of ``removed``, as a buggy
+    exporter's manifest would read."""
     import json
 
     from gamexport.fsutil import sha256_file
@@ -269,7 +329,9 @@ def rewrite_manifest(folder: Path, names: list[str]) -> None:
     manifest = json.loads(path.read_text())
     for name in names:
         manifest["files"][name] = {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-    path.write_text(json.dumps(manifest, indent=2))
+    for name in removed:
+        del manifest["files"][name]
+    _write_new(path, json.dumps(manifest, indent=2).encode())
 
 
 # ---- the two judges -------------------------------------------------------------------------------------------
