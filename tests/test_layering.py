@@ -18,7 +18,7 @@ import gamexport.parity
 #: it compares are opened by its callers (the build pipeline, the re-check) and handed in, and asked only through
 #: the declared interface of gamexport.runtime.Runner.
 PARITY_MAY_IMPORT = ("gamexport.parity", "gamexport.config", "gamexport.errors", "gamexport.fsutil",
-                     "gamexport.graph", "gamexport.jsonfile", "gamexport.manifest", "gamexport.model",
+                     "gamexport.graph", "gamexport.jsonfile", "gamexport.layout", "gamexport.manifest", "gamexport.model",
                      "gamexport.polyjson", "gamexport.reference", "gamexport.runtime", "gamexport.tokenizer")
 
 
