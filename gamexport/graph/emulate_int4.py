@@ -20,17 +20,13 @@ from typing import Mapping
 import numpy as np
 
 from ..config import GAMConfig
+from ..reference import _layer_norm  # the paper's float64 LayerNorm
 from . import int4 as q4
+from .emulate_int8 import _causal_conv
 from .int4 import Int4Plan
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
-
-
-def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    mu = x.mean(axis=-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * w + b
 
 
 def int4_weights(cfg: GAMConfig, weights: Mapping[str, np.ndarray], plan: Int4Plan) -> dict[str, np.ndarray]:
@@ -72,10 +68,8 @@ def int4_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, 
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
         h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
-        hcat = np.concatenate([past_all[:, i], h], axis=1)                       # (B, k-1+T, d)
-        conv_w = W[p + "causal_conv.weight"][:, 0, :]                             # (d, k)
-        local = W[p + "causal_conv.bias"] + sum(hcat[:, j:j + T] * conv_w[:, j] for j in range(k1 + 1))
-        presents.append(hcat[:, -k1:])
+        local, present = _causal_conv(W, p, h, past_all[:, i])
+        presents.append(present)
         scores = mm(h, W[p + "memory.scores"])
         e = np.exp(scores - scores.max(axis=-1, keepdims=True))
         glob = mm(e / e.sum(axis=-1, keepdims=True), W[p + "memory.read"])

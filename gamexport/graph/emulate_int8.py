@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from ..config import GAMConfig
+from ..reference import _layer_norm, _softmax  # the paper's float64 LayerNorm and softmax
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -31,17 +32,6 @@ def _fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
 def _deq(table: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """A weight as the graph dequantizes it: int8 values × the per-column (last axis) scales."""
     return table[name].astype(np.float64) * table[name + ".scale"].astype(np.float64)[None, :]
-
-
-def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    mu = x.mean(axis=-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * w + b
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _causal_conv(W: Mapping[str, object], p: str, h: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
