@@ -44,37 +44,54 @@ def _causal_conv(W: Mapping[str, object], p: str, h: np.ndarray, past: np.ndarra
     return local, hcat[:, -k1:]
 
 
-def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, position: int = 0,
-              state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (B, T, V), state (B, L, k-1, d)) of ``ids`` (B, T) starting at ``position`` after ``state`` (the
-    zero state when None) under the INT8 plan; ``table`` is ``builder.int8_initializers(cfg, weights, calib)``."""
-    W = {k: (np.asarray(v, dtype=np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v))
-         for k, v in table.items()}
-    ids = np.asarray(ids, dtype=np.int64)
-    B, T = ids.shape
-    d, k1, eps = cfg.d_model, cfg.state_len, cfg.ln_eps
-    emb = "token_embedding.weight"
-    x = W[emb + ".q_fp16"][ids] * W[emb + ".qT.scale"][ids][..., None]
+def _plan(cfg: GAMConfig, W: Mapping[str, np.ndarray], x: np.ndarray, position: int, state: np.ndarray | None,
+          mm, head: str) -> tuple[np.ndarray, np.ndarray]:
+    """The GAM forward pass both INT8 plans share, from the token embeddings ``x`` (B, T, d): LayerNorms, the conv,
+    softmax, the gates, GELU, biases and the residual stream in float64; every weight MatMul through
+    ``mm(activation, layer prefix, input, weight name)`` — the plan's quantization (activation is one of
+    ``h``, ``probs``, ``hn``, ``gelu``, ``x_f``). (logits (B, T, V), state (B, L, k-1, d)) as float32."""
+    B, T, d = x.shape
+    eps = cfg.ln_eps
     x = x + W["pos_embedding.weight"][position + np.arange(T)][None]
-    past_all = np.zeros((B, cfg.n_layers, k1, d)) if state is None else np.asarray(state, dtype=np.float64)
+    past_all = (np.zeros((B, cfg.n_layers, cfg.state_len, d)) if state is None
+                else np.asarray(state, dtype=np.float64))
     presents = []
     for i in range(cfg.n_layers):
         p = f"blocks.{i}."
         h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
         local, present = _causal_conv(W, p, h, past_all[:, i])
         presents.append(present)
-        hq = _fake_quant(h, float(W[p + "act.h.scale"]))
-        glob = _softmax(hq @ _deq(W, p + "memory_bank.qT")) @ _deq(W, p + "memory_bank.q")
-        g = hq @ _deq(W, p + "gate.weight.qT") + W[p + "gate.bias"]
+        glob = mm("probs", p, _softmax(mm("h", p, h, "memory_bank.qT")), "memory_bank.q")
+        g = mm("h", p, h, "gate.weight.qT") + W[p + "gate.bias"]
         sig = 1.0 / (1.0 + np.exp(-g))
         x = x + sig[..., :d] * local + sig[..., d:] * glob
         hn = _layer_norm(x, W[p + "ln2.weight"], W[p + "ln2.bias"], eps)
-        u = _fake_quant(hn, float(W[p + "act.hn.scale"])) @ _deq(W, p + "ffn.0.weight.qT") + W[p + "ffn.0.bias"]
+        u = mm("hn", p, hn, "ffn.0.weight.qT") + W[p + "ffn.0.bias"]
         a = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
-        x = x + _fake_quant(a, float(W[p + "act.gelu.scale"])) @ _deq(W, p + "ffn.2.weight.qT") + W[p + "ffn.2.bias"]
+        x = x + mm("gelu", p, a, "ffn.2.weight.qT") + W[p + "ffn.2.bias"]
     xf = _layer_norm(x, W["ln_f.weight"], W["ln_f.bias"], eps)
-    logits = _fake_quant(xf, float(W["act.x_f.scale"])) @ _deq(W, emb + ".qT")
+    logits = mm("x_f", "", xf, head)
     return logits.astype(np.float32), np.stack(presents, axis=1).astype(np.float32)
+
+
+def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, position: int = 0,
+              state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (B, T, V), state (B, L, k-1, d)) of ``ids`` (B, T) starting at ``position`` after ``state`` (the
+    zero state when None) under the INT8 plan; ``table`` is ``builder.int8_initializers(cfg, weights, calib)``."""
+    W = {k: (np.asarray(v, dtype=np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v))
+         for k, v in table.items()}
+    emb = "token_embedding.weight"
+    ids = np.asarray(ids, dtype=np.int64)
+    x = W[emb + ".q_fp16"][ids] * W[emb + ".qT.scale"][ids][..., None]
+    # Static Q/DQ: each activation at its calibrated scale; the softmax probabilities stay fp32 (the plan's island).
+    scale = {"h": "act.h.scale", "hn": "act.hn.scale", "gelu": "act.gelu.scale"}
+
+    def mm(act: str, p: str, v: np.ndarray, weight: str) -> np.ndarray:
+        if act == "probs":
+            return v @ _deq(W, p + weight)
+        name = "act.x_f.scale" if act == "x_f" else p + scale[act]
+        return _fake_quant(v, float(W[name])) @ _deq(W, p + weight)
+    return _plan(cfg, W, x, position, state, mm, head=emb + ".qT")
 
 
 # ---- dynamic INT8: what ONNX Runtime's quantize_dynamic makes of the fp32 graph --------------------------------
@@ -132,25 +149,8 @@ def int8_dynamic_plan(cfg: GAMConfig, W: Mapping[str, object], ids: np.ndarray, 
     MatMul is quantized over this call's whole tensor, as the graph does at run time — so a step graph fed in
     chunks must be emulated chunk by chunk. LayerNorm, the conv, softmax, the gates, GELU, biases and the residual
     stay float (the fp32 graph's ops)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    B, T = ids.shape
-    d, k1, eps = cfg.d_model, cfg.state_len, cfg.ln_eps
-    x = W["token_embedding.weight"][ids] + W["pos_embedding.weight"][position + np.arange(T)][None]
-    past_all = np.zeros((B, cfg.n_layers, k1, d)) if state is None else np.asarray(state, dtype=np.float64)
-    presents = []
-    for i in range(cfg.n_layers):
-        p = f"blocks.{i}."
-        h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
-        local, present = _causal_conv(W, p, h, past_all[:, i])
-        presents.append(present)
-        glob = _dyn_matmul(_softmax(_dyn_matmul(h, W[p + "memory_bank.qT"])), W[p + "memory_bank.q"])
-        g = _dyn_matmul(h, W[p + "gate.weight.qT"]) + W[p + "gate.bias"]
-        sig = 1.0 / (1.0 + np.exp(-g))
-        x = x + sig[..., :d] * local + sig[..., d:] * glob
-        hn = _layer_norm(x, W[p + "ln2.weight"], W[p + "ln2.bias"], eps)
-        u = _dyn_matmul(hn, W[p + "ffn.0.weight.qT"]) + W[p + "ffn.0.bias"]
-        a = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
-        x = x + _dyn_matmul(a, W[p + "ffn.2.weight.qT"]) + W[p + "ffn.2.bias"]
-    xf = _layer_norm(x, W["ln_f.weight"], W["ln_f.bias"], eps)
-    logits = _dyn_matmul(xf, W["head.qT"])
-    return logits.astype(np.float32), np.stack(presents, axis=1).astype(np.float32)
+    x = W["token_embedding.weight"][np.asarray(ids, dtype=np.int64)]
+
+    def mm(act: str, p: str, v: np.ndarray, weight: str) -> np.ndarray:   # every input quantized per call
+        return _dyn_matmul(v, W[p + weight])
+    return _plan(cfg, W, x, position, state, mm, head="head.qT")
