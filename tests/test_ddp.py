@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ ARGS = ["--preset", "tiny", "--max-steps", "6", "--eval-every", "3", "--checkpoi
 # Runs `gamexport train` as `torchrun ... -m gamexport.cli.main` would, after installing an audit hook that
 # records every file-system write under $DDP_TEST_OUT; each rank's record lands in $DDP_TEST_LOG.<rank>.json.
 LAUNCHER = textwrap.dedent('''
-    import json, os, runpy, sys
+    import json, os, runpy, sys, time
 
     OUT = os.path.realpath(os.environ["DDP_TEST_OUT"])
     LOG = os.environ["DDP_TEST_LOG"] + "." + os.environ["RANK"] + ".json"
@@ -67,11 +68,24 @@ LAUNCHER = textwrap.dedent('''
 
     # The names of this process's native threads (None without Linux's /proc), when the process group is
     # destroyed and once the command is over.
-    def threads():
+    # A thread may exit between listing the tasks and reading its name: it is then simply not there. At the end
+    # the group's threads get a few seconds to finish exiting; one that never does still shows up.
+    def threads(settle=0.0):
         tasks = "/proc/self/task"
         if not os.path.isdir(tasks):
             return None
-        return sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+        deadline = time.monotonic() + settle
+        while True:
+            names = []
+            for t in os.listdir(tasks):
+                try:
+                    with open(f"{tasks}/{t}/comm") as f:
+                        names.append(f.read().strip())
+                except FileNotFoundError:
+                    pass
+            if not any("gloo" in n for n in names) or time.monotonic() >= deadline:
+                return sorted(names)
+            time.sleep(0.05)
 
     import torch.distributed
     destroy, threads_at = torch.distributed.destroy_process_group, {}
@@ -87,7 +101,7 @@ LAUNCHER = textwrap.dedent('''
         runpy.run_module("gamexport.cli.main", run_name="__main__")
     finally:
         active[0] = False
-        threads_at["end"] = threads()
+        threads_at["end"] = threads(settle=5.0)
         with open(LOG, "w") as f:
             json.dump({"writes": writes, "threads": threads_at}, f)
 ''')
@@ -249,9 +263,21 @@ def test_no_thread_of_the_group_outlives_a_session(monkeypatch):
         distributed.start_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
         return Dist(backend="gloo", owns_group=True)
 
-    def gloo_threads():
-        return [name for name in (open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
-                if "gloo" in name]
+    def gloo_threads(settle=0.0):
+        """The group's threads still alive (those exiting get `settle` seconds); a thread gone mid-listing is gone."""
+        deadline = time.monotonic() + settle
+        while True:
+            names = []
+            for t in os.listdir("/proc/self/task"):
+                try:
+                    with open(f"/proc/self/task/{t}/comm") as f:
+                        names.append(f.read())
+                except FileNotFoundError:
+                    pass
+            alive = [name for name in names if "gloo" in name]
+            if not alive or time.monotonic() >= deadline:
+                return alive
+            time.sleep(0.05)
 
     monkeypatch.setattr(distributed, "init", one_process_group)
     gc.disable()
@@ -272,6 +298,6 @@ def test_no_thread_of_the_group_outlives_a_session(monkeypatch):
                     train_a_step()
             # `error` keeps the exception and its traceback alive, as the CLI's exit path does until the end.
             assert group and group[0]() is None, f"the process group outlived its session ({error})"
-            assert not gloo_threads() and not torch.distributed.is_initialized()
+            assert not gloo_threads(settle=5.0) and not torch.distributed.is_initialized()
     finally:
         gc.enable()
