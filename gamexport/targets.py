@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from gamexport.layout import DEVICES, ENGINES, graph_file
+from gamexport.layout import DEVICES, ENGINES, PRECISION_TABLE, graph_file
 
 Progress = Callable[[str], None]
 
@@ -160,7 +160,26 @@ def _tensorrt_missing() -> str | None:
 # ---- the registry ---------------------------------------------------------------------------------------------
 _CPU_BF16 = ("ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add, Sigmoid); the bf16 graphs are for CUDA "
              "and TensorRT and are checked here structurally")
-_DYNAMIC_CPU_ONLY = "dynamic quantization (MatMulInteger) is a CPU-provider format"
+
+
+def _refused(why: Callable) -> Mapping[str, str]:
+    """{precision: reason} for every precision of the vocabulary that ``why(record)`` gives a reason for."""
+    return MappingProxyType({p.name: r for p in PRECISION_TABLE.values() if (r := why(p))})
+
+
+def _cuda_ort_refuses(p) -> str | None:
+    if p.writer == "ort-dynamic":
+        return "dynamic quantization (MatMulInteger) is a CPU-provider format"
+    return None
+
+
+def _tensorrt_refuses(p) -> str | None:
+    if p.writer == "ort-dynamic":
+        return f"TensorRT takes explicit Q/DQ (int8), not MatMulInteger ({p.name})"
+    if p.contrib_ops:
+        return f"TensorRT's ONNX parser has no {p.contrib_ops} (an ONNX Runtime contrib operator)"
+    return None
+
 
 #: Every target, in the order a plan runs and a report lists them.
 TARGETS: dict[str, Target] = {t.runtime: t for t in (
@@ -169,13 +188,12 @@ TARGETS: dict[str, Target] = {t.runtime: t for t in (
     Target("onnxruntime-cpu", "cpu", "onnxruntime", MappingProxyType({"bf16": _CPU_BF16}), structural=("bf16",),
            opener=_ort_opener("CPUExecutionProvider"), structural_opener=_open_bf16_structural,
            files_opener=_ort_files("CPUExecutionProvider")),
-    Target("onnxruntime-cuda", "cuda", "onnxruntime", MappingProxyType({"int8-dyn": _DYNAMIC_CPU_ONLY}),
+    Target("onnxruntime-cuda", "cuda", "onnxruntime", _refused(_cuda_ort_refuses),
            opener=_ort_opener("CUDAExecutionProvider"), files_opener=_ort_files("CUDAExecutionProvider"),
            missing=_provider_missing("CUDAExecutionProvider")),
     Target("onnxruntime-trt", "cuda", missing=_provider_missing("TensorrtExecutionProvider")),
-    Target("tensorrt", "cuda", "tensorrt",
-           MappingProxyType({"int8-dyn": "TensorRT takes explicit Q/DQ (int8), not MatMulInteger (int8-dyn)"}),
-           opener=_open_trt, missing=_tensorrt_missing, check=_check_trt, cuda_graph=True),
+    Target("tensorrt", "cuda", "tensorrt", _refused(_tensorrt_refuses), opener=_open_trt, missing=_tensorrt_missing,
+           check=_check_trt, cuda_graph=True),
 )}
 
 #: The reference every parity row is measured against, and the pair the build checks in full detail (each fp32

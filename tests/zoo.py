@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gamexport.graph.builder import graph_file_name, inline, serialize
+from gamexport.graph.builder import inline, serialize
+from gamexport.layout import graph_file
 
 # ---- helpers on a ModelProto ----------------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ def mutate_file(src: Path, dst: Path, mutant: str, kind: str, precision: str, tw
     if changed:
         _write_new(dst, serialize(model))
         if twin:
-            _write_new(dst.with_name(graph_file_name(kind, precision, inlined=True)), serialize(inline(model)))
+            _write_new(dst.with_name(graph_file(kind, precision, inlined=True)), serialize(inline(model)))
     return changed
 
 
@@ -268,23 +269,23 @@ def _requantized(folder: Path, mutant: str, kind: str) -> list[str]:
     from gamexport.engines.ort import write_int8_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / graph_file_name(kind)
-        if not mutate_file(folder / graph_file_name(kind), scratch, mutant, kind, "fp32"):
+        scratch = Path(tmp) / graph_file(kind)
+        if not mutate_file(folder / graph_file(kind), scratch, mutant, kind, "fp32"):
             return []
-        dst = folder / graph_file_name(kind, "int8-dyn")
+        dst = folder / graph_file(kind, "int8-dyn")
         dst.unlink()  # a new file, never through the hardlink (write_int8_dynamic renames over it anyway)
-        write_int8_dynamic(scratch.with_name(graph_file_name(kind, inlined=True)), dst)
+        write_int8_dynamic(scratch.with_name(graph_file(kind, inlined=True)), dst)
     return [dst.name]
 
 
 def _planted(folder: Path, mutant: str, kind: str, precision: str) -> list[str]:
     """Plant ``mutant`` into the graph of ``kind`` at ``precision`` (and its inlined twin; int8-dyn has none); the
     files changed."""
-    path = folder / graph_file_name(kind, precision)
+    path = folder / graph_file(kind, precision)
     twin = precision != "int8-dyn"
     if not mutate_file(path, path, mutant, kind, precision, twin=twin):
         return []
-    return [path.name] + ([graph_file_name(kind, precision, inlined=True)] if twin else [])
+    return [path.name] + ([graph_file(kind, precision, inlined=True)] if twin else [])
 
 
 def plant(folder: Path, mutant: str, precision: str) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gamexport import layout
 from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS, GAMConfig
 from gamexport.errors import GamexportError
 from gamexport.runtime import Runner
@@ -66,11 +67,11 @@ class OrtRunner(Runner):
     def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,
                     precision: str = "fp32", step_only: bool = False) -> "OrtRunner":
         """A runner over a build folder; the config is read from the graph's metadata."""
-        from gamexport.graph.builder import graph_file_name
+        from gamexport.layout import graph_file
 
         folder = Path(folder)
-        model_path = folder / graph_file_name("prefill", precision, inlined)
-        step_path = folder / graph_file_name("step", precision, inlined)
+        model_path = folder / graph_file("prefill", precision, inlined)
+        step_path = folder / graph_file("step", precision, inlined)
         return cls(None if step_only else model_path, step_path, None, threads, precision)
 
     def precision_note(self) -> str:
@@ -79,7 +80,7 @@ class OrtRunner(Runner):
         p = self.precision
         if self.structural:
             return BF16_STRUCTURAL
-        if p.startswith("int8"):
+        if layout.precision(p).quantized:
             ops = ", ".join(f"{v}× {k}" for k, v in self.matmul_ops.items())
             return f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
         if p != "fp32" and self.compute_precision == "fp32":

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gamexport.layout import CALIBRATED_PRECISIONS, RUNTIME_SCALED_PRECISIONS
+
 if TYPE_CHECKING:
     from .rows import ParityRow
 
@@ -263,7 +265,7 @@ def run_chunks(runner, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, n
 #: split): such rows are informational, never a gate.
 CALIBRATION_TEXT = "calibration-text"
 #: Precisions calibrated on the held-out text (static INT8; dynamic INT8 measures its scales at run time).
-CALIBRATED = ("int8",)
+CALIBRATED = CALIBRATED_PRECISIONS
 CALIBRATION_NOTE = ("scored on its own calibration text (the held-out text gave fewer than 2 rows): "
                     "not a held-out gate")
 
@@ -331,8 +333,8 @@ def informational_reason(row: dict) -> str:
     """Why a row with ``gated: false`` is not a gate, in a few words (report.md and error lines)."""
     if row.get("input") == CALIBRATION_TEXT:
         return "scored on its own calibration text"
-    if row.get("chunks") and row.get("precision") == "int8-dyn":
-        return "int8-dyn chunks quantized with their own run-time scales, too few tokens to gate"
+    if row.get("chunks") and row.get("precision") in RUNTIME_SCALED_PRECISIONS:
+        return f"{row['precision']} chunks quantized with their own run-time scales, too few tokens to gate"
     if str(row.get("reference", "")).startswith("emulation-"):
         return "plan and fp32 compute indistinguishable on these inputs"
     if (row.get("tolerances") or {}).get("ppl_rel") is not None:
