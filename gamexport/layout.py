@@ -56,6 +56,8 @@ PRECISION_TABLE: dict[str, Precision] = {p.name: p for p in (
     Precision("bf16", 2, half=True),
     Precision("int8", 1, quantized=True, calibrated=True, ort_format=True),
     Precision("int8-dyn", 1, writer="ort-dynamic", quantized=True, runtime_scales=True, ort_format=True),
+    # 4-bit blocks of 32 with one fp32 scale each (0.5 + 4/32 bytes a weight); the head's 8-bit blocks are more
+    Precision("int4", 0.625, quantized=True, ort_format=True, contrib_ops="MatMulNBits"),
 )}
 PRECISIONS = tuple(PRECISION_TABLE)
 #: Written by gamexport's own graph builder (int8-dyn is ONNX Runtime's dynamic quantization of the fp32 graph).
@@ -66,9 +68,6 @@ CALIBRATED_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.cali
 #: Precisions whose activation scales are taken per call (chunked rows differ from the prefill's by design).
 RUNTIME_SCALED_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.runtime_scales)
 ORT_FORMAT_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.ort_format)
-#: Written by the graph builder but not offered by the build yet: INT4 (ONNX Runtime's MatMulNBits, 4-bit weight
-#: blocks; gamexport/graph/int4.py, docs/int4.md). Not in PRECISIONS, so no command accepts it today.
-EXPERIMENTAL_PRECISIONS = ("int4",)
 #: Bytes of one weight at each precision (the bench's weight-streaming arithmetic).
 WEIGHT_BYTES = {p.name: p.weight_bytes for p in PRECISION_TABLE.values()}
 

@@ -25,7 +25,7 @@ import pytest
 
 import zoo
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn", "int4")
 
 
 def _key(args) -> tuple:
@@ -154,7 +154,7 @@ def demo(tmp_path_factory):
     assert result.passed, "the unmutated demo build must pass all its gated rows"
     (emulate,) = memo_emulators.made.values()  # the build asked for its precisions' emulations, once or more
     assert set(emulate) == {"emulation-fp16-weights", "emulation-bf16-weights", "emulation-int8",
-                            "emulation-int8-dyn"}
+                            "emulation-int8-dyn", "emulation-int4"}
     ckpt = resolve_source(None, None)
     text = held_out_ids(ckpt)
     _, eval_ids = split_calibration(text, ckpt.config)

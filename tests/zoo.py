@@ -159,6 +159,19 @@ def int8_scale_wrong(model, kind, precision) -> bool:
     return _edit_initializers(model, lambda n: n.endswith("memory_bank.q.scale"), lambda s: s * 0.97) > 0
 
 
+def int4_scale_wrong(model, kind, precision) -> bool:
+    """One 32-value block's INT4 weight scale 3 % high (blocks.1's memory read, its first block of its first
+    output): the smallest scale error an INT4 exporter can make."""
+    if precision != "int4":
+        return False
+
+    def one_block(scale):
+        out = scale.copy()
+        out[0, 0] *= 1.03
+        return out
+    return _edit_initializers(model, lambda n: n == "blocks.1.memory_bank.q4T.scale", one_block) > 0
+
+
 def position_off_by_one(model, kind, precision) -> bool:
     """The step graph's positions one too early (position_ids − 1 + offsets; −1 gathers the last row, as
     ONNX Gather wraps negative indices, so nothing crashes — +1 would make ONNX Runtime raise at the last
@@ -185,6 +198,14 @@ def state_not_advanced(model, kind, precision) -> bool:
 
 def head_wrong_tensor(model, kind, precision) -> bool:
     """The tied head reads a stale copy of the embedding whose rows are one token off (rows rolled by one)."""
+    if precision == "int4":  # the head is a MatMulNBits of the embedding's packed rows and their block scales
+        head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                    and n.input[1].startswith("token_embedding.weight.q"))
+        for i in (1, 2):
+            value = numpy_helper.to_array(_initializer(model, head.input[i]))
+            model.graph.initializer.append(numpy_helper.from_array(np.roll(value, 1, axis=0), "zoo_" + head.input[i]))
+            head.input[i] = "zoo_" + head.input[i]
+        return True
     if precision == "int8":
         names = ("token_embedding.weight.qT", "token_embedding.weight.qT.scale")
         head = next(n for n in model.graph.node if list(n.output) == ["head_t"])
@@ -210,15 +231,17 @@ def _d_model(model: onnx.ModelProto) -> int:
 MUTANTS: dict[str, Callable] = {f.__name__: f for f in (
     conv_taps_reversed, conv_shifted, conv_bias_dropped, memory_scaled, gates_swapped,
     gate_bias_dropped_one_layer, ffn_bias_dropped_one, tanh_gelu, layernorm_eps, int8_scale_wrong,
-    position_off_by_one, state_not_advanced, head_wrong_tensor)}
+    position_off_by_one, state_not_advanced, head_wrong_tensor, int4_scale_wrong)}
 
 #: Precisions whose graphs gamexport's builder writes itself (int8-dyn is derived from the fp32 inlined graph).
-BUILT = ("fp32", "fp16", "bf16", "int8")
+BUILT = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 def applies(mutant: str, precision: str) -> bool:
-    """Whether a mutant makes sense at a precision (INT8 scales exist only in int8 graphs)."""
-    return mutant != "int8_scale_wrong" or precision == "int8"
+    """Whether a mutant makes sense at a precision (INT8 scales exist only in int8 graphs, INT4 block scales only
+    in int4 graphs)."""
+    own = {"int8_scale_wrong": "int8", "int4_scale_wrong": "int4"}
+    return mutant not in own or precision == own[mutant]
 
 
 # ---- planting into a build folder -----------------------------------------------------------------------------

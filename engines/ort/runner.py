@@ -90,7 +90,8 @@ class OrtRunner(Runner):
     def plan_runner(self, threads: int | None = None) -> "OrtRunner | None":
         """The emulations describe ONNX Runtime's CPU provider: this runner (fp16/bf16 graphs computed in fp32), or
         a new runner over the same graphs — int8 with its Q/DQ pairs run as written (``QDQ_REFERENCE``), int8-dyn
-        with exact integer MatMuls — that does not refuse NaN (parity's rows judge it). Other providers: None."""
+        with exact integer MatMuls, int4 at accuracy level 0 (fp32 products of the same 4-bit weights) — that does
+        not refuse NaN (parity's rows judge it). Other providers: None."""
         if self.provider != "CPUExecutionProvider":
             return None
         if self.precision == "int8-dyn":
@@ -98,6 +99,8 @@ class OrtRunner(Runner):
         elif self.precision == "int8":
             twin = OrtRunner(self.model_path, self.step_path, self.config, threads, precision="int8",
                              session_config=QDQ_REFERENCE)
+        elif self.precision == "int4":
+            twin = int4_level0_runner(self.model_path, self.step_path, self.config, threads)
         else:
             return self
         twin.check_finite = False
@@ -149,6 +152,15 @@ def exact_int8_dynamic_runner(model_path: Path, step_path: Path, config: GAMConf
     """A runner over int8-dyn graphs with exact integer MatMuls (:func:`exact_integer_matmuls`): the graphs'
     own arithmetic, comparable with the NumPy emulation of dynamic quantization to float rounding."""
     return _rewritten_runner(model_path, step_path, config, threads, "int8-dyn", exact_integer_matmuls)
+
+
+def int4_level0_runner(model_path: Path, step_path: Path, config: GAMConfig, threads: int | None) -> "OrtRunner":
+    """A runner over INT4 graphs with every MatMulNBits at ``accuracy_level`` 0: the same 4-bit weights and wiring
+    multiplied in fp32, comparable with the float64 emulation of the INT4 plan to fp32 rounding (at level 4 the
+    activations' int8 rounding is as large as a one-block bug)."""
+    from gamexport.graph.emulate_int4 import with_accuracy_level
+
+    return _rewritten_runner(model_path, step_path, config, threads, "int4", lambda m: with_accuracy_level(m, 0))
 
 
 #: The note of rows computed by :func:`bf16_structural_runner`.

@@ -18,7 +18,7 @@ from .. import __version__
 from ..config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
 from ..errors import GraphError
 from ..jsonfile import Obj, parse_json
-from ..layout import EXPERIMENTAL_PRECISIONS, GRAPH_PRECISIONS, graph_file
+from ..layout import GRAPH_PRECISIONS, graph_file
 from . import int4 as q4
 from .int4 import Int4Plan
 
@@ -35,7 +35,7 @@ META_GRAPH = "gamexport.graph"
 
 _DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
-#: The builder writes ``layout.GRAPH_PRECISIONS`` (and the experimental ones). In a half-precision graph the
+#: The builder writes ``layout.GRAPH_PRECISIONS``. In a half-precision graph the
 #: weights of every MatMul (memory bank, gate, FFN, tied embedding/head) and their biases are stored and
 #: multiplied in half precision; LayerNorm, Softmax, the sigmoid gates and fusion, the residual stream, the (tiny,
 #: depthwise) convolution and therefore the streaming state stay fp32 — the "fp32 islands". Graph inputs and
@@ -451,12 +451,12 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
 
     INT8 needs ``calibration``: the max |activation| per quantized activation (``blocks.{i}.act.h``, ``.act.hn``,
     ``.act.gelu`` and ``act.x_f``), shared by the prefill and step graphs so that chunk steps equal prefill.
-    INT4 (experimental, ONNX Runtime only) follows ``int4`` (the default ``Int4Plan()`` when None).
+    INT4 (ONNX Runtime only: MatMulNBits) follows ``int4`` (the default ``Int4Plan()`` when None).
     """
     if kind not in ("prefill", "step"):
         raise ValueError(f"kind must be 'prefill' or 'step', not {kind!r}")
-    if precision not in GRAPH_PRECISIONS + EXPERIMENTAL_PRECISIONS:
-        raise ValueError(f"precision must be one of {GRAPH_PRECISIONS + EXPERIMENTAL_PRECISIONS}, not {precision!r}")
+    if precision not in GRAPH_PRECISIONS:
+        raise ValueError(f"precision must be one of {GRAPH_PRECISIONS}, not {precision!r}")
     half = HALF_TYPES.get(precision)
     int8 = precision == "int8"
     plan = (int4 or Int4Plan()) if precision == "int4" else None

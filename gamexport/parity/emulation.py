@@ -14,6 +14,9 @@ its own plan, tight enough to catch one-layer bugs that hide under the precision
   graph with exact integer MatMuls (``OrtRunner.plan_runner``: ``engines.ort.exact_int8_dynamic_runner``), under
   ``parity.INT8_DYN_PLAN``, logits and state. Its scales depend on each call's whole tensor, so a chunked step run
   is emulated chunk by chunk.
+- ``emulation-int4``: the float64 emulation of the INT4 plan (``gamexport.graph.emulate_int4``: the checkpoint's
+  weights fake-quantized to 4-bit blocks, the head to 8-bit blocks) at accuracy level 0, against the INT4 graphs'
+  level-0 twin (``OrtRunner.plan_runner``: ``engines.ort.int4_level0_runner``), under ``parity.INT4_PLAN``.
 
 The build computes them on its parity inputs and keeps them in ``DIR/parity/`` beside eager fp32's outputs
 (Polygraphy JSON, ``prefill_outputs.<reference>.json`` / ``step_outputs.<reference>.json``), so that
@@ -111,6 +114,18 @@ def _int8_dynamic_emulation(ckpt, calibration):
     return lambda ids, position=0, state=None: int8_dynamic_plan(cfg, dyn, ids, position, state)
 
 
+def _int4_emulation(ckpt, calibration):
+    """The INT4 plan the build writes (``Int4Plan()``) at accuracy level 0: what the graphs' level-0 twin computes."""
+    from dataclasses import replace
+
+    from gamexport.graph.emulate_int4 import int4_plan, int4_weights
+    from gamexport.graph.int4 import Int4Plan
+
+    cfg, plan = ckpt.config, Int4Plan()
+    table, level0 = int4_weights(cfg, ckpt.weights, plan), replace(plan, accuracy_level=0)
+    return lambda ids, position=0, state=None: int4_plan(cfg, table, ids, level0, position, state)
+
+
 def _fp32_on_rounded_weights(precision: str) -> Callable:
     def tol():
         from dataclasses import replace
@@ -131,6 +146,7 @@ EMULATIONS: tuple[Emulation, ...] = (
                 fp32_compute=True) for half in layout.HALF_PRECISIONS),
     Emulation("emulation-int8", "int8", _int8_emulation, lambda: _metrics().INT8_PLAN),
     Emulation("emulation-int8-dyn", "int8-dyn", _int8_dynamic_emulation, lambda: _metrics().INT8_DYN_PLAN),
+    Emulation("emulation-int4", "int4", _int4_emulation, lambda: _metrics().INT4_PLAN),
 )
 BY_NAME = {e.name: e for e in EMULATIONS}
 #: reference name → the precision whose graphs it checks

@@ -85,6 +85,11 @@ TOLERANCES: dict[str, Tolerance] = {
                       reason="static INT8 Q/DQ: perplexity on held-out text within 2 % of fp32"),
     "int8-dyn": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02, state_abs=0.12,
                           reason="dynamic INT8 (MatMulInteger): perplexity on held-out text within 2 % of fp32"),
+    # noise: ppl change +0.47 % on the demo's held-out text with the default plan (4-bit blocks of 32, the head in
+    # 8-bit blocks; a 4-bit head costs +1.8 %, docs/int4.md). A quality gate like INT8's, 3 %: the bugs are caught
+    # by the emulation reference (INT4_PLAN below). The state gate is INT8's (state not advanced: 0.19 or more).
+    "int4": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.03, state_abs=0.12,
+                      reason="INT4 weight blocks (MatMulNBits): perplexity on held-out text within 3 % of fp32"),
 }
 
 #: An INT8 graph run as written (Q/DQ pairs unfused, ``engines.ort.QDQ_REFERENCE``) against the NumPy
@@ -115,6 +120,18 @@ INT8_PLAN = Tolerance(max_abs=1e-3, kl=None, top1=None, margin=0.05, abs_quantil
 INT8_DYN_PLAN = Tolerance(max_abs=1e-3, kl=None, top1=None, margin=0.05, abs_quantile=0.5,
                           reason="must equal the NumPy emulation of ONNX Runtime's dynamic quantization (same "
                                  "weight scales, run-time activation scales) to rounding, at the median position")
+
+
+#: An INT4 graph's twin with ``accuracy_level`` 0 (the same 4-bit weights and wiring, fp32 products:
+#: ``OrtRunner.plan_runner``) against the float64 emulation of the INT4 plan at level 0
+#: (``gamexport.graph.emulate_int4``), from the checkpoint's fp32 weights. Noise (demo model, held-out text):
+#: max |diff| 8.4e-7 × max(1, max|ref|). The gate, 1e-5, is 12× that and 7.6× under the weakest planted bug, one
+#: 32-value block's scale 3 % off (7.6e-5); a whole tensor's scales 3 % off reach 6.4e-3, a dropped gate bias 4e-3.
+#: At level 4 (what ships) ONNX Runtime rounds each block of each MatMul input to int8, a noise (4.8e-3) as large as
+#: a one-block bug: the graph as written is judged by the perplexity gate above, its wiring by this twin.
+INT4_PLAN = Tolerance(max_abs=1e-5, kl=None, top1=None, margin=0.05, state_abs=None,
+                      reason="accuracy-level-0 twin must equal the float64 emulation of the INT4 plan to fp32 "
+                             "rounding")
 
 
 def tolerance(precision: str) -> Tolerance:

@@ -266,12 +266,12 @@ def latency(b: Build) -> None:
 def report(b: Build) -> None:
     """report.json, report.md, the latency plot and the manifest, in the staging folder."""
     from gamexport.bench import machine_info
-    from gamexport.report import build_report, render_markdown
+    from gamexport.report import build_report, graph_sizes, render_markdown
 
     b.stage("report", "writing report")
     machine = {**machine_info(b.threads), **({"limits": limits_summary(b.limits)} if b.limits else {})}
     b.report = build_report(b.ckpt, is_trained(b.ckpt), b.counted, machine, b.artifacts, b.graph_checks, b.parity,
-                            b.latency, b.skipped)
+                            b.latency, b.skipped, graph_sizes(b.staging, b.precisions))
     atomic_write_text(b.staging / REPORT_JSON, dumps_json(b.report))
     atomic_write_text(b.staging / REPORT_MD, render_markdown(b.report))
     if b.latency:
