@@ -203,6 +203,8 @@ BASELINE = ("onnxruntime-cpu", "fp32")
 
 #: (runtime, precision) pairs that cannot run, and why (derived from :data:`TARGETS`).
 UNSUPPORTED = {(t.runtime, p): why for t in TARGETS.values() for p, why in t.unsupported.items()}
+#: The precisions ONNX Runtime's CPU provider computes (what the bench times by default).
+CPU_PRECISIONS = tuple(p for p in PRECISION_TABLE if ("onnxruntime-cpu", p) not in UNSUPPORTED)
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------

@@ -87,8 +87,10 @@ TOLERANCES: dict[str, Tolerance] = {
                           reason="dynamic INT8 (MatMulInteger): perplexity on held-out text within 2 % of fp32"),
     # noise: ppl change +0.47 % on the demo's held-out text with the default plan (4-bit blocks of 32, the head in
     # 8-bit blocks; a 4-bit head costs +1.8 %, docs/int4.md). A quality gate like INT8's, 3 %: the bugs are caught
-    # by the emulation reference (INT4_PLAN below). The state gate is INT8's (state not advanced: 0.19 or more).
-    "int4": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.03, state_abs=0.12,
+    # by the emulation reference (INT4_PLAN below). State noise against eager fp32: up to 0.128 × max(1, max|state|)
+    # on the demo's saved feeds (4-bit weights move the normalised inputs the state holds); 0.25 is 2× that, a
+    # coarse gate — the state mutants (0.19) hide under it, and INT4_PLAN's state check (1e-5) catches them.
+    "int4": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.03, state_abs=0.25,
                       reason="INT4 weight blocks (MatMulNBits): perplexity on held-out text within 3 % of fp32"),
 }
 
