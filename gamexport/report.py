@@ -76,7 +76,7 @@ def graph_sizes(folder: Path, precisions: Sequence[str]) -> dict[str, dict]:
 def recheck_report(folder: Path, parity: Sequence[ParityRow], skipped: list[dict], precisions: tuple[str, ...],
                    threads: int | None) -> dict:
     """The report of ``gamexport parity DIR`` (``--report``): the verdict of ``parity`` over ``precisions``."""
-    from gamexport.bench import machine_info
+    from gamexport.machine import machine_info
     from gamexport.parity import verdict
 
     rows = [row.to_dict() for row in parity]

@@ -363,7 +363,7 @@ def int8_roofline(cfg, gbps: float) -> float:
 def test_other_processes_cpu(monkeypatch):
     """Other processes' cores = (all busy CPU − this process's own) ÷ wall; the bench marks > 0.2 busy."""
     from gamexport.bench.command import run_load
-    from gamexport.bench.timing import cpu_seconds, other_cpu_cores
+    from gamexport.machine import cpu_seconds, other_cpu_cores
 
     assert other_cpu_cores((100.0, 10.0), (130.0, 20.0), 10.0) == 2.0
     assert other_cpu_cores((100.0, 10.0), (105.0, 20.0), 10.0) == 0.0   # never negative

@@ -173,6 +173,20 @@ def test_unmutated_build_passes_its_gated_rows_and_the_recheck(demo):
         assert {r["reference"] for r in rows if r.get("gated", True)} >= {"eager-fp32", *emulations}
 
 
+def test_report_lists_graph_sizes_and_int4_is_under_0_3_of_fp32(demo):
+    """The report's *Graph sizes* are the files' own bytes, and the INT4 graphs (4-bit blocks, 8-bit head) of the
+    demo model stay within issue 14's budget: at most 0.3× the fp32 graphs' bytes (measured 0.235×)."""
+    from gamexport.layout import graph_file
+
+    folder, *_ = demo
+    sizes = json.loads((folder / "report.json").read_text())["graph_sizes"]
+    assert set(sizes) == set(PRECISIONS)
+    for p, entry in sizes.items():
+        assert entry["prefill_bytes"] == (folder / graph_file("prefill", p)).stat().st_size
+    assert sizes["fp32"]["vs_fp32"] == 1.0 and sizes["int4"]["vs_fp32"] <= 0.3
+    assert "## Graph sizes" in (folder / "report.md").read_text()
+
+
 def test_memo_answers_repeated_calls_from_memory_and_distinct_calls_afresh():
     """The zoo's speed-up must not hand one input's reference to another input."""
     seen = []

@@ -89,7 +89,7 @@ TOLERANCES: dict[str, Tolerance] = {
     # 8-bit blocks; a 4-bit head costs +1.8 %, docs/int4.md). A quality gate like INT8's, 3 %: the bugs are caught
     # by the emulation reference (INT4_PLAN below). State noise against eager fp32: up to 0.128 × max(1, max|state|)
     # on the demo's saved feeds (4-bit weights move the normalised inputs the state holds); 0.25 is 2× that, a
-    # coarse gate — the state mutants (0.19) hide under it, and INT4_PLAN's state check (1e-5) catches them.
+    # coarse gate (it caught the zoo's two state mutants at int4; INT4_PLAN's state check, 1e-5, catches them too).
     "int4": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.03, state_abs=0.25,
                       reason="INT4 weight blocks (MatMulNBits): perplexity on held-out text within 3 % of fp32"),
 }

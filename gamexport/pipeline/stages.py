@@ -265,7 +265,7 @@ def latency(b: Build) -> None:
 # ---- report ---------------------------------------------------------------------------------------------------
 def report(b: Build) -> None:
     """report.json, report.md, the latency plot and the manifest, in the staging folder."""
-    from gamexport.bench import machine_info
+    from gamexport.machine import machine_info
     from gamexport.report import build_report, graph_sizes, render_markdown
 
     b.stage("report", "writing report")
