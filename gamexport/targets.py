@@ -48,7 +48,8 @@ class Target:
     a structural run (never timed); ``opener`` opens a Runner (:data:`Opener`), ``files_opener`` one over two named
     graph files;
     ``missing()``: why it is not installed here (None: it is); ``cuda_graph``: it can replay decode steps from
-    CUDA graphs.
+    CUDA graphs; ``opening``: what a progress line says while it opens, when that is slow; ``may_fail``: a
+    failure to run it is a skipped row starting with this text, not a bug (torch.compile needs a C++ toolchain).
     """
 
     runtime: str
@@ -62,6 +63,8 @@ class Target:
     missing: Callable[[], str | None] = lambda: None
     check: Callable[[object, OpenOptions], None] = lambda cfg, options: None
     cuda_graph: bool = False
+    opening: str | None = None
+    may_fail: str | None = None
 
     def why_not(self, precision: str) -> str | None:
         """Why this target cannot run ``precision`` (None: it can)."""
@@ -184,7 +187,9 @@ def _tensorrt_refuses(p) -> str | None:
 #: Every target, in the order a plan runs and a report lists them.
 TARGETS: dict[str, Target] = {t.runtime: t for t in (
     Target("eager", "cpu", opener=_open_eager),
-    Target("eager-compile", "cpu", opener=_open_eager),
+    Target("eager-compile", "cpu", opener=_open_eager,
+           opening="compile: torch.compile of prefill and step (slow on CPU; compiled on the first calls)",
+           may_fail="torch.compile failed"),
     Target("onnxruntime-cpu", "cpu", "onnxruntime", MappingProxyType({"bf16": _CPU_BF16}), structural=("bf16",),
            opener=_ort_opener("CPUExecutionProvider"), structural_opener=_open_bf16_structural,
            files_opener=_ort_files("CPUExecutionProvider")),

@@ -177,21 +177,24 @@ def runtime_rows(pairs: list[tuple[str, str]], ckpt, folder: Path, limits: dict,
     decode: list[dict] = []
     skipped: list[dict] = []
     for runtime, precision in pairs:
-        if runtime == "eager-compile":
-            say("compile: torch.compile of prefill and step (slow on CPU; compiled on the first calls)")
+        from gamexport.targets import TARGETS
+
+        target = TARGETS[runtime]
+        if target.opening:
+            say(target.opening)
         runner = open_runner(runtime, precision, ckpt, folder, threads)
         try:
             rows_p = [] if "prefill" in skip else prefill_rows(runner, cfg, limits, effort, threads, say)
             rows_d = [] if "decode" in skip else decode_rows(runner, cfg, limits, effort, threads, say)
             prefill += rows_p
             decode += rows_d
-        except Exception as exc:  # torch.compile needs a working C++ toolchain; anything else is a bug
-            if runtime != "eager-compile":
+        except Exception as exc:  # only a target that may fail (torch.compile's toolchain) is skipped; else a bug
+            if not target.may_fail:
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             skipped.append({"runtime": runtime, "precision": precision,
-                            "reason": f"torch.compile failed: {type(exc).__name__}: {first}"})
-            say(f"compile: torch.compile failed, skipped ({type(exc).__name__})")
+                            "reason": f"{target.may_fail}: {type(exc).__name__}: {first}"})
+            say(f"{runtime}: {target.may_fail}, skipped ({type(exc).__name__})")
         finally:
             runner.close()
             del runner
