@@ -124,7 +124,7 @@ def export(b: Build) -> None:
     if any(p in CALIBRATED_PRECISIONS for p in b.precisions):
         calibrate(b, calib_ids)
     written = export_graphs(b.cfg, b.ckpt.weights, b.staging, b.ckpt.sha256,
-                            tuple(p for p in b.precisions if p in GRAPH_PRECISIONS), b.calibration)
+                            tuple(p for p in b.precisions if p in GRAPH_PRECISIONS), b.calibration, b.opts.int4)
     written.update(write_runtime_formats(b))
     b.artifacts = sorted(written)
     atomic_write_json(b.staging / CONFIG, {**b.ckpt.meta, **b.cfg.to_dict(),
@@ -215,7 +215,7 @@ def parity(b: Build) -> None:
     b.parity, baseline = fp32_parity(b.ckpt, b.eager, fp32_artifacts(b), b.progress, b.text_ids)
     b.runners = [baseline]
     reference = PrecisionReference.for_build(b.ckpt, b.eager, b.eval_ids,
-                                             emulators(b.ckpt, b.precisions, b.calibration))
+                                             emulators(b.ckpt, b.precisions, b.calibration, b.opts.int4))
     for runtime, precision in b.plan.pairs:
         if (runtime, precision) != BASELINE:  # checked above, artifact by artifact
             b.runners.append(open_runner(runtime, precision, b.staging, b.cfg, b.options))
@@ -234,7 +234,7 @@ def parity(b: Build) -> None:
         raise NothingCheckedError(b.counted.nothing_checked(), "this is a bug in gamexport (its fp32 rows are "
                                   "always gated): rerun with --debug and report it")
     write_parity_references(b.staging, b.eager, b.cfg, b.text_ids)
-    write_emulation_references(b.staging, b.ckpt, b.precisions, b.calibration)
+    write_emulation_references(b.staging, b.ckpt, b.precisions, b.calibration, b.opts.int4)
 
 
 def fp32_artifacts(b: Build) -> dict:
