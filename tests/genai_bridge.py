@@ -86,3 +86,16 @@ def bridge_build(build_dir: Path, cfg: GAMConfig, precisions=("fp32",)) -> Path:
         path = build_dir / graph_file("step", precision)
         to_state_convention(path, path, cfg)
     return build_dir
+
+
+def refresh_manifest(build_dir: Path) -> None:
+    """The manifest's file list recomputed after the bridge rewrote graphs (and bundles were added), so that
+    commands which verify the folder accept the bridged copy; every other field is kept."""
+    from gamexport.fsutil import atomic_write_json, sha256_file
+    from gamexport.manifest import read_manifest
+    from gamexport.layout import MANIFEST
+
+    manifest = read_manifest(build_dir)
+    manifest["files"] = {p.relative_to(build_dir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                         for p in sorted(build_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    atomic_write_json(build_dir / MANIFEST, manifest)

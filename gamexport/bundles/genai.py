@@ -37,8 +37,6 @@ CONFIG_FILE = "genai_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 #: The model type of onnxruntime-genai that runs a conv-state-only decoder.
 MODEL_TYPE = "lfm2"
-#: The install command a user without the client is told.
-INSTALL = "pip install 'gamexport[genai]'  (or: pip install onnxruntime-genai)"
 #: Sampling defaults written into the ``search`` section: greedy unless a caller turns sampling on, and then the
 #: same temperature, top-k and top-p as ``gamexport generate``.
 SEARCH_DEFAULTS = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0,
@@ -195,5 +193,5 @@ def write_bundle(build_dir: str | Path, precision: str = "fp32") -> Path:
     return target
 
 
-__all__ = ["BundleError", "CONFIG_FILE", "DECODER_FILE", "INSTALL", "TOKENIZER_CONFIG", "convention_problem",
+__all__ = ["BundleError", "CONFIG_FILE", "DECODER_FILE", "TOKENIZER_CONFIG", "convention_problem",
            "genai_config", "read_build", "special_tokens", "tokenizer_config", "write_bundle"]
