@@ -99,7 +99,8 @@ class GenaiModel:
         sampling = sampling or SamplingConfig()
         options = {"batch_size": arr.shape[0], "max_length": min(arr.shape[1] + max_new_tokens, self.context_length)}
         if sampling.temperature > 0:
-            options.update(do_sample=True, temperature=float(sampling.temperature), top_k=min(int(sampling.top_k or self.vocab_size), self.vocab_size),
+            top_k = min(int(sampling.top_k or self.vocab_size), self.vocab_size)  # gamexport's 0 = all
+            options.update(do_sample=True, temperature=float(sampling.temperature), top_k=top_k,
                            top_p=float(sampling.top_p), random_seed=int(sampling.seed))
         else:
             options.update(do_sample=False)
@@ -107,13 +108,14 @@ class GenaiModel:
         params.set_search_options(**options)
         generator = og.Generator(self.model, params)
         generator.append_tokens(arr)
+        # Each step's tokens as the generator returns them: a sequence that ends when every row is done does not get
+        # the last eos appended (get_sequence misses it), and a row done early is padded afterwards.
+        out: list[list[int]] = [[] for _ in range(arr.shape[0])]
         while not generator.is_done():
             generator.generate_next_token()
-        out = []
-        for row in range(arr.shape[0]):
-            new = [int(t) for t in generator.get_sequence(row)[arr.shape[1]:]]
-            end = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), len(new))
-            out.append(new[:end])  # a row that ended early is padded to the batch's length: drop the padding
+            for row, token in enumerate(generator.get_next_tokens()):
+                if not out[row] or out[row][-1] not in self.eos_ids:
+                    out[row].append(int(token))
         return out
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,

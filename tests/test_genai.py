@@ -190,7 +190,8 @@ def test_og_greedy_equals_gamexport_greedy_on_ids(tiny_plain, tiny_bridged, prec
 @needs_genai
 def test_og_greedy_on_heldout_text(demo_plain, demo_bridged):
     """The demo model on held-out prompts: og's tokenizer encodes as gamexport's does, og.Generator greedy (batch 2,
-    equal lengths) equals gamexport's greedy decode token for token, eos included."""
+    equal lengths) equals gamexport's greedy decode token for token, to eos (included) or 240 new tokens; in one
+    batch a row stops at eos while the other runs on."""
     import onnxruntime_genai as og
 
     from gamexport.tokenizer import Tokenizer
@@ -199,14 +200,17 @@ def test_og_greedy_on_heldout_text(demo_plain, demo_bridged):
     bundle = demo_bridged / genai_dir()
     model = og.Model(str(bundle))
     og_tok = og.Tokenizer(model)
-    texts = heldout_prompts(4, 12)
+    texts = heldout_prompts(8, 12)
+    texts = [texts[0], texts[1], texts[5], texts[6]]  # rows 1, 2 and 3 reach eos, each at another step
     prompts = [tok.encode(t) for t in texts]
     assert [list(map(int, og_tok.encode(t))) for t in texts] == prompts
-    want = _gamexport_greedy(demo_plain, "fp32", prompts, 48, stop_ids=[tok.eos_id])
+    want = _gamexport_greedy(demo_plain, "fp32", prompts, 240, stop_ids=[tok.eos_id])
+    ends = [row[-1] == tok.eos_id for row in want]
+    assert ends == [False, True, True, True] and len({len(row) for row in want}) == 4  # the eos path is exercised
     from gamexport.genai_client import GenaiModel
 
     client = GenaiModel(bundle)
-    got = client.generate_batch(prompts[:2], 48) + client.generate_batch(prompts[2:], 48)
+    got = client.generate_batch(prompts[:2], 240) + client.generate_batch(prompts[2:], 240)
     assert got == want
     assert len({tuple(row) for row in got}) == 4  # distinct rows: the batch's rows are not mixed up
     assert og_tok.decode(np.array(got[0])) == tok.decode(got[0], skip_special_tokens=True)
