@@ -34,6 +34,9 @@ CALIBRATED_PRECISIONS = ("int8",)
 #: Written by the graph builder but not offered by the build yet: INT4 (ONNX Runtime's MatMulNBits, 4-bit weight
 #: blocks; gamexport/graph/int4.py, docs/int4.md). Not in PRECISIONS, so no command accepts it today.
 EXPERIMENTAL_PRECISIONS = ("int4",)
+#: The precisions whose step graph an onnxruntime-genai bundle is written for: those ONNX Runtime's CPU provider runs
+#: (bf16 has no CPU MatMul kernel, so onnxruntime-genai's CPU package cannot open it).
+GENAI_PRECISIONS = ("fp32", "fp16", "int8", "int8-dyn")
 #: Bytes of one weight at each precision (the bench's weight-streaming arithmetic).
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-dyn": 1}
 

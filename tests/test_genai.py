@@ -274,3 +274,45 @@ def test_missing_client_says_install(tiny_bridged, blocker):
         f"try:\n    GenaiModel({str(tiny_bridged / 'genai')!r})\nexcept GamexportError as e:\n    print(e.line())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install" in done.stdout and "onnxruntime-genai" in done.stdout, done.stdout + done.stderr
+
+
+# ---- the build's bundle stage ---------------------------------------------------------------------------------
+def test_build_says_in_one_line_why_it_wrote_no_bundle(tiny_plain, tmp_path, tiny_cfg, tiny_weights):
+    """Today's graphs: the build passes, writes no genai/ folder, and its bundle stage says why in one line."""
+    from gamexport.checkpoint import save_checkpoint
+    from gamexport.pipeline import BuildOptions, build
+
+    src = tmp_path / "ckpt"
+    save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})
+    lines: list[str] = []
+    result = build(BuildOptions(source=str(src), out=tmp_path / "out", threads=1, latency=False,
+                                precisions=PRECISIONS, progress=lines.append))
+    assert result.passed
+    said = [line for line in lines if "genai" in line and "bundle" in line]
+    assert len(said) == 2 and "onnxruntime-genai bundles" in said[0], lines  # the stage's header, then the reason
+    assert "no bundle written" in said[1] and past_state_name(0) in said[1]
+    assert not list((tmp_path / "out").glob("genai*"))
+
+
+def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_plain, tiny_cfg, tmp_path):
+    """Graphs with the convention (bridged): the stage writes genai/ and genai-int8-dyn/ into the staging folder,
+    and the manifest written after it lists their files."""
+    from types import SimpleNamespace
+
+    from gamexport.manifest import write_manifest
+    from gamexport.pipeline import BuildOptions
+    from gamexport.pipeline.stages import Build, bundle
+
+    staging = tmp_path / "staging"
+    shutil.copytree(tiny_plain, staging)
+    bridge_build(staging, tiny_cfg, PRECISIONS)
+    ckpt = SimpleNamespace(config=tiny_cfg, source="test", sha256="0" * 64)
+    lines: list[str] = []
+    b = Build(BuildOptions(out=tmp_path / "out", progress=lines.append), tmp_path / "out", None, 1, ckpt=ckpt,
+              precisions=PRECISIONS, staging=staging)
+    bundle(b)
+    assert b.bundles == ["genai", "genai-int8-dyn"]
+    assert any("genai/, genai-int8-dyn/" in line for line in lines), lines
+    files = write_manifest(staging, ckpt)["files"]
+    for name in b.bundles:
+        assert f"{name}/{DECODER_FILE}" in files and f"{name}/{CONFIG_FILE}" in files

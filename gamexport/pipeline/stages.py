@@ -2,8 +2,8 @@
 
 :func:`build` runs the stages named by :data:`STAGES` in order, each a short function over one :class:`Build`
 (the state a build carries from stage to stage): ``load`` the weights and plan the targets, ``export`` the graphs
-into a staging folder, ``check`` them, ``parity`` against eager PyTorch, ``latency``, ``report``, ``commit`` (move
-the staging folder into place, or keep it as ``OUT.failed``). Runners come from ``gamexport.targets``; where the
+into a staging folder, ``check`` them, ``bundle`` the step graphs for onnxruntime-genai, ``parity`` against eager
+PyTorch, ``latency``, ``report``, ``commit`` (move the staging folder into place, or keep it as ``OUT.failed``). Runners come from ``gamexport.targets``; where the
 build writes, and the lock, from :mod:`.folders`.
 """
 
@@ -21,8 +21,8 @@ from gamexport.bench.limits import annotate_latency, limits_summary
 from gamexport.checkpoint import Checkpoint
 from gamexport.errors import NothingCheckedError, ParityError
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir
-from gamexport.layout import (CALIBRATED_PRECISIONS, CONFIG, GRAPH_PRECISIONS, GRAPHS, LATENCY_PLOT, PRECISIONS,
-                              REPORT_JSON, REPORT_MD, TOKENIZER, graph_file, ort_file)
+from gamexport.layout import (CALIBRATED_PRECISIONS, CONFIG, GENAI_PRECISIONS, GRAPH_PRECISIONS, GRAPHS,
+                              LATENCY_PLOT, PRECISIONS, REPORT_JSON, REPORT_MD, TOKENIZER, graph_file, ort_file)
 from gamexport.manifest import write_manifest
 from gamexport.parity.references import held_out, held_out_ids, split_calibration, write_parity_references
 from gamexport.sources import resolve_source
@@ -32,7 +32,7 @@ from .folders import check_destinations, failed_folder, locked_staging, pause_ho
 from .latency import build_limits, latency_rows, write_plot
 from .options import BuildOptions, BuildResult, check_precisions, check_prefill_lengths
 
-STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
+STAGES = ("load", "export", "check", "bundle", "parity", "latency", "report", "commit")
 #: The CPU-provider precisions an edge box runs: written in ONNX Runtime's .ort format too.
 ORT_FORMAT_PRECISIONS = ("fp32", "int8", "int8-dyn")
 #: Why the build writes no eager-compile rows.
@@ -62,6 +62,7 @@ class Build:
     eval_ids: np.ndarray | None = None   # the part of it that scores INT8 (the rest calibrates)
     calibration: dict | None = None
     artifacts: list[str] = field(default_factory=list)
+    bundles: list[str] = field(default_factory=list)  # onnxruntime-genai bundle folders written (genai, genai-int8…)
     graph_checks: list[dict] = field(default_factory=list)
     limits: dict | None = None
     eager: object = None
@@ -195,6 +196,23 @@ def check_graph(b: Build, name: str) -> dict:
     return {"artifact": name, "precision": precision, "checks": checks, "passed": True}
 
 
+# ---- bundle ---------------------------------------------------------------------------------------------------
+def bundle(b: Build) -> None:
+    """An onnxruntime-genai bundle (``genai/``, ``genai-<precision>/``) for each precision it runs, in the staging
+    folder (so the manifest lists its files). A step graph without the per-layer state convention gets none, and
+    the stage says why in one line; the build goes on."""
+    from gamexport.bundles.genai import convention_problem, write_bundle
+
+    b.stage("bundle", "onnxruntime-genai bundles")
+    for precision in (p for p in b.precisions if p in GENAI_PRECISIONS):
+        problem = convention_problem(b.staging / graph_file("step", precision), b.cfg)
+        if problem is not None:
+            b.progress(f"genai: no bundle written: {problem}")
+            return
+        b.bundles.append(write_bundle(b.staging, precision).name)
+    b.progress(f"genai: {', '.join(f'{name}/' for name in b.bundles)}" if b.bundles else "genai: no precision to bundle")
+
+
 def measure_machine(b: Build) -> None:
     """The machine's limits for the latency rows, measured before any model runner is open: the limits' own
     weight matrices (as many bytes as the model) would otherwise add to the build's peak memory."""
@@ -312,6 +330,7 @@ def build(opts: BuildOptions) -> BuildResult:
         try:
             export(b)
             check(b)
+            bundle(b)
             measure_machine(b)
             parity(b)
             latency(b)
