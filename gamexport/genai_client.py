@@ -128,4 +128,26 @@ class GenaiModel:
         self.model = None
 
 
-__all__ = ["GenaiMissing", "GenaiModel", "INSTALL", "available", "import_genai"]
+def greedy_agreement(model: GenaiModel, runner, prompts: np.ndarray, max_new_tokens: int,
+                     stop_ids: Sequence[int] = ()) -> dict:
+    """og.Generator greedy on ``prompts`` (rows of equal length, run two at a time: batch 2) against ``runner``'s own
+    greedy decode (``Runner.generate``, one row at a time); token-exact agreement per row, and where the first row
+    that differs first differs."""
+    prompts = np.asarray(prompts, dtype=np.int64)
+    want = [runner.generate(row.tolist(), max_new_tokens, SamplingConfig(), stop_ids=stop_ids) for row in prompts]
+    got: list[list[int]] = []
+    for start in range(0, len(prompts), 2):
+        got += model.generate_batch(prompts[start:start + 2].tolist(), max_new_tokens)
+    mismatch = None
+    for row, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            mismatch = {"row": row, "new_token": at}
+            break
+    equal = sum(a == b for a, b in zip(got, want))
+    return {"prompts": int(len(prompts)), "prompt_tokens": int(prompts.shape[1]), "new_tokens": int(max_new_tokens),
+            "batch": 2 if len(prompts) > 1 else 1, "tokens_compared": int(sum(len(b) for b in want)),
+            "rows_equal": int(equal), "first_mismatch": mismatch, "passed": equal == len(prompts)}
+
+
+__all__ = ["GenaiMissing", "GenaiModel", "INSTALL", "available", "greedy_agreement", "import_genai"]

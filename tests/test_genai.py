@@ -316,3 +316,91 @@ def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_pla
     files = write_manifest(staging, ckpt)["files"]
     for name in b.bundles:
         assert f"{name}/{DECODER_FILE}" in files and f"{name}/{CONFIG_FILE}" in files
+
+
+def _genai_build(staging: Path, plain: Path, cfg, precisions, text_ids=None, lines=None):
+    """A ``Build`` at its parity stage over a bridged staging folder, its baseline runner on the plain graphs."""
+    from types import SimpleNamespace
+
+    from gamexport.engines.ort import OrtRunner
+    from gamexport.parity.references import split_calibration
+    from gamexport.pipeline import BuildOptions
+    from gamexport.pipeline.stages import Build, bundle
+
+    ckpt = SimpleNamespace(config=cfg, source="test", sha256="0" * 64)
+    lines = [] if lines is None else lines
+    b = Build(BuildOptions(out=staging.parent / "out", progress=lines.append), staging.parent / "out", None, 1,
+              ckpt=ckpt, precisions=precisions, staging=staging, text_ids=text_ids)
+    b.eval_ids = split_calibration(text_ids, cfg)[1]
+    bundle(b)
+    b.runners = [OrtRunner.from_folder(plain, 1, step_only=True)]
+    return b
+
+
+@needs_genai
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_build_genai_parity_entry(model, tiny_plain, demo_plain, tmp_path):
+    """The build's og.Generator check: every row equal on held-out text (demo) or random ids (tiny), batch 2, and
+    the entry fits report.json's schema."""
+    import jsonschema
+
+    from gamexport.parity.references import held_out_ids
+    from gamexport.pipeline.genai import genai_parity
+    from gamexport.sources import resolve_source
+
+    plain = tiny_plain if model == "tiny" else demo_plain
+    staging = tmp_path / "staging"
+    shutil.copytree(plain, staging)
+    cfg, _ = read_build(staging)
+    bridge_build(staging, cfg, ("fp32",))
+    text = held_out_ids(resolve_source(None, None)) if model == "demo" else None
+    lines: list[str] = []
+    b = _genai_build(staging, plain, cfg, ("fp32",), text, lines)
+    try:
+        entry = genai_parity(b)
+    finally:
+        b.close_runners()
+    assert entry["passed"] and entry["rows_equal"] == entry["prompts"] == 4 and entry["batch"] == 2
+    assert entry["input"] == ("held-out text" if model == "demo" else "random ids")
+    assert entry["tokens_compared"] >= 4 * 8 and entry["first_mismatch"] is None
+    assert any("og.Generator greedy equals" in line for line in lines), lines
+    schema = json.loads((ROOT / "gamexport" / "report.schema.json").read_text())
+    jsonschema.validate(entry, {**schema["properties"]["genai"], "$defs": schema["$defs"]})
+
+
+@needs_genai
+def test_greedy_agreement_names_the_first_mismatch(tiny_plain, tiny_bridged):
+    """A reference that differs at row 1, new token 3 is reported there, and the entry does not pass."""
+    from gamexport.engines.ort import OrtRunner
+    from gamexport.genai_client import GenaiModel, greedy_agreement
+
+    class Shifted:
+        def __init__(self, runner):
+            self.runner, self.calls = runner, 0
+
+        def generate(self, ids, n, sampling, stop_ids=()):
+            out = self.runner.generate(ids, n, sampling, stop_ids=stop_ids)
+            self.calls += 1
+            if self.calls == 2:
+                out[3] = (out[3] + 1) % 97
+            return out
+
+    prompts = np.random.default_rng(3).integers(0, 97, size=(4, 8))
+    with OrtRunner.from_folder(tiny_plain, 1, step_only=True) as runner:
+        entry = greedy_agreement(GenaiModel(tiny_bridged / "genai"), Shifted(runner), prompts, 12)
+    assert not entry["passed"] and entry["rows_equal"] == 3 and entry["first_mismatch"] == {"row": 1, "new_token": 3}
+
+
+def test_build_report_has_the_genai_entry(tmp_path, tiny_cfg, tiny_weights):
+    """A build of today's graphs: report.json's genai entry says it was skipped, and still fits the schema."""
+    import jsonschema
+
+    from gamexport.checkpoint import save_checkpoint
+    from gamexport.pipeline import BuildOptions, build
+
+    src = tmp_path / "ckpt"
+    save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})
+    result = build(BuildOptions(source=str(src), out=tmp_path / "out", threads=1, latency=False))
+    assert "no fp32 onnxruntime-genai bundle" in result.report["genai"]["skipped"]
+    schema = json.loads((ROOT / "gamexport" / "report.schema.json").read_text())
+    jsonschema.validate(json.loads((tmp_path / "out" / "report.json").read_text()), schema)

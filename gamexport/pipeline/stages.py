@@ -63,6 +63,7 @@ class Build:
     calibration: dict | None = None
     artifacts: list[str] = field(default_factory=list)
     bundles: list[str] = field(default_factory=list)  # onnxruntime-genai bundle folders written (genai, genai-int8…)
+    genai: dict | None = None  # the fp32 bundle through og.Generator against gamexport's greedy decode
     graph_checks: list[dict] = field(default_factory=list)
     limits: dict | None = None
     eager: object = None
@@ -227,6 +228,8 @@ def parity(b: Build) -> None:
     from gamexport.parity.emulation import emulators, write_emulation_references
     from gamexport.parity.engine import PrecisionReference, fp32_parity, run_parity
 
+    from .genai import genai_parity
+
     b.stage("parity", "parity against eager PyTorch and the float64 reference")
     b.eager = open_runner(REFERENCE, "fp32", None, b.cfg, b.options, checkpoint=b.ckpt)
     b.parity, baseline = fp32_parity(b.ckpt, b.eager, fp32_artifacts(b), b.progress, b.text_ids)
@@ -243,6 +246,7 @@ def parity(b: Build) -> None:
             b.parity += run_parity(runner, reference, b.progress, b.threads)
         finally:
             runner.close()
+    b.genai = genai_parity(b)
     if not held_out(b.text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
         b.parity = [mark_calibration_scored(r) for r in b.parity]
     # informational rows are never counted as passed
@@ -289,6 +293,8 @@ def report(b: Build) -> None:
     machine = {**machine_info(b.threads), **({"limits": limits_summary(b.limits)} if b.limits else {})}
     b.report = build_report(b.ckpt, is_trained(b.ckpt), b.counted, machine, b.artifacts, b.graph_checks, b.parity,
                             b.latency, b.skipped)
+    if b.genai is not None:
+        b.report["genai"] = b.genai
     atomic_write_text(b.staging / REPORT_JSON, dumps_json(b.report))
     atomic_write_text(b.staging / REPORT_MD, render_markdown(b.report))
     if b.latency:
