@@ -366,6 +366,9 @@ def test_build_genai_parity_entry(model, tiny_plain, demo_plain, tmp_path):
     assert any("og.Generator greedy equals" in line for line in lines), lines
     schema = json.loads((ROOT / "gamexport" / "report.schema.json").read_text())
     jsonschema.validate(entry, {**schema["properties"]["genai"], "$defs": schema["$defs"]})
+    from gamexport.report import _genai_lines
+
+    assert "4/4" in "".join(_genai_lines(entry)) and "token-exact" in "".join(_genai_lines(entry))
 
 
 @needs_genai
@@ -404,3 +407,5 @@ def test_build_report_has_the_genai_entry(tmp_path, tiny_cfg, tiny_weights):
     assert "no fp32 onnxruntime-genai bundle" in result.report["genai"]["skipped"]
     schema = json.loads((ROOT / "gamexport" / "report.schema.json").read_text())
     jsonschema.validate(json.loads((tmp_path / "out" / "report.json").read_text()), schema)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## onnxruntime-genai" in markdown and "`genai/`: not run" in markdown
