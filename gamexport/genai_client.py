@@ -104,6 +104,14 @@ class GenaiModel:
                            top_p=float(sampling.top_p), random_seed=int(sampling.seed))
         else:
             options.update(do_sample=False)
+        try:
+            return self._run(og, arr, options)
+        except Exception as exc:  # onnxruntime-genai raises RuntimeError (and others) with multi-line text
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphError(f"onnxruntime-genai failed to generate with {self.bundle}: {detail}",
+                             "rebuild the bundle with gamexport build") from exc
+
+    def _run(self, og, arr: np.ndarray, options: dict) -> list[list[int]]:
         params = og.GeneratorParams(self.model)
         params.set_search_options(**options)
         generator = og.Generator(self.model, params)

@@ -409,3 +409,18 @@ def test_build_report_has_the_genai_entry(tmp_path, tiny_cfg, tiny_weights):
     jsonschema.validate(json.loads((tmp_path / "out" / "report.json").read_text()), schema)
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## onnxruntime-genai" in markdown and "`genai/`: not run" in markdown
+
+
+@needs_genai
+def test_broken_bundle_is_one_line(tiny_bridged, tmp_path):
+    """A bundle whose graph is not ONNX: one GraphError line naming the bundle, no traceback text."""
+    from gamexport.errors import GraphError
+    from gamexport.genai_client import GenaiModel
+
+    broken = tmp_path / "genai"
+    shutil.copytree(tiny_bridged / "genai", broken)
+    (broken / DECODER_FILE).unlink()
+    (broken / DECODER_FILE).write_bytes(b"not onnx")
+    with pytest.raises(GraphError) as info:
+        GenaiModel(broken)
+    assert str(broken) in info.value.line() and "\n" not in info.value.line()

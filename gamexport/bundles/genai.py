@@ -164,7 +164,9 @@ def write_bundle(build_dir: str | Path, precision: str = "fp32") -> Path:
     """Write ``<build_dir>/genai[-<precision>]/`` from the build's step graph of ``precision``; returns its path.
 
     Refused in one line (``BundleError``), before anything is written, when the build folder or its step graph is
-    missing or the graph lacks the state convention. An existing bundle is replaced atomically.
+    missing or the graph lacks the state convention. An existing bundle is replaced atomically. The build calls it
+    on its staging folder, before the manifest is written; called on a finished build folder, it leaves the
+    manifest as it was (``gamexport verify`` then names the bundle's files as not listed).
     """
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
