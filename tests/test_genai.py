@@ -424,3 +424,15 @@ def test_broken_bundle_is_one_line(tiny_bridged, tmp_path):
     with pytest.raises(GraphError) as info:
         GenaiModel(broken)
     assert str(broken) in info.value.line() and "\n" not in info.value.line()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--runtime", "tensorrt"], "--runtime 'tensorrt' is not one of onnxruntime, genai"),
+    (["--runtime", "genai"], "not a build folder"),
+])
+def test_cli_runtime_bad_input(args, needle, tmp_path):
+    """An unknown --runtime, or genai for a checkpoint (not a build folder): one line, non-zero exit."""
+    source = [] if args[1] == "tensorrt" else [str(tmp_path)]
+    done = subprocess.run([sys.executable, "-m", "gamexport.cli.main", "generate", *source, "--ids", "1,2", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
