@@ -436,3 +436,23 @@ def test_cli_runtime_bad_input(args, needle, tmp_path):
     done = subprocess.run([sys.executable, "-m", "gamexport.cli.main", "generate", *source, "--ids", "1,2", *args],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_build_genai_entry_without_the_client(tiny_plain, tmp_path, monkeypatch):
+    """A bundle but no onnxruntime-genai: the entry and the progress line name the install command."""
+    import gamexport.genai_client
+    from gamexport.pipeline.genai import genai_parity
+
+    staging = tmp_path / "staging"
+    shutil.copytree(tiny_plain, staging)
+    cfg, _ = read_build(staging)
+    bridge_build(staging, cfg, ("fp32",))
+    lines: list[str] = []
+    b = _genai_build(staging, tiny_plain, cfg, ("fp32",), None, lines)
+    monkeypatch.setattr(gamexport.genai_client, "available", lambda: False)
+    try:
+        entry = genai_parity(b)
+    finally:
+        b.close_runners()
+    assert entry == {"bundle": "genai", "skipped": f"onnxruntime-genai is not installed: {INSTALL}"}
+    assert any("parity skipped" in line and "pip install" in line for line in lines), lines
