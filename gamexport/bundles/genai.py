@@ -107,6 +107,14 @@ def special_tokens(tokenizer) -> dict[str, object]:
     return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
 
 
+def _layer_pattern(name_of) -> str:
+    """The printf pattern onnxruntime-genai expands per layer (``past_key_values.%d.conv_state``), from the one
+    function that names layer ``i``'s state."""
+    pattern = name_of(918273).replace("918273", "%d")
+    assert pattern.count("%d") == 1 and pattern % 1 == name_of(1), pattern
+    return pattern
+
+
 def genai_config(cfg: GAMConfig, tokenizer=None, decoder: str = DECODER_FILE) -> dict:
     """The ``genai_config.json`` of a GAM step graph in the ecosystem's convention."""
     return {
@@ -122,8 +130,8 @@ def genai_config(cfg: GAMConfig, tokenizer=None, decoder: str = DECODER_FILE) ->
                 "layer_types": ["conv"] * cfg.n_layers,
                 "session_options": {"provider_options": []},
                 "inputs": {"input_ids": INPUT_IDS, "position_ids": POSITION_IDS,
-                           "past_conv_names": past_state_name(0).replace(".0.", ".%d.")},
-                "outputs": {"logits": LOGITS, "present_conv_names": present_state_name(0).replace(".0.", ".%d.")},
+                           "past_conv_names": _layer_pattern(past_state_name)},
+                "outputs": {"logits": LOGITS, "present_conv_names": _layer_pattern(present_state_name)},
             },
         },
         "search": {**SEARCH_DEFAULTS, "max_length": cfg.max_positions},
