@@ -198,6 +198,18 @@ LOGITS = "logits"
 CONV_STATE_OUT = "conv_state_out"
 
 
+def past_state_name(layer: int) -> str:
+    """Name of layer ``layer``'s streaming-state input in the ecosystem's convention (onnxruntime-genai, Optimum,
+    transformers.js): ``past_key_values.{layer}.conv_state``, shape [batch, k-1, d_model]."""
+    return f"past_key_values.{layer}.conv_state"
+
+
+def present_state_name(layer: int) -> str:
+    """Name of layer ``layer``'s streaming-state output in the ecosystem's convention: ``present.{layer}.conv_state``,
+    fed back as :func:`past_state_name` of the same layer on the next call."""
+    return f"present.{layer}.conv_state"
+
+
 def io_spec(cfg: GAMConfig, graph: str) -> dict[str, list[tuple[str, str, list[int | str]]]]:
     """Names, element types and shapes (symbolic axes as strings) of a graph's inputs and outputs."""
     state = ["batch", cfg.n_layers, cfg.state_len, cfg.d_model]

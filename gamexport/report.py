@@ -139,6 +139,21 @@ def parity_failure(rows: list[dict]) -> str:
             + (f"; {where}" if where else "") + ")")
 
 
+def _genai_lines(genai: dict | None) -> list[str]:
+    """The onnxruntime-genai section: the bundle through og.Generator against gamexport's greedy decode."""
+    if not genai:
+        return []
+    lines = ["", "## onnxruntime-genai", ""]
+    if "skipped" in genai:
+        return lines + [f"- `{genai['bundle']}/`: not run — {genai['skipped']}"]
+    where = genai.get("first_mismatch")
+    verdict = ("token-exact" if genai["passed"] else
+               f"DIFFERS (first at row {where['row']}, new token {where['new_token']})")
+    return lines + [f"- `{genai['bundle']}/` through {genai['client']} `og.Generator` greedy vs {genai['reference']}: "
+                    f"{genai['rows_equal']}/{genai['prompts']} {genai['input']} prompts equal, "
+                    f"{genai['tokens_compared']} tokens, batch {genai['batch']} — {verdict} (informational)"]
+
+
 def render_markdown(report: dict) -> str:
     """A report a person can read: what was built, whether it matches eager, and how fast it runs."""
     src = report["source"]
@@ -223,5 +238,6 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Graph sizes", "", "| precision | prefill graph | step graph | vs fp32 |", "|---|---|---|---|"]
         lines += [f"| {p} | {s['prefill_bytes']:,} B | {s['step_bytes']:,} B | "
                   f"{_fmt(s.get('vs_fp32'), '.3f')}× |" for p, s in report["graph_sizes"].items()]
+    lines += _genai_lines(report.get("genai"))
     lines += ["", "## Files", "", "See `manifest.json` for sizes and sha256 of every file.", ""]
     return "\n".join(lines)
