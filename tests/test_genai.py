@@ -22,7 +22,8 @@ from gamexport.bundles.genai import (CONFIG_FILE, DECODER_FILE, TOKENIZER_CONFIG
                                      read_build, write_bundle)
 from gamexport.config import past_state_name, present_state_name
 from gamexport.genai_client import INSTALL, available
-from gamexport.layout import GENAI_PRECISIONS, TOKENIZER, genai_dir, graph_file
+from gamexport.layout import TOKENIZER, genai_dir, graph_file
+from gamexport.targets import CPU_PRECISIONS
 from gamexport.sampling import SamplingConfig
 
 from genai_bridge import bridge_build, refresh_manifest
@@ -30,7 +31,7 @@ from genai_bridge import bridge_build, refresh_manifest
 ROOT = Path(__file__).resolve().parents[1]
 needs_genai = pytest.mark.skipif(not available(), reason=f"onnxruntime-genai is not installed: {INSTALL}")
 GREEDY = SamplingConfig(temperature=0.0)
-PRECISIONS = GENAI_PRECISIONS  # fp32, fp16, int8, int8-dyn: every precision a bundle is written for
+PRECISIONS = CPU_PRECISIONS  # every precision a bundle is written for: what ONNX Runtime's CPU provider runs
 
 
 def _build(out: Path, **kwargs) -> Path:
@@ -295,8 +296,8 @@ def test_build_says_in_one_line_why_it_wrote_no_bundle(tiny_plain, tmp_path, tin
 
 
 def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_plain, tiny_cfg, tmp_path):
-    """Graphs with the convention (bridged): the stage writes genai/, genai-fp16/, genai-int8/ and genai-int8-dyn/
-    into the staging folder, and the manifest written after it lists their files."""
+    """Graphs with the convention (bridged): the stage writes genai/, genai-fp16/, genai-int8/, genai-int8-dyn/ and
+    genai-int4/ into the staging folder, and the manifest written after it lists their files."""
     from types import SimpleNamespace
 
     from gamexport.manifest import write_manifest
@@ -311,8 +312,8 @@ def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_pla
     b = Build(BuildOptions(out=tmp_path / "out", progress=lines.append), tmp_path / "out", None, 1, ckpt=ckpt,
               precisions=PRECISIONS, staging=staging)
     bundle(b)
-    assert b.bundles == ["genai", "genai-fp16", "genai-int8", "genai-int8-dyn"]
-    assert any("genai/, genai-fp16/, genai-int8/, genai-int8-dyn/" in line for line in lines), lines
+    assert b.bundles == ["genai", "genai-fp16", "genai-int8", "genai-int8-dyn", "genai-int4"]
+    assert any("genai/, genai-fp16/, genai-int8/, genai-int8-dyn/, genai-int4/" in line for line in lines), lines
     files = write_manifest(staging, ckpt)["files"]
     for name in b.bundles:
         assert f"{name}/{DECODER_FILE}" in files and f"{name}/{CONFIG_FILE}" in files
