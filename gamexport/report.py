@@ -139,19 +139,23 @@ def parity_failure(rows: list[dict]) -> str:
             + (f"; {where}" if where else "") + ")")
 
 
-def _genai_lines(genai: dict | None) -> list[str]:
-    """The onnxruntime-genai section: the bundle through og.Generator against gamexport's greedy decode."""
+def _genai_lines(genai: list[dict] | None) -> list[str]:
+    """The onnxruntime-genai section: each bundle through og.Generator against gamexport's greedy decode."""
     if not genai:
         return []
     lines = ["", "## onnxruntime-genai", ""]
-    if "skipped" in genai:
-        return lines + [f"- `{genai['bundle']}/`: not run — {genai['skipped']}"]
-    where = genai.get("first_mismatch")
-    verdict = ("token-exact" if genai["passed"] else
-               f"DIFFERS (first at row {where['row']}, new token {where['new_token']})")
-    return lines + [f"- `{genai['bundle']}/` through {genai['client']} `og.Generator` greedy vs {genai['reference']}: "
-                    f"{genai['rows_equal']}/{genai['prompts']} {genai['input']} prompts equal, "
-                    f"{genai['tokens_compared']} tokens, batch {genai['batch']} — {verdict} (informational)"]
+    for g in genai:
+        if "skipped" in g:
+            lines.append(f"- `{g['bundle']}/`: not run — {g['skipped']}")
+            continue
+        where = g.get("first_mismatch")
+        verdict = ("token-exact" if g["passed"] else
+                   f"DIFFERS (first at row {where['row']}, new token {where['new_token']})")
+        lines.append(f"- `{g['bundle']}/` through {g['client']} `og.Generator` greedy vs {g['reference']}: "
+                     f"{g['rows_equal']}/{g['prompts']} {g['input']} prompts equal, {g['tokens_compared']} tokens, "
+                     f"batch {g['batch']} — {verdict}" + ("" if g.get("gated", True) else
+                                                           f" (informational: {g.get('note', '')})"))
+    return lines
 
 
 def render_markdown(report: dict) -> str:

@@ -358,18 +358,18 @@ def test_build_genai_parity_entry(model, tiny_plain, demo_plain, tmp_path):
     lines: list[str] = []
     b = _genai_build(staging, plain, cfg, ("fp32",), text, lines)
     try:
-        entry = genai_parity(b)
+        (entry,) = genai_parity(b)
     finally:
         b.close_runners()
-    assert entry["passed"] and entry["rows_equal"] == entry["prompts"] == 4 and entry["batch"] == 2
+    assert entry["gated"] and entry["precision"] == "fp32" and entry["passed"] and entry["rows_equal"] == entry["prompts"] == 4 and entry["batch"] == 2
     assert entry["input"] == ("held-out text" if model == "demo" else "random ids")
     assert entry["tokens_compared"] >= 4 * 8 and entry["first_mismatch"] is None
     assert any("og.Generator greedy equals" in line for line in lines), lines
     schema = json.loads((ROOT / "gamexport" / "report.schema.json").read_text())
-    jsonschema.validate(entry, {**schema["properties"]["genai"], "$defs": schema["$defs"]})
+    jsonschema.validate([entry], {**schema["properties"]["genai"], "$defs": schema["$defs"]})
     from gamexport.report import _genai_lines
 
-    assert "4/4" in "".join(_genai_lines(entry)) and "token-exact" in "".join(_genai_lines(entry))
+    assert "4/4" in "".join(_genai_lines([entry])) and "token-exact" in "".join(_genai_lines([entry]))
 
 
 @needs_genai
@@ -405,7 +405,7 @@ def test_build_report_has_the_genai_entry(tmp_path, tiny_cfg, tiny_weights):
     src = tmp_path / "ckpt"
     save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})
     result = build(BuildOptions(source=str(src), out=tmp_path / "out", threads=1, latency=False))
-    assert "no fp32 onnxruntime-genai bundle" in result.report["genai"]["skipped"]
+    assert "no onnxruntime-genai bundle" in result.report["genai"][0]["skipped"]
     schema = json.loads((ROOT / "gamexport" / "report.schema.json").read_text())
     jsonschema.validate(json.loads((tmp_path / "out" / "report.json").read_text()), schema)
     markdown = (tmp_path / "out" / "report.md").read_text()
@@ -452,8 +452,9 @@ def test_build_genai_entry_without_the_client(tiny_plain, tmp_path, monkeypatch)
     b = _genai_build(staging, tiny_plain, cfg, ("fp32",), None, lines)
     monkeypatch.setattr(gamexport.genai_client, "available", lambda: False)
     try:
-        entry = genai_parity(b)
+        entries = genai_parity(b)
     finally:
         b.close_runners()
-    assert entry == {"bundle": "genai", "skipped": f"onnxruntime-genai is not installed: {INSTALL}"}
+    assert entries == [{"bundle": "genai", "precision": "fp32",
+                        "skipped": f"onnxruntime-genai is not installed: {INSTALL}"}]
     assert any("parity skipped" in line and "pip install" in line for line in lines), lines

@@ -64,7 +64,7 @@ class Build:
     calibration: dict | None = None
     artifacts: list[str] = field(default_factory=list)
     bundles: list[str] = field(default_factory=list)  # onnxruntime-genai bundle folders written (genai, genai-int8…)
-    genai: dict | None = None  # the fp32 bundle through og.Generator against gamexport's greedy decode
+    genai: list[dict] = field(default_factory=list)  # each bundle through og.Generator vs gamexport's greedy decode
     graph_checks: list[dict] = field(default_factory=list)
     limits: dict | None = None
     eager: object = None
@@ -252,7 +252,8 @@ def parity(b: Build) -> None:
     if not held_out(b.text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
         b.parity = [mark_calibration_scored(r) for r in b.parity]
     # informational rows are never counted as passed
-    b.counted = verdict([r.to_dict() for r in b.parity], b.skipped, b.precisions)
+    b.counted = verdict([r.to_dict() for r in b.parity] + [g for g in b.genai if "skipped" not in g], b.skipped,
+                        b.precisions)
     if b.counted.gated == 0:
         raise NothingCheckedError(b.counted.nothing_checked(), "this is a bug in gamexport (its fp32 rows are "
                                   "always gated): rerun with --debug and report it")
@@ -295,7 +296,7 @@ def report(b: Build) -> None:
     machine = {**machine_info(b.threads), **({"limits": limits_summary(b.limits)} if b.limits else {})}
     b.report = build_report(b.ckpt, is_trained(b.ckpt), b.counted, machine, b.artifacts, b.graph_checks, b.parity,
                             b.latency, b.skipped, graph_sizes(b.staging, b.precisions))
-    if b.genai is not None:
+    if b.genai:
         b.report["genai"] = b.genai
     atomic_write_text(b.staging / REPORT_JSON, dumps_json(b.report))
     atomic_write_text(b.staging / REPORT_MD, render_markdown(b.report))
