@@ -45,6 +45,14 @@ def tiny_build(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:
 
 
 @pytest.fixture(scope="session")
+def forkserver():
+    """The multiprocessing forkserver that runs commands in forked children (tests/forkrun.py), started once."""
+    import forkrun
+
+    return forkrun.server()
+
+
+@pytest.fixture(scope="session")
 def eager_tiny(tiny_cfg, tiny_weights):
     from gamexport.engines.eager import EagerRunner
 

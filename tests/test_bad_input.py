@@ -1026,8 +1026,22 @@ def check_error_line(stderr: str, pattern: str) -> str:
     return line
 
 
-@pytest.mark.parametrize("argv,setup,expect,pattern", TABLE)
-def test_bad_input(ctx, argv, setup, expect, pattern):
+def run_forked(forkserver, argv: list[str], values: dict, tmp: Path):
+    """The row's command as :func:`run_cli` runs it, in a child of the forkserver (tests/forkrun.py): the same
+    arguments, working directory and environment, its own exit code and stderr, without a fresh interpreter's
+    imports. Its stdout and stderr pass through files beside ``tmp``, outside what the row snapshots."""
+    from forkrun import run_command
+
+    args = [a.format(tmp=tmp, **{k: v for k, v in values.items() if k != "env"}) for a in argv]
+    env = {**os.environ, "GAMEXPORT_DEBUG": "", **values.get("env", {})}
+    logs = tmp.parent / "logs"
+    logs.mkdir()
+    result = run_command(forkserver, args, Path(values.get("cwd", tmp)), logs, 300, env)
+    assert result.code is not None, f"still running after {result.seconds:.0f} s"
+    return subprocess.CompletedProcess(args, result.code, result.stdout, result.stderr)
+
+
+def check_row(ctx, argv, setup, expect, pattern, run) -> None:
     values = setup(ctx)
     before = snapshot(ctx.tmp, values.get("watch", []))
     if argv is API:
@@ -1035,7 +1049,7 @@ def test_bad_input(ctx, argv, setup, expect, pattern):
             values["call"]()
         stderr = "error: " + err.value.line()
     else:
-        proc = run_cli(argv, values, ctx.tmp)
+        proc = run(argv, values, ctx.tmp)
         assert "Traceback" not in proc.stdout
         stderr = proc.stderr
     # First what was written (also where the message is still wrong: a refused pickle must run nothing).
@@ -1043,6 +1057,27 @@ def test_bad_input(ctx, argv, setup, expect, pattern):
     check_error_line(stderr, pattern)
     if argv is not API:
         assert proc.returncode == expect, stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,setup,expect,pattern", TABLE)
+def test_bad_input(ctx, forkserver, argv, setup, expect, pattern):
+    """Each row's command in a forked child (:func:`run_forked`); a row that sets environment variables (a
+    sitecustomize on PYTHONPATH, GAMEXPORT_DEBUG) in a fresh ``python -m gamexport.cli.main``."""
+    def run(argv, values, tmp):
+        if "env" in values:
+            return run_cli(argv, values, tmp)
+        return run_forked(forkserver, argv, values, tmp)
+    check_row(ctx, argv, setup, expect, pattern, run)
+
+
+# One row of each command again in a fresh interpreter, as a user starts it: what the forked rows cannot see
+# (anything printed while the command's modules are imported, the interpreter's start and exit) is seen here.
+FRESH = list({p.values[0][0]: p for p in reversed(TABLE) if p.values[0] is not API and not p.marks}.values())
+
+
+@pytest.mark.parametrize("argv,setup,expect,pattern", FRESH, ids=[p.id for p in FRESH])
+def test_bad_input_in_a_fresh_interpreter(ctx, argv, setup, expect, pattern):
+    check_row(ctx, argv, setup, expect, pattern, run_cli)
 
 
 def test_debug_shows_the_traceback(ctx):

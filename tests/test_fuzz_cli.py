@@ -14,8 +14,9 @@ perhaps one more — a hostile value and runs the command in a fresh folder. Wha
   its own earlier build folder); /dev/null and /dev/zero are still character devices.
 
 Starting a Python process per example would cost minutes of imports, so the command runs in a child forked from a
-multiprocessing *forkserver* that imported gamexport, torch and ONNX Runtime once: each example costs a fork,
-and its own process still gives a real exit code, a real signal, real file descriptors and a kill on time-out.
+multiprocessing *forkserver* that imported gamexport, torch and ONNX Runtime once (tests/forkrun.py): each example
+costs a fork, and its own process still gives a real exit code, a real signal, real file descriptors and a kill on
+time-out.
 
 Where the user is root, /dev is writable and a buggy command could replace /dev/null: the special files are
 then the test's own (``mknod``) twins inside the example's folder, never the real ones.
@@ -28,14 +29,11 @@ JSON line: every option's test runs (without ``-x``), so the log lists each opti
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shlex
 import shutil
 import signal
 import stat
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,6 +42,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
+from forkrun import Result, run_command
 from test_bad_input import changes, check_error_line, snapshot
 
 
@@ -318,62 +317,6 @@ def own_outputs(command: str, dests: dict[str, Path], inputs: list[Path]) -> set
     return {name for name, dest in dests.items()
             if OWN_OUTPUT.get((command, name), lambda p: False)(dest)
             and not any(_under(i, dest) or _under(dest, i) for i in inputs)}
-
-
-# ---- running one command --------------------------------------------------------------------------------------
-@dataclass
-class Result:
-    code: int | None   # None: killed after the time limit
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-def _child(argv: list[str], cwd: str, stdout: str, stderr: str) -> None:
-    """Runs in the forked child: its own session (killed as a group), output to files, GAMEXPORT_DEBUG off."""
-    os.setsid()
-    for fd, path in ((1, stdout), (2, stderr)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    os.chdir(cwd)
-    os.environ["GAMEXPORT_DEBUG"] = ""
-    sys.argv = ["gamexport", *argv]
-    from gamexport.cli.main import main
-
-    main(argv)   # exits; multiprocessing turns SystemExit into the exit code and prints any other traceback
-
-
-# What the commands import, loaded once in the server instead of in every example. Besides gamexport's own
-# modules, the lazy imports of the libraries (each measured at a second or more per example on two cores):
-# typer's parameter coercion (pydantic, on the first parse), torch._dynamo (sympy; on an optimizer's first
-# step) and matplotlib's figure and Agg canvas (the training plots).
-PRELOAD = ["test_fuzz_cli", "numpy", "torch", "onnx", "onnxruntime", "safetensors", "tokenizers", "matplotlib",
-           "gamexport.cli.main", "gamexport.pipeline", "gamexport.generation",
-           "gamexport.pipeline.recheck", "gamexport.bench.command", "gamexport.inspection", "gamexport.parity",
-           "gamexport.manifest", "gamexport.training.loop", "gamexport.training.plots", "typer._adapters",
-           "torch._dynamo", "matplotlib.figure", "matplotlib.backends.backend_agg"]
-
-
-@pytest.fixture(scope="module")
-def forkserver():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
-
-
-def run_command(ctx, argv: list[str], cwd: Path, logs: Path, limit: float) -> Result:
-    out, err = logs / "stdout", logs / "stderr"
-    proc = ctx.Process(target=_child, args=(argv, str(cwd), str(out), str(err)))
-    start = time.monotonic()
-    proc.start()
-    proc.join(limit)
-    code = proc.exitcode
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)   # a hung command, or what it left running
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.join()
-    read = lambda p: p.read_bytes().decode("utf-8", "replace") if p.exists() else ""  # noqa: E731
-    return Result(code, read(out), read(err), time.monotonic() - start)
 
 
 # ---- what must hold -------------------------------------------------------------------------------------------

@@ -36,13 +36,20 @@ def test_verify_accepts_an_untouched_build(tiny_build, tmp_path):
     assert f"verified: {len(listed)} files in {folder} match manifest.json" in ok.stdout
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start_paused_build(out: Path, stage: str, marker: Path) -> subprocess.Popen:
     env = {**os.environ, "GAMEXPORT_TEST_PAUSE_AT": stage, "GAMEXPORT_TEST_PAUSE_FILE": str(marker)}
-    # SIGINT at its default in the child: a test run started in the background (`pytest &` without job control)
-    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so Ctrl-C could not be tested.
+    # SIGINT, SIGTERM and SIGHUP at their defaults in the child: a test run started in the background (`pytest &`
+    # without job control) inherits SIGINT ignored, one started under `nohup` SIGHUP ignored, and the command
+    # rightly leaves an inherited ignored signal alone (Python installs no KeyboardInterrupt handler for SIGINT,
+    # gamexport none for SIGHUP), so the signal could not be tested: the build would wait out its pause.
     proc = subprocess.Popen([*GAMEXPORT, "build", "--preset", "tiny", "--out", str(out), "--threads", "1",
                              "--no-latency"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_signals)
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()
