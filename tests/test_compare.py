@@ -67,6 +67,9 @@ def test_report_holds_the_table_plots_and_analyses(smoke):
     assert rf["transformer"]["receptive_field"] > rf["gam"]["receptive_field"]
     recall = result["analyses"]["recall"]["models"]
     assert set(recall) == {"gam", "transformer"} and all(0 <= m["overall"] <= 1 for m in recall.values())
+    # the protocol's recall_sequences is what is scored (each sequence asks at most n_pairs queries)
+    sequences, pairs = result["protocol"]["recall_sequences"], result["analyses"]["recall"]["task"]["n_pairs"]
+    assert all(0 < sum(m["queries"]) <= sequences * pairs for m in recall.values())
     saved = json.loads((root / "docs" / "results" / "results.json").read_text())
     assert saved["table"] == json.loads(json.dumps(result["table"]))
 

@@ -186,8 +186,9 @@ def accuracy_within(result: dict[str, Any], low: int, high: int) -> float:
 
 def recall_study(kinds: tuple[str, ...] = ("gam", "transformer"), task: RecallTask = RecallTask(),
                  d_model: int = 64, n_layers: int = 2, steps: int = 1500, batch: int = 64, lr: float = 3e-3,
-                 seed: int = 0, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train each kind at matched size on the same MQAR batches and measure accuracy per distance.
+                 seed: int = 0, log: Callable[[str], None] | None = None, sequences: int = 2048) -> dict[str, Any]:
+    """Train each kind at matched size on the same MQAR batches and measure accuracy per distance, on
+    ``sequences`` held-out sequences.
 
     The GAM has ``d_model``, ``n_layers``, kernel 3 and as many memory slots as the task has tokens; the
     Transformer's width is matched to its parameter count (``baselines.matched_config``).
@@ -199,7 +200,8 @@ def recall_study(kinds: tuple[str, ...] = ("gam", "transformer"), task: RecallTa
     gam_cfg = GAMConfig(vocab_size=task.vocab_size, d_model=d_model, n_layers=n_layers, n_slots=task.vocab_size,
                         kernel_size=3, max_positions=task.seq_len, dropout=0.0)
     out: dict[str, Any] = {"task": asdict(task), "chance": task.chance, "steps": steps, "batch": batch,
-                           "lr": lr, "seed": seed, "gam_receptive_field": gam_cfg.receptive_field, "models": {}}
+                           "lr": lr, "seed": seed, "sequences": sequences,
+                           "gam_receptive_field": gam_cfg.receptive_field, "models": {}}
     for kind in kinds:
         model = build_lm(kind, gam_cfg, seed=seed)
         started = time.perf_counter()
@@ -210,7 +212,7 @@ def recall_study(kinds: tuple[str, ...] = ("gam", "transformer"), task: RecallTa
                 log(f"recall {kind}: step {step + 1}/{steps} loss {loss:.3f}")
 
         losses = train_recall(model, task, steps, batch, lr, seed, report)
-        result = recall_accuracy(model, task)
+        result = recall_accuracy(model, task, n_sequences=sequences)
         result.update(params=sum(p.numel() for p in model.parameters()), d_model=model.config.d_model,
                       train_s=round(time.perf_counter() - started, 1), final_loss=float(np.mean(losses[-20:])))
         out["models"][kind] = result

@@ -210,7 +210,7 @@ def analyses(protocol: Protocol, runs: Path, log) -> dict[str, Any]:
         log(f"receptive field of {folder.name}: {result['receptive_field']} tokens")
     task = RecallTask()
     out["recall"] = recall_study(("gam", "transformer"), task, steps=protocol.recall_steps,
-                                 batch=protocol.recall_batch, seed=0, log=log)
+                                 batch=protocol.recall_batch, seed=0, log=log, sequences=protocol.recall_sequences)
     return out
 
 
@@ -401,7 +401,8 @@ def run_compare(out: Path, runs: Path, protocol: Protocol = Protocol(), data_dir
                 records.append(one_run(protocol, dataset, kind, seed, runs, data_dir, log))
     cached = out / "results.json"
     key = {"runs": [(r["dataset"], r["model"], r["seed"], r["val_loss"]) for r in records],
-           "recall_steps": protocol.recall_steps, "recall_batch": protocol.recall_batch}
+           "recall_steps": protocol.recall_steps, "recall_batch": protocol.recall_batch,
+           "recall_sequences": protocol.recall_sequences}
     previous = json.loads(cached.read_text(encoding="utf-8")) if cached.is_file() else {}
     if previous.get("analyses_key") == json.loads(json.dumps(key)):
         log("analyses: reusing the previous results (same runs, same recall protocol)")
