@@ -44,6 +44,8 @@ MAX_VOCAB = 2**20
 MAX_SCALING_T = 16384
 MAX_PROFILE_BATCH = 1024
 MAX_TEXT_BYTES = 2 * 1024**3
+#: A tokenizer.json of a 2^20-token vocabulary with its merges is tens of MB; a file past this is not one.
+MAX_TOKENIZER_BYTES = 256 * 1024**2
 
 
 def check_range(name: str, value, lo, hi) -> None:

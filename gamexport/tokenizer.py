@@ -50,6 +50,13 @@ class Tokenizer:
             raise TokenizerError(f"no tokenizer at {path}",
                                  "pass the tokenizer.json saved with the model (gamexport train writes one "
                                  "next to model.safetensors)")
+        from .limits import MAX_TOKENIZER_BYTES
+
+        size = path.stat().st_size
+        if size > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"{path} is {size / 1024**2:,.0f} MiB, more than any tokenizer.json "
+                                 f"({MAX_TOKENIZER_BYTES // 1024**2} MiB at most)",
+                                 "pass the tokenizer.json saved with the model")
         try:
             from tokenizers import Tokenizer as _HFTokenizer
         except ImportError as exc:

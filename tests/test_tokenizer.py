@@ -94,6 +94,22 @@ def test_corrupt_file_is_a_one_line_error(tmp_path, content):
     assert "\n" not in str(info.value) and "copy it again" in str(info.value)
 
 
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A tokenizer.json past MAX_TOKENIZER_BYTES is one line, and the tokenizers library never sees it (a sparse
+    file: no bytes are written)."""
+    import tokenizers
+
+    from gamexport.limits import MAX_TOKENIZER_BYTES
+
+    path = tmp_path / "tokenizer.json"
+    with open(path, "wb") as f:
+        f.truncate(MAX_TOKENIZER_BYTES + 1)
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", lambda *a: pytest.fail("the oversized file was parsed"))
+    with pytest.raises(TokenizerError, match=r"more than any tokenizer\.json \(256 MiB at most\)") as info:
+        Tokenizer.from_file(path)
+    assert "\n" not in str(info.value)
+
+
 def test_loading_never_imports_torch(tok):
     code = ("import sys; sys.modules['torch'] = None\n"       # any `import torch` now raises ImportError
             "from gamexport.tokenizer import Tokenizer\n"
