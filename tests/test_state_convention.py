@@ -76,8 +76,8 @@ def test_bad_positions_refused_in_one_line(ort_tiny, eager_tiny, positions, need
 
 # ---- a format-1 build folder --------------------------------------------------------------------------------------
 def legacy_graph(model: onnx.ModelProto, n_layers: int) -> onnx.ModelProto:
-    """``model`` with the format-1 I/O: one packed ``conv_state`` [B, L, k-1, d] in (step), ``conv_state`` (prefill)
-    or ``conv_state_out`` (step) out, position_ids [B, 1]; computes the same."""
+    """``model`` with the format-1 state I/O: one packed ``conv_state`` [B, L, k-1, d] in (step), ``conv_state``
+    (prefill) or ``conv_state_out`` (step) out, split and stacked around the same body; computes the same."""
     old = onnx.ModelProto()
     old.CopyFrom(model)
     g = old.graph
