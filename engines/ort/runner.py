@@ -113,8 +113,8 @@ class OrtRunner(Runner):
 
     def _prefill(self, ids):
         if self.prefill_session is None:
-            return self._step(ids, np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape),
-                              self.empty_state(ids.shape[0]))
+            positions = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape))
+            return self._step(ids, positions, self.empty_state(ids.shape[0]))
         return self._run(self.prefill_session, {INPUT_IDS: ids})
 
     def _step(self, ids, position_ids, state):
