@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gamexport.layout import parse_list
+from gamexport.targets import CPU_PRECISIONS
 from gamexport.limits import MAX_SCALING_T, MAX_THREADS
 
 from .common import DebugOption, run, say
@@ -25,7 +26,7 @@ def bench(
                                          help=f"CPU threads for ONNX Runtime and torch, 1..{MAX_THREADS} (4 × this "
                                               "machine's CPUs), stated in every row.")] = 2,
     precision: Annotated[str, typer.Option(
-        help="ONNX Runtime precisions, comma-separated: fp32, fp16, int8, int8-dyn.")] = "fp32,fp16,int8,int8-dyn",
+        help=f"ONNX Runtime precisions, comma-separated: {', '.join(CPU_PRECISIONS)}.")] = ",".join(CPU_PRECISIONS),
     compile_: Annotated[bool, typer.Option("--compile", help="Also time torch.compile (minutes to compile on "
                                                             "CPU).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: few runs, numbers not to be quoted.")] = False,

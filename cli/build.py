@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gamexport.layout import parse_list
+from gamexport.layout import PRECISIONS, parse_list
 
 from .common import DebugOption, ThreadsOption, run, say
 
@@ -26,7 +26,7 @@ def build(
     preset: Annotated[str | None, typer.Option(help="Without SOURCE: build seeded untrained weights of this "
                                                     "preset (paper, small, tiny).")] = None,
     precision: Annotated[str, typer.Option(
-        help="Graph precisions to write, comma-separated (fp32 always): fp32, fp16, bf16, int8, int8-dyn.")] = "fp32",
+        help=f"Graph precisions to write, comma-separated (fp32 always): {', '.join(PRECISIONS)}.")] = "fp32",
     engines: Annotated[str, typer.Option(
         help="Engines, comma-separated: onnxruntime, tensorrt (TensorRT needs --device cuda).")] = "onnxruntime",
     device: Annotated[str, typer.Option(help="cpu, or cuda for ONNX Runtime's CUDA provider and TensorRT.")] = "cpu",

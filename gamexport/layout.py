@@ -20,21 +20,65 @@ A build folder (``gamexport build --out DIR``)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # ---- precisions -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Precision:
+    """What every room needs to know of one precision. The rooms read these facts; none of them tests a
+    precision's name. Adding a precision is a record here plus the room that computes it (its graph writer, and
+    its gate and emulation in ``gamexport.parity``)."""
+
+    name: str
+    #: bytes of one weight (the bench's weight-streaming arithmetic; block scales included)
+    weight_bytes: float
+    #: "builder": gamexport's own graph builder writes it; "ort-dynamic": ONNX Runtime's ``quantize_dynamic`` of the
+    #: fp32 graph (engines.ort)
+    writer: str = "builder"
+    #: half precision: fp32 islands (LayerNorm, softmax, the state) inside half-precision weights and activations
+    half: bool = False
+    #: integer weights
+    quantized: bool = False
+    #: needs calibration text (static activation scales)
+    calibrated: bool = False
+    #: activation scales measured on each call's whole tensor: a chunked run computes other numbers than a prefill
+    runtime_scales: bool = False
+    #: also written in ONNX Runtime's .ort format: the CPU-provider precisions an edge box runs
+    ort_format: bool = False
+    #: the ONNX Runtime contrib operators (com.microsoft) the graphs use, which no other runtime parses; None: none
+    contrib_ops: str | None = None
+
+
 #: Every precision a build can produce, in the order the CLI, the report and the bench list them.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
+PRECISION_TABLE: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", 4, ort_format=True),
+    Precision("fp16", 2, half=True),
+    Precision("bf16", 2, half=True),
+    Precision("int8", 1, quantized=True, calibrated=True, ort_format=True),
+    Precision("int8-dyn", 1, writer="ort-dynamic", quantized=True, runtime_scales=True, ort_format=True),
+    # 4-bit blocks of 32 with one fp32 scale each (0.5 + 4/32 bytes a weight); the head's 8-bit blocks are more
+    Precision("int4", 0.625, quantized=True, ort_format=True, contrib_ops="MatMulNBits"),
+)}
+PRECISIONS = tuple(PRECISION_TABLE)
 #: Written by gamexport's own graph builder (int8-dyn is ONNX Runtime's dynamic quantization of the fp32 graph).
-GRAPH_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-#: Half precisions: fp32 islands (LayerNorm, softmax, the state) inside half-precision weights and activations.
-HALF_PRECISIONS = ("fp16", "bf16")
-#: Integer precisions, and the one of them that needs calibration text.
-QUANTIZED_PRECISIONS = ("int8", "int8-dyn")
-CALIBRATED_PRECISIONS = ("int8",)
-#: Written by the graph builder but not offered by the build yet: INT4 (ONNX Runtime's MatMulNBits, 4-bit weight
-#: blocks; gamexport/graph/int4.py, docs/int4.md). Not in PRECISIONS, so no command accepts it today.
-EXPERIMENTAL_PRECISIONS = ("int4",)
+GRAPH_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.writer == "builder")
+HALF_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.half)
+QUANTIZED_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.quantized)
+CALIBRATED_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.calibrated)
+#: Precisions whose activation scales are taken per call (chunked rows differ from the prefill's by design).
+RUNTIME_SCALED_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.runtime_scales)
+ORT_FORMAT_PRECISIONS = tuple(p.name for p in PRECISION_TABLE.values() if p.ort_format)
 #: Bytes of one weight at each precision (the bench's weight-streaming arithmetic).
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-dyn": 1}
+WEIGHT_BYTES = {p.name: p.weight_bytes for p in PRECISION_TABLE.values()}
+
+
+def precision(name: str) -> Precision:
+    """The record of ``name``; ValueError names the precisions there are."""
+    try:
+        return PRECISION_TABLE[name]
+    except KeyError:
+        raise ValueError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}") from None
+
 
 # ---- runtimes, engines, devices ---------------------------------------------------------------------------------
 #: What ``--engines`` accepts, and ``--device``.

@@ -28,7 +28,7 @@ def write_manifest(folder: Path, ckpt) -> dict:
     """``manifest.json``: every file but itself with size and sha256, plus library versions and the source
     checkpoint (``ckpt``: a ``gamexport.checkpoint.Checkpoint``); its ``kind`` marks the folder as a build that a
     later build may replace (``gamexport.destinations``)."""
-    from .bench.timing import machine_info
+    from .machine import machine_info
     from .destinations import BUILD_KIND
 
     files = {}

@@ -46,20 +46,30 @@ class GAMBlock(nn.Module):
         return x, present
 
 
-class GAM(nn.Module):
-    """GAM language model: token + learned position embeddings → L blocks → final LN → tied head."""
+class TiedLM(nn.Module):
+    """The language-model shell GAM shares with the paper's Transformer baseline (``training.baselines``): token +
+    learned position embeddings → dropout → ``cfg.n_layers`` blocks from ``block()`` → final LN → a head tied to the
+    token embedding, as the reference code does. ``cfg`` has vocab_size, d_model, max_positions, n_layers, dropout
+    and ln_eps."""
 
-    def __init__(self, cfg: GAMConfig):
+    def __init__(self, cfg, block):
         super().__init__()
         self.config = cfg
         d = cfg.d_model
         self.token_embedding = nn.Embedding(cfg.vocab_size, d)
         self.pos_embedding = nn.Embedding(cfg.max_positions, d)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(GAMBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(block() for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.token_embedding.weight = self.head.weight  # tied, as the reference code does
+        self.token_embedding.weight = self.head.weight  # tied
+
+
+class GAM(TiedLM):
+    """GAM language model: token + learned position embeddings → L blocks → final LN → tied head."""
+
+    def __init__(self, cfg: GAMConfig):
+        super().__init__(cfg, lambda: GAMBlock(cfg))
 
     def empty_state(self, batch: int) -> torch.Tensor:
         """Streaming state before any token: zeros of shape (B, L, k-1, d)."""

@@ -38,7 +38,8 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 # ---- the reports, built from typed rows --------------------------------------------------------------------
 def build_report(ckpt, trained: bool, counted, machine: dict, artifacts: list[str], graph_checks: list[dict],
-                 parity: Sequence[ParityRow], latency: list[dict], skipped: list[dict]) -> dict:
+                 parity: Sequence[ParityRow], latency: list[dict], skipped: list[dict],
+                 graph_sizes: dict[str, dict] | None = None) -> dict:
     """``report.json`` of a build: the source and model, the machine, what was written and checked, and the rows.
 
     ``counted`` is the :class:`~gamexport.parity.metrics.Verdict` of ``parity``; ``latency`` holds the latency
@@ -57,13 +58,30 @@ def build_report(ckpt, trained: bool, counted, machine: dict, artifacts: list[st
                      "shape": ["batch", cfg.state_len, cfg.d_model], "layers": cfg.n_layers},
         "machine": machine, "artifacts": artifacts, "graph_checks": graph_checks,
         "parity": [row.to_dict() for row in parity], "latency": latency, "skipped": skipped,
+        **({"graph_sizes": graph_sizes} if graph_sizes else {}),
     }
+
+
+def graph_sizes(folder: Path, precisions: Sequence[str]) -> dict[str, dict]:
+    """{precision: bytes of its prefill and step graphs (.onnx, with functions) and their sum over fp32's}."""
+    from gamexport.layout import graph_file
+
+    sizes = {}
+    for p in precisions:
+        files = [Path(folder) / graph_file(kind, p) for kind in ("prefill", "step")]
+        if all(f.is_file() for f in files):
+            sizes[p] = {"prefill_bytes": files[0].stat().st_size, "step_bytes": files[1].stat().st_size}
+    if "fp32" in sizes:
+        base = sizes["fp32"]["prefill_bytes"] + sizes["fp32"]["step_bytes"]
+        for entry in sizes.values():
+            entry["vs_fp32"] = (entry["prefill_bytes"] + entry["step_bytes"]) / base
+    return sizes
 
 
 def recheck_report(folder: Path, parity: Sequence[ParityRow], skipped: list[dict], precisions: tuple[str, ...],
                    threads: int | None) -> dict:
     """The report of ``gamexport parity DIR`` (``--report``): the verdict of ``parity`` over ``precisions``."""
-    from gamexport.bench import machine_info
+    from gamexport.machine import machine_info
     from gamexport.parity import verdict
 
     rows = [row.to_dict() for row in parity]
@@ -211,5 +229,9 @@ def render_markdown(report: dict) -> str:
     if report["skipped"]:
         lines += ["", "## Not run", ""]
         lines += [f"- {r['runtime']} {r.get('precision', '')}: {r['reason']}" for r in report["skipped"]]
+    if report.get("graph_sizes"):
+        lines += ["", "## Graph sizes", "", "| precision | prefill graph | step graph | vs fp32 |", "|---|---|---|---|"]
+        lines += [f"| {p} | {s['prefill_bytes']:,} B | {s['step_bytes']:,} B | "
+                  f"{_fmt(s.get('vs_fp32'), '.3f')}× |" for p, s in report["graph_sizes"].items()]
     lines += ["", "## Files", "", "See `manifest.json` for sizes and sha256 of every file.", ""]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from gamexport.layout import DEVICES, ENGINES, graph_file
+from gamexport.layout import DEVICES, ENGINES, PRECISION_TABLE, graph_file
 
 Progress = Callable[[str], None]
 
@@ -48,7 +48,8 @@ class Target:
     a structural run (never timed); ``opener`` opens a Runner (:data:`Opener`), ``files_opener`` one over two named
     graph files;
     ``missing()``: why it is not installed here (None: it is); ``cuda_graph``: it can replay decode steps from
-    CUDA graphs.
+    CUDA graphs; ``opening``: what a progress line says while it opens, when that is slow; ``may_fail``: a
+    failure to run it is a skipped row starting with this text, not a bug (torch.compile needs a C++ toolchain).
     """
 
     runtime: str
@@ -62,6 +63,8 @@ class Target:
     missing: Callable[[], str | None] = lambda: None
     check: Callable[[object, OpenOptions], None] = lambda cfg, options: None
     cuda_graph: bool = False
+    opening: str | None = None
+    may_fail: str | None = None
 
     def why_not(self, precision: str) -> str | None:
         """Why this target cannot run ``precision`` (None: it can)."""
@@ -160,22 +163,42 @@ def _tensorrt_missing() -> str | None:
 # ---- the registry ---------------------------------------------------------------------------------------------
 _CPU_BF16 = ("ONNX Runtime's CPU provider has no bf16 kernels (MatMul, Add, Sigmoid); the bf16 graphs are for CUDA "
              "and TensorRT and are checked here structurally")
-_DYNAMIC_CPU_ONLY = "dynamic quantization (MatMulInteger) is a CPU-provider format"
+
+
+def _refused(why: Callable) -> Mapping[str, str]:
+    """{precision: reason} for every precision of the vocabulary that ``why(record)`` gives a reason for."""
+    return MappingProxyType({p.name: r for p in PRECISION_TABLE.values() if (r := why(p))})
+
+
+def _cuda_ort_refuses(p) -> str | None:
+    if p.writer == "ort-dynamic":
+        return "dynamic quantization (MatMulInteger) is a CPU-provider format"
+    return None
+
+
+def _tensorrt_refuses(p) -> str | None:
+    if p.writer == "ort-dynamic":
+        return f"TensorRT takes explicit Q/DQ (int8), not MatMulInteger ({p.name})"
+    if p.contrib_ops:
+        return f"TensorRT's ONNX parser has no {p.contrib_ops} (an ONNX Runtime contrib operator)"
+    return None
+
 
 #: Every target, in the order a plan runs and a report lists them.
 TARGETS: dict[str, Target] = {t.runtime: t for t in (
     Target("eager", "cpu", opener=_open_eager),
-    Target("eager-compile", "cpu", opener=_open_eager),
+    Target("eager-compile", "cpu", opener=_open_eager,
+           opening="compile: torch.compile of prefill and step (slow on CPU; compiled on the first calls)",
+           may_fail="torch.compile failed"),
     Target("onnxruntime-cpu", "cpu", "onnxruntime", MappingProxyType({"bf16": _CPU_BF16}), structural=("bf16",),
            opener=_ort_opener("CPUExecutionProvider"), structural_opener=_open_bf16_structural,
            files_opener=_ort_files("CPUExecutionProvider")),
-    Target("onnxruntime-cuda", "cuda", "onnxruntime", MappingProxyType({"int8-dyn": _DYNAMIC_CPU_ONLY}),
+    Target("onnxruntime-cuda", "cuda", "onnxruntime", _refused(_cuda_ort_refuses),
            opener=_ort_opener("CUDAExecutionProvider"), files_opener=_ort_files("CUDAExecutionProvider"),
            missing=_provider_missing("CUDAExecutionProvider")),
     Target("onnxruntime-trt", "cuda", missing=_provider_missing("TensorrtExecutionProvider")),
-    Target("tensorrt", "cuda", "tensorrt",
-           MappingProxyType({"int8-dyn": "TensorRT takes explicit Q/DQ (int8), not MatMulInteger (int8-dyn)"}),
-           opener=_open_trt, missing=_tensorrt_missing, check=_check_trt, cuda_graph=True),
+    Target("tensorrt", "cuda", "tensorrt", _refused(_tensorrt_refuses), opener=_open_trt, missing=_tensorrt_missing,
+           check=_check_trt, cuda_graph=True),
 )}
 
 #: The reference every parity row is measured against, and the pair the build checks in full detail (each fp32
@@ -185,6 +208,8 @@ BASELINE = ("onnxruntime-cpu", "fp32")
 
 #: (runtime, precision) pairs that cannot run, and why (derived from :data:`TARGETS`).
 UNSUPPORTED = {(t.runtime, p): why for t in TARGETS.values() for p, why in t.unsupported.items()}
+#: The precisions ONNX Runtime's CPU provider computes (what the bench times by default).
+CPU_PRECISIONS = tuple(p for p in PRECISION_TABLE if ("onnxruntime-cpu", p) not in UNSUPPORTED)
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------

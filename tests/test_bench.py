@@ -101,8 +101,8 @@ def test_bench_json_structure(quick):
     int8_batched = lim["batched_by_precision"]["int8"]
     assert int8_batched["shape"][2] == lim["bandwidth_by_precision"]["int8"]["candidates"][0]["shape"][2] or \
         int8_batched["best"].startswith("onnxruntime int8 ")
-    # Each INT8 precision's compute and batched limits count its own integer GEMM beside the fp32 candidates.
-    for p in ("int8", "int8-dyn"):
+    # Each integer precision's compute and batched limits count its own integer GEMM beside the fp32 candidates.
+    for p in ("int8", "int8-dyn", "int4"):
         cands = [c["name"] for c in lim["compute_by_precision"][p]["candidates"]]
         assert set(names["compute"]) < set(cands) and f"onnxruntime {p} ffn up 64x{d}x{4 * d}" in cands
         assert any(c["name"].startswith(f"onnxruntime {p} 32x") for c in lim["batched_by_precision"][p]["candidates"])
@@ -116,7 +116,7 @@ def test_bench_json_structure(quick):
     # Every runtime and precision this CPU has, with prefill at T=min(64, P) (and 256 capped) plus batched.
     pairs = {(r["runtime"], r["precision"]) for r in bench["prefill"]}
     assert pairs == {("eager", "fp32"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "fp16"),
-                     ("onnxruntime-cpu", "int8"), ("onnxruntime-cpu", "int8-dyn")}
+                     ("onnxruntime-cpu", "int8"), ("onnxruntime-cpu", "int8-dyn"), ("onnxruntime-cpu", "int4")}
     assert {(r["batch"], r["seq_len"]) for r in bench["prefill"]} == {(1, 64), (8, 64)}
     assert {r["batch"] for r in bench["decode"]} == {1, 8, 32}
     assert {r["runtime"] for r in bench["skipped"]} >= {"eager-compile", "onnxruntime-cuda", "tensorrt"}
@@ -363,7 +363,7 @@ def int8_roofline(cfg, gbps: float) -> float:
 def test_other_processes_cpu(monkeypatch):
     """Other processes' cores = (all busy CPU − this process's own) ÷ wall; the bench marks > 0.2 busy."""
     from gamexport.bench.command import run_load
-    from gamexport.bench.timing import cpu_seconds, other_cpu_cores
+    from gamexport.machine import cpu_seconds, other_cpu_cores
 
     assert other_cpu_cores((100.0, 10.0), (130.0, 20.0), 10.0) == 2.0
     assert other_cpu_cores((100.0, 10.0), (105.0, 20.0), 10.0) == 0.0   # never negative

@@ -42,6 +42,24 @@ def test_precision_sets_are_consistent():
         assert set(group) <= set(layout.PRECISIONS)
     assert set(layout.WEIGHT_BYTES) == set(layout.PRECISIONS)
     assert set(layout.ORT_PROVIDERS.values()) <= set(layout.RUNTIMES)
+    for record in layout.PRECISION_TABLE.values():
+        assert record.writer in ("builder", "ort-dynamic") and record.weight_bytes > 0
+        assert not record.calibrated or record.quantized
+        assert not (record.half and record.quantized)
+    with pytest.raises(ValueError, match="not one of"):
+        layout.precision("int3")
+
+
+def test_the_report_schema_speaks_the_vocabulary():
+    """report.schema.json (the published contract of report.json) names exactly the vocabulary's precisions and
+    runtimes, and every emulation reference parity writes: a precision added to one and not the other fails here."""
+    from gamexport.parity.emulation import REFERENCES
+    from gamexport.report import schema
+
+    defs = schema()["$defs"]
+    assert defs["precision"]["enum"] == list(layout.PRECISIONS)
+    assert defs["runtime"]["enum"] == list(layout.RUNTIMES)
+    assert set(REFERENCES) <= set(defs["parity_row"]["properties"]["reference"]["enum"])
 
 
 def test_parse_list():

@@ -92,3 +92,29 @@ def test_the_bench_plans_and_opens_through_the_registry():
     assert set(BENCH_FUNCTIONS) <= set(functions)
     for name in BENCH_FUNCTIONS:
         assert switches(functions[name]) == [], f"bench/runtimes.py {name} switches on a backend"
+
+
+def test_only_a_target_that_may_fail_becomes_a_skipped_row(monkeypatch):
+    """The bench times each target; a failure of eager-compile (torch.compile needs a C++ toolchain) is a skipped
+    row naming it, while the same failure of any other target is a bug and is raised (Target.may_fail)."""
+    from types import SimpleNamespace
+
+    from gamexport.bench import runtimes
+
+    class Broken:
+        def close(self):
+            pass
+
+    def failing_rows(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(runtimes, "open_runner", lambda *args: Broken())
+    monkeypatch.setattr(runtimes, "prefill_rows", failing_rows)
+    ckpt, said = SimpleNamespace(config=None), []
+    prefill, decode, skipped = runtimes.runtime_rows([("eager-compile", "fp32")], ckpt, None, {}, None, 1, (),
+                                                     said.append)
+    assert prefill == decode == [] and skipped == [{"runtime": "eager-compile", "precision": "fp32",
+                                                    "reason": "torch.compile failed: RuntimeError: no C++ compiler"}]
+    assert said[0].startswith("compile: torch.compile") and "skipped" in said[-1]
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        runtimes.runtime_rows([("onnxruntime-cpu", "fp32")], ckpt, None, {}, None, 1, (), said.append)

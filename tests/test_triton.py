@@ -266,7 +266,7 @@ def test_rewrite_in_place(tiny_build, tmp_path):
     ({"gpus": [0]}, TritonConfigError, "gpus can only be listed"),
     ({"max_batch_size": 0}, TritonConfigError, "max batch size must be an integer >= 1"),
     ({"backend": "tensorrt", "instance_kind": "KIND_CPU"}, TritonConfigError, "GPUs only"),
-    ({"precision": "int8-dyn", "instance_kind": "KIND_GPU"}, TritonConfigError, "CPU provider only"),
+    ({"precision": "int8-dyn", "instance_kind": "KIND_GPU"}, TritonConfigError, "CPU-provider format"),
     ({"precision": "bf16"}, TritonConfigError, "no bf16 kernels"),
     ({"name_prefix": "../x"}, TritonConfigError, "not a valid folder name"),
     ({"strategy": "fifo"}, TritonConfigError, "sequence strategy 'fifo'"),

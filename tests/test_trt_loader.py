@@ -197,3 +197,20 @@ def test_truncated_plan_in_the_cache_is_rebuilt_and_leftovers_removed(fake_trt, 
     from gamexport.fsutil import sha256_file
     assert meta["engine"]["sha256"] == sha256_file(engine) and meta["key"] == first["key"]
     assert not any(p.exists() for p in leftovers) and unrelated.exists()
+
+
+def test_an_int4_graph_is_refused_in_one_line(fake_trt, tiny_cfg, tiny_weights, tmp_path):
+    """MatMulNBits is an ONNX Runtime contrib operator: the loader names it and says what to build instead, before
+    TensorRT's parser sees the graph (the target registry skips int4 for TensorRT for the same reason)."""
+    from gamexport.engines.trt.loader import graph_precision
+    from gamexport.graph.builder import build_graph, serialize
+    from gamexport.targets import UNSUPPORTED
+
+    model = build_graph(tiny_cfg, tiny_weights, "step", precision="int4")
+    assert graph_precision(model) == "int4"
+    assert graph_precision(build_graph(tiny_cfg, tiny_weights, "step")) == "fp32"
+    (tmp_path / "step.int4.onnx").write_bytes(serialize(model))
+    with pytest.raises(ConfigError, match="MatMulNBits, an ONNX Runtime contrib operator"):
+        build_engine(tmp_path / "step.int4.onnx", tmp_path / "step.int4.plan", tiny_cfg, None)
+    assert "MatMulNBits" in UNSUPPORTED[("tensorrt", "int4")]
+    assert ("onnxruntime-cuda", "int4") not in UNSUPPORTED

@@ -25,7 +25,7 @@ import pytest
 
 import zoo
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-dyn", "int4")
 
 
 def _key(args) -> tuple:
@@ -154,7 +154,7 @@ def demo(tmp_path_factory):
     assert result.passed, "the unmutated demo build must pass all its gated rows"
     (emulate,) = memo_emulators.made.values()  # the build asked for its precisions' emulations, once or more
     assert set(emulate) == {"emulation-fp16-weights", "emulation-bf16-weights", "emulation-int8",
-                            "emulation-int8-dyn"}
+                            "emulation-int8-dyn", "emulation-int4"}
     ckpt = resolve_source(None, None)
     text = held_out_ids(ckpt)
     _, eval_ids = split_calibration(text, ckpt.config)
@@ -171,6 +171,20 @@ def test_unmutated_build_passes_its_gated_rows_and_the_recheck(demo):
         assert rows and not zoo.caught_by(rows), (precision, zoo.caught_by(rows))
         emulations = {name for name, p in REFERENCES.items() if p == precision}  # re-checked too, and gated
         assert {r["reference"] for r in rows if r.get("gated", True)} >= {"eager-fp32", *emulations}
+
+
+def test_report_lists_graph_sizes_and_int4_is_under_0_3_of_fp32(demo):
+    """The report's *Graph sizes* are the files' own bytes, and the INT4 graphs (4-bit blocks, 8-bit head) of the
+    demo model stay within issue 14's budget: at most 0.3× the fp32 graphs' bytes (measured 0.235×)."""
+    from gamexport.layout import graph_file
+
+    folder, *_ = demo
+    sizes = json.loads((folder / "report.json").read_text())["graph_sizes"]
+    assert set(sizes) == set(PRECISIONS)
+    for p, entry in sizes.items():
+        assert entry["prefill_bytes"] == (folder / graph_file("prefill", p)).stat().st_size
+    assert sizes["fp32"]["vs_fp32"] == 1.0 and sizes["int4"]["vs_fp32"] <= 0.3
+    assert "## Graph sizes" in (folder / "report.md").read_text()
 
 
 def test_memo_answers_repeated_calls_from_memory_and_distinct_calls_afresh():

@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gamexport.graph.builder import graph_file_name, inline, serialize
+from gamexport.graph.builder import inline, serialize
+from gamexport.layout import graph_file
 
 # ---- helpers on a ModelProto ----------------------------------------------------------------------------------
 
@@ -158,6 +159,19 @@ def int8_scale_wrong(model, kind, precision) -> bool:
     return _edit_initializers(model, lambda n: n.endswith("memory_bank.q.scale"), lambda s: s * 0.97) > 0
 
 
+def int4_scale_wrong(model, kind, precision) -> bool:
+    """One 32-value block's INT4 weight scale 3 % high (blocks.1's memory read, its first block of its first
+    output): the smallest scale error an INT4 exporter can make."""
+    if precision != "int4":
+        return False
+
+    def one_block(scale):
+        out = scale.copy()
+        out[0, 0] *= 1.03
+        return out
+    return _edit_initializers(model, lambda n: n == "blocks.1.memory_bank.q4T.scale", one_block) > 0
+
+
 def position_off_by_one(model, kind, precision) -> bool:
     """The step graph's positions one too early (position_ids − 1 into the positional Gather; −1 gathers the last
     row, as ONNX Gather wraps negative indices, so nothing crashes — +1 would make ONNX Runtime raise at the last
@@ -190,6 +204,14 @@ def state_not_advanced(model, kind, precision) -> bool:
 
 def head_wrong_tensor(model, kind, precision) -> bool:
     """The tied head reads a stale copy of the embedding whose rows are one token off (rows rolled by one)."""
+    if precision == "int4":  # the head is a MatMulNBits of the embedding's packed rows and their block scales
+        head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                    and n.input[1].startswith("token_embedding.weight.q"))
+        for i in (1, 2):
+            value = numpy_helper.to_array(_initializer(model, head.input[i]))
+            model.graph.initializer.append(numpy_helper.from_array(np.roll(value, 1, axis=0), "zoo_" + head.input[i]))
+            head.input[i] = "zoo_" + head.input[i]
+        return True
     if precision == "int8":
         names = ("token_embedding.weight.qT", "token_embedding.weight.qT.scale")
         head = next(n for n in model.graph.node if list(n.output) == ["head_t"])
@@ -215,15 +237,17 @@ def _d_model(model: onnx.ModelProto) -> int:
 MUTANTS: dict[str, Callable] = {f.__name__: f for f in (
     conv_taps_reversed, conv_shifted, conv_bias_dropped, memory_scaled, gates_swapped,
     gate_bias_dropped_one_layer, ffn_bias_dropped_one, tanh_gelu, layernorm_eps, int8_scale_wrong,
-    position_off_by_one, state_not_advanced, head_wrong_tensor)}
+    position_off_by_one, state_not_advanced, head_wrong_tensor, int4_scale_wrong)}
 
 #: Precisions whose graphs gamexport's builder writes itself (int8-dyn is derived from the fp32 inlined graph).
-BUILT = ("fp32", "fp16", "bf16", "int8")
+BUILT = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 def applies(mutant: str, precision: str) -> bool:
-    """Whether a mutant makes sense at a precision (INT8 scales exist only in int8 graphs)."""
-    return mutant != "int8_scale_wrong" or precision == "int8"
+    """Whether a mutant makes sense at a precision (INT8 scales exist only in int8 graphs, INT4 block scales only
+    in int4 graphs)."""
+    own = {"int8_scale_wrong": "int8", "int4_scale_wrong": "int4"}
+    return mutant not in own or precision == own[mutant]
 
 
 # ---- planting into a build folder -----------------------------------------------------------------------------
@@ -262,7 +286,7 @@ def mutate_file(src: Path, dst: Path, mutant: str, kind: str, precision: str, tw
     if changed:
         _write_new(dst, serialize(model))
         if twin:
-            _write_new(dst.with_name(graph_file_name(kind, precision, inlined=True)), serialize(inline(model)))
+            _write_new(dst.with_name(graph_file(kind, precision, inlined=True)), serialize(inline(model)))
     return changed
 
 
@@ -274,23 +298,23 @@ def _requantized(folder: Path, mutant: str, kind: str) -> list[str]:
     from gamexport.engines.ort import write_int8_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / graph_file_name(kind)
-        if not mutate_file(folder / graph_file_name(kind), scratch, mutant, kind, "fp32"):
+        scratch = Path(tmp) / graph_file(kind)
+        if not mutate_file(folder / graph_file(kind), scratch, mutant, kind, "fp32"):
             return []
-        dst = folder / graph_file_name(kind, "int8-dyn")
+        dst = folder / graph_file(kind, "int8-dyn")
         dst.unlink()  # a new file, never through the hardlink (write_int8_dynamic renames over it anyway)
-        write_int8_dynamic(scratch.with_name(graph_file_name(kind, inlined=True)), dst)
+        write_int8_dynamic(scratch.with_name(graph_file(kind, inlined=True)), dst)
     return [dst.name]
 
 
 def _planted(folder: Path, mutant: str, kind: str, precision: str) -> list[str]:
     """Plant ``mutant`` into the graph of ``kind`` at ``precision`` (and its inlined twin; int8-dyn has none); the
     files changed."""
-    path = folder / graph_file_name(kind, precision)
+    path = folder / graph_file(kind, precision)
     twin = precision != "int8-dyn"
     if not mutate_file(path, path, mutant, kind, precision, twin=twin):
         return []
-    return [path.name] + ([graph_file_name(kind, precision, inlined=True)] if twin else [])
+    return [path.name] + ([graph_file(kind, precision, inlined=True)] if twin else [])
 
 
 def plant(folder: Path, mutant: str, precision: str) -> list[str]:

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gamexport.config import GAMConfig
+from gamexport.model import TiedLM
 from gamexport.errors import ConfigError
 
 MODEL_KINDS = ("gam", "transformer", "mamba")
@@ -198,7 +199,7 @@ class TransformerBlock(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(TiedLM):
     """GPT-style LM: token + learned position embeddings → dropout → L blocks → final LN → tied head.
 
     Initialisation as GPT-2: Linear and Embedding weights N(0, 0.02), biases 0, and the two projections that write
@@ -207,16 +208,7 @@ class TransformerLM(nn.Module):
     """
 
     def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.config = cfg
-        d = cfg.d_model
-        self.token_embedding = nn.Embedding(cfg.vocab_size, d)
-        self.pos_embedding = nn.Embedding(cfg.max_positions, d)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.token_embedding.weight = self.head.weight
+        super().__init__(cfg, lambda: TransformerBlock(cfg))
         self.apply(self._init_weights)
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp[2]):

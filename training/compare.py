@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gamexport.bench.timing import BUSY_CORES, cpu_seconds, other_cpu_cores
+from gamexport.machine import BUSY_CORES, cpu_seconds, other_cpu_cores
 from gamexport.fsutil import atomic_write_json, atomic_write_text
 
 PAPER_TABLE = {   # arXiv 2509.00605, Table 1: one unseeded run per model on a T4 GPU, raw WikiText-2
@@ -285,7 +285,7 @@ def plots(records: list[dict[str, Any]], extra: dict[str, Any], protocol: Protoc
 
 
 def machine(threads: int) -> dict[str, Any]:
-    from gamexport.bench.timing import machine_info
+    from gamexport.machine import machine_info
 
     return {**machine_info(threads), "date": time.strftime("%Y-%m-%d")}
 

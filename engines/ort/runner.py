@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gamexport import layout
 from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, present_state_names, refuse_legacy
 from gamexport.errors import GamexportError
 from gamexport.runtime import Runner
@@ -68,11 +69,11 @@ class OrtRunner(Runner):
     def from_folder(cls, folder: str | Path, threads: int | None = None, inlined: bool = False,
                     precision: str = "fp32", step_only: bool = False) -> "OrtRunner":
         """A runner over a build folder; the config is read from the graph's metadata."""
-        from gamexport.graph.builder import graph_file_name
+        from gamexport.layout import graph_file
 
         folder = Path(folder)
-        model_path = folder / graph_file_name("prefill", precision, inlined)
-        step_path = folder / graph_file_name("step", precision, inlined)
+        model_path = folder / graph_file("prefill", precision, inlined)
+        step_path = folder / graph_file("step", precision, inlined)
         return cls(None if step_only else model_path, step_path, None, threads, precision)
 
     def precision_note(self) -> str:
@@ -81,7 +82,7 @@ class OrtRunner(Runner):
         p = self.precision
         if self.structural:
             return BF16_STRUCTURAL
-        if p.startswith("int8"):
+        if layout.precision(p).quantized:
             ops = ", ".join(f"{v}× {k}" for k, v in self.matmul_ops.items())
             return f"{p}: ONNX Runtime's optimized graph multiplies with {ops or 'what the provider chose'}"
         if p != "fp32" and self.compute_precision == "fp32":
@@ -91,7 +92,8 @@ class OrtRunner(Runner):
     def plan_runner(self, threads: int | None = None) -> "OrtRunner | None":
         """The emulations describe ONNX Runtime's CPU provider: this runner (fp16/bf16 graphs computed in fp32), or
         a new runner over the same graphs — int8 with its Q/DQ pairs run as written (``QDQ_REFERENCE``), int8-dyn
-        with exact integer MatMuls — that does not refuse NaN (parity's rows judge it). Other providers: None."""
+        with exact integer MatMuls, int4 at accuracy level 0 (fp32 products of the same 4-bit weights) — that does
+        not refuse NaN (parity's rows judge it). Other providers: None."""
         if self.provider != "CPUExecutionProvider":
             return None
         if self.precision == "int8-dyn":
@@ -99,6 +101,8 @@ class OrtRunner(Runner):
         elif self.precision == "int8":
             twin = OrtRunner(self.model_path, self.step_path, self.config, threads, precision="int8",
                              session_config=QDQ_REFERENCE)
+        elif self.precision == "int4":
+            twin = int4_level0_runner(self.model_path, self.step_path, self.config, threads)
         else:
             return self
         twin.check_finite = False
@@ -154,6 +158,15 @@ def exact_int8_dynamic_runner(model_path: Path, step_path: Path, config: GAMConf
     """A runner over int8-dyn graphs with exact integer MatMuls (:func:`exact_integer_matmuls`): the graphs'
     own arithmetic, comparable with the NumPy emulation of dynamic quantization to float rounding."""
     return _rewritten_runner(model_path, step_path, config, threads, "int8-dyn", exact_integer_matmuls)
+
+
+def int4_level0_runner(model_path: Path, step_path: Path, config: GAMConfig, threads: int | None) -> "OrtRunner":
+    """A runner over INT4 graphs with every MatMulNBits at ``accuracy_level`` 0: the same 4-bit weights and wiring
+    multiplied in fp32, comparable with the float64 emulation of the INT4 plan to fp32 rounding (at level 4 the
+    activations' int8 rounding is as large as a one-block bug)."""
+    from gamexport.graph.emulate_int4 import with_accuracy_level
+
+    return _rewritten_runner(model_path, step_path, config, threads, "int4", lambda m: with_accuracy_level(m, 0))
 
 
 #: The note of rows computed by :func:`bf16_structural_runner`.

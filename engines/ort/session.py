@@ -107,15 +107,16 @@ def optimized_matmul_ops(path: Path, threads: int | None, provider: str = "CPUEx
 
 
 def compute_label(ops: dict[str, int]) -> str:
-    """One word for the optimized graph's matrix multiplies: fp32, fp16, bf16, int8, or mixed."""
-    kinds = {("int8" if op in INT8_COMPUTE else "int8w-fp32" if op in INT8_MATMULS else op.split(":")[1])
+    """One word for the optimized graph's matrix multiplies: fp32, fp16, bf16, int8, nbits (MatMulNBits: n-bit
+    weight blocks, products in fp32 or, at accuracy level 4, in int8), or mixed."""
+    kinds = {("int8" if op in INT8_COMPUTE else "nbits" if op == "MatMulNBits" else op.split(":")[1])
              for op in ops}
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 #: Ops that multiply int8 operands in ONNX Runtime's CPU provider…
 INT8_COMPUTE = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
-#: …and all ops that take int8 weights (MatMulNBits dequantizes its 8-bit weights and multiplies in fp32).
+#: …and all ops that take integer weights (MatMulNBits: 4- or 8-bit weight blocks).
 INT8_MATMULS = INT8_COMPUTE + ("MatMulNBits",)
 
 

@@ -38,14 +38,16 @@ _ORT_DYNAMIC = {"DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "Conv
 
 
 def graph_precision(model) -> str:
-    """fp32, fp16, bf16, int8 (static Q/DQ) or int8-dyn (ONNX Runtime's dynamic quantization): what a strongly
-    typed TensorRT network built from this ONNX graph computes in."""
+    """fp32, fp16, bf16, int8 (static Q/DQ), int8-dyn (ONNX Runtime's dynamic quantization) or int4 (MatMulNBits):
+    what a strongly typed TensorRT network built from this ONNX graph computes in."""
     from onnx import TensorProto
 
     nodes = list(model.graph.node)
     for fn in model.functions:
         nodes.extend(fn.node)
     ops = {n.op_type for n in nodes}
+    if "MatMulNBits" in ops:
+        return "int4"
     if ops & _ORT_DYNAMIC:
         return "int8-dyn"
     if ops & _QDQ:
@@ -214,9 +216,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: GAMConfig,
                          "the file is truncated or corrupt; rebuild it with gamexport build") from exc
     graph = _graph_kind(model, graph)
     found = graph_precision(model)
-    if found == "int8-dyn":
+    if layout.precision(found).writer == "ort-dynamic":
         raise ConfigError(f"{onnx_path.name} uses ONNX Runtime's dynamic quantization (MatMulInteger), "
                           "which TensorRT does not build", "build the TensorRT engine from the int8 (Q/DQ) graph")
+    if layout.precision(found).contrib_ops:
+        raise ConfigError(f"{onnx_path.name} uses {layout.precision(found).contrib_ops}, an ONNX Runtime contrib "
+                          "operator TensorRT does not parse", "build the TensorRT engine from the int8 or a float graph")
     if precision is not None and precision != found:
         raise ConfigError(f"{onnx_path.name} holds a {found} graph, but a {precision} engine was asked for "
                           "(TensorRT networks are strongly typed: the graph decides the precision)",

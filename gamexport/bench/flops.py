@@ -52,9 +52,10 @@ def weight_bytes_per_step(cfg: GAMConfig, precision: str) -> int:
     """Bytes of weights one decode step reads: every parameter once, except the P−1 position rows it does not use.
 
     The MatMul weights (memory bank, gate, FFN, tied embedding/head) count at the precision's storage size (plus
-    one fp32 scale per output channel for INT8); LayerNorms, biases and the conv stay fp32. A graph that reads a
-    weight twice (e.g. M and a folded Mᵀ) or in a wider type than it stores is measured against this, so the
-    duplication shows as a lower fraction.
+    one fp32 scale per output channel for INT8; INT4's block scales are in its ``WEIGHT_BYTES``, and its head's
+    8-bit blocks are counted as 4-bit ones, so an INT4 row's limit is, if anything, too fast); LayerNorms, biases
+    and the conv stay fp32. A graph that reads a weight twice (e.g. M and a folded Mᵀ) or in a wider type than it
+    stores is measured against this, so the duplication shows as a lower fraction.
     """
     d, L = cfg.d_model, cfg.n_layers
     used = cfg.n_params() - (cfg.max_positions - 1) * d

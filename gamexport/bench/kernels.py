@@ -79,7 +79,7 @@ def int8_matmul_nodes(precision: str, K: int, N: int, seed: int = 0) -> tuple[li
     ``int8``: gamexport's static plan — the activation through QuantizeLinear → DequantizeLinear (symmetric, int8,
     zero point 0), the int8 weight per output channel through DequantizeLinear. ``int8-dyn``: what
     ``quantize_dynamic`` writes — DynamicQuantizeLinear, MatMulInteger with per-channel int8 weights, Cast, Mul by
-    the scales."""
+    the scales. ``int4``: one MatMulNBits of 4-bit blocks at the build's plan (``Int4Plan()``)."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(seed).integers(-127, 128, size=(K, N), dtype=np.int8)
@@ -98,7 +98,15 @@ def int8_matmul_nodes(precision: str, K: int, N: int, seed: int = 0) -> tuple[li
                 helper.make_node("Cast", ["ci"], ["cf"], to=TensorProto.FLOAT),
                 helper.make_node("Mul", ["as", "ws"], ["s"]),
                 helper.make_node("Mul", ["cf", "s"], ["c"])], inits
-    raise ValueError(f"no INT8 kernel for precision {precision!r}")
+    if precision == "int4":
+        from gamexport.graph.int4 import Int4Plan, quantize
+
+        plan = Int4Plan()
+        packed, scales = quantize(w.astype(np.float32) * np.float32(0.01), 4, plan.block_size)
+        return [helper.make_node("MatMulNBits", ["a", "wq", "wqs"], ["c"], domain="com.microsoft", K=K, N=N,
+                                 bits=4, block_size=plan.block_size, accuracy_level=plan.accuracy_level)], \
+            [numpy_helper.from_array(packed, "wq"), numpy_helper.from_array(scales, "wqs")]
+    raise ValueError(f"no integer kernel for precision {precision!r}")
 
 
 def time_int8_matmul(precision: str, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
@@ -112,8 +120,10 @@ def time_int8_matmul(precision: str, M: int, K: int, N: int, threads: int, effor
     timing = _timed(lambda: session.run(None, feeds), effort)
     del session
     gc.collect()
-    form = "Q/DQ MatMul" if precision == "int8" else "DynamicQuantizeLinear + MatMulInteger"
-    return {"shape": [M, K, N], "engine": f"onnxruntime-cpu {form}, int8 weights per channel", **timing}
+    form = {"int8": "Q/DQ MatMul, int8 weights per channel",
+            "int8-dyn": "DynamicQuantizeLinear + MatMulInteger, int8 weights per channel",
+            "int4": "MatMulNBits, 4-bit weight blocks"}[precision]
+    return {"shape": [M, K, N], "engine": f"onnxruntime-cpu {form}", **timing}
 
 
 def torch_or_none():

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gamexport import layout
 from gamexport.bench.settings import SCALING_MAX_T, SCALING_MIN_T, Progress
 from gamexport.errors import InputError
+from gamexport.targets import CPU_PRECISIONS
 
 
 #: Sections a run can skip (the limits are always measured: every fraction needs them).
@@ -15,7 +15,7 @@ SECTIONS = ("prefill", "decode", "ceilings", "scaling", "training", "startup")
 
 
 #: ONNX Runtime CPU precisions the bench measures (bf16 has no CPU kernels: a skipped row says so).
-PRECISIONS = tuple(p for p in layout.PRECISIONS if p != "bf16")
+PRECISIONS = CPU_PRECISIONS
 
 
 @dataclass

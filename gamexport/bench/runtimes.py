@@ -18,27 +18,31 @@ from gamexport.config import GAMConfig
 
 
 def export_for_bench(ckpt, folder: Path, precisions: tuple[str, ...], say: Progress) -> dict:
-    """Write the graphs each precision needs into ``folder`` with gamexport's own builder (INT8 calibrated on
-    random token ids — fine for speed, not for accuracy) and ONNX Runtime's dynamic quantizer."""
+    """Write the graphs each precision needs into ``folder`` as the build writes them (``layout.Precision.writer``):
+    gamexport's own builder (calibrated precisions on random token ids — fine for speed, not for accuracy), then
+    ONNX Runtime's dynamic quantizer of the inlined fp32 graphs."""
     from gamexport.graph.builder import export_graphs
+    from gamexport.layout import GRAPHS, graph_file, precision as record
 
     cfg = ckpt.config
-    graph_precisions = tuple(p for p in ("fp32", "fp16", "int8") if p == "fp32" or p in precisions)
+    wanted = ("fp32", *(p for p in precisions if p != "fp32" and p in PRECISIONS))
+    graph_precisions = tuple(p for p in wanted if record(p).writer == "builder")
     calibration = None
-    if "int8" in precisions:
+    if any(record(p).calibrated for p in graph_precisions):
         from gamexport.calibration import calibrate
 
         ids = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, cfg.max_positions), dtype=np.int64)
         calibration = calibrate(cfg, ckpt.weights, [ids])
     say(f"export: {', '.join(graph_precisions)} graphs into a temporary folder")
     written = export_graphs(cfg, ckpt.weights, folder, ckpt.sha256, graph_precisions, calibration)
-    if "int8-dyn" in precisions:
-        from gamexport.engines.ort import write_int8_dynamic
+    for p in wanted:
+        if record(p).writer == "ort-dynamic":
+            from gamexport.engines.ort import write_int8_dynamic
 
-        say("export: int8-dyn graphs (ONNX Runtime's dynamic quantization of the inlined fp32 graphs)")
-        for kind in ("model", "step"):
-            path = write_int8_dynamic(folder / f"{kind}.inlined.onnx", folder / f"{kind}.int8-dyn.onnx")
-            written[path.name] = path
+            say(f"export: {p} graphs (ONNX Runtime's dynamic quantization of the inlined fp32 graphs)")
+            for kind in GRAPHS:
+                path = write_int8_dynamic(folder / graph_file(kind, inlined=True), folder / graph_file(kind, p))
+                written[path.name] = path
     return written
 
 
@@ -173,21 +177,24 @@ def runtime_rows(pairs: list[tuple[str, str]], ckpt, folder: Path, limits: dict,
     decode: list[dict] = []
     skipped: list[dict] = []
     for runtime, precision in pairs:
-        if runtime == "eager-compile":
-            say("compile: torch.compile of prefill and step (slow on CPU; compiled on the first calls)")
+        from gamexport.targets import TARGETS
+
+        target = TARGETS[runtime]
+        if target.opening:
+            say(target.opening)
         runner = open_runner(runtime, precision, ckpt, folder, threads)
         try:
             rows_p = [] if "prefill" in skip else prefill_rows(runner, cfg, limits, effort, threads, say)
             rows_d = [] if "decode" in skip else decode_rows(runner, cfg, limits, effort, threads, say)
             prefill += rows_p
             decode += rows_d
-        except Exception as exc:  # torch.compile needs a working C++ toolchain; anything else is a bug
-            if runtime != "eager-compile":
+        except Exception as exc:  # only a target that may fail (torch.compile's toolchain) is skipped; else a bug
+            if not target.may_fail:
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             skipped.append({"runtime": runtime, "precision": precision,
-                            "reason": f"torch.compile failed: {type(exc).__name__}: {first}"})
-            say(f"compile: torch.compile failed, skipped ({type(exc).__name__})")
+                            "reason": f"{target.may_fail}: {type(exc).__name__}: {first}"})
+            say(f"{runtime}: {target.may_fail}, skipped ({type(exc).__name__})")
         finally:
             runner.close()
             del runner

@@ -56,6 +56,7 @@ from gamexport.errors import ConfigError, GamexportError, GraphError, OutputErro
 from gamexport.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256_file
 from gamexport.layout import ENGINE_DIR, PRECISIONS, engine_file, graph_file
 from gamexport.layout import GRAPH_STEMS as GRAPHS  # graph kind -> file stem in the build folder
+from gamexport.targets import UNSUPPORTED
 
 VERSION = "1"
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -270,14 +271,16 @@ def _check_args(backend, precision, name_prefix, instance_kind, instance_count, 
                                 "use KIND_CPU or KIND_GPU")
     if backend == "tensorrt" and instance_kind == "KIND_CPU":
         raise TritonConfigError("the TensorRT backend runs on GPUs only, not KIND_CPU", "use KIND_GPU")
-    if precision == "int8-dyn" and backend == "tensorrt":
-        raise TritonConfigError("TensorRT does not build int8-dyn graphs", "serve int8 with the tensorrt backend")
-    if precision == "int8-dyn" and instance_kind != "KIND_CPU":
-        raise TritonConfigError("int8-dyn graphs (MatMulInteger) run on ONNX Runtime's CPU provider only",
-                                "use KIND_CPU, or serve the int8 (Q/DQ) graph on a GPU")
-    if precision == "bf16" and backend == "onnxruntime" and instance_kind == "KIND_CPU":
-        raise TritonConfigError("ONNX Runtime's CPU provider has no bf16 kernels",
-                                "use KIND_GPU, or serve fp16/fp32 on CPU")
+    # What each backend cannot run, as the target registry says it (bf16 on the CPU provider, MatMulInteger on a
+    # GPU, contrib operators and MatMulInteger in TensorRT); KIND_AUTO may land on a GPU.
+    target = ("tensorrt" if backend == "tensorrt" else "onnxruntime-cpu" if instance_kind == "KIND_CPU"
+              else "onnxruntime-cuda")
+    why = UNSUPPORTED.get((target, precision))
+    if why:
+        fix = ("use KIND_CPU, or serve the int8 (Q/DQ) graph on a GPU" if target == "onnxruntime-cuda"
+               else "use KIND_GPU, or serve fp16/fp32 on CPU" if target == "onnxruntime-cpu"
+               else "serve int8 or a float precision with the tensorrt backend")
+        raise TritonConfigError(f"{precision} with Triton's {backend} backend on {instance_kind}: {why}", fix)
     if gpus and instance_kind == "KIND_CPU":
         raise TritonConfigError("gpus can only be listed for KIND_GPU or KIND_AUTO instance groups",
                                 "drop gpus or use KIND_GPU")

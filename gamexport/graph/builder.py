@@ -21,7 +21,7 @@ from ..config import (INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec, past_
                       refuse_legacy, state_layer)
 from ..errors import GraphError
 from ..jsonfile import Obj, parse_json
-from ..layout import EXPERIMENTAL_PRECISIONS   # written here, not offered by the build yet (docs/int4.md)
+from ..layout import GRAPH_PRECISIONS, graph_file
 from . import int4 as q4
 from .int4 import Int4Plan
 
@@ -38,11 +38,11 @@ META_GRAPH = "gamexport.graph"
 
 _DTYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
 
-#: Precisions the builder emits itself. In a half-precision graph the weights of every MatMul (memory bank,
-#: gate, FFN, tied embedding/head) and their biases are stored and multiplied in half precision; LayerNorm,
-#: Softmax, the sigmoid gates and fusion, the residual stream, the (tiny, depthwise) convolution and therefore
-#: the streaming state stay fp32 — the "fp32 islands". Graph inputs and outputs keep their types.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: The builder writes ``layout.GRAPH_PRECISIONS``. In a half-precision graph the
+#: weights of every MatMul (memory bank, gate, FFN, tied embedding/head) and their biases are stored and
+#: multiplied in half precision; LayerNorm, Softmax, the sigmoid gates and fusion, the residual stream, the (tiny,
+#: depthwise) convolution and therefore the streaming state stay fp32 — the "fp32 islands". Graph inputs and
+#: outputs keep their types.
 MS_DOMAIN = "com.microsoft"   # ONNX Runtime's contrib operators (MatMulNBits)
 META_INT4_PLAN = "gamexport.int4_plan"
 HALF_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
@@ -454,12 +454,12 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
 
     INT8 needs ``calibration``: the max |activation| per quantized activation (``blocks.{i}.act.h``, ``.act.hn``,
     ``.act.gelu`` and ``act.x_f``), shared by the prefill and step graphs so that chunk steps equal prefill.
-    INT4 (experimental, ONNX Runtime only) follows ``int4`` (the default ``Int4Plan()`` when None).
+    INT4 (ONNX Runtime only: MatMulNBits) follows ``int4`` (the default ``Int4Plan()`` when None).
     """
     if kind not in ("prefill", "step"):
         raise ValueError(f"kind must be 'prefill' or 'step', not {kind!r}")
-    if precision not in PRECISIONS + EXPERIMENTAL_PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS + EXPERIMENTAL_PRECISIONS}, not {precision!r}")
+    if precision not in GRAPH_PRECISIONS:
+        raise ValueError(f"precision must be one of {GRAPH_PRECISIONS}, not {precision!r}")
     half = HALF_TYPES.get(precision)
     int8 = precision == "int8"
     plan = (int4 or Int4Plan()) if precision == "int4" else None
@@ -566,12 +566,6 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def graph_file_name(kind: str, precision: str = "fp32", inlined: bool = False) -> str:
-    """model.onnx, step.fp16.onnx, model.bf16.inlined.onnx, …"""
-    stem = "model" if kind == "prefill" else "step"
-    return stem + ("" if precision == "fp32" else f".{precision}") + (".inlined" if inlined else "") + ".onnx"
-
-
 def export_graphs(cfg: GAMConfig, weights: Mapping[str, np.ndarray], out_dir: Path, source_sha256: str = "",
                   precisions: tuple[str, ...] = ("fp32",),
                   calibration: Mapping[str, float] | None = None, int4: Int4Plan | None = None) -> dict[str, Path]:
@@ -584,7 +578,7 @@ def export_graphs(cfg: GAMConfig, weights: Mapping[str, np.ndarray], out_dir: Pa
             model = build_graph(cfg, weights, kind, source_sha256, precision=precision, calibration=calibration,
                                 int4=int4)
             for inlined, proto in ((False, model), (True, inline(model))):
-                path = Path(out_dir) / graph_file_name(kind, precision, inlined)
+                path = Path(out_dir) / graph_file(kind, precision, inlined)
                 written[path.name] = atomic_write_bytes(path, serialize(proto))
     return written
 

@@ -14,19 +14,14 @@ the activation-quantization steps that rounding moves across; ``INT4_PLAN_NOISE`
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
 
 from ..config import GAMConfig
-from ..reference import _layer_norm  # the paper's float64 LayerNorm
 from . import int4 as q4
-from .emulate_int8 import _causal_conv
+from .emulate_int8 import plan_forward
 from .int4 import Int4Plan
-
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-
 
 
 def int4_weights(cfg: GAMConfig, weights: Mapping[str, np.ndarray], plan: Int4Plan) -> dict[str, np.ndarray]:
@@ -49,39 +44,24 @@ def int4_weights(cfg: GAMConfig, weights: Mapping[str, np.ndarray], plan: Int4Pl
     return out
 
 
+#: The INT8 plans' weight names (``emulate_int8.plan_forward``'s ``mm``) → this table's.
+_NAMES = {"memory_bank.qT": "memory.scores", "memory_bank.q": "memory.read", "gate.weight.qT": "gate",
+          "ffn.0.weight.qT": "ffn.0", "ffn.2.weight.qT": "ffn.2", "head": "head"}
+
+
 def int4_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, plan: Int4Plan,
               position: int = 0, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits (B, T, V), state (B, L, k-1, d)) of ``ids`` (B, T) from ``position`` after ``state`` (zero when
-    None) under the INT4 plan; ``table`` is ``int4_weights(cfg, checkpoint weights, plan)``."""
-    def mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        if plan.accuracy_level == 4:
+    None) under the INT4 plan; ``table`` is ``int4_weights(cfg, checkpoint weights, plan)``. The forward pass is
+    the INT8 plans' (``emulate_int8.plan_forward``); what differs is each MatMul: the block-quantized weight and,
+    at accuracy level 4, the input's int8 blocks (an fp32 head multiplies in fp32)."""
+    def mm(act: str, p: str, x: np.ndarray, weight: str) -> np.ndarray:
+        if plan.accuracy_level == 4 and (weight != "head" or plan.head_bits is not None):
             x = q4.quantize_activation_blocks(x, plan.block_size)
-        return x @ w
+        return x @ table[p + _NAMES[weight]]
 
-    W = table
-    ids = np.asarray(ids, dtype=np.int64)
-    B, T = ids.shape
-    d, k1, eps = cfg.d_model, cfg.state_len, cfg.ln_eps
-    x = W["embedding"][ids] + W["pos_embedding.weight"][position + np.arange(T)][None]
-    past_all = np.zeros((B, cfg.n_layers, k1, d)) if state is None else np.asarray(state, dtype=np.float64)
-    presents = []
-    for i in range(cfg.n_layers):
-        p = f"blocks.{i}."
-        h = _layer_norm(x, W[p + "ln1.weight"], W[p + "ln1.bias"], eps)
-        local, present = _causal_conv(W, p, h, past_all[:, i])
-        presents.append(present)
-        scores = mm(h, W[p + "memory.scores"])
-        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        glob = mm(e / e.sum(axis=-1, keepdims=True), W[p + "memory.read"])
-        sig = 1.0 / (1.0 + np.exp(-(mm(h, W[p + "gate"]) + W[p + "gate.bias"])))
-        x = x + sig[..., :d] * local + sig[..., d:] * glob
-        hn = _layer_norm(x, W[p + "ln2.weight"], W[p + "ln2.bias"], eps)
-        u = mm(hn, W[p + "ffn.0"]) + W[p + "ffn.0.bias"]
-        a = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
-        x = x + mm(a, W[p + "ffn.2"]) + W[p + "ffn.2.bias"]
-    xf = _layer_norm(x, W["ln_f.weight"], W["ln_f.bias"], eps)
-    logits = mm(xf, W["head"]) if plan.head_bits is not None else xf @ W["head"]
-    return logits.astype(np.float32), np.stack(presents, axis=1).astype(np.float32)
+    x = table["embedding"][np.asarray(ids, dtype=np.int64)]
+    return plan_forward(cfg, table, x, position, state, mm, head="head")
 
 
 # ---- the gate ---------------------------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ def _causal_conv(W: Mapping[str, object], p: str, h: np.ndarray, past: np.ndarra
     return local, hcat[:, -k1:]
 
 
-def _plan(cfg: GAMConfig, W: Mapping[str, np.ndarray], x: np.ndarray, position: int, state: np.ndarray | None,
+def plan_forward(cfg: GAMConfig, W: Mapping[str, np.ndarray], x: np.ndarray, position: int, state: np.ndarray | None,
           mm, head: str) -> tuple[np.ndarray, np.ndarray]:
-    """The GAM forward pass both INT8 plans share, from the token embeddings ``x`` (B, T, d): LayerNorms, the conv,
+    """The GAM forward pass the INT8 and INT4 plans share, from the token embeddings ``x`` (B, T, d): LayerNorms, the conv,
     softmax, the gates, GELU, biases and the residual stream in float64; every weight MatMul through
     ``mm(activation, layer prefix, input, weight name)`` — the plan's quantization (activation is one of
     ``h``, ``probs``, ``hn``, ``gelu``, ``x_f``). (logits (B, T, V), state (B, L, k-1, d)) as float32."""
@@ -91,7 +91,7 @@ def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, 
             return v @ _deq(W, p + weight)
         name = "act.x_f.scale" if act == "x_f" else p + scale[act]
         return _fake_quant(v, float(W[name])) @ _deq(W, p + weight)
-    return _plan(cfg, W, x, position, state, mm, head=emb + ".qT")
+    return plan_forward(cfg, W, x, position, state, mm, head=emb + ".qT")
 
 
 # ---- dynamic INT8: what ONNX Runtime's quantize_dynamic makes of the fp32 graph --------------------------------
@@ -153,4 +153,4 @@ def int8_dynamic_plan(cfg: GAMConfig, W: Mapping[str, object], ids: np.ndarray, 
 
     def mm(act: str, p: str, v: np.ndarray, weight: str) -> np.ndarray:   # every input quantized per call
         return _dyn_matmul(v, W[p + weight])
-    return _plan(cfg, W, x, position, state, mm, head="head.qT")
+    return plan_forward(cfg, W, x, position, state, mm, head="head.qT")

@@ -14,6 +14,9 @@ its own plan, tight enough to catch one-layer bugs that hide under the precision
   graph with exact integer MatMuls (``OrtRunner.plan_runner``: ``engines.ort.exact_int8_dynamic_runner``), under
   ``parity.INT8_DYN_PLAN``, logits and state. Its scales depend on each call's whole tensor, so a chunked step run
   is emulated chunk by chunk.
+- ``emulation-int4``: the float64 emulation of the INT4 plan (``gamexport.graph.emulate_int4``: the checkpoint's
+  weights fake-quantized to 4-bit blocks, the head to 8-bit blocks) at accuracy level 0, against the INT4 graphs'
+  level-0 twin (``OrtRunner.plan_runner``: ``engines.ort.int4_level0_runner``), under ``parity.INT4_PLAN``.
 
 The build computes them on its parity inputs and keeps them in ``DIR/parity/`` beside eager fp32's outputs
 (Polygraphy JSON, ``prefill_outputs.<reference>.json`` / ``step_outputs.<reference>.json``), so that
@@ -25,21 +28,39 @@ CPU provider, or none): this module imports no engine, and runs the weight-round
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 
+from gamexport import layout
 from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS
 from gamexport.state import packed_past, packed_present, present_tensors
 
 from .rows import ParityRow
 
-#: reference name → the precision whose graphs it checks
-REFERENCES = {"emulation-fp16-weights": "fp16", "emulation-bf16-weights": "bf16", "emulation-int8": "int8",
-              "emulation-int8-dyn": "int8-dyn"}
-#: references whose plan depends on each call's whole input (dynamic quantization's run-time scales)
-PER_CALL = ("emulation-int8-dyn",)
+@dataclass(frozen=True)
+class Emulation:
+    """One emulation reference: the precision whose graphs it checks, how to make it from the checkpoint, and its
+    gate. Adding an emulation is one entry of :data:`EMULATIONS`; the build, ``gamexport parity`` and the zoo read
+    them from there."""
+
+    name: str
+    precision: str
+    #: (checkpoint, calibration table or None) → fn(ids, position=0, state=None) -> (logits, state); None when
+    #: this build cannot make it (INT8 without a calibration table)
+    make: Callable
+    #: () → its gate (a ``parity.metrics.Tolerance``, looked up when used)
+    tolerance: Callable
+    #: it describes graphs computed in fp32 only (weight rounding: the CPU provider upcasts half weights)
+    fp32_compute: bool = False
+
+    @property
+    def per_call(self) -> bool:
+        """Its plan depends on each call's whole input (run-time activation scales): a chunked run is emulated
+        chunk by chunk."""
+        return layout.precision(self.precision).runtime_scales
 
 
 def reference_files(name: str) -> tuple[str, str]:
@@ -75,22 +96,71 @@ def rounded_weights(cfg, weights: Mapping[str, np.ndarray], precision: str) -> C
     return run
 
 
+def _weights_emulation(precision: str) -> Callable:
+    return lambda ckpt, calibration: rounded_weights(ckpt.config, ckpt.weights, precision)
+
+
+def _int8_emulation(ckpt, calibration):
+    from gamexport.graph.emulate_int8 import int8_plan
+
+    if calibration is None:
+        return None
+    cfg, table = ckpt.config, int8_table(ckpt.config, ckpt.weights, calibration)
+    return lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
+
+
+def _int8_dynamic_emulation(ckpt, calibration):
+    from gamexport.graph.emulate_int8 import int8_dynamic_plan, int8_dynamic_weights
+
+    cfg, dyn = ckpt.config, int8_dynamic_weights(ckpt.config, ckpt.weights)
+    return lambda ids, position=0, state=None: int8_dynamic_plan(cfg, dyn, ids, position, state)
+
+
+def _int4_emulation(ckpt, calibration):
+    """The INT4 plan the build writes (``Int4Plan()``) at accuracy level 0: what the graphs' level-0 twin computes."""
+    from dataclasses import replace
+
+    from gamexport.graph.emulate_int4 import int4_plan, int4_weights
+    from gamexport.graph.int4 import Int4Plan
+
+    cfg, plan = ckpt.config, Int4Plan()
+    table, level0 = int4_weights(cfg, ckpt.weights, plan), replace(plan, accuracy_level=0)
+    return lambda ids, position=0, state=None: int4_plan(cfg, table, ids, level0, position, state)
+
+
+def _fp32_on_rounded_weights(precision: str) -> Callable:
+    def tol():
+        from dataclasses import replace
+
+        from .metrics import tolerance
+        return replace(tolerance("fp32"), reason=f"must equal fp32 compute on {precision}-rounded weights")
+    return tol
+
+
+def _metrics():
+    from . import metrics
+    return metrics
+
+
+#: Every emulation reference, in the order the rows are listed.
+EMULATIONS: tuple[Emulation, ...] = (
+    *(Emulation(f"emulation-{half}-weights", half, _weights_emulation(half), _fp32_on_rounded_weights(half),
+                fp32_compute=True) for half in layout.HALF_PRECISIONS),
+    Emulation("emulation-int8", "int8", _int8_emulation, lambda: _metrics().INT8_PLAN),
+    Emulation("emulation-int8-dyn", "int8-dyn", _int8_dynamic_emulation, lambda: _metrics().INT8_DYN_PLAN),
+    Emulation("emulation-int4", "int4", _int4_emulation, lambda: _metrics().INT4_PLAN),
+)
+BY_NAME = {e.name: e for e in EMULATIONS}
+#: reference name → the precision whose graphs it checks
+REFERENCES = {e.name: e.precision for e in EMULATIONS}
+
+
 def emulators(ckpt, precisions, calibration: Mapping[str, float] | None) -> dict[str, Callable]:
     """reference name → fn(ids, position, state) -> (logits, state), for the precisions built."""
-    from gamexport.graph.emulate_int8 import int8_dynamic_plan, int8_dynamic_weights, int8_plan
-
-    cfg = ckpt.config
     out: dict[str, Callable] = {}
-    for half in ("fp16", "bf16"):
-        if half in precisions:
-            out[f"emulation-{half}-weights"] = rounded_weights(cfg, ckpt.weights, half)
-    if "int8" in precisions and calibration is not None:
-        table = int8_table(cfg, ckpt.weights, calibration)
-        out["emulation-int8"] = lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
-    if "int8-dyn" in precisions:
-        dyn = int8_dynamic_weights(cfg, ckpt.weights)
-        out["emulation-int8-dyn"] = lambda ids, position=0, state=None: int8_dynamic_plan(cfg, dyn, ids, position,
-                                                                                           state)
+    for e in EMULATIONS:
+        if e.precision in precisions and (fn := e.make(ckpt, calibration)) is not None:
+            out[e.name] = fn
     return out
 
 
@@ -119,23 +189,10 @@ def _outputs(logits: np.ndarray, state: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def applicable(name: str, runner) -> bool:
-    """Whether the emulation ``name`` is of the runner's precision and, for fp16 (and, structurally, bf16), of
-    graphs computed in fp32. Whether it describes the runner's backend, the runner's ``plan_runner`` says."""
-    precision = REFERENCES[name]
-    if runner.precision != precision:
-        return False
-    return precision not in ("fp16", "bf16") or runner.compute_precision == "fp32"
-
-
-def _tolerance(name: str):
-    from .metrics import INT8_DYN_PLAN, INT8_PLAN, tolerance
-
-    if name in ("emulation-int8", "emulation-int8-dyn"):
-        return INT8_PLAN if name == "emulation-int8" else INT8_DYN_PLAN
-    tol = tolerance("fp32")
-    from dataclasses import replace
-
-    return replace(tol, reason=f"must equal fp32 compute on {REFERENCES[name]}-rounded weights")
+    """Whether the emulation ``name`` is of the runner's precision and, for the weight-rounding ones, of graphs
+    computed in fp32. Whether it describes the runner's backend, the runner's ``plan_runner`` says."""
+    e = BY_NAME[name]
+    return runner.precision == e.precision and (not e.fp32_compute or runner.compute_precision == "fp32")
 
 
 def emulate_chunks(fn: Callable, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +216,7 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
         test = runner.plan_runner(threads) if applicable(name, runner) else None
         if test is None:
             continue
-        tol = _tolerance(name)
+        tol = BY_NAME[name].tolerance()
         try:
             for label, ids in inputs.items():
                 progress(f"parity: {runner.runtime} {runner.precision} vs {name} on '{label}' tokens")
@@ -167,7 +224,7 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
                 for graph, (logits, state), artifact, more in (
                         ("prefill", test.prefill(ids), runner.model_path.name, {}),
                         ("step", run_chunks(test, ids, sizes), runner.step_path.name, {"chunks": sizes})):
-                    ref_logits, ref_state = (emulate_chunks(fn, ids, sizes) if graph == "step" and name in PER_CALL
+                    ref_logits, ref_state = (emulate_chunks(fn, ids, sizes) if graph == "step" and BY_NAME[name].per_call
                                              else ref)
                     metrics = compare_logits(ref_logits, logits, tol, states=(ref_state, state))
                     rows.append(ParityRow.of(runner.runtime, graph, artifact, name, label, ids, metrics,
@@ -197,7 +254,7 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
         test = runner.plan_runner(threads)
         if test is None:
             continue
-        tol = _tolerance(name)
+        tol = BY_NAME[name].tolerance()
         try:
             verify(Path(folder), [f"{PARITY_DIR}/{f}" for f in files])
             for graph, file in zip(("prefill", "step"), files):
@@ -232,4 +289,4 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
     return rows
 
 
-__all__ = ["REFERENCES", "write_emulation_references", "build_rows", "recheck_rows"]
+__all__ = ["Emulation", "EMULATIONS", "REFERENCES", "write_emulation_references", "build_rows", "recheck_rows"]

@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from gamexport.config import POSITION_IDS
+from gamexport.layout import HALF_PRECISIONS, RUNTIME_SCALED_PRECISIONS
 from gamexport.state import packed_past, packed_present
 
 from .metrics import (CALIBRATION_TEXT, chunk_plan, compare_logits, mark_calibration_scored, parity_inputs,
@@ -188,12 +189,12 @@ def _precision_rows(runner, ref: PrecisionReference, progress: Progress, threads
     compute = runner.compute_precision
     note = runner.precision_note()
     weights_emulation = None
-    if p in ("fp16", "bf16") and compute == "fp32" and f"emulation-{p}-weights" not in ref.emulate:
+    if p in HALF_PRECISIONS and compute == "fp32" and f"emulation-{p}-weights" not in ref.emulate:
         from .emulation import rounded_weights
 
         weights_emulation = rounded_weights(ref.ckpt.config, ref.ckpt.weights, p)
     plan_device, plan_where = None, ""
-    if p in ("fp16", "bf16") and compute == p:
+    if p in HALF_PRECISIONS and compute == p:
         plan_device, plan_where = emulation_device()
         if plan_device is None:
             skip = f"{p} plan emulation not run: {plan_where} (it runs eager PyTorch in {p} on CUDA)"
@@ -305,7 +306,7 @@ def localise_divergence(ckpt, runner, ids: np.ndarray) -> dict | None:
 
 
 # ---- gamexport parity: the references saved at build time -----------------------------------------------------
-INT8_DYN_CHUNKED = ("int8-dyn quantizes each chunk with its own run-time scales: too few saved tokens for the "
+INT8_DYN_CHUNKED = ("{precision} quantizes each chunk with its own run-time scales: too few saved tokens for the "
                     "perplexity gate")
 
 
@@ -352,11 +353,11 @@ def _chunked_text_row(runner, prefill_row: ParityRow, ids: np.ndarray, ref_logit
     row = ParityRow.of(runner.runtime, "step", _artifact(runner, "step"), prefill_row.reference, prefill_row.input,
                        ids, compare_logits(ref_logits[:, :-1], logits[:, :-1], tol, ids[:, 1:]),
                        precision=runner.precision, chunks=sizes)
-    if row.precision == "int8-dyn":
+    if row.precision in RUNTIME_SCALED_PRECISIONS:
         # Dynamic quantization picks its activation scales per call, so 1-token chunks quantize differently from
         # the prefill; over the few saved tokens that alone moved an intact demo build past the 2 % gate
         # (tests/test_zoo.py::test_unmutated_build_passes_its_gated_rows_and_the_recheck). Reported, not gated.
-        row.informational(INT8_DYN_CHUNKED)
+        row.informational(INT8_DYN_CHUNKED.format(precision=row.precision))
     return row
 
 

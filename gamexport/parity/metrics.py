@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gamexport.layout import CALIBRATED_PRECISIONS, RUNTIME_SCALED_PRECISIONS
+
 if TYPE_CHECKING:
     from .rows import ParityRow
 
@@ -83,6 +85,13 @@ TOLERANCES: dict[str, Tolerance] = {
                       reason="static INT8 Q/DQ: perplexity on held-out text within 2 % of fp32"),
     "int8-dyn": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.02, state_abs=0.12,
                           reason="dynamic INT8 (MatMulInteger): perplexity on held-out text within 2 % of fp32"),
+    # noise: ppl change +0.47 % on the demo's held-out text with the default plan (4-bit blocks of 32, the head in
+    # 8-bit blocks; a 4-bit head costs +1.8 %, docs/int4.md). A quality gate like INT8's, 3 %: the bugs are caught
+    # by the emulation reference (INT4_PLAN below). State noise against eager fp32: up to 0.128 × max(1, max|state|)
+    # on the demo's saved feeds (4-bit weights move the normalised inputs the state holds); 0.25 is 2× that, a
+    # coarse gate (it caught the zoo's two state mutants at int4; INT4_PLAN's state check, 1e-5, catches them too).
+    "int4": Tolerance(max_abs=None, kl=None, top1=None, margin=0.05, ppl_rel=0.03, state_abs=0.25,
+                      reason="INT4 weight blocks (MatMulNBits): perplexity on held-out text within 3 % of fp32"),
 }
 
 #: An INT8 graph run as written (Q/DQ pairs unfused, ``engines.ort.QDQ_REFERENCE``) against the NumPy
@@ -113,6 +122,18 @@ INT8_PLAN = Tolerance(max_abs=1e-3, kl=None, top1=None, margin=0.05, abs_quantil
 INT8_DYN_PLAN = Tolerance(max_abs=1e-3, kl=None, top1=None, margin=0.05, abs_quantile=0.5,
                           reason="must equal the NumPy emulation of ONNX Runtime's dynamic quantization (same "
                                  "weight scales, run-time activation scales) to rounding, at the median position")
+
+
+#: An INT4 graph's twin with ``accuracy_level`` 0 (the same 4-bit weights and wiring, fp32 products:
+#: ``OrtRunner.plan_runner``) against the float64 emulation of the INT4 plan at level 0
+#: (``gamexport.graph.emulate_int4``), from the checkpoint's fp32 weights. Noise (demo model, held-out text):
+#: max |diff| 8.4e-7 × max(1, max|ref|). The gate, 1e-5, is 12× that and 7.6× under the weakest planted bug, one
+#: 32-value block's scale 3 % off (7.6e-5); a whole tensor's scales 3 % off reach 6.4e-3, a dropped gate bias 4e-3.
+#: At level 4 (what ships) ONNX Runtime rounds each block of each MatMul input to int8, a noise (4.8e-3) as large as
+#: a one-block bug: the graph as written is judged by the perplexity gate above, its wiring by this twin.
+INT4_PLAN = Tolerance(max_abs=1e-5, kl=None, top1=None, margin=0.05, state_abs=None,
+                      reason="accuracy-level-0 twin must equal the float64 emulation of the INT4 plan to fp32 "
+                             "rounding")
 
 
 def tolerance(precision: str) -> Tolerance:
@@ -263,7 +284,7 @@ def run_chunks(runner, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, n
 #: split): such rows are informational, never a gate.
 CALIBRATION_TEXT = "calibration-text"
 #: Precisions calibrated on the held-out text (static INT8; dynamic INT8 measures its scales at run time).
-CALIBRATED = ("int8",)
+CALIBRATED = CALIBRATED_PRECISIONS
 CALIBRATION_NOTE = ("scored on its own calibration text (the held-out text gave fewer than 2 rows): "
                     "not a held-out gate")
 
@@ -331,8 +352,8 @@ def informational_reason(row: dict) -> str:
     """Why a row with ``gated: false`` is not a gate, in a few words (report.md and error lines)."""
     if row.get("input") == CALIBRATION_TEXT:
         return "scored on its own calibration text"
-    if row.get("chunks") and row.get("precision") == "int8-dyn":
-        return "int8-dyn chunks quantized with their own run-time scales, too few tokens to gate"
+    if row.get("chunks") and row.get("precision") in RUNTIME_SCALED_PRECISIONS:
+        return f"{row['precision']} chunks quantized with their own run-time scales, too few tokens to gate"
     if str(row.get("reference", "")).startswith("emulation-"):
         return "plan and fp32 compute indistinguishable on these inputs"
     if (row.get("tolerances") or {}).get("ppl_rel") is not None:

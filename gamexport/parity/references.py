@@ -127,10 +127,10 @@ def write_parity_references(folder: Path, eager, cfg, text_ids: np.ndarray | Non
 # ---- reading DIR/parity/ ----------------------------------------------------------------------------------
 def available_precisions(folder: Path) -> tuple[str, ...]:
     """The precisions whose prefill and step graphs the folder holds (every precision has a tolerance)."""
-    from gamexport.graph.builder import graph_file_name
+    from gamexport.layout import graph_file
 
     return tuple(p for p in TOLERANCES
-                 if (folder / graph_file_name("prefill", p)).is_file() and (folder / graph_file_name("step", p)).is_file())
+                 if (folder / graph_file("prefill", p)).is_file() and (folder / graph_file("step", p)).is_file())
 
 
 #: parity/feeds.json: the label of every saved feed ("text", "random", …), per graph.
@@ -202,14 +202,14 @@ def load_references(folder: Path, precisions: tuple[str, ...]) -> SavedReference
     Raises a one-line error when the folder has no references, lacks a precision's graphs, or when a file was
     changed since the build or does not hold what the re-check reads."""
     from gamexport.graph import read_graph_config
-    from gamexport.graph.builder import graph_file_name
+    from gamexport.layout import graph_file
     from gamexport.jsonfile import read_json
     from gamexport.manifest import verify
     from gamexport.polyjson import load_feeds, load_run_results
 
     pdir = folder / PARITY_DIR
     verify(folder, [f"{PARITY_DIR}/{n}" for n in REFERENCE_FILES]
-           + [graph_file_name(k, p) for p in precisions for k in ("prefill", "step")])
+           + [graph_file(k, p) for p in precisions for k in ("prefill", "step")])
     cfg, _ = read_graph_config(folder / "model.onnx")
     names = read_json(pdir / "feeds.json", schema=FEEDS_NAMES, fix=_REBUILD)
     saved = [SavedFeeds(graph, load_feeds(pdir / f"{graph}_inputs.json"),

@@ -21,8 +21,10 @@ from gamexport.bench.limits import annotate_latency, limits_summary
 from gamexport.checkpoint import Checkpoint
 from gamexport.errors import NothingCheckedError, ParityError
 from gamexport.fsutil import atomic_write_json, atomic_write_text, dumps_json, replace_dir
-from gamexport.layout import (CALIBRATED_PRECISIONS, CONFIG, GRAPH_PRECISIONS, GRAPHS, LATENCY_PLOT, PRECISIONS,
-                              REPORT_JSON, REPORT_MD, TOKENIZER, graph_file, ort_file)
+from gamexport import layout
+from gamexport.layout import (CALIBRATED_PRECISIONS, CONFIG, GRAPH_PRECISIONS, GRAPHS, LATENCY_PLOT,
+                              ORT_FORMAT_PRECISIONS, PRECISIONS, REPORT_JSON, REPORT_MD, TOKENIZER, graph_file,
+                              ort_file)
 from gamexport.manifest import write_manifest
 from gamexport.parity.references import held_out, held_out_ids, split_calibration, write_parity_references
 from gamexport.sources import resolve_source
@@ -33,8 +35,6 @@ from .latency import build_limits, latency_rows, write_plot
 from .options import BuildOptions, BuildResult, check_precisions, check_prefill_lengths
 
 STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
-#: The CPU-provider precisions an edge box runs: written in ONNX Runtime's .ort format too.
-ORT_FORMAT_PRECISIONS = ("fp32", "int8", "int8-dyn")
 #: Why the build writes no eager-compile rows.
 EAGER_COMPILE_SKIP = {"runtime": "eager-compile", "reason": "torch.compile takes minutes to compile on CPU; "
                       "measured by the benchmark command, not by build"}
@@ -155,11 +155,12 @@ def write_runtime_formats(b: Build) -> dict[str, Path]:
     from gamexport.engines.ort import write_int8_dynamic, write_ort_format
 
     written = {}
-    if "int8-dyn" in b.precisions:
-        for kind in GRAPHS:
-            path = write_int8_dynamic(b.staging / graph_file(kind, inlined=True),
-                                      b.staging / graph_file(kind, "int8-dyn"))
-            written[path.name] = path
+    for precision in b.precisions:
+        if layout.precision(precision).writer == "ort-dynamic":
+            for kind in GRAPHS:
+                path = write_int8_dynamic(b.staging / graph_file(kind, inlined=True),
+                                          b.staging / graph_file(kind, precision))
+                written[path.name] = path
     for precision in ORT_FORMAT_PRECISIONS:
         if precision in b.precisions:
             for kind in GRAPHS:
@@ -183,7 +184,7 @@ def check_graph(b: Build, name: str) -> dict:
 
     parts = name.split(".")
     precision = parts[1] if len(parts) > 2 and parts[1] in PRECISIONS else "fp32"
-    if precision == "int8-dyn":
+    if layout.precision(precision).writer == "ort-dynamic":
         check_int8_dynamic_file(b.staging / name, b.cfg)
         checks = ["onnx.checker full_check", f"every weight MatMul quantized ({5 * b.cfg.n_layers + 1} "
                   "MatMulInteger)"]
@@ -264,13 +265,13 @@ def latency(b: Build) -> None:
 # ---- report ---------------------------------------------------------------------------------------------------
 def report(b: Build) -> None:
     """report.json, report.md, the latency plot and the manifest, in the staging folder."""
-    from gamexport.bench import machine_info
-    from gamexport.report import build_report, render_markdown
+    from gamexport.machine import machine_info
+    from gamexport.report import build_report, graph_sizes, render_markdown
 
     b.stage("report", "writing report")
     machine = {**machine_info(b.threads), **({"limits": limits_summary(b.limits)} if b.limits else {})}
     b.report = build_report(b.ckpt, is_trained(b.ckpt), b.counted, machine, b.artifacts, b.graph_checks, b.parity,
-                            b.latency, b.skipped)
+                            b.latency, b.skipped, graph_sizes(b.staging, b.precisions))
     atomic_write_text(b.staging / REPORT_JSON, dumps_json(b.report))
     atomic_write_text(b.staging / REPORT_MD, render_markdown(b.report))
     if b.latency:
