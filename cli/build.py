@@ -37,6 +37,13 @@ def build(
         "--cuda-graph", help="TensorRT: capture decode steps into CUDA graphs and replay them.")] = False,
     triton: Annotated[Path | None, typer.Option(
         help="Also write a Triton Inference Server model repository here (see docs/serving.md).")] = None,
+    int4_block: Annotated[int | None, typer.Option(
+        "--int4-block", help="int4: weights per 4-bit block and scale, a power of two >= 16.",
+        show_default="32")] = None,
+    int4_head: Annotated[str | None, typer.Option(
+        "--int4-head", help="int4: the tied head and embedding in int8 blocks, int4 blocks or fp32 "
+                            "(docs/int4.md: int8 costs 4x less perplexity than int4 for 0.03x of the bytes).",
+        show_default="int8")] = None,
     threads: ThreadsOption = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
     prefill_len: Annotated[list[int] | None, typer.Option(
@@ -52,12 +59,14 @@ def build(
 
     def body() -> None:
         from gamexport.pipeline import BuildOptions, build as run_build
+        from gamexport.pipeline.options import int4_plan
 
+        precisions = parse_list(precision)
         result = run_build(BuildOptions(source=source, out=out, preset=preset, threads=threads,
                                         latency=latency, prefill_lengths=tuple(prefill_len or ()),
-                                        precisions=parse_list(precision), engines=parse_list(engines), device=device,
+                                        precisions=precisions, engines=parse_list(engines), device=device,
                                         trt_profile=_profile(trt_min, trt_opt, trt_max), cuda_graph=cuda_graph,
-                                        triton=triton,
+                                        triton=triton, int4=int4_plan(precisions, int4_block, int4_head),
                                         progress=say))
         rep = result.report
         from gamexport.parity import Verdict

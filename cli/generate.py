@@ -54,6 +54,10 @@ def generate(
                                          help="Nucleus sampling mass, in (0, 1] (1 = off).")] = 0.95,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help=f"Sampling seed, 0..{MAX_SEED}: same seed, same "
                                                                 "tokens, on every runtime.")] = 0,
+    runtime: Annotated[str, typer.Option(help="For a build folder: onnxruntime (gamexport's runner) or genai "
+                                              "(its genai/ bundle through onnxruntime-genai; sampling with "
+                                              "temperature > 0 uses onnxruntime-genai's own random stream).")
+                       ] = "onnxruntime",
     threads: ThreadsOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -69,7 +73,7 @@ def generate(
         if prompt is not None:
             check_prompt(prompt)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        with open_runner(source, threads) as (runner, tokenizer, label):
+        with open_runner(source, threads, runtime) as (runner, tokenizer, label):
             text = run_generation(runner, tokenizer, prompt=prompt,
                                   ids=parse_ids(ids) if ids is not None else None,
                                   max_new_tokens=max_new_tokens, sampling=sampling)

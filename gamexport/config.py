@@ -208,12 +208,14 @@ LEGACY_REFUSAL = "built by an older gamexport (packed conv_state); rebuild it wi
 
 
 def past_state_name(layer: int) -> str:
-    """Name of layer ``layer``'s state input of the step graph."""
+    """Name of layer ``layer``'s state input of the step graph: ``past_key_values.{layer}.conv_state``, shape
+    [batch, k-1, d_model] (onnxruntime-genai, Optimum, transformers.js)."""
     return _PAST_STATE.format(layer)
 
 
 def present_state_name(layer: int) -> str:
-    """Name of layer ``layer``'s state output (prefill and step graphs)."""
+    """Name of layer ``layer``'s state output (prefill and step graphs): ``present.{layer}.conv_state``, fed back as
+    :func:`past_state_name` of the same layer on the next call."""
     return _PRESENT_STATE.format(layer)
 
 

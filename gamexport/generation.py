@@ -23,11 +23,52 @@ def _tokenizer(path: Path | None):
     return Tokenizer.from_file(path)
 
 
+#: What ``gamexport generate --runtime`` accepts.
+GENERATE_RUNTIMES = ("onnxruntime", "genai")
+
+
+def _genai_model(folder: Path):
+    """The build folder's fp32 onnxruntime-genai bundle, opened with ``og.Model`` after the manifest check."""
+    from gamexport.genai_client import GenaiModel
+    from gamexport.layout import genai_dir
+
+    bundle = folder / genai_dir()
+    if not bundle.is_dir():
+        raise InputError(f"{folder} has no {genai_dir()}/ bundle (its step graph predates the per-layer state "
+                         "convention onnxruntime-genai needs, or it was built without one)",
+                         "rebuild it with a gamexport that writes genai bundles, or use --runtime onnxruntime")
+    from gamexport.manifest import read_manifest
+
+    names = [name for name in read_manifest(folder)["files"] if name.startswith(f"{genai_dir()}/")]
+    if not names:
+        raise InputError(f"{bundle} is not listed in {folder / MANIFEST_NAME}", "rebuild the folder")
+    verify(folder, names)
+    return GenaiModel(bundle)
+
+
 @contextmanager
-def open_runner(source: str | None, threads: int | None = None) -> Iterator[tuple[Runner, object, str]]:
-    """Yield (runner, tokenizer or None, label) for a build folder, a checkpoint, or the embedded default."""
+def open_runner(source: str | None, threads: int | None = None,
+                runtime: str = "onnxruntime") -> Iterator[tuple[Runner, object, str]]:
+    """Yield (runner, tokenizer or None, label) for a build folder, a checkpoint, or the embedded default.
+
+    ``runtime`` ``genai`` runs a build folder's ``genai/`` bundle through onnxruntime-genai (the "runner" is then
+    a ``gamexport.genai_client.GenaiModel``: ``generate`` and ``close`` only)."""
+    if runtime not in GENERATE_RUNTIMES:
+        raise InputError(f"--runtime {runtime!r} is not one of {', '.join(GENERATE_RUNTIMES)}",
+                         "use onnxruntime (default) or genai")
     folder = Path(source) if source is not None else None
-    if folder is not None and folder.is_dir() and (folder / MANIFEST_NAME).is_file():
+    is_build = folder is not None and folder.is_dir() and (folder / MANIFEST_NAME).is_file()
+    if runtime == "genai":
+        if not is_build:
+            raise InputError("--runtime genai runs a build folder's genai/ bundle, and this source is not a build "
+                             "folder", "pass a folder written by gamexport build")
+        runner = _genai_model(folder)
+        try:
+            yield runner, _tokenizer(runner.bundle / "tokenizer.json"), f"onnxruntime-genai, {runner.bundle}"
+        finally:
+            runner.close()
+        return
+    if is_build:
         from gamexport.engines.ort import OrtRunner
 
         verify(folder, ["step.onnx", *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])])

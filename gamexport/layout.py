@@ -16,6 +16,7 @@ A build folder (``gamexport build --out DIR``)::
     model.ort, step.ort, …        ONNX Runtime's pre-optimized format for edge boxes (ort_file)
     tensorrt/model.fp16.plan, …   TensorRT engines with a .json sidecar each (engine_file)
     parity/                       eager references and feeds, Polygraphy JSON (PARITY_DIR, reference_files)
+    genai/, genai-int8-dyn/, …    onnxruntime-genai bundles, one per precision it runs (genai_dir)
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ TOKENIZER = "tokenizer.json"
 HELD_OUT = "heldout.txt"
 PARITY_DIR = "parity"
 ENGINE_DIR = "tensorrt"
+GENAI_DIR = "genai"
 
 
 def _check(kind: str, precision: str) -> None:
@@ -140,6 +142,13 @@ def engine_file(kind: str, precision: str = "fp32") -> str:
     """``tensorrt/model.fp16.plan``: a TensorRT engine (its sidecar is the same name + ``.json``)."""
     _check(kind, precision)
     return f"{ENGINE_DIR}/{GRAPH_STEMS[kind]}.{precision}.plan"
+
+
+def genai_dir(precision: str = "fp32") -> str:
+    """``genai`` (fp32) or ``genai-<precision>``: the onnxruntime-genai bundle of one precision's step graph."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return GENAI_DIR if precision == "fp32" else f"{GENAI_DIR}-{precision}"
 
 
 def reference_files(name: str | None = None) -> dict[str, str]:

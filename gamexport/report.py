@@ -149,6 +149,25 @@ def _state_io(report: dict) -> str:
     return f", carried per layer as `{io['inputs']}` → `{io['outputs']}`" if io else ""
 
 
+def _genai_lines(genai: list[dict] | None) -> list[str]:
+    """The onnxruntime-genai section: each bundle through og.Generator against gamexport's greedy decode."""
+    if not genai:
+        return []
+    lines = ["", "## onnxruntime-genai", ""]
+    for g in genai:
+        if "skipped" in g:
+            lines.append(f"- `{g['bundle']}/`: not run — {g['skipped']}")
+            continue
+        where = g.get("first_mismatch")
+        verdict = ("token-exact" if g["passed"] else
+                   f"DIFFERS (first at row {where['row']}, new token {where['new_token']})")
+        lines.append(f"- `{g['bundle']}/` through {g['client']} `og.Generator` greedy vs {g['reference']}: "
+                     f"{g['rows_equal']}/{g['prompts']} {g['input']} prompts equal, {g['tokens_compared']} tokens, "
+                     f"batch {g['batch']} — {verdict}" + ("" if g.get("gated", True) else
+                                                           f" (informational: {g.get('note', '')})"))
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """A report a person can read: what was built, whether it matches eager, and how fast it runs."""
     src = report["source"]
@@ -233,5 +252,6 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Graph sizes", "", "| precision | prefill graph | step graph | vs fp32 |", "|---|---|---|---|"]
         lines += [f"| {p} | {s['prefill_bytes']:,} B | {s['step_bytes']:,} B | "
                   f"{_fmt(s.get('vs_fp32'), '.3f')}× |" for p, s in report["graph_sizes"].items()]
+    lines += _genai_lines(report.get("genai"))
     lines += ["", "## Files", "", "See `manifest.json` for sizes and sha256 of every file.", ""]
     return "\n".join(lines)

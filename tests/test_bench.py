@@ -47,6 +47,11 @@ def quick(tmp_path_factory) -> tuple[Path, dict, object]:
     return out, json.loads((out / "bench.json").read_text()), result
 
 
+def _find_row(bench: dict, mode: str, runtime: str, batch: int, seq_len: int) -> dict:
+    return next(r for r in bench[mode] if r["runtime"] == runtime and r["precision"] == "fp32"
+                and r["batch"] == batch and r["seq_len"] == seq_len)
+
+
 def _positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
@@ -127,6 +132,8 @@ def test_bench_json_structure(quick):
             assert _positive(row[key]), (row["runtime"], row["precision"], key, row[key])
         assert isinstance(row["noisy"], bool) and row["threads"] == 1
         assert row["fraction"] == pytest.approx(row["achieved"] / row["limit_value"])
+        eager = _find_row(bench, row["mode"], "eager", row["batch"], row["seq_len"])   # timed in this run
+        assert row["vs_eager"] == pytest.approx(eager["p50_ms"] / row["p50_ms"]) and "vs_eager_compile" not in row
         limit = {"compute": lim["compute_by_precision"].get(row["precision"], lim["compute"])["gflops"],
                  "batched": lim["batched_by_precision"][row["precision"]]["gflops"]}.get(row["limit"])
         if row["limit"] == "bandwidth-roofline":
@@ -181,7 +188,8 @@ def test_bench_json_structure(quick):
 BENCH_MAY_IMPORT = ("gamexport.bench", "gamexport.calibration", "gamexport.checkpoint", "gamexport.config",
                     "gamexport.destinations", "gamexport.device", "gamexport.engines.eager", "gamexport.engines.ort",
                     "gamexport.errors", "gamexport.fsutil", "gamexport.graph", "gamexport.jsonfile",
-                    "gamexport.layout", "gamexport.limits", "gamexport.manifest", "gamexport.model", "gamexport.sources",
+                    "gamexport.layout", "gamexport.limits", "gamexport.machine", "gamexport.manifest", "gamexport.model",
+                    "gamexport.sources",
                     "gamexport.targets", "gamexport.training.baselines")
 
 

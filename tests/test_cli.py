@@ -28,7 +28,7 @@ def cli_build(tmp_path_factory) -> Path:
     import re
     m = re.search(r"parity: (\d+) gated passed, (\d+) informational", proc.stdout)
     assert m and int(m.group(1)) > 0 and "failed" not in m.group(0), proc.stdout
-    assert "[7/7]" in proc.stderr  # progress is shown
+    assert "[8/8]" in proc.stderr  # progress is shown
     return out
 
 

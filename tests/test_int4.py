@@ -202,3 +202,39 @@ def test_emulation_agrees_with_onnx_runtime_and_planted_bugs_are_caught(demo):
         assert bug0 > 4 * PLAN_RMS, label
         if label != "one block's scale x1.03":   # under level 4's own noise: the level-0 twin is the gate for it
             assert bug4 > WRITTEN_RMS[4], label
+
+
+def test_the_build_writes_and_judges_the_plan_it_was_given(tmp_path, monkeypatch):
+    """``--int4-block 64 --int4-head int4``: the graphs carry that plan, and the build's emulation reference is of
+    that plan — an emulation of the default plan instead (the bug planted below) fails the int4 rows."""
+    import json
+
+    import onnx
+
+    from gamexport.graph.builder import META_INT4_PLAN
+    from gamexport.parity import emulation
+    from gamexport.pipeline import BuildOptions, build
+
+    plan = Int4Plan(block_size=64, head="int4")
+    result = build(BuildOptions(preset="tiny", out=tmp_path / "ok", precisions=("int4",), int4=plan, latency=False,
+                                threads=1))
+    assert result.passed
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "ok" / "step.int4.onnx")).metadata_props}
+    assert json.loads(meta[META_INT4_PLAN]) == {"accuracy_level": 4, "block_size": 64, "head": "int4"}
+    rows = [r for r in result.report["parity"] if r["reference"] == "emulation-int4"]
+    assert rows and all(r["passed"] and r.get("gated", True) for r in rows)
+
+    default_plan = emulation._int4_emulation
+    monkeypatch.setattr(emulation, "_int4_emulation", lambda ckpt, calibration, int4: default_plan(ckpt, calibration,
+                                                                                                 None))
+    monkeypatch.setattr(emulation, "EMULATIONS", tuple(
+        e if e.precision != "int4" else emulation.Emulation(e.name, e.precision, emulation._int4_emulation,
+                                                            e.tolerance) for e in emulation.EMULATIONS))
+    monkeypatch.setattr(emulation, "BY_NAME", {e.name: e for e in emulation.EMULATIONS})
+    from gamexport.errors import ParityError
+
+    with pytest.raises(ParityError, match="gated parity checks failed"):
+        build(BuildOptions(preset="tiny", out=tmp_path / "bad", precisions=("int4",), int4=plan, latency=False,
+                           threads=1))
+    failed = json.loads((tmp_path / "bad.failed" / "report.json").read_text())["parity"]
+    assert {r["reference"] for r in failed if not r["passed"]} == {"emulation-int4"}

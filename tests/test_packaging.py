@@ -36,7 +36,7 @@ def test_subpackages_install_under_gamexport():
 
 
 def test_every_module_imports_without_optional_dependencies(blocker):
-    """Polygraphy-style: importing any module must not need tensorrt, pycuda or matplotlib."""
+    """Polygraphy-style: importing any module must not need tensorrt, pycuda, matplotlib or onnxruntime_genai."""
     import gamexport.cli
     import gamexport.engines
     import gamexport.training
@@ -45,7 +45,7 @@ def test_every_module_imports_without_optional_dependencies(blocker):
     for pkg in (gamexport, gamexport.engines, gamexport.cli, gamexport.training):
         modules += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
     assert "gamexport.engines.ort" in modules and "gamexport.cli.main" in modules
-    code = blocker({"tensorrt", "pycuda", "cuda", "matplotlib"}) + textwrap.dedent(f"""
+    code = blocker({"tensorrt", "pycuda", "cuda", "matplotlib", "onnxruntime_genai"}) + textwrap.dedent(f"""
         import importlib
         for name in {modules!r}:
             importlib.import_module(name)

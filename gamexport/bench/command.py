@@ -149,6 +149,19 @@ def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: l
             row.update(ceiling_against_limits(cfg, row, limits))
 
 
+def add_speedups(rows: list[dict]) -> None:
+    """Each row's speed-up over eager PyTorch and over torch.compile at the same mode, batch and length, measured
+    in this run (``vs_eager``, ``vs_eager_compile``; absent where that baseline was not timed)."""
+    def key(row):
+        return row["mode"], row["batch"], row["seq_len"]
+
+    for baseline, field in (("eager", "vs_eager"), ("eager-compile", "vs_eager_compile")):
+        base = {key(r): r["p50_ms"] for r in rows if r["runtime"] == baseline and r["precision"] == "fp32"}
+        for row in rows:
+            if key(row) in base:
+                row[field] = base[key(row)] / row["p50_ms"]
+
+
 def bench_result(opts: BenchOptions, ckpt, precisions: tuple[str, ...], machine: dict, limits: dict, load: dict,
                  sections: dict, skipped: list[dict]) -> dict:
     """bench.json's content (without ``elapsed_s`` and ``plots``): every row refitted to the final ``limits``,
@@ -157,6 +170,7 @@ def bench_result(opts: BenchOptions, ckpt, precisions: tuple[str, ...], machine:
     prefill, decode, ceilings = sections["prefill"], sections["decode"], sections["ceilings"]
     scaling, training = sections["scaling"], sections["training"]
     refit_fractions(cfg, limits, prefill, decode, ceilings)
+    add_speedups([*prefill, *decode])
     invalid = check_limits(limits, [*prefill, *decode, *(ceilings["rows"] if ceilings else [])])
     timed = [*prefill, *decode, *(ceilings["rows"] if ceilings else []), *(scaling["points"] if scaling else []),
              *(training["rows"] if training else [])]

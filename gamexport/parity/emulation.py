@@ -48,8 +48,8 @@ class Emulation:
 
     name: str
     precision: str
-    #: (checkpoint, calibration table or None) → fn(ids, position=0, state=None) -> (logits, state); None when
-    #: this build cannot make it (INT8 without a calibration table)
+    #: (checkpoint, calibration table or None, INT4 plan or None) → fn(ids, position=0, state=None) ->
+    #: (logits, state); None when this build cannot make it (INT8 without a calibration table)
     make: Callable
     #: () → its gate (a ``parity.metrics.Tolerance``, looked up when used)
     tolerance: Callable
@@ -97,10 +97,10 @@ def rounded_weights(cfg, weights: Mapping[str, np.ndarray], precision: str) -> C
 
 
 def _weights_emulation(precision: str) -> Callable:
-    return lambda ckpt, calibration: rounded_weights(ckpt.config, ckpt.weights, precision)
+    return lambda ckpt, calibration, int4: rounded_weights(ckpt.config, ckpt.weights, precision)
 
 
-def _int8_emulation(ckpt, calibration):
+def _int8_emulation(ckpt, calibration, int4):
     from gamexport.graph.emulate_int8 import int8_plan
 
     if calibration is None:
@@ -109,21 +109,22 @@ def _int8_emulation(ckpt, calibration):
     return lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
 
 
-def _int8_dynamic_emulation(ckpt, calibration):
+def _int8_dynamic_emulation(ckpt, calibration, int4):
     from gamexport.graph.emulate_int8 import int8_dynamic_plan, int8_dynamic_weights
 
     cfg, dyn = ckpt.config, int8_dynamic_weights(ckpt.config, ckpt.weights)
     return lambda ids, position=0, state=None: int8_dynamic_plan(cfg, dyn, ids, position, state)
 
 
-def _int4_emulation(ckpt, calibration):
-    """The INT4 plan the build writes (``Int4Plan()``) at accuracy level 0: what the graphs' level-0 twin computes."""
+def _int4_emulation(ckpt, calibration, int4):
+    """The INT4 plan the build writes (``int4``; ``Int4Plan()`` when None) at accuracy level 0: what the graphs'
+    level-0 twin computes."""
     from dataclasses import replace
 
     from gamexport.graph.emulate_int4 import int4_plan, int4_weights
     from gamexport.graph.int4 import Int4Plan
 
-    cfg, plan = ckpt.config, Int4Plan()
+    cfg, plan = ckpt.config, int4 or Int4Plan()
     table, level0 = int4_weights(cfg, ckpt.weights, plan), replace(plan, accuracy_level=0)
     return lambda ids, position=0, state=None: int4_plan(cfg, table, ids, level0, position, state)
 
@@ -155,16 +156,17 @@ BY_NAME = {e.name: e for e in EMULATIONS}
 REFERENCES = {e.name: e.precision for e in EMULATIONS}
 
 
-def emulators(ckpt, precisions, calibration: Mapping[str, float] | None) -> dict[str, Callable]:
-    """reference name → fn(ids, position, state) -> (logits, state), for the precisions built."""
+def emulators(ckpt, precisions, calibration: Mapping[str, float] | None, int4=None) -> dict[str, Callable]:
+    """reference name → fn(ids, position, state) -> (logits, state), for the precisions built (INT8 from its
+    calibration table, INT4 from its plan, ``graph.int4.Int4Plan``)."""
     out: dict[str, Callable] = {}
     for e in EMULATIONS:
-        if e.precision in precisions and (fn := e.make(ckpt, calibration)) is not None:
+        if e.precision in precisions and (fn := e.make(ckpt, calibration, int4)) is not None:
             out[e.name] = fn
     return out
 
 
-def write_emulation_references(folder: Path, ckpt, precisions, calibration) -> list[str]:
+def write_emulation_references(folder: Path, ckpt, precisions, calibration, int4=None) -> list[str]:
     """Each emulation's outputs on the saved parity feeds (``DIR/parity/``); the files written, relative."""
     from gamexport.polyjson import load_feeds, save_run_results
 
@@ -173,7 +175,7 @@ def write_emulation_references(folder: Path, ckpt, precisions, calibration) -> l
     pdir = Path(folder) / PARITY_DIR
     pre, step = load_feeds(pdir / "prefill_inputs.json"), load_feeds(pdir / "step_inputs.json")
     written = []
-    for name, emulate in emulators(ckpt, precisions, calibration).items():
+    for name, emulate in emulators(ckpt, precisions, calibration, int4).items():
         pre_out = [_outputs(*emulate(f[INPUT_IDS])) for f in pre]
         step_out = [_outputs(*emulate(f[INPUT_IDS], int(f[POSITION_IDS][0, 0]), packed_past(f, ckpt.config.n_layers)))
                     for f in step]

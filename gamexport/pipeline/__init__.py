@@ -1,7 +1,7 @@
 """The build pipeline (``gamexport build``) and the re-check of a build folder (``gamexport parity``).
 
 Rooms: ``options`` (what a build is asked and returns), ``folders`` (where it writes: destinations, the staging
-folder and its lock), ``stages`` (the stage functions ``load → export → check → parity → latency → report →
+folder and its lock), ``stages`` (the stage functions ``load → export → check → bundle → parity → latency → report →
 commit`` over one ``Build`` state, and ``build``), ``latency`` (the latency stage's timing and plot) and
 ``recheck`` (``gamexport parity``). Runners come from ``gamexport.targets``, parity from ``gamexport.parity``.
 """

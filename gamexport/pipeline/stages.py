@@ -2,8 +2,8 @@
 
 :func:`build` runs the stages named by :data:`STAGES` in order, each a short function over one :class:`Build`
 (the state a build carries from stage to stage): ``load`` the weights and plan the targets, ``export`` the graphs
-into a staging folder, ``check`` them, ``parity`` against eager PyTorch, ``latency``, ``report``, ``commit`` (move
-the staging folder into place, or keep it as ``OUT.failed``). Runners come from ``gamexport.targets``; where the
+into a staging folder, ``check`` them, ``bundle`` the step graphs for onnxruntime-genai, ``parity`` against eager
+PyTorch, ``latency``, ``report``, ``commit`` (move the staging folder into place, or keep it as ``OUT.failed``). Runners come from ``gamexport.targets``; where the
 build writes, and the lock, from :mod:`.folders`.
 """
 
@@ -28,13 +28,14 @@ from gamexport.layout import (CALIBRATED_PRECISIONS, CONFIG, GRAPH_PRECISIONS, G
 from gamexport.manifest import write_manifest
 from gamexport.parity.references import held_out, held_out_ids, split_calibration, write_parity_references
 from gamexport.sources import resolve_source
-from gamexport.targets import BASELINE, REFERENCE, OpenOptions, Plan, check_options, open_files, open_runner, plan
+from gamexport.targets import (BASELINE, CPU_PRECISIONS, REFERENCE, OpenOptions, Plan, check_options, open_files,
+                               open_runner, plan)
 
 from .folders import check_destinations, failed_folder, locked_staging, pause_hook
 from .latency import build_limits, latency_rows, write_plot
 from .options import BuildOptions, BuildResult, check_precisions, check_prefill_lengths
 
-STAGES = ("load", "export", "check", "parity", "latency", "report", "commit")
+STAGES = ("load", "export", "check", "bundle", "parity", "latency", "report", "commit")
 #: Why the build writes no eager-compile rows.
 EAGER_COMPILE_SKIP = {"runtime": "eager-compile", "reason": "torch.compile takes minutes to compile on CPU; "
                       "measured by the benchmark command, not by build"}
@@ -62,6 +63,8 @@ class Build:
     eval_ids: np.ndarray | None = None   # the part of it that scores INT8 (the rest calibrates)
     calibration: dict | None = None
     artifacts: list[str] = field(default_factory=list)
+    bundles: list[str] = field(default_factory=list)  # onnxruntime-genai bundle folders written (genai, genai-int8…)
+    genai: list[dict] = field(default_factory=list)  # each bundle through og.Generator vs gamexport's greedy decode
     graph_checks: list[dict] = field(default_factory=list)
     limits: dict | None = None
     eager: object = None
@@ -124,7 +127,7 @@ def export(b: Build) -> None:
     if any(p in CALIBRATED_PRECISIONS for p in b.precisions):
         calibrate(b, calib_ids)
     written = export_graphs(b.cfg, b.ckpt.weights, b.staging, b.ckpt.sha256,
-                            tuple(p for p in b.precisions if p in GRAPH_PRECISIONS), b.calibration)
+                            tuple(p for p in b.precisions if p in GRAPH_PRECISIONS), b.calibration, b.opts.int4)
     written.update(write_runtime_formats(b))
     b.artifacts = sorted(written)
     atomic_write_json(b.staging / CONFIG, {**b.ckpt.meta, **b.cfg.to_dict(),
@@ -196,6 +199,23 @@ def check_graph(b: Build, name: str) -> dict:
     return {"artifact": name, "precision": precision, "checks": checks, "passed": True}
 
 
+# ---- bundle ---------------------------------------------------------------------------------------------------
+def bundle(b: Build) -> None:
+    """An onnxruntime-genai bundle (``genai/``, ``genai-<precision>/``) for each precision it runs, in the staging
+    folder (so the manifest lists its files). A step graph without the per-layer state convention gets none, and
+    the stage says why in one line; the build goes on."""
+    from gamexport.bundles.genai import convention_problem, write_bundle
+
+    b.stage("bundle", "onnxruntime-genai bundles")
+    for precision in (p for p in b.precisions if p in CPU_PRECISIONS):
+        problem = convention_problem(b.staging / graph_file("step", precision), b.cfg)
+        if problem is not None:
+            b.progress(f"genai: no bundle written: {problem}")
+            return
+        b.bundles.append(write_bundle(b.staging, precision).name)
+    b.progress(f"genai: {', '.join(f'{name}/' for name in b.bundles)}" if b.bundles else "genai: no precision to bundle")
+
+
 def measure_machine(b: Build) -> None:
     """The machine's limits for the latency rows, measured before any model runner is open: the limits' own
     weight matrices (as many bytes as the model) would otherwise add to the build's peak memory."""
@@ -210,12 +230,14 @@ def parity(b: Build) -> None:
     from gamexport.parity.emulation import emulators, write_emulation_references
     from gamexport.parity.engine import PrecisionReference, fp32_parity, run_parity
 
+    from .genai import genai_parity
+
     b.stage("parity", "parity against eager PyTorch and the float64 reference")
     b.eager = open_runner(REFERENCE, "fp32", None, b.cfg, b.options, checkpoint=b.ckpt)
     b.parity, baseline = fp32_parity(b.ckpt, b.eager, fp32_artifacts(b), b.progress, b.text_ids)
     b.runners = [baseline]
     reference = PrecisionReference.for_build(b.ckpt, b.eager, b.eval_ids,
-                                             emulators(b.ckpt, b.precisions, b.calibration))
+                                             emulators(b.ckpt, b.precisions, b.calibration, b.opts.int4))
     for runtime, precision in b.plan.pairs:
         if (runtime, precision) != BASELINE:  # checked above, artifact by artifact
             b.runners.append(open_runner(runtime, precision, b.staging, b.cfg, b.options))
@@ -226,15 +248,17 @@ def parity(b: Build) -> None:
             b.parity += run_parity(runner, reference, b.progress, b.threads)
         finally:
             runner.close()
+    b.genai = genai_parity(b)
     if not held_out(b.text_ids):  # the text also calibrated INT8: its INT8 rows are not a held-out gate
         b.parity = [mark_calibration_scored(r) for r in b.parity]
     # informational rows are never counted as passed
-    b.counted = verdict([r.to_dict() for r in b.parity], b.skipped, b.precisions)
+    b.counted = verdict([r.to_dict() for r in b.parity] + [g for g in b.genai if "skipped" not in g], b.skipped,
+                        b.precisions)
     if b.counted.gated == 0:
         raise NothingCheckedError(b.counted.nothing_checked(), "this is a bug in gamexport (its fp32 rows are "
                                   "always gated): rerun with --debug and report it")
     write_parity_references(b.staging, b.eager, b.cfg, b.text_ids)
-    write_emulation_references(b.staging, b.ckpt, b.precisions, b.calibration)
+    write_emulation_references(b.staging, b.ckpt, b.precisions, b.calibration, b.opts.int4)
 
 
 def fp32_artifacts(b: Build) -> dict:
@@ -272,6 +296,8 @@ def report(b: Build) -> None:
     machine = {**machine_info(b.threads), **({"limits": limits_summary(b.limits)} if b.limits else {})}
     b.report = build_report(b.ckpt, is_trained(b.ckpt), b.counted, machine, b.artifacts, b.graph_checks, b.parity,
                             b.latency, b.skipped, graph_sizes(b.staging, b.precisions))
+    if b.genai:
+        b.report["genai"] = b.genai
     atomic_write_text(b.staging / REPORT_JSON, dumps_json(b.report))
     atomic_write_text(b.staging / REPORT_MD, render_markdown(b.report))
     if b.latency:
@@ -313,6 +339,7 @@ def build(opts: BuildOptions) -> BuildResult:
         try:
             export(b)
             check(b)
+            bundle(b)
             measure_machine(b)
             parity(b)
             latency(b)

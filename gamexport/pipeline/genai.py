@@ -1,0 +1,98 @@
+"""The build's check of its onnxruntime-genai bundles through the real client (part of the parity stage).
+
+For each bundle: og.Generator greedy on held-out prompts (random ids where the model has no text), two
+equal-length prompts per batch, against gamexport's own greedy decode of the same step graph: token-exact agreement
+per row. The entries go into report.json as ``genai`` and count in the parity verdict like the parity rows (gated
+unless the precision's activation scales are taken per call). Skipped, with the reason, when the build wrote no
+bundle or onnxruntime-genai is not installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gamexport.layout import TOKENIZER, genai_dir
+from gamexport.parity.references import held_out
+
+#: Prompts compared, their length, and the tokens generated after each (bounded by the model's positions).
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 16, 32
+
+
+def prompts(b) -> tuple[np.ndarray, str]:
+    """(ids [PROMPTS, T], what they are): the held-out rows the INT8 gate scores, or seeded random ids."""
+    T = min(PROMPT_TOKENS, b.cfg.max_positions // 2)
+    text = b.eval_ids if held_out(b.text_ids) else b.text_ids
+    if text is not None:
+        return np.asarray(text[:PROMPTS, :T], dtype=np.int64), "held-out text"
+    rng = np.random.default_rng(11)
+    return rng.integers(0, b.cfg.vocab_size, size=(PROMPTS, T), dtype=np.int64), "random ids"
+
+
+def genai_parity(b) -> list[dict]:
+    """The ``genai`` entries of report.json for build ``b``: one per bundle it wrote, each bundle's step graph
+    through og.Generator against gamexport's own greedy decode of the same graph (the build's runner of that
+    precision on ONNX Runtime's CPU provider). Gated (counted in the verdict) unless the precision takes its
+    activation scales per call (int8-dyn: og's batch of two quantizes both rows together, gamexport one row at a
+    time, so a near tie may fall either way); a skipped entry says why (no bundle, or no onnxruntime-genai)."""
+    from gamexport.genai_client import INSTALL, available
+    from gamexport.layout import PRECISION_TABLE
+
+    bundled = [p for p in PRECISION_TABLE if p in b.precisions and genai_dir(p) in b.bundles]
+    if not bundled:
+        return [{"bundle": genai_dir("fp32"), "precision": "fp32",
+                 "skipped": "the build wrote no onnxruntime-genai bundle (see its bundle stage)"}]
+    if not available():
+        b.progress(f"genai: parity skipped: onnxruntime-genai is not installed ({INSTALL})")
+        return [{"bundle": genai_dir(p), "precision": p, "skipped": f"onnxruntime-genai is not installed: {INSTALL}"}
+                for p in bundled]
+    return [_bundle_parity(b, p) for p in bundled]
+
+
+def _reference_runner(b, precision: str):
+    """The build's own ONNX Runtime CPU runner of ``precision`` (opened for parity), or a new one (closed by the
+    caller when it is not one of the build's)."""
+    from gamexport.targets import open_runner
+
+    for runner in b.runners:   # the build's timed runners (its structural runs are closed already)
+        if (runner.runtime, runner.precision) == ("onnxruntime-cpu", precision):
+            return runner
+    return open_runner("onnxruntime-cpu", precision, b.staging, b.cfg, b.options)
+
+
+def _bundle_parity(b, precision: str) -> dict:
+    from importlib.metadata import version
+
+    from gamexport.genai_client import GenaiModel, greedy_agreement
+    from gamexport.layout import precision as record
+    from gamexport.tokenizer import Tokenizer
+
+    bundle = genai_dir(precision)
+    ids, source = prompts(b)
+    new_tokens = min(NEW_TOKENS, b.cfg.max_positions - ids.shape[1])
+    tokenizer = Tokenizer.from_file(b.staging / TOKENIZER) if (b.staging / TOKENIZER).is_file() else None
+    stops = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
+    runner = _reference_runner(b, precision)
+    model = GenaiModel(b.staging / bundle)
+    try:
+        result = greedy_agreement(model, runner, ids, new_tokens, stops)
+    finally:
+        model.close()
+        if runner not in b.runners:
+            runner.close()
+    gated = not record(precision).runtime_scales
+    result = {"bundle": bundle, "precision": precision, "runtime": "onnxruntime-genai",
+              "client": f"onnxruntime-genai {version('onnxruntime-genai')}", "input": source,
+              "reference": f"gamexport greedy decode, onnxruntime-cpu {precision}", "gated": gated, **result}
+    if not gated:
+        result["note"] = (f"{precision} takes its activation scales per call: og's batch of two quantizes both rows "
+                          "together, gamexport's decode one row at a time")
+    tag = "" if gated else " (informational)"
+    if result["passed"]:
+        b.progress(f"genai: {bundle}/ og.Generator greedy equals gamexport's greedy decode on {result['prompts']} "
+                   f"{source} prompts (batch 2, {result['tokens_compared']} tokens){tag}")
+    else:
+        where = result["first_mismatch"]
+        b.progress(f"genai: {bundle}/ og.Generator greedy DIFFERS from gamexport's greedy decode: "
+                   f"{result['rows_equal']}/{result['prompts']} rows equal, first at row {where['row']}, new token "
+                   f"{where['new_token']}{tag}")
+    return result
