@@ -12,10 +12,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
-from gamexport.config import LEGACY_REFUSAL, past_state_name, present_state_name
+from gamexport.config import LEGACY_REFUSAL
 from gamexport.errors import GamexportError, InputError
+
+from build_copies import legacy_graph, refresh_manifest
 
 
 @pytest.fixture(scope="module")
@@ -75,53 +76,16 @@ def test_bad_positions_refused_in_one_line(ort_tiny, eager_tiny, positions, need
 
 
 # ---- a format-1 build folder --------------------------------------------------------------------------------------
-def legacy_graph(model: onnx.ModelProto, n_layers: int) -> onnx.ModelProto:
-    """``model`` with the format-1 state I/O: one packed ``conv_state`` [B, L, k-1, d] in (step), ``conv_state``
-    (prefill) or ``conv_state_out`` (step) out, split and stacked around the same body; computes the same."""
-    old = onnx.ModelProto()
-    old.CopyFrom(model)
-    g = old.graph
-    step = any(v.name == past_state_name(0) for v in g.input)
-    dims = [d.dim_param or d.dim_value for d in g.output[1].type.tensor_type.shape.dim]   # [batch, k-1, d]
-    packed = [dims[0], n_layers, *dims[1:]]
-    head = []
-    if step:
-        kept = [v for v in g.input if v.name in ("input_ids", "position_ids")]
-        del g.input[:]
-        g.input.extend(kept + [helper.make_tensor_value_info("conv_state", TensorProto.FLOAT, packed)])
-        for i in range(n_layers):
-            head += [helper.make_node("Constant", [], [f"legacy_layer_{i}"], value_int=i),
-                     helper.make_node("Gather", ["conv_state", f"legacy_layer_{i}"], [past_state_name(i)], axis=1)]
-    tail = [helper.make_node("Constant", [], ["legacy_one"],
-                             value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))]
-    for i in range(n_layers):
-        tail.append(helper.make_node("Unsqueeze", [present_state_name(i), "legacy_one"], [f"legacy_{i}_4d"]))
-    out_name = "conv_state_out" if step else "conv_state"
-    tail.append(helper.make_node("Concat", [f"legacy_{i}_4d" for i in range(n_layers)], [out_name], axis=1))
-    nodes = head + list(g.node) + tail
-    del g.node[:]
-    g.node.extend(nodes)
-    logits = g.output[0]
-    del g.output[:]
-    g.output.extend([logits, helper.make_tensor_value_info(out_name, TensorProto.FLOAT, packed)])
-    return old
-
-
 @pytest.fixture
 def old_folder(tiny_build, tiny_cfg, tmp_path):
     """The tiny build with its fp32 graphs rewritten to the packed format and the manifest rehashed (its
     schema_version kept at 2, so the graphs themselves must be recognised)."""
-    from gamexport.fsutil import sha256_file
-
     folder = tmp_path / "old"
     shutil.copytree(tiny_build, folder)
     for name in ("model.onnx", "step.onnx"):
         path = folder / name
         onnx.save(legacy_graph(onnx.load(str(path)), tiny_cfg.n_layers), str(path))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for name in ("model.onnx", "step.onnx"):
-        manifest["files"][name] = {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    refresh_manifest(folder)
     return folder
 
 
