@@ -36,5 +36,6 @@ class EagerRunner(Runner):
     def _step(self, ids, position_ids, state):
         t = self._torch
         with t.inference_mode():
-            logits, new_state = self._step_fn(t.from_numpy(ids), t.from_numpy(position_ids), t.from_numpy(state))
+            positions = t.from_numpy(np.ascontiguousarray(position_ids))                     # (B, C), checked
+            logits, new_state = self._step_fn(t.from_numpy(ids), positions, t.from_numpy(state))
         return logits.numpy(), new_state.numpy()

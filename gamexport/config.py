@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, GraphError
 from .jsonfile import short
 
 #: Integer fields and their (lowest, highest) accepted values. The upper bounds are far above any model this tool
@@ -191,36 +191,68 @@ def expected_shapes(cfg: GAMConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---- I/O contract of the exported graphs (names, dtypes, axes) -----------------------------------------------
+# The streaming state crosses the graph boundary as one tensor per layer, named as onnxruntime-genai (model type
+# lfm2), Optimum and transformers.js name a convolution cache: ``past_key_values.{i}.conv_state`` in,
+# ``present.{i}.conv_state`` out, each [batch, k-1, d]. The Python Runner API keeps one packed (B, L, k-1, d)
+# array (``gamexport.state`` packs and unpacks it at each session call).
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
-CONV_STATE = "conv_state"
 LOGITS = "logits"
-CONV_STATE_OUT = "conv_state_out"
+_PAST_STATE = "past_key_values.{}.conv_state"
+_PRESENT_STATE = "present.{}.conv_state"
+#: The build folder's format: 2 = per-layer states and position_ids [B, T]; 1 (before it) had one packed state.
+FORMAT_VERSION = 2
+#: The single packed state input of format-1 graphs, recognised only to refuse such a folder (``LEGACY_REFUSAL``).
+LEGACY_STATE = "conv_state"
+LEGACY_REFUSAL = "built by an older gamexport (packed conv_state); rebuild it with `gamexport build`"
 
 
 def past_state_name(layer: int) -> str:
-    """Name of layer ``layer``'s streaming-state input in the ecosystem's convention (onnxruntime-genai, Optimum,
-    transformers.js): ``past_key_values.{layer}.conv_state``, shape [batch, k-1, d_model]."""
-    return f"past_key_values.{layer}.conv_state"
+    """Name of layer ``layer``'s state input of the step graph: ``past_key_values.{layer}.conv_state``, shape
+    [batch, k-1, d_model] (onnxruntime-genai, Optimum, transformers.js)."""
+    return _PAST_STATE.format(layer)
 
 
 def present_state_name(layer: int) -> str:
-    """Name of layer ``layer``'s streaming-state output in the ecosystem's convention: ``present.{layer}.conv_state``,
-    fed back as :func:`past_state_name` of the same layer on the next call."""
-    return f"present.{layer}.conv_state"
+    """Name of layer ``layer``'s state output (prefill and step graphs): ``present.{layer}.conv_state``, fed back as
+    :func:`past_state_name` of the same layer on the next call."""
+    return _PRESENT_STATE.format(layer)
+
+
+def past_state_names(cfg: GAMConfig) -> list[str]:
+    return [past_state_name(i) for i in range(cfg.n_layers)]
+
+
+def present_state_names(cfg: GAMConfig) -> list[str]:
+    return [present_state_name(i) for i in range(cfg.n_layers)]
+
+
+def state_layer(name: str) -> int | None:
+    """The layer of a per-layer state name (past or present), None for any other name."""
+    for pattern in (_PAST_STATE, _PRESENT_STATE):
+        head, tail = pattern.split("{}")
+        middle = name[len(head):len(name) - len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+        if middle.isdigit() and str(int(middle)) == middle:
+            return int(middle)
+    return None
+
+
+def refuse_legacy(names, where: str) -> None:
+    """GraphError (one line) when ``names`` — a graph's or engine's I/O names — hold the packed state of format 1."""
+    if LEGACY_STATE in set(names):
+        raise GraphError(f"{where} was {LEGACY_REFUSAL}")
 
 
 def io_spec(cfg: GAMConfig, graph: str) -> dict[str, list[tuple[str, str, list[int | str]]]]:
     """Names, element types and shapes (symbolic axes as strings) of a graph's inputs and outputs."""
-    state = ["batch", cfg.n_layers, cfg.state_len, cfg.d_model]
+    state = ["batch", cfg.state_len, cfg.d_model]
+    presents = [(name, "float32", state) for name in present_state_names(cfg)]
     if graph == "prefill":
         return {"inputs": [(INPUT_IDS, "int64", ["batch", "sequence"])],
-                "outputs": [(LOGITS, "float32", ["batch", "sequence", cfg.vocab_size]),
-                            (CONV_STATE, "float32", state)]}
+                "outputs": [(LOGITS, "float32", ["batch", "sequence", cfg.vocab_size]), *presents]}
     if graph == "step":
         return {"inputs": [(INPUT_IDS, "int64", ["batch", "chunk"]),
-                           (POSITION_IDS, "int64", ["batch", 1]),
-                           (CONV_STATE, "float32", state)],
-                "outputs": [(LOGITS, "float32", ["batch", "chunk", cfg.vocab_size]),
-                            (CONV_STATE_OUT, "float32", state)]}
+                           (POSITION_IDS, "int64", ["batch", "chunk"]),
+                           *[(name, "float32", state) for name in past_state_names(cfg)]],
+                "outputs": [(LOGITS, "float32", ["batch", "chunk", cfg.vocab_size]), *presents]}
     raise ValueError(f"unknown graph kind {graph!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import GAMConfig
+from .config import FORMAT_VERSION, GAMConfig, past_state_name, present_state_name
 
 
 def _config_lines(cfg: GAMConfig) -> list[str]:
@@ -36,6 +36,8 @@ def describe_onnx(path: Path) -> str:
     lines += _config_lines(cfg)
     lines += [f"input  {v.name}: {dtype(v)} {dims(v)}" for v in model.graph.input]
     lines += [f"output {v.name}: {dtype(v)} {dims(v)}" for v in model.graph.output]
+    lines.append(f"state: {cfg.n_layers} per-layer tensors [batch, {cfg.state_len}, {cfg.d_model}], "
+                 f"{past_state_name('{i}')} -> {present_state_name('{i}')} (build folder format {FORMAT_VERSION})")
     if model.functions:
         lines.append("functions: " + ", ".join(f"{f.domain}.{f.name} ({len(f.node)} nodes)" for f in model.functions))
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import __version__
+from .config import FORMAT_VERSION, LEGACY_REFUSAL
 from .errors import GamexportError
 from .fsutil import atomic_write_json, sha256_file
 from .jsonfile import MIB, Int, Map, Obj, Str, read_json
@@ -35,7 +36,7 @@ def write_manifest(folder: Path, ckpt) -> dict:
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     versions = machine_info(None)["versions"]
-    manifest = {"schema_version": 1, "kind": BUILD_KIND, "gamexport_version": __version__, "files": files,
+    manifest = {"schema_version": FORMAT_VERSION, "kind": BUILD_KIND, "gamexport_version": __version__, "files": files,
                 "versions": {k: v for k, v in versions.items() if k in ("torch", "onnx", "onnxruntime",
                                                                          "onnxruntime-gpu", "numpy")},
                 "source": {"path": ckpt.source, "sha256": ckpt.sha256}}
@@ -46,10 +47,13 @@ def write_manifest(folder: Path, ckpt) -> dict:
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST_NAME
     try:
-        return read_json(path, schema=MANIFEST_SCHEMA, error=ManifestError, max_bytes=64 * MIB,
-                         fix="rebuild the folder with gamexport build")
+        manifest = read_json(path, schema=MANIFEST_SCHEMA, error=ManifestError, max_bytes=64 * MIB,
+                             fix="rebuild the folder with gamexport build")
     except FileNotFoundError:
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}", "pass a folder written by gamexport build") from None
+    if manifest.get("schema_version", FORMAT_VERSION) < FORMAT_VERSION:  # format 1: one packed state tensor
+        raise ManifestError(f"{folder} was {LEGACY_REFUSAL}")
+    return manifest
 
 
 def verify(folder: Path, names: Iterable[str] | None = None, strict: bool = False) -> dict:

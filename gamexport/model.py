@@ -78,20 +78,24 @@ class GAM(TiedLM):
                            dtype=self.ln_f.weight.dtype, device=self.ln_f.weight.device)
 
     def step(self, idx: torch.Tensor, position_ids: torch.Tensor | int,
-             conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Consume a chunk of tokens after earlier ones: returns logits (B, C, V) and the new state.
 
-        idx: (B, C) token ids; position_ids: (B, 1) position of idx[:, 0] (or an int for all rows);
-        conv_state: (B, L, k-1, d) the state returned after the earlier tokens (``empty_state`` at the start).
+        idx: (B, C) token ids; position_ids: (B, C) position of every token, or (B, 1) the position of idx[:, 0]
+        (or an int for all rows); state: (B, L, k-1, d) the state returned after the earlier tokens
+        (``empty_state`` at the start).
         """
         B, C = idx.shape
         if isinstance(position_ids, int):
             position_ids = torch.full((B, 1), position_ids, dtype=torch.long, device=idx.device)
-        pos = position_ids + torch.arange(C, device=idx.device).unsqueeze(0)       # (B, C)
+        if position_ids.shape[-1] == C:
+            pos = position_ids.expand(B, C)                                          # (B, C)
+        else:
+            pos = position_ids + torch.arange(C, device=idx.device).unsqueeze(0)    # (B, C)
         x = self.dropout(self.token_embedding(idx) + self.pos_embedding(pos))      # (B, C, d)
         presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, conv_state[:, i])                                # (B, C, d), (B, k-1, d)
+            x, present = block(x, state[:, i])                                     # (B, C, d), (B, k-1, d)
             presents.append(present)
         logits = self.head(self.ln_f(x))                                            # (B, C, V)
         return logits, torch.stack(presents, dim=1)                                 # (B, L, k-1, d)

@@ -14,10 +14,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from gamexport.config import FORMAT_VERSION, past_state_name, present_state_name
+
 if TYPE_CHECKING:
     from gamexport.parity.rows import ParityRow
 
-SCHEMA_VERSION = 1
+#: The build folder's format (``gamexport.config.FORMAT_VERSION``): 2 = per-layer state I/O.
+SCHEMA_VERSION = FORMAT_VERSION
 
 
 def schema() -> dict:
@@ -51,6 +54,8 @@ def build_report(ckpt, trained: bool, counted, machine: dict, artifacts: list[st
                    "label": str(ckpt.meta.get("label", ""))},
         "config": cfg.to_dict(), "parameters": cfg.n_params(), "receptive_field": cfg.receptive_field,
         "state_floats": cfg.n_layers * cfg.state_len * cfg.d_model,
+        "state_io": {"inputs": past_state_name("{i}"), "outputs": present_state_name("{i}"),
+                     "shape": ["batch", cfg.state_len, cfg.d_model], "layers": cfg.n_layers},
         "machine": machine, "artifacts": artifacts, "graph_checks": graph_checks,
         "parity": [row.to_dict() for row in parity], "latency": latency, "skipped": skipped,
         **({"graph_sizes": graph_sizes} if graph_sizes else {}),
@@ -139,6 +144,11 @@ def parity_failure(rows: list[dict]) -> str:
             + (f"; {where}" if where else "") + ")")
 
 
+def _state_io(report: dict) -> str:
+    io = report.get("state_io")
+    return f", carried per layer as `{io['inputs']}` → `{io['outputs']}`" if io else ""
+
+
 def _genai_lines(genai: list[dict] | None) -> list[str]:
     """The onnxruntime-genai section: each bundle through og.Generator against gamexport's greedy decode."""
     if not genai:
@@ -173,7 +183,7 @@ def render_markdown(report: dict) -> str:
         f"{cfg['n_slots']} memory slots, kernel {cfg['kernel_size']}, {cfg['max_positions']} positions — "
         f"{report['parameters']:,} parameters",
         f"- **Streaming:** receptive field {report['receptive_field']} tokens; state per sequence "
-        f"{report['state_floats']:,} floats (no KV cache)",
+        f"{report['state_floats']:,} floats (no KV cache)" + _state_io(report),
         f"- **Machine:** {report['machine']['cpu']}, {report['machine']['cores']} cores, "
         f"{report['machine']['threads']} threads",
         "",

@@ -1,7 +1,9 @@
 """The small interface every backend implements: prefill, chunk step, and generation on top of them.
 
 A runner holds one model on one backend. Inputs are NumPy arrays: token ids int64 (B, T), position ids int64
-(B, 1), streaming state float32 (B, L, k-1, d). The base class checks every input before the backend sees it
+(B, T) — the absolute position of every token, increasing by one along T; ``step`` also takes the first position
+per row, (B, 1) or a scalar — and the streaming state float32 (B, L, k-1, d), packed: the runners unpack it into
+the graphs' per-layer tensors at each session call (``gamexport.state``). The base class checks every input before the backend sees it
 (ONNX Runtime's Gather silently wraps index -1 to the last row), checks every output (a NaN or infinite logit or
 state is refused in one line, never sampled into tokens), and owns ``generate`` so that all runners share one
 sampling loop.
@@ -120,7 +122,7 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _step(self, ids: np.ndarray, position_ids: np.ndarray,
               state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (B, C, V) and the new state for a chunk ids (B, C) starting at position_ids (B, 1)."""
+        """Logits (B, C, V) and the new state for a chunk ids (B, C) at positions position_ids (B, C), checked."""
 
     def close(self) -> None:
         """Release backend resources (sessions, engines)."""
@@ -136,8 +138,9 @@ class Runner(abc.ABC):
         c = self.config
         return np.zeros((batch, c.n_layers, c.state_len, c.d_model), dtype=np.float32)
 
-    def check_ids(self, ids, first_position: int | np.ndarray = 0) -> np.ndarray:
-        """Token ids as int64 (B, T); refuses ids outside [0, V) and positions outside [0, P)."""
+    def check_ids(self, ids, position_ids: int | np.ndarray = 0) -> np.ndarray:
+        """Token ids as int64 (B, T); refuses ids outside [0, V) and positions outside [0, P) (``position_ids``:
+        the first position, per row or for all, or every token's position (B, T); see :meth:`positions`)."""
         arr = self._as_array(ids)
         if arr.ndim == 1:
             arr = arr[None, :]
@@ -151,13 +154,39 @@ class Runner(abc.ABC):
             bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
             raise InputError(f"token id {bad} is outside the vocabulary [0, {V})",
                              "encode text with this model's tokenizer")
-        first = np.asarray(first_position, dtype=np.int64).reshape(-1)
+        self.positions(arr.shape, position_ids)
+        return arr.astype(np.int64, copy=False)
+
+    def positions(self, shape: tuple[int, int], position_ids) -> np.ndarray:
+        """The (B, T) int64 position of every token of a (B, T) chunk, as the step graph takes them.
+
+        ``position_ids``: every position (B, T), or the first position per row ((B, 1), (B,)) or for all rows (a
+        scalar). Refused in one line: another shape, non-integers, positions outside [0, P), or positions that do
+        not increase by one along T (the state carries exactly the previous token's row).
+        """
+        B, T = shape
+        pos = np.asarray(position_ids)
+        if pos.size == 0 or not np.issubdtype(pos.dtype, np.integer):
+            raise InputError(f"position ids must be integers, got {pos.dtype} of shape {pos.shape}",
+                             "pass int64 positions")
+        if pos.ndim == 2 and pos.shape == (B, T):
+            full = pos.astype(np.int64)
+        elif pos.size in (1, B) and pos.ndim <= 2 and (pos.ndim < 2 or pos.shape[1] == 1):
+            first = np.broadcast_to(pos.reshape(-1, 1), (B, 1)).astype(np.int64)
+            full = first + np.arange(T, dtype=np.int64)[None, :]
+        else:
+            raise InputError(f"position ids have shape {pos.shape}, expected ({B}, {T}) for a chunk of {T} tokens "
+                             f"(or the first position per row, ({B}, 1))", "pass every token's position")
+        if T > 1 and (np.diff(full, axis=1) != 1).any():
+            row = int(np.argwhere(np.diff(full, axis=1) != 1)[0][0])
+            raise InputError(f"position ids of batch row {row} do not increase by one along the chunk "
+                             f"({full[row].tolist()[:8]})", "pass consecutive positions: first + 0, 1, 2, …")
         P = self.config.max_positions
-        if first.min() < 0 or first.max() + arr.shape[1] > P:
-            raise InputError(f"positions {int(first.min())}..{int(first.max()) + arr.shape[1] - 1} exceed the "
+        if full.min() < 0 or full.max() >= P:
+            raise InputError(f"positions {int(full[:, 0].min())}..{int(full.max())} exceed the "
                              f"model's {P} learned positions [0, {P})",
                              f"keep prompt plus generated tokens within {P} tokens")
-        return arr.astype(np.int64, copy=False)
+        return full
 
     def _as_array(self, ids) -> np.ndarray:
         """``np.asarray(ids)``; Python ints beyond int64 (NumPy keeps them as objects) get the one line of any id
@@ -196,18 +225,22 @@ class Runner(abc.ABC):
         return self.check_outputs("prefill", 0, *self._prefill(self.check_ids(ids)))
 
     def step(self, ids, position_ids, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (B, C, V) and the new state after a chunk; ``position_ids``: every token's position (B, C), or
+        the first position per row (B, 1) or for all rows."""
         arr = np.asarray(ids)
         batch = arr.shape[0] if arr.ndim == 2 else 1
-        pos = np.asarray(position_ids, dtype=np.int64)
-        pos = np.broadcast_to(pos.reshape(-1, 1), (batch, 1)).copy() if pos.size in (1, batch) else pos
-        ids = self.check_ids(ids, pos)
+        first = np.asarray(position_ids)
+        if first.ndim < 2 and first.size in (1, batch):
+            first = np.broadcast_to(first.reshape(-1, 1), (batch, 1))
+        ids = self.check_ids(ids, first)
+        pos = self.positions(ids.shape, first)
         c = self.config
         want = (ids.shape[0], c.n_layers, c.state_len, c.d_model)
         state = np.asarray(state, dtype=np.float32)
         if state.shape != want:
-            raise InputError(f"conv_state has shape {state.shape}, expected {want}",
+            raise InputError(f"the streaming state has shape {state.shape}, expected {want}",
                              "pass the state returned by prefill or the previous step")
-        return self.check_outputs("step", pos, *self._step(ids, pos, state))
+        return self.check_outputs("step", pos[:, :1], *self._step(ids, pos, state))
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  stop_ids: Sequence[int] = ()) -> list[int]:

@@ -73,7 +73,11 @@ def test_generate_from_build_folder_and_checkpoint_agree(cli_build, tmp_path):
 def test_inspect(cli_build):
     proc = run_cli("inspect", str(cli_build / "step.onnx"))
     assert proc.returncode == 0, proc.stderr
-    assert "gam.CausalConv" in proc.stdout and "input  position_ids: int64 [batch, 1]" in proc.stdout
+    assert "gam.CausalConv" in proc.stdout and "input  position_ids: int64 [batch, chunk]" in proc.stdout
+    assert "input  past_key_values.1.conv_state: float32 [batch, 2, 32]" in proc.stdout
+    assert "output present.1.conv_state: float32 [batch, 2, 32]" in proc.stdout
+    assert "state: 2 per-layer tensors [batch, 2, 32], past_key_values.{i}.conv_state -> present.{i}.conv_state" \
+        in proc.stdout
     assert "parameters: 27,680" in proc.stdout
 
 

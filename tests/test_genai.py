@@ -1,9 +1,8 @@
 """onnxruntime-genai bundles (issue 14, items 2 and 3): the writer, and greedy generation through the real client.
 
-Today's graphs carry a packed state, which onnxruntime-genai refuses; ``tests/genai_bridge.py`` (a bridge to be
-removed once the graphs carry the convention natively) rewrites a copy of a build's step graphs into the ecosystem's
-convention, so the bundle is tested against ``og.Model`` + ``og.Generator`` now. gamexport's own greedy decode runs
-on the ORIGINAL (un-bridged) graphs: the comparison crosses both the bridge and the client.
+The graphs carry the ecosystem's state convention natively (issue 14, item 1), so every build writes its bundles;
+they are tested against ``og.Model`` + ``og.Generator``, and gamexport's own greedy decode runs on the same build's
+graphs through its ONNX Runtime runner: the comparison crosses the client.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gamexport.bundles.genai import (CONFIG_FILE, DECODER_FILE, TOKENIZER_CONFIG, BundleError, convention_problem,
+from gamexport.bundles.genai import (CONFIG_FILE, DECODER_FILE, TOKENIZER_CONFIG, convention_problem,
                                      read_build, write_bundle)
 from gamexport.config import past_state_name, present_state_name
 from gamexport.genai_client import INSTALL, available
@@ -26,7 +25,7 @@ from gamexport.layout import TOKENIZER, genai_dir, graph_file
 from gamexport.targets import CPU_PRECISIONS
 from gamexport.sampling import SamplingConfig
 
-from genai_bridge import bridge_build, refresh_manifest
+from build_copies import legacy_graph, refresh_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_genai = pytest.mark.skipif(not available(), reason=f"onnxruntime-genai is not installed: {INSTALL}")
@@ -43,7 +42,7 @@ def _build(out: Path, **kwargs) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_plain(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:
-    """A tiny build (no tokenizer), every precision a bundle is written for, as gamexport writes it today."""
+    """A tiny build (no tokenizer), every precision a bundle is written for: the build writes the bundles."""
     from gamexport.checkpoint import save_checkpoint
 
     src = tmp_path_factory.mktemp("genai_ckpt")
@@ -51,19 +50,15 @@ def tiny_plain(tmp_path_factory, tiny_cfg, tiny_weights) -> Path:
     return _build(tmp_path_factory.mktemp("genai") / "tiny", source=str(src), precisions=PRECISIONS)
 
 
-def _bridged(plain: Path, folder: Path, precisions) -> Path:
+def _bundled(plain: Path, folder: Path) -> Path:
+    """A copy of a build (its bundles included) that tests may rewrite."""
     shutil.copytree(plain, folder)
-    cfg, _ = read_build(folder)
-    bridge_build(folder, cfg, precisions)
-    for precision in precisions:
-        write_bundle(folder, precision)
-    refresh_manifest(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def tiny_bridged(tiny_plain, tmp_path_factory) -> Path:
-    return _bridged(tiny_plain, tmp_path_factory.mktemp("genai") / "tiny-bridged", PRECISIONS)
+def tiny_bundled(tiny_plain, tmp_path_factory) -> Path:
+    return _bundled(tiny_plain, tmp_path_factory.mktemp("genai") / "tiny-bundled")
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +68,8 @@ def demo_plain(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_bridged(demo_plain, tmp_path_factory) -> Path:
-    return _bridged(demo_plain, tmp_path_factory.mktemp("genai") / "demo-bridged", ("fp32",))
+def demo_bundled(demo_plain, tmp_path_factory) -> Path:
+    return _bundled(demo_plain, tmp_path_factory.mktemp("genai") / "demo-bundled")
 
 
 def heldout_prompts(n: int, length: int) -> list[str]:
@@ -94,25 +89,34 @@ def heldout_prompts(n: int, length: int) -> list[str]:
 
 
 # ---- the writer (no onnxruntime-genai needed) -----------------------------------------------------------------
-def test_packed_state_graph_refused_in_one_line(tiny_plain):
-    """Today's graph (packed conv_state, position_ids [B, 1]) is refused before anything is written."""
-    cfg, _ = read_build(tiny_plain)
-    problem = convention_problem(tiny_plain / "step.onnx", cfg)
+def test_packed_state_graph_refused_in_one_line(tiny_plain, tiny_cfg, tmp_path):
+    """A format-1 graph (one packed conv_state) is refused before anything is written."""
+    from gamexport.errors import GamexportError
+
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_plain, folder)
+    for bundle in folder.glob("genai*"):
+        shutil.rmtree(bundle)
+    path = folder / "step.onnx"
+    onnx_model = legacy_graph(__import__("onnx").load(str(path)), tiny_cfg.n_layers)
+    __import__("onnx").save(onnx_model, str(path))
+    refresh_manifest(folder)
+    problem = convention_problem(path, tiny_cfg)
     assert problem is not None and past_state_name(0) in problem and "\n" not in problem
-    before = sorted(p.name for p in tiny_plain.iterdir())
-    with pytest.raises(BundleError, match=re.escape(past_state_name(0))):
-        write_bundle(tiny_plain)
-    assert sorted(p.name for p in tiny_plain.iterdir()) == before  # no genai/, no staging folder left
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(GamexportError) as err:
+        write_bundle(folder)
+    assert "\n" not in err.value.line() and ("conv_state" in err.value.line())
+    assert sorted(p.name for p in folder.iterdir()) == before  # no genai/, no staging folder left
 
 
 def test_position_ids_must_be_per_token(tiny_plain, tmp_path):
     """A graph with per-layer states but position_ids [B, 1] is still refused: onnxruntime-genai feeds [B, T]."""
     import onnx
 
-    from genai_bridge import to_state_convention
-
     cfg, _ = read_build(tiny_plain)
-    path = to_state_convention(tiny_plain / "step.onnx", tmp_path / "step.onnx", cfg)
+    path = tmp_path / "step.onnx"
+    shutil.copyfile(tiny_plain / "step.onnx", path)
     assert convention_problem(path, cfg) is None
     model = onnx.load(str(path))
     dim = next(v for v in model.graph.input if v.name == "position_ids").type.tensor_type.shape.dim[1]
@@ -121,11 +125,11 @@ def test_position_ids_must_be_per_token(tiny_plain, tmp_path):
     assert "position_ids" in convention_problem(path, cfg)
 
 
-def test_bundle_layout_without_tokenizer(tiny_bridged, tiny_cfg):
+def test_bundle_layout_without_tokenizer(tiny_bundled, tiny_cfg):
     for precision in PRECISIONS:
-        bundle = tiny_bridged / genai_dir(precision)
+        bundle = tiny_bundled / genai_dir(precision)
         assert sorted(p.name for p in bundle.iterdir()) == sorted([DECODER_FILE, CONFIG_FILE])  # runs on ids
-        assert (bundle / DECODER_FILE).read_bytes() == (tiny_bridged / graph_file("step", precision)).read_bytes()
+        assert (bundle / DECODER_FILE).read_bytes() == (tiny_bundled / graph_file("step", precision)).read_bytes()
         config = json.loads((bundle / CONFIG_FILE).read_text())
         model, decoder = config["model"], config["model"]["decoder"]
         assert model["type"] == "lfm2" and model["vocab_size"] == tiny_cfg.vocab_size
@@ -136,15 +140,15 @@ def test_bundle_layout_without_tokenizer(tiny_bridged, tiny_cfg):
             assert decoder["inputs"]["past_conv_names"] % i == past_state_name(i)
             assert decoder["outputs"]["present_conv_names"] % i == present_state_name(i)
         assert config["search"]["do_sample"] is False
-    assert not list(tiny_bridged.glob(".genai*staging*"))
+    assert not list(tiny_bundled.glob(".genai*staging*"))
 
 
-def test_bundle_with_tokenizer(demo_bridged):
+def test_bundle_with_tokenizer(demo_bundled):
     from gamexport.tokenizer import Tokenizer
 
-    bundle = demo_bridged / genai_dir()
-    tok = Tokenizer.from_file(demo_bridged)
-    assert (bundle / TOKENIZER).read_bytes() == (demo_bridged / TOKENIZER).read_bytes()
+    bundle = demo_bundled / genai_dir()
+    tok = Tokenizer.from_file(demo_bundled)
+    assert (bundle / TOKENIZER).read_bytes() == (demo_bundled / TOKENIZER).read_bytes()
     config = json.loads((bundle / CONFIG_FILE).read_text())["model"]
     assert config["eos_token_id"] == tok.eos_id == config["bos_token_id"] == config["pad_token_id"]
     tok_config = json.loads((bundle / TOKENIZER_CONFIG).read_text())
@@ -152,11 +156,11 @@ def test_bundle_with_tokenizer(demo_bridged):
     assert tok_config["eos_token"] == "<|endoftext|>" == tok.id_to_token(tok.eos_id)
 
 
-def test_rewrite_replaces_the_bundle(tiny_bridged):
+def test_rewrite_replaces_the_bundle(tiny_bundled):
     """Writing again swaps the folder: a stray file in the old bundle is gone, the files are the same."""
-    bundle = tiny_bridged / genai_dir()
+    bundle = tiny_bundled / genai_dir()
     (bundle / "stray.txt").write_text("old")
-    write_bundle(tiny_bridged)
+    write_bundle(tiny_bundled)
     assert sorted(p.name for p in bundle.iterdir()) == sorted([DECODER_FILE, CONFIG_FILE])
 
 
@@ -170,15 +174,15 @@ def _gamexport_greedy(folder: Path, precision: str, prompts, max_new_tokens: int
 
 @needs_genai
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_og_greedy_equals_gamexport_greedy_on_ids(tiny_plain, tiny_bridged, precision):
+def test_og_greedy_equals_gamexport_greedy_on_ids(tiny_plain, tiny_bundled, precision):
     """og.Generator greedy on the bundle, batch 2 with equal-length prompts and batch 1, token for token equal to
-    gamexport's greedy decode of the un-bridged graphs, up to the model's last position."""
+    gamexport's greedy decode of the build's graphs, up to the model's last position."""
     from gamexport.genai_client import GenaiModel
 
     rng = np.random.default_rng(5)
     prompts = rng.integers(0, 97, size=(2, 7)).tolist()
     want = _gamexport_greedy(tiny_plain, precision, prompts, 40)
-    model = GenaiModel(tiny_bridged / genai_dir(precision))
+    model = GenaiModel(tiny_bundled / genai_dir(precision))
     assert model.generate_batch(prompts, 40) == want
     assert [model.generate(p, 40) for p in prompts] == want
     assert len(want[0]) == 40
@@ -189,7 +193,7 @@ def test_og_greedy_equals_gamexport_greedy_on_ids(tiny_plain, tiny_bridged, prec
 
 
 @needs_genai
-def test_og_greedy_on_heldout_text(demo_plain, demo_bridged):
+def test_og_greedy_on_heldout_text(demo_plain, demo_bundled):
     """The demo model on held-out prompts: og's tokenizer encodes as gamexport's does, og.Generator greedy (batch 2,
     equal lengths) equals gamexport's greedy decode token for token, to eos (included) or 240 new tokens; in one
     batch a row stops at eos while the other runs on."""
@@ -198,7 +202,7 @@ def test_og_greedy_on_heldout_text(demo_plain, demo_bridged):
     from gamexport.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(demo_plain)
-    bundle = demo_bridged / genai_dir()
+    bundle = demo_bundled / genai_dir()
     model = og.Model(str(bundle))
     og_tok = og.Tokenizer(model)
     texts = heldout_prompts(8, 12)
@@ -225,7 +229,7 @@ def _doc_snippet() -> str:
 
 
 @needs_genai
-def test_doc_python_snippet_runs_and_matches(demo_plain, demo_bridged):
+def test_doc_python_snippet_runs_and_matches(demo_plain, demo_bundled):
     """The documented Python (no gamexport import) generates, against the test bundle, the greedy text of
     ``gamexport generate DIR --temperature 0`` for the same prompt."""
     from gamexport.generation import run_generation
@@ -236,7 +240,7 @@ def test_doc_python_snippet_runs_and_matches(demo_plain, demo_bridged):
     assert "gamexport" not in code.replace("gamexport-build/genai", "")
     assert "gamexport-build/genai" in code
     prompt = re.search(r'prompt = "(.*?)"', code).group(1)
-    code = code.replace("gamexport-build/genai", str(demo_bridged / genai_dir()))
+    code = code.replace("gamexport-build/genai", str(demo_bundled / genai_dir()))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     max_new = int(re.search(r"max_length=len\(ids\) \+ (\d+)", code).group(1))
@@ -246,7 +250,7 @@ def test_doc_python_snippet_runs_and_matches(demo_plain, demo_bridged):
 
 
 @needs_genai
-def test_cli_generate_runtime_genai(demo_plain, demo_bridged):
+def test_cli_generate_runtime_genai(demo_plain, demo_bundled):
     """``gamexport generate DIR --runtime genai`` prints the text ``--runtime onnxruntime`` prints (greedy)."""
     def gen(folder, *extra):
         done = subprocess.run([sys.executable, "-m", "gamexport.cli.main", "generate", str(folder), "--prompt",
@@ -255,31 +259,37 @@ def test_cli_generate_runtime_genai(demo_plain, demo_bridged):
         assert done.returncode == 0, done.stderr
         return done.stdout, done.stderr
 
-    text, label = gen(demo_bridged, "--runtime", "genai")
+    text, label = gen(demo_bundled, "--runtime", "genai")
     assert "onnxruntime-genai" in label
     assert text == gen(demo_plain)[0]
 
 
-def test_cli_runtime_genai_without_bundle(tiny_plain):
-    """A build folder without a bundle (today's graphs) is one line with the reason and a non-zero exit."""
-    done = subprocess.run([sys.executable, "-m", "gamexport.cli.main", "generate", str(tiny_plain), "--ids", "1,2",
+def test_cli_runtime_genai_without_bundle(tiny_plain, tmp_path):
+    """A build folder without a bundle (removed from a copy) is one line with the reason and a non-zero exit."""
+    folder = tmp_path / "no-bundle"
+    shutil.copytree(tiny_plain, folder)
+    for bundle in folder.glob("genai*"):
+        shutil.rmtree(bundle)
+    refresh_manifest(folder)
+    done = subprocess.run([sys.executable, "-m", "gamexport.cli.main", "generate", str(folder), "--ids", "1,2",
                            "--runtime", "genai"], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "genai" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_missing_client_says_install(tiny_bridged, blocker):
+def test_missing_client_says_install(tiny_bundled, blocker):
     """Without onnxruntime_genai importable: one line naming the install command."""
     code = blocker({"onnxruntime_genai"}) + (
         "from gamexport.genai_client import GenaiModel\nfrom gamexport.errors import GamexportError\n"
-        f"try:\n    GenaiModel({str(tiny_bridged / 'genai')!r})\nexcept GamexportError as e:\n    print(e.line())\n")
+        f"try:\n    GenaiModel({str(tiny_bundled / 'genai')!r})\nexcept GamexportError as e:\n    print(e.line())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install" in done.stdout and "onnxruntime-genai" in done.stdout, done.stdout + done.stderr
 
 
 # ---- the build's bundle stage ---------------------------------------------------------------------------------
-def test_build_says_in_one_line_why_it_wrote_no_bundle(tiny_plain, tmp_path, tiny_cfg, tiny_weights):
-    """Today's graphs: the build passes, writes no genai/ folder, and its bundle stage says why in one line."""
+def test_build_writes_a_bundle_for_every_runnable_precision(tiny_plain, tmp_path, tiny_cfg, tiny_weights):
+    """The graphs carry the convention: the build passes, writes genai/ and genai-<precision>/ into the folder and
+    its manifest, and its bundle stage names them in one line."""
     from gamexport.checkpoint import save_checkpoint
     from gamexport.pipeline import BuildOptions, build
 
@@ -289,14 +299,17 @@ def test_build_says_in_one_line_why_it_wrote_no_bundle(tiny_plain, tmp_path, tin
     result = build(BuildOptions(source=str(src), out=tmp_path / "out", threads=1, latency=False,
                                 precisions=PRECISIONS, progress=lines.append))
     assert result.passed
-    said = [line for line in lines if "genai" in line and "bundle" in line]
-    assert len(said) == 2 and "onnxruntime-genai bundles" in said[0], lines  # the stage's header, then the reason
-    assert "no bundle written" in said[1] and past_state_name(0) in said[1]
-    assert not list((tmp_path / "out").glob("genai*"))
+    said = [line for line in lines if "genai" in line and ("bundle" in line or "genai/" in line)]
+    assert "onnxruntime-genai bundles" in said[0], lines   # the stage's header, then the bundles written
+    assert not any("no bundle written" in line for line in lines), lines
+    assert any("genai/, genai-fp16/" in line for line in said), lines
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    for name in ("genai", "genai-fp16", "genai-int8", "genai-int8-dyn", "genai-int4"):
+        assert (tmp_path / "out" / name / DECODER_FILE).is_file() and f"{name}/{DECODER_FILE}" in manifest["files"]
 
 
 def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_plain, tiny_cfg, tmp_path):
-    """Graphs with the convention (bridged): the stage writes genai/, genai-fp16/, genai-int8/, genai-int8-dyn/ and
+    """Graphs with the convention: the stage writes genai/, genai-fp16/, genai-int8/, genai-int8-dyn/ and
     genai-int4/ into the staging folder, and the manifest written after it lists their files."""
     from types import SimpleNamespace
 
@@ -306,7 +319,8 @@ def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_pla
 
     staging = tmp_path / "staging"
     shutil.copytree(tiny_plain, staging)
-    bridge_build(staging, tiny_cfg, PRECISIONS)
+    for old in staging.glob("genai*"):   # the build's own bundles: the stage writes them again
+        shutil.rmtree(old)
     ckpt = SimpleNamespace(config=tiny_cfg, source="test", sha256="0" * 64)
     lines: list[str] = []
     b = Build(BuildOptions(out=tmp_path / "out", progress=lines.append), tmp_path / "out", None, 1, ckpt=ckpt,
@@ -320,7 +334,7 @@ def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_pla
 
 
 def _genai_build(staging: Path, plain: Path, cfg, precisions, text_ids=None, lines=None):
-    """A ``Build`` at its parity stage over a bridged staging folder, its baseline runner on the plain graphs."""
+    """A ``Build`` at its parity stage over a staging folder, its baseline runner on the same graphs."""
     from types import SimpleNamespace
 
     from gamexport.engines.ort import OrtRunner
@@ -353,7 +367,6 @@ def test_build_genai_parity_entry(model, tiny_plain, demo_plain, tmp_path):
     staging = tmp_path / "staging"
     shutil.copytree(plain, staging)
     cfg, _ = read_build(staging)
-    bridge_build(staging, cfg, ("fp32",))
     text = held_out_ids(resolve_source(None, None)) if model == "demo" else None
     lines: list[str] = []
     b = _genai_build(staging, plain, cfg, ("fp32",), text, lines)
@@ -373,7 +386,7 @@ def test_build_genai_parity_entry(model, tiny_plain, demo_plain, tmp_path):
 
 
 @needs_genai
-def test_greedy_agreement_names_the_first_mismatch(tiny_plain, tiny_bridged):
+def test_greedy_agreement_names_the_first_mismatch(tiny_plain, tiny_bundled):
     """A reference that differs at row 1, new token 3 is reported there, and the entry does not pass."""
     from gamexport.engines.ort import OrtRunner
     from gamexport.genai_client import GenaiModel, greedy_agreement
@@ -391,12 +404,13 @@ def test_greedy_agreement_names_the_first_mismatch(tiny_plain, tiny_bridged):
 
     prompts = np.random.default_rng(3).integers(0, 97, size=(4, 8))
     with OrtRunner.from_folder(tiny_plain, 1, step_only=True) as runner:
-        entry = greedy_agreement(GenaiModel(tiny_bridged / "genai"), Shifted(runner), prompts, 12)
+        entry = greedy_agreement(GenaiModel(tiny_bundled / "genai"), Shifted(runner), prompts, 12)
     assert not entry["passed"] and entry["rows_equal"] == 3 and entry["first_mismatch"] == {"row": 1, "new_token": 3}
 
 
 def test_build_report_has_the_genai_entry(tmp_path, tiny_cfg, tiny_weights):
-    """A build of today's graphs: report.json's genai entry says it was skipped, and still fits the schema."""
+    """A build's report.json holds its genai entry — run through og.Generator where onnxruntime-genai is installed,
+    else skipped with the install command — and fits the schema; report.md has the section."""
     import jsonschema
 
     from gamexport.checkpoint import save_checkpoint
@@ -405,21 +419,22 @@ def test_build_report_has_the_genai_entry(tmp_path, tiny_cfg, tiny_weights):
     src = tmp_path / "ckpt"
     save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})
     result = build(BuildOptions(source=str(src), out=tmp_path / "out", threads=1, latency=False))
-    assert "no onnxruntime-genai bundle" in result.report["genai"][0]["skipped"]
+    entry = result.report["genai"][0]
+    assert entry["bundle"] == "genai" and (entry.get("passed") if available() else INSTALL in entry["skipped"])
     schema = json.loads((ROOT / "gamexport" / "report.schema.json").read_text())
     jsonschema.validate(json.loads((tmp_path / "out" / "report.json").read_text()), schema)
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "## onnxruntime-genai" in markdown and "`genai/`: not run" in markdown
+    assert "## onnxruntime-genai" in markdown and ("token-exact" if available() else "`genai/`: not run") in markdown
 
 
 @needs_genai
-def test_broken_bundle_is_one_line(tiny_bridged, tmp_path):
+def test_broken_bundle_is_one_line(tiny_bundled, tmp_path):
     """A bundle whose graph is not ONNX: one GraphError line naming the bundle, no traceback text."""
     from gamexport.errors import GraphError
     from gamexport.genai_client import GenaiModel
 
     broken = tmp_path / "genai"
-    shutil.copytree(tiny_bridged / "genai", broken)
+    shutil.copytree(tiny_bundled / "genai", broken)
     (broken / DECODER_FILE).unlink()
     (broken / DECODER_FILE).write_bytes(b"not onnx")
     with pytest.raises(GraphError) as info:
@@ -447,7 +462,6 @@ def test_build_genai_entry_without_the_client(tiny_plain, tmp_path, monkeypatch)
     staging = tmp_path / "staging"
     shutil.copytree(tiny_plain, staging)
     cfg, _ = read_build(staging)
-    bridge_build(staging, cfg, ("fp32",))
     lines: list[str] = []
     b = _genai_build(staging, tiny_plain, cfg, ("fp32",), None, lines)
     monkeypatch.setattr(gamexport.genai_client, "available", lambda: False)

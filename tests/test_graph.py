@@ -9,11 +9,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS
+from gamexport.config import (INPUT_IDS, LOGITS, POSITION_IDS, io_spec, past_state_name, present_state_name,
+                              present_state_names)
 from gamexport.graph import FUNCTION_DOMAIN, IR_VERSION, OPSET, build_graph, inline
 from gamexport.graph.builder import serialize
 from gamexport.graph.checks import FUNCTION_NAMES, structure_problems
 from gamexport.model import build_model
+from gamexport.state import packed_present, past_tensors
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,52 @@ def _session(model):
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
     return ort.InferenceSession(serialize(model), so, providers=["CPUExecutionProvider"])
+
+
+def _run(sess, ids, first=None, state=None):
+    """(logits, packed state) of a prefill (``first`` None) or of a step at positions first + 0..T-1 per row."""
+    feeds = {INPUT_IDS: ids}
+    if first is not None:
+        first = np.asarray(first, np.int64).reshape(-1, 1)
+        feeds[POSITION_IDS] = first + np.arange(ids.shape[1], dtype=np.int64)[None, :]
+        feeds.update(past_tensors(state))
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    return out[LOGITS], packed_present(out, len(out) - 1)
+
+
+def test_step_graph_io_is_the_ecosystem_convention(graphs, tiny_cfg):
+    """onnxruntime-genai (lfm2), Optimum and transformers.js: per-layer rank-3 conv states, every position."""
+    def io(values):
+        return [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+                 onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in values]
+
+    k1, d, V = tiny_cfg.state_len, tiny_cfg.d_model, tiny_cfg.vocab_size
+    step, pre = graphs["step"], graphs["prefill"]
+    assert io(step.graph.input) == [("input_ids", ["batch", "chunk"], "int64"),
+                                    ("position_ids", ["batch", "chunk"], "int64"),
+                                    ("past_key_values.0.conv_state", ["batch", k1, d], "float32"),
+                                    ("past_key_values.1.conv_state", ["batch", k1, d], "float32")]
+    assert io(step.graph.output) == [("logits", ["batch", "chunk", V], "float32"),
+                                     ("present.0.conv_state", ["batch", k1, d], "float32"),
+                                     ("present.1.conv_state", ["batch", k1, d], "float32")]
+    assert io(pre.graph.input) == [("input_ids", ["batch", "sequence"], "int64")]
+    assert io(pre.graph.output) == [("logits", ["batch", "sequence", V], "float32"),
+                                    ("present.0.conv_state", ["batch", k1, d], "float32"),
+                                    ("present.1.conv_state", ["batch", k1, d], "float32")]
+    assert [n for n, _, _ in io_spec(tiny_cfg, "step")["outputs"][1:]] == present_state_names(tiny_cfg)
+    assert (past_state_name(1), present_state_name(1)) == ("past_key_values.1.conv_state", "present.1.conv_state")
+
+
+def test_step_graph_uses_every_position_as_given(graphs, tiny_cfg, tiny_weights):
+    """position_ids [B, T] feeds the positional Gather directly: a row's positions are its own (not first + i)."""
+    step = _session(graphs["step"])
+    ids = np.random.default_rng(2).integers(0, tiny_cfg.vocab_size, size=(1, 3))
+    state = np.zeros((1, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model), np.float32)
+    feeds = {INPUT_IDS: ids, **past_tensors(state)}
+    a = step.run(["logits"], {**feeds, POSITION_IDS: np.array([[5, 6, 7]], np.int64)})[0]
+    b = step.run(["logits"], {**feeds, POSITION_IDS: np.array([[5, 6, 9]], np.int64)})[0]
+    np.testing.assert_array_equal(a[:, :2], b[:, :2])
+    assert np.abs(a[:, 2] - b[:, 2]).max() > 1e-3   # the third token's position embedding is row 9's
 
 
 def test_pins_and_checker(graphs, tiny_cfg):
@@ -92,7 +140,7 @@ def test_dynamic_axes_prefill_parity(graphs, tiny_cfg, tiny_weights, length_name
     model = build_model(tiny_cfg, tiny_weights)
     for batch in (1, 3):
         ids = np.random.default_rng(T + batch).integers(0, tiny_cfg.vocab_size, size=(batch, T))
-        logits, state = sess.run(None, {INPUT_IDS: ids})
+        logits, state = _run(sess, ids)
         with torch.no_grad():
             ref_logits, ref_state = model.prefill(torch.from_numpy(ids))
         assert logits.shape == (batch, T, tiny_cfg.vocab_size)
@@ -105,15 +153,14 @@ def test_dynamic_axes_prefill_parity(graphs, tiny_cfg, tiny_weights, length_name
 def test_step_graph_chunks_equal_prefill(graphs, tiny_cfg, n, m):
     pre, step = _session(graphs["prefill"]), _session(graphs["step"])
     ids = np.random.default_rng(n + 7 * m).integers(0, tiny_cfg.vocab_size, size=(2, 64))
-    full, _ = pre.run(None, {INPUT_IDS: ids})
+    full, _ = _run(pre, ids)
     if n == 0:
         state = np.zeros((2, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model), np.float32)
     else:
-        state = pre.run(None, {INPUT_IDS: ids[:, :n]})[1]
-    chunk, new_state = step.run(None, {INPUT_IDS: ids[:, n:m], POSITION_IDS: np.full((2, 1), n, np.int64),
-                                       CONV_STATE: state})
+        state = _run(pre, ids[:, :n])[1]
+    chunk, new_state = _run(step, ids[:, n:m], [n, n], state)
     np.testing.assert_allclose(chunk, full[:, n:m], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(new_state, pre.run(None, {INPUT_IDS: ids[:, :m]})[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(new_state, _run(pre, ids[:, :m])[1], rtol=0, atol=1e-5)
 
 
 def test_step_graph_rows_at_different_positions(graphs, tiny_cfg, tiny_weights):
@@ -129,8 +176,7 @@ def test_step_graph_rows_at_different_positions(graphs, tiny_cfg, tiny_weights):
         ra = model.prefill(torch.from_numpy(a[None, :na + 3]))[0][:, na:]
         rb = model.prefill(torch.from_numpy(b[None, :nb + 3]))[0][:, nb:]
     ids = np.stack([a[na:na + 3], b[nb:nb + 3]])
-    logits, _ = step.run(None, {INPUT_IDS: ids, POSITION_IDS: np.array([[na], [nb]], np.int64),
-                                CONV_STATE: torch.cat([sa, sb]).numpy()})
+    logits, _ = _run(step, ids, [na, nb], torch.cat([sa, sb]).numpy())
     np.testing.assert_allclose(logits, torch.cat([ra, rb]).numpy(), rtol=0, atol=1e-5)
 
 
@@ -247,12 +293,11 @@ def test_int8_step_chunks_equal_int8_prefill(int8_graphs, tiny_cfg, tiny_weights
     graphs, _ = int8_graphs
     pre, step = _session(graphs["prefill"]), _session(graphs["step"])
     ids = np.random.default_rng(3).integers(0, tiny_cfg.vocab_size, size=(1, 40))
-    full, full_state = pre.run(None, {INPUT_IDS: ids})
+    full, full_state = _run(pre, ids)
     state = np.zeros((1, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model), np.float32)
     outs, pos = [], 0
     for size in (1, 2, 3, 9, 25):
-        logits, state = step.run(None, {INPUT_IDS: ids[:, pos:pos + size], POSITION_IDS: np.array([[pos]]),
-                                        CONV_STATE: state})
+        logits, state = _run(step, ids[:, pos:pos + size], [pos], state)
         outs.append(logits)
         pos += size
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=0, atol=1e-4)

@@ -16,6 +16,7 @@ from gamexport.graph.checks import check_graph_file, precision_problems
 from gamexport.graph.emulate_int4 import (PLAN_RMS, WRITTEN_RMS, int4_plan, int4_weights, relative_rms,
                                           with_accuracy_level)
 from gamexport.graph.int4 import Int4Plan
+from gamexport.state import past_tensors
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -111,9 +112,9 @@ def test_builder_writes_int4_graphs_that_pass_the_checks_and_run(head, tiny_cfg,
     ids = np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, (2, 12))
     full = runs["prefill", False].run(None, {"input_ids": ids})
     assert np.array_equal(full[0], runs["prefill", True].run(None, {"input_ids": ids})[0])
-    _, state = runs["prefill", False].run(None, {"input_ids": ids[:, :5]})
-    logits, _ = runs["step", True].run(None, {"input_ids": ids[:, 5:], "position_ids": np.full((2, 1), 5),
-                                              "conv_state": state})
+    _, *states = runs["prefill", False].run(None, {"input_ids": ids[:, :5]})
+    logits = runs["step", True].run(None, {"input_ids": ids[:, 5:], "position_ids": _positions(2, 5, 7),
+                                           **past_tensors(np.stack(states, axis=1))})[0]
     np.testing.assert_allclose(logits, full[0][:, 5:], atol=1e-4 * np.abs(full[0]).max())
     # Values: at accuracy_level 0 the graph is the emulation to fp32 noise (the head's packed rows unpacked by the
     # embedding, the memory read's K = 16 padded to one block of 32).
@@ -121,7 +122,7 @@ def test_builder_writes_int4_graphs_that_pass_the_checks_and_run(head, tiny_cfg,
     got = ort.InferenceSession(serialize(build_graph(tiny_cfg, tiny_weights, "prefill", precision="int4", int4=exact)),
                                providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})
     want = int4_plan(tiny_cfg, int4_weights(tiny_cfg, tiny_weights, exact), ids, exact)
-    assert relative_rms(got[0], want[0]) < PLAN_RMS and np.abs(got[1] - want[1]).max() < 1e-5
+    assert relative_rms(got[0], want[0]) < PLAN_RMS and np.abs(np.stack(got[1:], axis=1) - want[1]).max() < 1e-5
 
 
 def test_precision_check_refuses_a_graph_that_is_not_int4(tiny_cfg, tiny_weights):
@@ -143,6 +144,11 @@ def demo():
         pytest.skip("the demo checkpoint is not installed")
     ckpt = load_checkpoint(folder)
     return ckpt, held_out_ids(ckpt)[-2:, :64]
+
+
+def _positions(batch: int, start: int, size: int) -> np.ndarray:
+    """position_ids [batch, size]: every token's position, from ``start``."""
+    return np.broadcast_to(np.arange(start, start + size, dtype=np.int64), (batch, size)).copy()
 
 
 def _logits(model, ids, **feeds):
@@ -187,9 +193,10 @@ def test_emulation_agrees_with_onnx_runtime_and_planted_bugs_are_caught(demo):
     clean0, clean4 = distances(prefill)
     assert clean0 < PLAN_RMS and clean4 < WRITTEN_RMS[4]
     step = build_graph(cfg, ckpt.weights, "step", precision="int4", int4=plan)
-    got = _logits(with_accuracy_level(step, 0), ids[:, 48:], position_ids=np.full((2, 1), 48), conv_state=state)
+    got = _logits(with_accuracy_level(step, 0), ids[:, 48:], position_ids=_positions(2, 48, ids.shape[1] - 48),
+                  **past_tensors(state))
     want, want_state = int4_plan(cfg, table, ids[:, 48:], level0, position=48, state=state)
-    assert relative_rms(got[0], want) < PLAN_RMS and np.abs(got[1] - want_state).max() < 1e-5
+    assert relative_rms(got[0], want) < PLAN_RMS and np.abs(np.stack(got[1:], axis=1) - want_state).max() < 1e-5
     for label, (name, change) in PLANTED.items():
         bug0, bug4 = distances(_planted(prefill, name, change))
         assert bug0 > 4 * PLAN_RMS, label

@@ -19,7 +19,8 @@ import gamexport.parity
 #: the declared interface of gamexport.runtime.Runner.
 PARITY_MAY_IMPORT = ("gamexport.parity", "gamexport.config", "gamexport.errors", "gamexport.fsutil",
                      "gamexport.graph", "gamexport.jsonfile", "gamexport.layout", "gamexport.manifest", "gamexport.model",
-                     "gamexport.polyjson", "gamexport.reference", "gamexport.runtime", "gamexport.tokenizer")
+                     "gamexport.polyjson", "gamexport.reference", "gamexport.runtime", "gamexport.state",
+                     "gamexport.tokenizer")
 
 
 def imports(path: Path, package: str) -> Iterator[tuple[int, str]]:

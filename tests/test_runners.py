@@ -48,7 +48,7 @@ def test_positions_past_P_refused(runner, tiny_cfg):
 
 
 def test_wrong_state_shape_refused(runner):
-    with pytest.raises(InputError, match="conv_state has shape"):
+    with pytest.raises(InputError, match="streaming state has shape"):
         runner.step(np.zeros((1, 1), np.int64), [[0]], np.zeros((1, 1, 1, 1), np.float32))
 
 

@@ -1,8 +1,8 @@
 """Triton model repository: layout; every config.pbtxt parsed with the ModelConfig schema that the ``tritonclient``
 package ships; and the semantics parsing alone does not check — tensor names and dtypes against the ONNX I/O of
 the files in the repository, batch axis left out of ``dims`` (max_batch_size > 0), the step model's implicit state
-conv_state -> conv_state_out with dims [layers, k-1, d_model] and a zero initial state, the prefill model's dynamic
-batcher — plus an emulation of what the sequence batcher does with that state, run with ONNX Runtime."""
+states past_key_values.{i}.conv_state <- present.{i}.conv_state, one per layer, dims [k-1, d_model] and a zero initial
+state, the prefill model's dynamic batcher — plus an emulation of what the sequence batcher does with that state, run with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
+from gamexport.config import PRESETS, past_state_name, present_state_name, present_state_names
 from gamexport.errors import GamexportError
 from gamexport.bundles.triton import (BuildFolderError, MissingPlanError, TritonConfigError, choose_backend,
                                       write_model_repository)
@@ -103,7 +104,7 @@ def test_prefill_config(repo, tiny_cfg):
     c = tiny_cfg
     dims = {t.name: list(t.dims) for t in [*cfg.input, *cfg.output]}
     assert dims == {"input_ids": [-1], "logits": [-1, c.vocab_size],
-                    "conv_state": [c.n_layers, c.kernel_size - 1, c.d_model]}
+                    **{present_state_name(i): [c.kernel_size - 1, c.d_model] for i in range(c.n_layers)}}
     assert not any(t.allow_ragged_batch for t in cfg.input), "the graph takes [batch, sequence], not ragged"
     (group,) = cfg.instance_group
     assert group.count == 1 and _enum(group, "kind", group.kind) == "KIND_CPU" and not group.gpus
@@ -120,27 +121,27 @@ def test_step_config_implicit_state(repo, tiny_cfg):
     assert seq.oldest.max_candidate_sequences == 32 and seq.max_sequence_idle_microseconds == 60_000_000
     assert not seq.control_input, "the graph has no START/END/READY/CORRID input (the ORT backend would need one)"
 
-    (state,) = seq.state
     c = tiny_cfg
-    state_dims = [c.n_layers, c.kernel_size - 1, c.d_model]
-    assert (state.input_name, state.output_name) == ("conv_state", "conv_state_out")
-    assert list(state.dims) == state_dims, "state dims are [layers, k-1, d] behind the batch axis"
-    (init,) = state.initial_state
-    assert init.WhichOneof("state_data") == "zero_data"
-    assert init.data_type == state.data_type and list(init.dims) == state_dims and init.name
-
+    state_dims = [c.kernel_size - 1, c.d_model]
+    assert [(s.input_name, s.output_name) for s in seq.state] == \
+        [(past_state_name(i), present_state_name(i)) for i in range(c.n_layers)], "one implicit state per layer"
     onnx_in, onnx_out = _onnx_io(out / "gam_step" / "1" / "model.onnx")
     by_name_in, by_name_out = {r[0]: r for r in onnx_in}, {r[0]: r for r in onnx_out}
-    # state tensors: in the model, same dtype and shape as configured, behind the batch axis
-    for name in (state.input_name, state.output_name):
-        onnx_name, onnx_type, onnx_dims = (by_name_in | by_name_out)[name]
-        assert onnx_type == _enum(state, "data_type", state.data_type) and onnx_dims == [-1, *state_dims]
+    for state in seq.state:
+        assert list(state.dims) == state_dims, "state dims are [k-1, d] behind the batch axis"
+        (init,) = state.initial_state
+        assert init.WhichOneof("state_data") == "zero_data"
+        assert init.data_type == state.data_type and list(init.dims) == state_dims and init.name
+        # state tensors: in the model, same dtype and shape as configured, behind the batch axis
+        for name in (state.input_name, state.output_name):
+            onnx_name, onnx_type, onnx_dims = (by_name_in | by_name_out)[name]
+            assert onnx_type == _enum(state, "data_type", state.data_type) and onnx_dims == [-1, *state_dims]
     # request tensors: every other graph input/output; the state never crosses the wire
-    assert _config_io(cfg, cfg.input) == [r for r in onnx_in if r[0] != state.input_name]
-    assert _config_io(cfg, cfg.output) == [r for r in onnx_out if r[0] != state.output_name]
+    assert _config_io(cfg, cfg.input) == [r for r in onnx_in if r[0] not in {s.input_name for s in seq.state}]
+    assert _config_io(cfg, cfg.output) == [r for r in onnx_out if r[0] not in {s.output_name for s in seq.state}]
     # the ONNX Runtime backend's load check: config inputs + control inputs + states == model inputs
     assert len(cfg.input) + len(seq.control_input) + len(seq.state) == len(onnx_in)
-    assert {t.name: list(t.dims) for t in cfg.input} == {"input_ids": [-1], "position_ids": [1]}
+    assert {t.name: list(t.dims) for t in cfg.input} == {"input_ids": [-1], "position_ids": [-1]}
 
 
 def test_expose_state_and_direct_strategy(tiny_build, tmp_path):
@@ -149,7 +150,7 @@ def test_expose_state_and_direct_strategy(tiny_build, tmp_path):
                            instance_kind="KIND_GPU", instance_count=2, gpus=[0], sequence_idle_s=5,
                            queue_delay_us=100)
     cfg = _parse(out / "gam_step" / "config.pbtxt")
-    assert [t.name for t in cfg.output] == ["logits", "conv_state_out"]
+    assert [t.name for t in cfg.output] == ["logits", *present_state_names(PRESETS["tiny"])]
     assert cfg.sequence_batching.WhichOneof("strategy_choice") == "direct"
     assert cfg.sequence_batching.max_sequence_idle_microseconds == 5_000_000
     (group,) = cfg.instance_group
@@ -160,32 +161,36 @@ def test_expose_state_and_direct_strategy(tiny_build, tmp_path):
 
 def test_sequence_batcher_emulation_matches_prefill(repo):
     """Run the repository's step model the way the sequence batcher feeds it — zero initial state of the configured
-    dims (batch 1 prepended, as Triton does for max_batch_size > 0), each request's conv_state_out becoming the next
-    request's conv_state, the client sending only input_ids and position_ids — and compare with the prefill model."""
+    dims (batch 1 prepended, as Triton does for max_batch_size > 0), each request's present.{i}.conv_state becoming
+    the next request's past_key_values.{i}.conv_state, the client sending only input_ids and position_ids — and
+    compare with the prefill model."""
     ort = pytest.importorskip("onnxruntime")
     out, _ = repo
     cfg = _parse(out / "gam_step" / "config.pbtxt")
-    (state,) = cfg.sequence_batching.state
-    (init,) = state.initial_state
+    states = list(cfg.sequence_batching.state)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     step = ort.InferenceSession(str(out / "gam_step" / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     pre = ort.InferenceSession(str(out / "gam_prefill" / "1" / "model.onnx"), opts,
                                providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(0).integers(0, 97, size=(1, 23), dtype=np.int64)
-    ref_logits, ref_state = pre.run(["logits", "conv_state"], {"input_ids": ids})
+    ref_logits, *ref_states = pre.run(["logits", *[s.output_name for s in states]], {"input_ids": ids})
 
-    server_state = np.zeros([1, *init.dims], dtype=np.float32)  # initial_state { zero_data: true }
+    # initial_state { zero_data: true }, per layer
+    server = {s.input_name: np.zeros([1, *s.initial_state[0].dims], dtype=np.float32) for s in states}
     logits, pos = [], 0
     for chunk in (5, 1, 1, 2, 7, 3, 4):  # first request = the prompt, then decode-sized and odd chunks
-        request = {"input_ids": ids[:, pos:pos + chunk], "position_ids": np.array([[pos]], dtype=np.int64)}
+        request = {"input_ids": ids[:, pos:pos + chunk],
+                   "position_ids": np.arange(pos, pos + chunk, dtype=np.int64)[None, :]}
         assert set(request) == {t.name for t in cfg.input}
-        out_logits, server_state = step.run(["logits", state.output_name], {**request, state.input_name: server_state})
+        out_logits, *presents = step.run(["logits", *[s.output_name for s in states]], {**request, **server})
+        server = {s.input_name: p for s, p in zip(states, presents)}   # output_name -> input_name, per layer
         logits.append(out_logits)
         pos += chunk
     assert pos == ids.shape[1]
     np.testing.assert_allclose(np.concatenate(logits, axis=1), ref_logits, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(server_state, ref_state, atol=1e-5, rtol=0)
+    for s, ref in zip(states, ref_states, strict=True):
+        np.testing.assert_allclose(server[s.input_name], ref, atol=1e-5, rtol=0)
 
 
 # ---- TensorRT backend ------------------------------------------------------------------------------------------
@@ -221,7 +226,7 @@ def test_tensorrt_backend(plans_build, tmp_path):
                                                                           cfg.sequence_batching.state}
         assert _config_io(cfg, cfg.input) == [r for r in onnx_in if r[0] not in states]
         assert _config_io(cfg, cfg.output) == [r for r in onnx_out if r[0] not in states]
-    assert _parse(out / "gam_step" / "config.pbtxt").sequence_batching.state[0].input_name == "conv_state"
+    assert _parse(out / "gam_step" / "config.pbtxt").sequence_batching.state[0].input_name == past_state_name(0)
 
     # Triton forms batches up to max_batch_size: it must fit the plans' profile (built with max batch 4)
     with pytest.raises(TritonConfigError, match="does not fit model.fp32.plan's profile"):
@@ -306,4 +311,4 @@ def test_every_precision_the_build_wrote(tiny_build, tiny_cfg, tmp_path, precisi
         assert _config_io(cfg, cfg.input) == [r for r in onnx_in if r[0] not in states]
         assert _config_io(cfg, cfg.output) == [r for r in onnx_out if r[0] not in states]
         for state in cfg.sequence_batching.state:
-            assert list(state.dims) == [c.n_layers, c.kernel_size - 1, c.d_model]
+            assert list(state.dims) == [c.kernel_size - 1, c.d_model]

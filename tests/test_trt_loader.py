@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from gamexport.config import past_state_name
 from gamexport.errors import ConfigError, GraphError
 from gamexport.engines.trt import TensorRTError, build_engine, sidecar_path
 
@@ -33,10 +34,11 @@ def test_build_uses_documented_api(fake_trt, tiny_build, tiny_cfg, tmp_path):
     assert build["cleared"] == ["TF32"] and build["set"] == [], "fp32: TF32 off, no precision flags"
     assert build["level"] == 3 and build["pools"] == {"WORKSPACE": 1 << 28}
     c = tiny_cfg
-    state = [c.n_layers, c.kernel_size - 1, c.d_model]
+    state = [c.kernel_size - 1, c.d_model]
     assert build["profiles"] == [{"input_ids": [[1, 1], [1, 1], [4, 32]],
-                                  "position_ids": [[1, 1], [1, 1], [4, 1]],
-                                  "conv_state": [[1, *state], [1, *state], [4, *state]]}]
+                                  "position_ids": [[1, 1], [1, 1], [4, 32]],
+                                  **{past_state_name(i): [[1, *state], [1, *state], [4, *state]]
+                                     for i in range(c.n_layers)}}]
     assert ("parse_from_file", "step.onnx") in calls and ("OnnxParser", True) in calls
     # the plan and its sidecar
     assert engine.is_file() and sidecar_path(engine) == tmp_path / "step.fp32.plan.json"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gamexport.config import past_state_name
+
 from gamexport.errors import InputError
 from gamexport.engines.trt import ProfileError, TrtProfile, default_profile, make_profile
 
@@ -22,9 +24,12 @@ def test_profile_input_shapes(tiny_cfg):
     prof = make_profile(c, "step", {"min": "1x1", "opt": "2x4", "max": (4, 16)})
     shapes = prof.input_shapes(c)
     assert shapes["input_ids"] == ((1, 1), (2, 4), (4, 16))
-    assert shapes["position_ids"] == ((1, 1), (2, 1), (4, 1))
-    s = (c.n_layers, c.kernel_size - 1, c.d_model)
-    assert shapes["conv_state"] == ((1, *s), (2, *s), (4, *s))
+    assert shapes["position_ids"] == ((1, 1), (2, 4), (4, 16))   # every token's position
+    s = (c.kernel_size - 1, c.d_model)
+    states = [past_state_name(i) for i in range(c.n_layers)]    # one profile entry per layer's state input
+    assert list(shapes) == ["input_ids", "position_ids", *states]
+    for name in states:
+        assert shapes[name] == ((1, *s), (2, *s), (4, *s))
     assert set(make_profile(c, "prefill").input_shapes(c)) == {"input_ids"}
     assert TrtProfile.from_dict(prof.to_dict()) == prof
 

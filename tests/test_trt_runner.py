@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from gamexport.config import PRESETS, past_state_name, present_state_name
 from gamexport.engines import trt as trt_mod
 from gamexport.engines.trt import ProfileError
 
@@ -79,7 +80,9 @@ def test_stand_in_binds_function_inputs_by_name_like_onnx_tensorrt(fake_trt, tin
 
 # ---- the step engine: buffers reused, state kept on the device, CUDA graphs for decode --------------------------
 BINDING = ("set_input_shape", "set_tensor_address")
-STEP_IO = {"input_ids", "position_ids", "conv_state", "logits", "conv_state_out"}
+PASTS = [past_state_name(i) for i in range(PRESETS["tiny"].n_layers)]        # one state per layer, in and out
+PRESENTS = [present_state_name(i) for i in range(PRESETS["tiny"].n_layers)]
+STEP_IO = {"input_ids", "position_ids", *PASTS, "logits", *PRESENTS}
 
 
 def _of(calls, start, *kinds):
@@ -115,7 +118,7 @@ def test_step_reuses_its_buffers_and_keeps_the_state_on_the_device(fake_engines,
         state, ref = check(pos, 1, state, ref)
         bound = {c[1]: c[2] for c in _of(calls, n, "set_tensor_address")}
         if pos == 4:
-            assert {c[1] for c in _of(calls, n, "set_input_shape")} == {"input_ids", "position_ids", "conv_state"}
+            assert {c[1] for c in _of(calls, n, "set_input_shape")} == {"input_ids", "position_ids", *PASTS}
             assert set(bound) == STEP_IO
             addresses = bound
         else:
@@ -123,19 +126,20 @@ def test_step_reuses_its_buffers_and_keeps_the_state_on_the_device(fake_engines,
         assert _of(calls, n, "execute_async_v3") == [("execute_async_v3", HostDevice.stream_handle)]
         copies = dev.log[k:]
         assert ("copy_in", addresses["input_ids"]) in copies and ("copy_in", addresses["position_ids"]) in copies
-        assert ("copy_in", addresses["conv_state"]) not in copies, "the state did not come from the host"
+        assert not {("copy_in", addresses[p]) for p in PASTS} & set(copies), "the state did not come from the host"
         state_copy = [c for c in copies if c[0] == "copy"]
-        assert len(state_copy) == 1 and state_copy[0][1] == addresses["conv_state"]
-        if pos > 4:  # from the previous step's output buffer; the first step from prefill's
-            assert state_copy[0][2] == addresses["conv_state_out"]
+        assert [c[1] for c in state_copy] == [addresses[p] for p in PASTS]   # each layer's input buffer
+        if pos > 4:  # from the previous step's output buffers; the first step from prefill's
+            assert [c[2] for c in state_copy] == [addresses[p] for p in PRESENTS]
         else:
-            assert state_copy[0][2] != addresses["conv_state_out"]
+            assert not {c[2] for c in state_copy} & {addresses[p] for p in PRESENTS}
     assert runner.cuda_graph_status["state_uploads"] == 0 and runner.cuda_graph_status["state_kept_on_device"] == 5
 
     def uploaded(pos, size, state, ref):
         k = len(dev.log)
         out = check(pos, size, state, ref)
-        assert ("copy_in", addresses["conv_state"]) in dev.log[k:] and not [c for c in dev.log[k:] if c[0] == "copy"]
+        assert all(("copy_in", addresses[p]) in dev.log[k:] for p in PASTS)
+        assert not [c for c in dev.log[k:] if c[0] == "copy"]
         return out
 
     older, older_ref = state.copy(), ref.copy()
@@ -150,7 +154,7 @@ def test_step_reuses_its_buffers_and_keeps_the_state_on_the_device(fake_engines,
     state, ref = check(11, 3, state, ref)
     assert ("set_input_shape", "input_ids", (1, 3)) in calls[n:]
     assert {c[1] for c in _of(calls, n, "set_tensor_address")} == STEP_IO
-    assert [c for c in dev.log if c[0] == "copy"][-1][2] == addresses["conv_state_out"]
+    assert [c[2] for c in dev.log if c[0] == "copy"][-len(PRESENTS):] == [addresses[p] for p in PRESENTS]
     assert runner.cuda_graph_status["requested"] is False and runner.cuda_graph_note() == \
         "CUDA graphs: off (not requested)"
     assert runner.generate([1, 2, 3], 6) == eager_tiny.generate([1, 2, 3], 6)
@@ -198,7 +202,8 @@ def test_cuda_graph_captures_decode_once_per_shape_and_replays(fake_engines, fak
     assert order == [("execute_async_v3", h), ("capture_begin", h, "thread_local"),
                      ("execute_async_v3", h, "captured"), ("capture_end", h)], order
     binding = [c for c in first[:first.index(("execute_async_v3", h))] if c[0] in BINDING]
-    assert sorted(c[0] for c in binding) == ["set_input_shape"] * 3 + ["set_tensor_address"] * 5
+    assert sorted(c[0] for c in binding) == ["set_input_shape"] * (2 + len(PASTS)) + \
+        ["set_tensor_address"] * (3 + 2 * len(PASTS))
     addresses = {c[1]: c[2] for c in binding if c[0] == "set_tensor_address"}
     for step in range(3):
         m = len(calls)
@@ -207,7 +212,7 @@ def test_cuda_graph_captures_decode_once_per_shape_and_replays(fake_engines, fak
             [("replay", h)], "later steps: inputs copied into the same buffers, graph replayed"
         copies = [c for c in calls[m:] if c[0] in ("copy_in", "copy")]
         assert sorted(copies) == sorted([("copy_in", addresses["input_ids"]), ("copy_in", addresses["position_ids"]),
-                                         ("copy", addresses["conv_state"], addresses["conv_state_out"])])
+                                         *[("copy", addresses[a], addresses[b]) for a, b in zip(PASTS, PRESENTS)]])
     same(got, want)
     status = runner.cuda_graph_status
     assert (status["captures"], status["replays"], status["captured_shapes"]) == (1, 3, [[1, 1]])
@@ -226,7 +231,7 @@ def test_cuda_graph_captures_decode_once_per_shape_and_replays(fake_engines, fak
     m = len(calls)
     same(_decode(runner, one, 9, 2, got[-1][1]), expected(one, 9, 2, want[-1][1]))
     assert [c[0] for c in calls[m:] if c[0] in ("capture_begin", "replay")] == ["capture_begin", "replay"]
-    assert ("copy_in", [c for c in calls[m:] if c[0] == "set_tensor_address" and c[1] == "conv_state"][0][2]) \
+    assert ("copy_in", [c for c in calls[m:] if c[0] == "set_tensor_address" and c[1] == PASTS[0]][0][2]) \
         in calls[m:], "a state that is not the last one returned is uploaded"
     # a chunk of several tokens never captures
     chunk_state = _decode(plain, one, 9, 2, want[-1][1])[-1][1]
@@ -300,7 +305,7 @@ def test_the_stand_in_refuses_a_capture_without_the_warm_up(fake_engines, fake_t
     runner = TrtRunner.from_folder(folder, cuda_graph=True)
     eng = runner.engines["step"]
     c = runner.config
-    shapes = {"input_ids": (1, 1), "position_ids": (1, 1), "conv_state": (1, c.n_layers, c.state_len, c.d_model)}
+    shapes = {"input_ids": (1, 1), "position_ids": (1, 1), **{p: (1, c.state_len, c.d_model) for p in PASTS}}
     binding = eng.bind(runner.device, shapes)
     for name, shape in shapes.items():
         runner.device.copy_in(binding.buffers[name], np.zeros(shape, eng.dtypes[name]))

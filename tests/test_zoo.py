@@ -65,10 +65,11 @@ class MemoEmulators:
     def __init__(self, emulators):
         self._emulators, self.made = emulators, {}
 
-    def __call__(self, ckpt, precisions, calibration):
-        key = tuple(precisions)
+    def __call__(self, ckpt, precisions, calibration, int4=None):
+        key = (tuple(precisions), repr(int4))
         if key not in self.made:
-            self.made[key] = {name: Memo(fn) for name, fn in self._emulators(ckpt, precisions, calibration).items()}
+            self.made[key] = {name: Memo(fn) for name, fn in self._emulators(ckpt, precisions, calibration,
+                                                                               int4).items()}
         return self.made[key]
 
 

@@ -173,27 +173,33 @@ def int4_scale_wrong(model, kind, precision) -> bool:
 
 
 def position_off_by_one(model, kind, precision) -> bool:
-    """The step graph's positions one too early (position_ids − 1 + offsets; −1 gathers the last row, as
-    ONNX Gather wraps negative indices, so nothing crashes — +1 would make ONNX Runtime raise at the last
+    """The step graph's positions one too early (position_ids − 1 into the positional Gather; −1 gathers the last
+    row, as ONNX Gather wraps negative indices, so nothing crashes — +1 would make ONNX Runtime raise at the last
     position)."""
     if kind != "step":
         return False
-    add = next(n for n in model.graph.node if n.op_type == "Add" and list(n.output) == ["positions"])
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "pos_embedding.weight")
     one = helper.make_node("Constant", [], ["zoo_one"], value=helper.make_tensor("zoo_one", TensorProto.INT64,
                                                                                  [], [-1]))
-    shifted = helper.make_node("Add", [add.input[0], "zoo_one"], ["zoo_position_ids"])
-    add.input[0] = "zoo_position_ids"  # before inserting: the insert copies the nodes
-    _insert_before(model.graph.node, add, [one, shifted])
+    shifted = helper.make_node("Add", [gather.input[1], "zoo_one"], ["zoo_position_ids"])
+    gather.input[1] = "zoo_position_ids"  # before inserting: the insert copies the nodes
+    _insert_before(model.graph.node, gather, [one, shifted])
     return True
 
 
 def state_not_advanced(model, kind, precision) -> bool:
-    """The step graph returns its input state (``conv_state_out`` = ``conv_state``)."""
+    """The step graph returns its input states (each layer's ``present`` = its ``past_key_values``)."""
     if kind != "step":
         return False
-    concat = next(n for n in model.graph.node if list(n.output) == ["conv_state_out"])
-    concat.CopyFrom(helper.make_node("Identity", ["conv_state"], ["conv_state_out"]))
-    return True
+    from gamexport.config import past_state_name, present_state_name
+
+    layers = [o.name for o in model.graph.output if o.name != "logits"]
+    for i, name in enumerate(layers):
+        assert name == present_state_name(i)
+        producer = next(n for n in model.graph.node if name in n.output)   # gam.Block, or its inlined Slice
+        producer.output[list(producer.output).index(name)] = f"zoo_present_{i}"   # computed, then dropped
+        model.graph.node.append(helper.make_node("Identity", [past_state_name(i)], [name]))
+    return bool(layers)
 
 
 def head_wrong_tensor(model, kind, precision) -> bool:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from gamexport import layout
-from gamexport.config import CONV_STATE, INPUT_IDS, POSITION_IDS, GAMConfig
+from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, present_state_names, refuse_legacy
 from gamexport.errors import GamexportError
 from gamexport.runtime import Runner
+from gamexport.state import past_tensors, packed_present
 
 from .session import QDQ_REFERENCE, RUNTIMES, block_outputs, compute_label, load_session, optimized_matmul_ops
 from .transforms import exact_integer_matmuls, upcast_bf16
@@ -43,6 +44,7 @@ class OrtRunner(Runner):
         self.provider = provider
         self.runtime = RUNTIMES[provider]
         self.step_session = load_session(self.step_path, threads, provider, session_config)
+        refuse_legacy([t.name for t in self.step_session.get_inputs()], str(self.step_path))
         if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
             from gamexport.graph.builder import check_config_against_graph, config_from_metadata, embedding_shapes
 
@@ -115,14 +117,18 @@ class OrtRunner(Runner):
 
     def _prefill(self, ids):
         if self.prefill_session is None:
-            return self._step(ids, np.zeros((ids.shape[0], 1), np.int64), self.empty_state(ids.shape[0]))
-        logits, state = self.prefill_session.run(None, {INPUT_IDS: ids})
-        return logits, state
+            positions = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape))
+            return self._step(ids, positions, self.empty_state(ids.shape[0]))
+        return self._run(self.prefill_session, {INPUT_IDS: ids})
 
     def _step(self, ids, position_ids, state):
-        logits, new_state = self.step_session.run(None, {INPUT_IDS: ids, POSITION_IDS: position_ids,
-                                                         CONV_STATE: state})
-        return logits, new_state
+        return self._run(self.step_session, {INPUT_IDS: ids, POSITION_IDS: position_ids, **past_tensors(state)})
+
+    def _run(self, session, feeds):
+        """Logits and the packed state from one session call (the graphs' per-layer states stacked)."""
+        names = [LOGITS, *present_state_names(self.config)]
+        out = dict(zip(names, session.run(names, feeds)))
+        return out[LOGITS], packed_present(out, self.config.n_layers)
 
     def close(self) -> None:
         self.prefill_session = self.step_session = None

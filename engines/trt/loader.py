@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from gamexport import __version__
-from gamexport.config import GAMConfig
+from gamexport.config import LEGACY_REFUSAL, GAMConfig
 from gamexport.errors import ConfigError, GraphError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_json, file_lock, remove_temporaries, sha256_file
 from gamexport import layout
@@ -26,7 +26,8 @@ from .environment import (EngineMismatchError, TensorRTError, import_tensorrt, l
                           trt_logger)
 from .profile import TOKEN_AXIS, TrtProfile, make_profile
 
-SIDECAR_SCHEMA = 1
+#: 2: engines of per-layer state graphs (``past_key_values.{i}.conv_state``); 1 was the packed state.
+SIDECAR_SCHEMA = 2
 CACHE_LOCK = ".gamexport-engines.lock"  # in every folder gamexport writes engines into
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
 
@@ -390,6 +391,8 @@ def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise GraphError(f"{Path(engine_path).name} has no sidecar {side.name} (TensorRT version, GPU, profile)",
                          "rebuild the engine with gamexport, which writes both") from None
+    if isinstance(meta, dict) and meta.get("schema_version") == 1:
+        raise GraphError(f"{Path(engine_path).name} was {LEGACY_REFUSAL}")
     if not isinstance(meta, dict) or meta.get("schema_version") != SIDECAR_SCHEMA:
         raise GraphError(f"{side.name} is not a gamexport engine sidecar (schema {SIDECAR_SCHEMA})",
                          "rebuild the engine with this gamexport")

@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from gamexport.config import CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec
+from gamexport.config import (INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec, past_state_name,
+                              present_state_names, refuse_legacy)
 from gamexport.errors import ConfigError, GraphError
 from gamexport.runtime import Runner
+from gamexport.state import packed_present, past_tensors
 
 from .cuda import TorchCudaDevice
 from .environment import (EngineMismatchError, TensorRTError, check_engine_compatible, first_line,
@@ -152,9 +154,10 @@ class TrtRunner(Runner):
 
     The step engine keeps device buffers for its current (batch, chunk) shape and reuses them while the shape
     stays the same: no set_input_shape / set_tensor_address, no allocation per call. The streaming state stays on
-    the GPU between calls: the Runner API hands it out as a NumPy array, and when the same values come back
-    (bit for bit, as from ``generate`` and any decode loop) the step copies its own device copy instead of
-    uploading it; any other state is uploaded.
+    the GPU between calls: the Runner API hands it out as one packed NumPy array, and when the same values come
+    back (bit for bit, as from ``generate`` and any decode loop) the step copies its own device copies of the
+    per-layer outputs (``present.{i}.conv_state``) into the per-layer inputs (``past_key_values.{i}.conv_state``)
+    instead of uploading them; any other state is uploaded, layer by layer.
 
     ``cuda_graph=True`` (opt-in): a decode step (a chunk of 1 token, any batch) runs execute_async_v3 once
     un-captured at a new shape — which flushes TensorRT's deferred shape work, as TensorRT requires before a
@@ -201,6 +204,7 @@ class TrtRunner(Runner):
             self.engines = {g: _Engine(trt, self._runtime, p, metas[g], self._logger.records, plans[g])
                             for g, p in paths.items()}
         for graph, eng in self.engines.items():
+            refuse_legacy(eng.inputs + eng.outputs, str(eng.path))
             want = {n for n, _, _ in io_spec(self.config, graph)["inputs"]}
             got = set(eng.inputs)
             if want != got:
@@ -211,7 +215,7 @@ class TrtRunner(Runner):
         self.cuda_graph = bool(cuda_graph)
         self._stats: dict[str, Any] = {"captures": 0, "replays": 0, "uncaptured_steps": 0, "state_uploads": 0,
                                        "state_kept_on_device": 0, "captured_shapes": [], "fallback_reason": None}
-        self._state_device = None  # the device tensor holding the last state this runner returned
+        self._state_device = None  # the device tensors (one per layer) holding the last state this runner returned
         self._state_host = None    # a private host copy of it, to recognise that state when it comes back
 
     @property
@@ -263,8 +267,10 @@ class TrtRunner(Runner):
     def _forget_state(self) -> None:
         self._state_device = self._state_host = None
 
-    def _remember_state(self, device_buffer, host: np.ndarray) -> None:
-        self._state_device, self._state_host = device_buffer, host.copy()
+    def _remember_state(self, buffers: dict[str, Any], host: np.ndarray) -> None:
+        """Keep the per-layer output buffers (``present.{i}.conv_state``, in layer order) of ``host``."""
+        self._state_device = [buffers[name] for name in present_state_names(self.config)]
+        self._state_host = host.copy()
 
     def _state_is_current(self, state: np.ndarray) -> bool:
         """Is ``state`` bit for bit the last state this runner returned (whose device copy it still holds)?"""
@@ -280,8 +286,9 @@ class TrtRunner(Runner):
         self._forget_state()
         with self.device.activate():
             out, buffers = eng.run(self.device, {INPUT_IDS: ids})
-        logits, state = out[LOGITS].astype(np.float32, copy=False), out[CONV_STATE].astype(np.float32, copy=False)
-        self._remember_state(buffers[CONV_STATE], state)
+        logits = out[LOGITS].astype(np.float32, copy=False)
+        state = packed_present(out, self.config.n_layers).astype(np.float32, copy=False)
+        self._remember_state(buffers, state)
         return logits, state
 
     def _step(self, ids, position_ids, state):
@@ -290,24 +297,28 @@ class TrtRunner(Runner):
         dev = self.device
         kept = self._state_device if self._state_is_current(state) else None
         self._forget_state()  # until this step has succeeded
-        feeds = {INPUT_IDS: ids, POSITION_IDS: position_ids, CONV_STATE: state}
+        pasts = past_tensors(state)
+        feeds = {INPUT_IDS: ids, POSITION_IDS: position_ids, **pasts}
         with dev.activate():
             binding = eng.bind(dev, {name: tuple(int(s) for s in np.shape(feeds[name])) for name in eng.inputs})
             bufs = binding.buffers
             dev.copy_in(bufs[INPUT_IDS], np.ascontiguousarray(ids, dtype=eng.dtypes[INPUT_IDS]))
             dev.copy_in(bufs[POSITION_IDS], np.ascontiguousarray(position_ids, dtype=eng.dtypes[POSITION_IDS]))
-            if kept is not None:  # this binding's own output, or the prefill's / an earlier binding's
-                dev.copy(bufs[CONV_STATE], kept)
+            if kept is not None:  # this binding's own outputs, or the prefill's / an earlier binding's
+                for i, buffer in enumerate(kept):
+                    dev.copy(bufs[past_state_name(i)], buffer)
                 self._stats["state_kept_on_device"] += 1
             else:
-                dev.copy_in(bufs[CONV_STATE], np.ascontiguousarray(state, dtype=eng.dtypes[CONV_STATE]))
+                for name, layer in pasts.items():
+                    dev.copy_in(bufs[name], np.ascontiguousarray(layer, dtype=eng.dtypes[name]))
                 self._stats["state_uploads"] += 1
             self._execute_step(eng, binding, decode=ids.shape[1] == 1)
             logits = dev.download(bufs[LOGITS])
-            new_state = dev.download(bufs[CONV_STATE_OUT])
+            presents = {name: dev.download(bufs[name]) for name in present_state_names(self.config)}
             dev.synchronize()
-        logits, new_state = logits.astype(np.float32, copy=False), new_state.astype(np.float32, copy=False)
-        self._remember_state(bufs[CONV_STATE_OUT], new_state)
+        logits = logits.astype(np.float32, copy=False)
+        new_state = packed_present(presents, self.config.n_layers).astype(np.float32, copy=False)
+        self._remember_state(bufs, new_state)
         return logits, new_state
 
     def _execute_step(self, eng: _Engine, binding: _Binding, decode: bool) -> None:

@@ -2,9 +2,10 @@
 
 Layout written under ``repo_dir`` (names default to ``gam_prefill`` and ``gam_step``)::
 
-    gam_prefill/config.pbtxt      dynamic batcher; input_ids -> logits, conv_state
+    gam_prefill/config.pbtxt      dynamic batcher; input_ids -> logits, present.{i}.conv_state per layer
     gam_prefill/1/model.onnx      the build's model[.<precision>].onnx   (model.plan for the TensorRT backend)
-    gam_step/config.pbtxt         sequence batcher with implicit state conv_state <- conv_state_out
+    gam_step/config.pbtxt         sequence batcher, one implicit state per layer:
+                                  past_key_values.{i}.conv_state <- present.{i}.conv_state
     gam_step/1/model.onnx         the build's step[.<precision>].onnx    (model.plan for the TensorRT backend)
 
 What the configs say, and why (Triton's docs: ``docs/user_guide/model_configuration.md``, ``architecture.md``
@@ -15,17 +16,18 @@ What the configs say, and why (Triton's docs: ``docs/user_guide/model_configurat
 - **prefill** (``gam_prefill``): ``dynamic_batching``. The sequence axis is ``-1`` and not ragged, so Triton only
   batches requests of equal length (``ModelInput.allow_ragged_batch`` is false; ragged batching would need a
   graph that takes a flattened ``[-1]`` input, which gamexport does not write). GAM is causal, so a client may
-  right-pad to a common length: the logits of the real positions are unchanged, the returned ``conv_state`` is
-  that of the padded sequence.
-- **step** (``gam_step``): ``sequence_batching`` with one implicit ``state``: input ``conv_state``, output
-  ``conv_state_out``, dims ``[layers, k-1, d_model]``, ``initial_state { zero_data: true }``. Triton feeds each
-  request of a sequence the state the previous request produced and starts every sequence from zeros, which is
-  exactly "prefill is a chunk from the zero state". The state tensors are therefore not in ``input``/``output``
-  (a client never sends or receives them; ``expose_state=True`` lists ``conv_state_out`` as an output for
-  debugging). No ``control_input``: the graph takes no START/END/READY/CORRID tensor and needs none (zero
+  right-pad to a common length: the logits of the real positions are unchanged, the returned states are those of
+  the padded sequence.
+- **step** (``gam_step``): ``sequence_batching`` with one implicit ``state`` per layer: input
+  ``past_key_values.{i}.conv_state``, output ``present.{i}.conv_state``, dims ``[k-1, d_model]``,
+  ``initial_state { zero_data: true }``. Triton feeds each request of a sequence the states the previous request
+  produced and starts every sequence from zeros, which is exactly "prefill is a chunk from the zero state". The
+  state tensors are therefore not in ``input``/``output`` (a client never sends or receives them;
+  ``expose_state=True`` lists the ``present.{i}.conv_state`` outputs for debugging). No ``control_input``: the
+  graph takes no START/END/READY/CORRID tensor and needs none (zero
   initial state replaces START); the ONNX Runtime backend counts every configured control input as a required
   model input, so listing one would fail the load. ``position_ids`` stays a request input: the client sends the
-  position of the chunk's first token (the graph has no position output Triton could carry as a second state).
+  position of every token of the chunk (the graph has no position output Triton could carry as a state).
   The scheduling strategy is ``oldest`` (sequences batched by the dynamic batcher, more live sequences than
   batch slots) or ``direct``; either way only requests with equal chunk lengths share a batch.
 
@@ -48,7 +50,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from gamexport.config import CONV_STATE, CONV_STATE_OUT, INPUT_IDS, POSITION_IDS
+from gamexport.config import (INPUT_IDS, LEGACY_REFUSAL, LEGACY_STATE, POSITION_IDS, past_state_name,
+                              present_state_name, state_layer)
 from gamexport.errors import ConfigError, GamexportError, GraphError, OutputError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256_file
 from gamexport.layout import ENGINE_DIR, PRECISIONS, engine_file, graph_file
@@ -84,6 +87,7 @@ class MissingPlanError(GraphError):
 
 # ---- reading the graphs -----------------------------------------------------------------------------------------
 Tensor = tuple[str, str, list[int]]  # name, Triton data type, dims WITHOUT the batch axis (-1 = dynamic)
+State = tuple[str, str, str, list[int]]  # input name, output name, Triton data type, dims without the batch axis
 
 
 def _io(path: Path) -> tuple[list[Tensor], list[Tensor]]:
@@ -207,9 +211,9 @@ def prefill_config(name: str, backend: str, inputs: list[Tensor], outputs: list[
     """``config.pbtxt`` of the prefill model: dynamic batching, stateless."""
     lines = _header(name, backend, max_batch_size, [
         "GAM prefill. input_ids [sequence] from position 0 -> logits [sequence, vocab] and the streaming",
-        "state conv_state [layers, k-1, d_model] after the last token (per batch row).",
+        "state present.{i}.conv_state [k-1, d_model] of each layer i after the last token (per batch row).",
         "Dynamic batching joins only requests of EQUAL sequence length (input_ids is not ragged). GAM is",
-        "causal: right-padding to a common length leaves the real positions' logits unchanged (not conv_state).",
+        "causal: right-padding to a common length leaves the real positions' logits unchanged (not the state).",
         *notes])
     lines += _tensors("input", inputs) + _tensors("output", outputs)
     lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {queue_delay_us}", "}"]
@@ -217,17 +221,18 @@ def prefill_config(name: str, backend: str, inputs: list[Tensor], outputs: list[
     return "\n".join(lines) + "\n"
 
 
-def step_config(name: str, backend: str, inputs: list[Tensor], outputs: list[Tensor], state: Tensor, *,
+def step_config(name: str, backend: str, inputs: list[Tensor], outputs: list[Tensor], states: list[State], *,
                 max_batch_size: int, strategy: str, max_sequences: int, sequence_idle_us: int,
                 queue_delay_us: int, instance_kind: str, instance_count: int, gpus: list[int],
                 notes: list[str] = ()) -> str:
-    """``config.pbtxt`` of the streaming chunk model: sequence batcher with implicit, zero-initialised state."""
-    _, dtype, dims = state
+    """``config.pbtxt`` of the streaming chunk model: sequence batcher with one implicit, zero-initialised state
+    per layer (``states``: (input name, output name, data type, dims) each)."""
     lines = _header(name, backend, max_batch_size, [
-        "GAM streaming chunk under the sequence batcher. The server keeps the state: conv_state is fed",
-        "from the previous request's conv_state_out of the same sequence (correlation id), and zeros at the",
-        "sequence start (= prefill from position 0). Each request: one sequence (batch 1), input_ids [chunk >= 1],",
-        "position_ids [1] = position of the chunk's first token. Only equal chunk lengths share a batch.",
+        "GAM streaming chunk under the sequence batcher. The server keeps the state: each layer's",
+        "past_key_values.{i}.conv_state is fed from the previous request's present.{i}.conv_state of the same",
+        "sequence (correlation id), and zeros at the sequence start (= prefill from position 0). Each request:",
+        "one sequence (batch 1), input_ids [chunk >= 1], position_ids [chunk] = the position of every token.",
+        "Only equal chunk lengths share a batch.",
         *notes])
     lines += _tensors("input", inputs) + _tensors("output", outputs)
     lines += ["sequence_batching {", f"  max_sequence_idle_microseconds: {sequence_idle_us}"]
@@ -236,10 +241,13 @@ def step_config(name: str, backend: str, inputs: list[Tensor], outputs: list[Ten
                   f"    max_queue_delay_microseconds: {queue_delay_us}", "  }"]
     else:
         lines += ["  direct { }"]
-    lines += ["  state [", "    {", f'      input_name: "{CONV_STATE}"', f'      output_name: "{CONV_STATE_OUT}"',
-              f"      data_type: {dtype}", f"      dims: {_dims(dims)}", "      initial_state [", "        {",
-              f"          data_type: {dtype}", f"          dims: {_dims(dims)}", "          zero_data: true",
-              '          name: "zeros"', "        }", "      ]", "    }", "  ]", "}"]
+    lines += ["  state ["]
+    for i, (input_name, output_name, dtype, dims) in enumerate(states):
+        lines += ["    {", f'      input_name: "{input_name}"', f'      output_name: "{output_name}"',
+                  f"      data_type: {dtype}", f"      dims: {_dims(dims)}", "      initial_state [", "        {",
+                  f"          data_type: {dtype}", f"          dims: {_dims(dims)}", "          zero_data: true",
+                  '          name: "zeros"', "        }", "      ]", "    }" + ("," if i < len(states) - 1 else "")]
+    lines += ["  ]", "}"]
     lines += _instance_group(instance_kind, instance_count, gpus)
     return "\n".join(lines) + "\n"
 
@@ -293,18 +301,27 @@ def _check_args(backend, precision, name_prefix, instance_kind, instance_count, 
     return instance_kind
 
 
-def _check_step_io(path: Path, inputs: list[Tensor], outputs: list[Tensor]) -> Tensor:
+def _check_step_io(path: Path, inputs: list[Tensor], outputs: list[Tensor]) -> list[State]:
+    """The step graph's implicit states, one per layer: past_key_values.{i}.conv_state <- present.{i}.conv_state."""
     names_in, names_out = [t[0] for t in inputs], [t[0] for t in outputs]
-    if not {INPUT_IDS, POSITION_IDS, CONV_STATE} <= set(names_in) or CONV_STATE_OUT not in names_out:
+    if LEGACY_STATE in names_in:
+        raise BuildFolderError(f"{path.name} was {LEGACY_REFUSAL}")
+    pasts = {state_layer(t[0]): t for t in inputs if state_layer(t[0]) is not None}
+    presents = {state_layer(t[0]): t for t in outputs if state_layer(t[0]) is not None}
+    layers = list(range(len(pasts)))
+    if (not {INPUT_IDS, POSITION_IDS} <= set(names_in) or not pasts or sorted(pasts) != layers
+            or sorted(presents) != layers or any(pasts[i][0] != past_state_name(i) for i in layers)):
         raise BuildFolderError(f"{path.name} is not a gamexport step graph (inputs {names_in}, outputs {names_out})",
                                "pass a folder written by gamexport build")
-    state_in = next(t for t in inputs if t[0] == CONV_STATE)
-    state_out = next(t for t in outputs if t[0] == CONV_STATE_OUT)
-    if state_in[1:] != state_out[1:] or -1 in state_in[2]:
-        raise BuildFolderError(f"{path.name}: {CONV_STATE} {state_in[1:]} and {CONV_STATE_OUT} {state_out[1:]} "
-                               "must have one fixed shape and type to be carried as implicit state",
-                               "rebuild the graphs with gamexport build")
-    return state_in
+    states = []
+    for i in layers:
+        state_in, state_out = pasts[i], presents[i]
+        if state_out[0] != present_state_name(i) or state_in[1:] != state_out[1:] or -1 in state_in[2]:
+            raise BuildFolderError(f"{path.name}: {state_in[0]} {state_in[1:]} and {state_out[0]} {state_out[1:]} "
+                                   "must have one fixed shape and type to be carried as implicit state",
+                                   "rebuild the graphs with gamexport build")
+        states.append((state_in[0], state_out[0], state_in[1], state_in[2]))
+    return states
 
 
 def check_repository(repo_dir: str | Path, names: Iterable[str], guards: dict | None = None) -> Path:
@@ -342,7 +359,8 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, backe
     batched oldest-first) or ``direct`` (one batch slot per live sequence: ``max_batch_size`` per instance).
     ``sequence_idle_s``: a sequence with no request for this long is ended by Triton and its state dropped.
     ``queue_delay_us``: how long a batcher may hold a request to grow a batch (0: never wait).
-    ``expose_state``: also list ``conv_state_out`` as a step output (debugging; the client can then request it).
+    ``expose_state``: also list the ``present.{i}.conv_state`` step outputs (debugging; the client can then request
+    them).
     ``inlined``: serve the ``.inlined.onnx`` twins (ONNX Runtime builds that predate local functions).
     Other models already in ``repo_dir`` are left alone; ours are replaced atomically, one folder at a time.
     """
@@ -381,9 +399,10 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, backe
         if graph == "prefill":
             text = prefill_config(name, backend, inputs, outputs, **common)
         else:
-            state = _check_step_io(source, inputs, outputs)
-            text = step_config(name, backend, [t for t in inputs if t[0] != CONV_STATE],
-                               [t for t in outputs if expose_state or t[0] != CONV_STATE_OUT], state,
+            states = _check_step_io(source, inputs, outputs)
+            kept_in, kept_out = {s[0] for s in states}, {s[1] for s in states}
+            text = step_config(name, backend, [t for t in inputs if t[0] not in kept_in],
+                               [t for t in outputs if expose_state or t[0] not in kept_out], states,
                                strategy=strategy, max_sequences=max_sequences,
                                sequence_idle_us=max(1, round(sequence_idle_s * 1e6)), **common)
         models[name] = (served, text)

@@ -1,8 +1,10 @@
 """Build the prefill graph (``model.onnx``) and the streaming chunk graph (``step.onnx``) from weights.
 
 Both share one body: embeddings → L × ``gam.Block`` → final LayerNorm → tied head. The prefill graph starts
-from a zero state at position 0 and returns the state after its tokens; the step graph takes the position of
-its first token and the state after the earlier tokens. Files are byte-identical for identical inputs.
+from a zero state at position 0 and returns each layer's state after its tokens (``present.{i}.conv_state``);
+the step graph takes the position of every token (``position_ids`` [B, T]) and each layer's state after the
+earlier tokens (``past_key_values.{i}.conv_state``) — the names onnxruntime-genai, Optimum and transformers.js
+use for a convolution cache (``gamexport.config.io_spec``). Files are byte-identical for identical inputs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
-from ..config import (CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec)
+from ..config import (INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec, past_state_name, present_state_name,
+                      refuse_legacy, state_layer)
 from ..errors import GraphError
 from ..jsonfile import Obj, parse_json
 from ..layout import GRAPH_PRECISIONS, graph_file
@@ -480,19 +483,16 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
         nodes.append(n("Gather", [emb, INPUT_IDS], ["tok_emb_h" if half else "tok_emb"], axis=0))  # (B, T, d)
     if half:
         nodes.append(n("Cast", ["tok_emb_h"], ["tok_emb"], to=TensorProto.FLOAT))
-    nodes.append(_const_i64("one", [1]))
-    nodes.append(n("Shape", [INPUT_IDS], ["seq_len_1d"], start=1, end=2))             # [T]
-    nodes.append(n("Squeeze", ["seq_len_1d"], ["seq_len"]))
-    nodes.append(helper.make_node("Constant", [], ["zero_s"], value_int=0))
-    nodes.append(helper.make_node("Constant", [], ["one_s"], value_int=1))
-    nodes.append(n("Range", ["zero_s", "seq_len", "one_s"], ["offsets"]))             # (T,)
-    if kind == "step":
-        nodes.append(_const_i64("zero", [0]))
-        nodes.append(n("Unsqueeze", ["offsets", "zero"], ["offsets_2d"]))           # (1, T)
-        nodes.append(n("Add", [POSITION_IDS, "offsets_2d"], ["positions"]))          # (B, T)
+    if kind == "step":   # every token's absolute position, as the caller gives it (checked by the runners)
+        positions = POSITION_IDS                                                      # (B, T)
     else:
-        nodes.append(n("Identity", ["offsets"], ["positions"]))                     # (T,)
-    nodes.append(n("Gather", ["pos_embedding.weight", "positions"], ["pos_emb"], axis=0))
+        nodes.append(n("Shape", [INPUT_IDS], ["seq_len_1d"], start=1, end=2))         # [T]
+        nodes.append(n("Squeeze", ["seq_len_1d"], ["seq_len"]))
+        nodes.append(helper.make_node("Constant", [], ["zero_s"], value_int=0))
+        nodes.append(helper.make_node("Constant", [], ["one_s"], value_int=1))
+        nodes.append(n("Range", ["zero_s", "seq_len", "one_s"], ["positions"]))     # (T,)
+        positions = "positions"
+    nodes.append(n("Gather", ["pos_embedding.weight", positions], ["pos_emb"], axis=0))
     nodes.append(n("Add", ["tok_emb", "pos_emb"], ["x_0"]))
 
     if kind == "prefill":
@@ -501,20 +501,10 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
         nodes.append(n("Concat", ["batch_1d", "state_tail"], ["zero_state_shape"], axis=0))
         nodes.append(n("ConstantOfShape", ["zero_state_shape"], ["zero_state"],
                        value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])))   # (B, k-1, d)
-    presents = []
     for i in range(L):
-        if kind == "step":
-            nodes.append(helper.make_node("Constant", [], [f"layer_{i}"], value_int=i))
-            nodes.append(n("Gather", [CONV_STATE, f"layer_{i}"], [f"past_{i}"], axis=1))  # (B, k-1, d)
-            past = f"past_{i}"
-        else:
-            past = "zero_state"
+        past = past_state_name(i) if kind == "step" else "zero_state"                 # (B, k-1, d)
         nodes.append(n("Block", [f"x_{i}", past, *[f"blocks.{i}.{p}" for p in block_params(precision)]],
-                       [f"x_{i + 1}", f"present_{i}"], domain=FUNCTION_DOMAIN, name=f"blocks.{i}"))
-        nodes.append(n("Unsqueeze", [f"present_{i}", "one"], [f"present_{i}_4d"]))      # (B, 1, k-1, d)
-        presents.append(f"present_{i}_4d")
-    state_out = CONV_STATE if kind == "prefill" else CONV_STATE_OUT
-    nodes.append(n("Concat", presents, [state_out], axis=1))                           # (B, L, k-1, d)
+                       [f"x_{i + 1}", present_state_name(i)], domain=FUNCTION_DOMAIN, name=f"blocks.{i}"))
     nodes.append(n("LayerNormalization", [f"x_{L}", "ln_f.weight", "ln_f.bias"], ["x_f"], axis=-1,
                    epsilon=cfg.ln_eps))
     if int8:  # tied head: the same int8 values as the embedding rows, stored transposed
@@ -627,11 +617,15 @@ def check_config_against_graph(cfg: GAMConfig, shapes: Mapping[str, list], where
     metadata would otherwise fail later, inside ONNX Runtime or as an index error.
     """
     said: dict[str, int | None] = {}
+    refuse_legacy(shapes, where)
+    layers = [layer for name in shapes if (layer := state_layer(name)) is not None]
+    if layers:
+        said["n_layers"] = max(layers) + 1
     for name, shape in shapes.items():
         if name == LOGITS and len(shape) == 3:
             said["vocab_size"] = shape[2]
-        elif name in (CONV_STATE, CONV_STATE_OUT) and len(shape) == 4:
-            said.update(n_layers=shape[1], kernel_size=shape[2] and shape[2] + 1, d_model=shape[3])
+        elif state_layer(name) is not None and len(shape) == 3:
+            said.update(kernel_size=shape[1] and shape[1] + 1, d_model=shape[2])
         elif name == "token_embedding.weight" and len(shape) == 2:
             said["vocab_size"] = shape[0]
         elif name == "pos_embedding.weight" and len(shape) == 2:

@@ -35,6 +35,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from gamexport import layout
+from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS
+from gamexport.state import packed_past, packed_present, present_tensors
 
 from .rows import ParityRow
 
@@ -174,13 +176,18 @@ def write_emulation_references(folder: Path, ckpt, precisions, calibration, int4
     pre, step = load_feeds(pdir / "prefill_inputs.json"), load_feeds(pdir / "step_inputs.json")
     written = []
     for name, emulate in emulators(ckpt, precisions, calibration, int4).items():
-        pre_out = [dict(zip(("logits", "conv_state"), emulate(f["input_ids"]))) for f in pre]
-        step_out = [dict(zip(("logits", "conv_state_out"),
-                             emulate(f["input_ids"], int(f["position_ids"][0, 0]), f["conv_state"]))) for f in step]
+        pre_out = [_outputs(*emulate(f[INPUT_IDS])) for f in pre]
+        step_out = [_outputs(*emulate(f[INPUT_IDS], int(f[POSITION_IDS][0, 0]), packed_past(f, ckpt.config.n_layers)))
+                    for f in step]
         for file, outs in zip(reference_files(name), (pre_out, step_out)):
             save_run_results(pdir / file, name, outs)
             written.append(f"{PARITY_DIR}/{file}")
     return written
+
+
+def _outputs(logits: np.ndarray, state: np.ndarray) -> dict[str, np.ndarray]:
+    """A saved reference output under the graphs' own output names."""
+    return {LOGITS: logits, **present_tensors(state)}
 
 
 def applicable(name: str, runner) -> bool:
@@ -264,10 +271,9 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
                     ids = feed["input_ids"]
                     if graph == "prefill":
                         logits, state = test.prefill(ids)
-                        ref_states.append(ref["conv_state"])
                     else:
-                        logits, state = test.step(ids, feed["position_ids"], feed["conv_state"])
-                        ref_states.append(ref["conv_state_out"])
+                        logits, state = test.step(ids, feed[POSITION_IDS], packed_past(feed, runner.config.n_layers))
+                    ref_states.append(packed_present(ref, runner.config.n_layers))
                     got.append(logits.reshape(-1, logits.shape[-1]))
                     want.append(ref["logits"].reshape(-1, logits.shape[-1]))
                     states.append(state)

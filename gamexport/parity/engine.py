@@ -24,7 +24,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from gamexport.config import POSITION_IDS
 from gamexport.layout import HALF_PRECISIONS, RUNTIME_SCALED_PRECISIONS
+from gamexport.state import packed_past, packed_present
 
 from .metrics import (CALIBRATION_TEXT, chunk_plan, compare_logits, mark_calibration_scored, parity_inputs,
                       run_chunks, tolerance)
@@ -323,10 +325,9 @@ def _saved_rows(runner, saved: SavedReferences, threads: int | None) -> list[Par
             ids = feed["input_ids"]
             if graph.graph == "prefill":
                 logits, state = runner.prefill(ids)
-                ref_state = ref["conv_state"]
             else:
-                logits, state = runner.step(ids, feed["position_ids"], feed["conv_state"])
-                ref_state = ref["conv_state_out"]
+                logits, state = runner.step(ids, feed[POSITION_IDS], packed_past(feed, saved.cfg.n_layers))
+            ref_state = packed_present(ref, saved.cfg.n_layers)
             targets = ids[:, 1:] if label in ("text", CALIBRATION_TEXT) and graph.graph == "prefill" else None
             cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
             metrics = compare_logits(cut(ref["logits"]), cut(logits), tol, targets,

@@ -6,7 +6,10 @@ re-checks the graphs anywhere without torch, and ``polygraphy run --load-inputs/
 
 - ``prefill_inputs.json`` / ``prefill_outputs.json``: whole sequences and their logits and final state;
 - ``step_inputs.json`` / ``step_outputs.json``: a chunk from the middle and one decode token per sequence, each
-  with the state before it, and the logits and state after;
+  with its positions and the state before it, and the logits and state after;
+
+every array under the graphs' own input and output names (``gamexport.config.io_spec``: one state per layer), so
+the feeds go to a graph as they are;
 - ``feeds.json``: the label of every feed ("random", "text", …), per graph.
 
 Emulation references (``emulation.py``) add ``prefill_outputs.<reference>.json`` / ``step_outputs.<reference>.json``.
@@ -19,11 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS, io_spec, state_layer
 from gamexport.errors import GamexportError
 from gamexport.jsonfile import List, Obj, Str
 
 from gamexport.layout import HELD_OUT as HELD_OUT_NAME
 from gamexport.layout import PARITY_DIR
+
+from gamexport.state import past_tensors, present_tensors
 
 from .metrics import CALIBRATION_TEXT, TOLERANCES, parity_inputs
 
@@ -93,7 +99,7 @@ def write_parity_references(folder: Path, eager, cfg, text_ids: np.ndarray | Non
     outs = []
     for feed in feeds:
         logits, state = eager.prefill(feed["input_ids"])
-        outs.append({"logits": logits, "conv_state": state})
+        outs.append({LOGITS: logits, **present_tensors(state)})
     d = folder / PARITY_DIR
     d.mkdir(exist_ok=True)
     save_feeds(d / "prefill_inputs.json", feeds)
@@ -106,11 +112,11 @@ def write_parity_references(folder: Path, eager, cfg, text_ids: np.ndarray | Non
             if start < 1 or size < 1:
                 continue
             _, state = eager.prefill(ids[:, :start])
-            feed = {"input_ids": ids[:, start:start + size], "position_ids": np.full((ids.shape[0], 1), start, np.int64),
-                    "conv_state": state}
-            logits, new_state = eager.step(feed["input_ids"], feed["position_ids"], state)
+            positions = np.broadcast_to(np.arange(start, start + size, dtype=np.int64), (ids.shape[0], size))
+            feed = {INPUT_IDS: ids[:, start:start + size], POSITION_IDS: positions.copy(), **past_tensors(state)}
+            logits, new_state = eager.step(feed[INPUT_IDS], feed[POSITION_IDS], state)
             step_feeds.append(feed)
-            step_outs.append({"logits": logits, "conv_state_out": new_state})
+            step_outs.append({LOGITS: logits, **present_tensors(new_state)})
     save_feeds(d / "step_inputs.json", step_feeds)
     save_run_results(d / "step_outputs.json", "eager-fp32", step_outs)
     atomic_write_json(d / "feeds.json", {"prefill": names, "step": [n for n in names for _ in range(
@@ -130,12 +136,18 @@ def available_precisions(folder: Path) -> tuple[str, ...]:
 #: parity/feeds.json: the label of every saved feed ("text", "random", …), per graph.
 FEEDS_NAMES = Obj(required={"prefill": List(Str(max_len=100)), "step": List(Str(max_len=100))})
 
-#: The arrays each saved feed and reference must hold, per graph.
-REFERENCE_KEYS = {"prefill": (("input_ids",), ("logits", "conv_state")),
-                  "step": (("input_ids", "position_ids", "conv_state"), ("logits", "conv_state_out"))}
-#: Each array's dtype kinds and rank.
-REFERENCE_ARRAYS = {"input_ids": ("iu", 2), "position_ids": ("iu", 2), "conv_state": ("f", 4),
-                    "conv_state_out": ("f", 4), "logits": ("f", 3)}
+def reference_keys(cfg, graph: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The arrays each saved feed and reference of ``graph`` must hold: the graph's own input and output names."""
+    spec = io_spec(cfg, graph)
+    return tuple(n for n, _, _ in spec["inputs"]), tuple(n for n, _, _ in spec["outputs"])
+
+
+def _array_kind(key: str) -> tuple[str, int]:
+    """A saved array's dtype kinds and rank: ids and positions integer (B, T), logits float (B, T, V), each
+    layer's state float (B, k-1, d)."""
+    if state_layer(key) is not None:
+        return "f", 3
+    return {INPUT_IDS: ("iu", 2), POSITION_IDS: ("iu", 2), LOGITS: ("f", 3)}[key]
 
 
 @dataclass
@@ -162,20 +174,20 @@ class SavedReferences:
         return self.prefill, self.step
 
 
-def _check_references(pdir: Path, saved: SavedFeeds) -> None:
+def _check_references(pdir: Path, saved: SavedFeeds, cfg) -> None:
     """Inputs, reference outputs and labels of one graph agree in number and hold the arrays the check reads."""
     graph, feeds, refs, labels = saved.graph, saved.inputs, saved.outputs, saved.labels
     if not len(feeds) == len(refs) == len(labels):
         raise GamexportError(f"{pdir} holds {len(feeds)} {graph} inputs, {len(refs)} reference outputs and "
                              f"{len(labels)} labels; they must be as many", _REBUILD)
-    need_in, need_out = REFERENCE_KEYS[graph]
+    need_in, need_out = reference_keys(cfg, graph)
     for i, (feed, ref) in enumerate(zip(feeds, refs)):
         for file, have, need in (("inputs", feed, need_in), ("outputs", ref, need_out)):
             where = pdir / f"{graph}_{file}.json"
             for key in need:
                 if key not in have:
                     raise GamexportError(f"{where}: entry {i} has no {key}", _REBUILD)
-                arr, (kind, rank) = have[key], REFERENCE_ARRAYS[key]
+                arr, (kind, rank) = have[key], _array_kind(key)
                 if arr.dtype.kind not in kind or arr.ndim != rank:
                     raise GamexportError(f"{where}: entry {i}'s {key} is a {arr.ndim}-d {arr.dtype} array, expected "
                                          f"{rank}-d {'integer' if kind == 'iu' else 'float'}", _REBUILD)
@@ -204,5 +216,5 @@ def load_references(folder: Path, precisions: tuple[str, ...]) -> SavedReference
                         load_run_results(pdir / f"{graph}_outputs.json"), names[graph])
              for graph in ("prefill", "step")]
     for graph in saved:
-        _check_references(pdir, graph)
+        _check_references(pdir, graph, cfg)
     return SavedReferences(folder, cfg, *saved)
