@@ -138,9 +138,13 @@ def parity_failure(rows: list[dict]) -> str:
     bad = [r for r in gated if not r["passed"]]
     first = bad[0]
     where = next((r["divergence"]["summary"] for r in bad if "summary" in r.get("divergence", {})), None)
-    return (f"{len(bad)} of {len(gated)} gated parity checks failed (first: {first['runtime']} {first['precision']} "
-            f"{first['graph']} on '{first['input']}': "
-            f"{', '.join(first.get('failed_checks', [])) or first.get('error', 'see the report')}"
+    if "rows_equal" in first:   # an onnxruntime-genai bundle's greedy decode (report.json's genai)
+        what = (f"{first['runtime']} {first['precision']} {first['bundle']}/ greedy on '{first['input']}': "
+                f"{first['rows_equal']} of {first['prompts']} prompts token-exact")
+    else:
+        what = (f"{first['runtime']} {first['precision']} {first['graph']} on '{first['input']}': "
+                f"{', '.join(first.get('failed_checks', [])) or first.get('error', 'see the report')}")
+    return (f"{len(bad)} of {len(gated)} gated parity checks failed (first: {what}"
             + (f"; {where}" if where else "") + ")")
 
 

@@ -306,6 +306,36 @@ def test_build_writes_a_bundle_for_every_runnable_precision(tiny_plain, tmp_path
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     for name in ("genai", "genai-fp16", "genai-int8", "genai-int8-dyn", "genai-int4"):
         assert (tmp_path / "out" / name / DECODER_FILE).is_file() and f"{name}/{DECODER_FILE}" in manifest["files"]
+    if available():   # every bundle went through og.Generator: gated, except int8-dyn's per-call scales
+        entries = {e["precision"]: e for e in result.report["genai"]}
+        assert set(entries) == set(PRECISIONS) and all(e["passed"] for e in entries.values())
+        assert {p for p, e in entries.items() if not e["gated"]} == {"int8-dyn"}
+
+
+@needs_genai
+def test_a_bundle_that_disagrees_with_gamexport_fails_the_build(tmp_path, tiny_cfg, tiny_weights, monkeypatch):
+    """The og.Generator rows are gates: a bundle whose greedy tokens differ (planted: the agreement reports a
+    mismatch) fails the build like a parity row, and the failed folder's report names the bundle."""
+    import gamexport.genai_client
+    from gamexport.checkpoint import save_checkpoint
+    from gamexport.errors import ParityError
+    from gamexport.pipeline import BuildOptions, build
+
+    honest = gamexport.genai_client.greedy_agreement
+
+    def differs(*args, **kwargs):
+        result = honest(*args, **kwargs)
+        return {**result, "rows_equal": result["prompts"] - 1, "first_mismatch": {"row": 1, "new_token": 0},
+                "passed": False}
+
+    monkeypatch.setattr(gamexport.genai_client, "greedy_agreement", differs)
+    src = tmp_path / "ckpt"
+    save_checkpoint(src, tiny_cfg, tiny_weights, meta={"trained": False})
+    with pytest.raises(ParityError, match="1 of .* gated parity checks failed"):
+        build(BuildOptions(source=str(src), out=tmp_path / "out", threads=1, latency=False))
+    report = json.loads((tmp_path / "out.failed" / "report.json").read_text())
+    assert [e["bundle"] for e in report["genai"] if not e["passed"]] == ["genai"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_bundle_stage_writes_every_runnable_precision_into_the_manifest(tiny_plain, tiny_cfg, tmp_path):

@@ -51,12 +51,13 @@ def genai_parity(b) -> list[dict]:
 def _reference_runner(b, precision: str):
     """The build's own ONNX Runtime CPU runner of ``precision`` (opened for parity), or a new one (closed by the
     caller when it is not one of the build's)."""
-    from gamexport.targets import open_runner
+    from gamexport.targets import BASELINE, open_runner
 
+    runtime = BASELINE[0]   # ONNX Runtime's CPU provider: what onnxruntime-genai's CPU package runs
     for runner in b.runners:   # the build's timed runners (its structural runs are closed already)
-        if (runner.runtime, runner.precision) == ("onnxruntime-cpu", precision):
+        if (runner.runtime, runner.precision) == (runtime, precision):
             return runner
-    return open_runner("onnxruntime-cpu", precision, b.staging, b.cfg, b.options)
+    return open_runner(runtime, precision, b.staging, b.cfg, b.options)
 
 
 def _bundle_parity(b, precision: str) -> dict:
@@ -77,7 +78,7 @@ def _bundle_parity(b, precision: str) -> dict:
         result = greedy_agreement(model, runner, ids, new_tokens, stops)
     finally:
         model.close()
-        if runner not in b.runners:
+        if all(runner is not kept for kept in b.runners):
             runner.close()
     gated = not record(precision).runtime_scales
     result = {"bundle": bundle, "precision": precision, "runtime": "onnxruntime-genai",

@@ -314,7 +314,8 @@ def commit(b: Build) -> None:
         failed_dir = failed_folder(b.out)
         shutil.rmtree(failed_dir, ignore_errors=True)
         os.replace(b.staging, failed_dir)
-        raise ParityError(f"{parity_failure(b.report['parity'])}; {b.out} was left as it was",
+        checked = b.report["parity"] + [g for g in b.report.get("genai", ()) if "skipped" not in g]
+        raise ParityError(f"{parity_failure(checked)}; {b.out} was left as it was",
                           f"read {failed_dir / REPORT_MD} for the measured differences")
     b.stage("commit", f"moving the finished build into {b.out}")
     replace_dir(b.staging, b.out)
