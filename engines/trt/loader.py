@@ -221,7 +221,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: GAMConfig,
                           "which TensorRT does not build", "build the TensorRT engine from the int8 (Q/DQ) graph")
     if layout.precision(found).contrib_ops:
         raise ConfigError(f"{onnx_path.name} uses {layout.precision(found).contrib_ops}, an ONNX Runtime contrib "
-                          "operator TensorRT does not parse", "build the TensorRT engine from the int8 or a float graph")
+                          "operator TensorRT does not parse",
+                          "build the TensorRT engine from the int8 or a float graph")
     if precision is not None and precision != found:
         raise ConfigError(f"{onnx_path.name} holds a {found} graph, but a {precision} engine was asked for "
                           "(TensorRT networks are strongly typed: the graph decides the precision)",

@@ -46,8 +46,8 @@ def _causal_conv(W: Mapping[str, object], p: str, h: np.ndarray, past: np.ndarra
 
 def plan_forward(cfg: GAMConfig, W: Mapping[str, np.ndarray], x: np.ndarray, position: int, state: np.ndarray | None,
           mm, head: str) -> tuple[np.ndarray, np.ndarray]:
-    """The GAM forward pass the INT8 and INT4 plans share, from the token embeddings ``x`` (B, T, d): LayerNorms, the conv,
-    softmax, the gates, GELU, biases and the residual stream in float64; every weight MatMul through
+    """The GAM forward pass the INT8 and INT4 plans share, from the token embeddings ``x`` (B, T, d): LayerNorms,
+    the conv, softmax, the gates, GELU, biases and the residual stream in float64; every weight MatMul through
     ``mm(activation, layer prefix, input, weight name)`` — the plan's quantization (activation is one of
     ``h``, ``probs``, ``hn``, ``gelu``, ``x_f``). (logits (B, T, V), state (B, L, k-1, d)) as float32."""
     B, T, d = x.shape
