@@ -134,7 +134,7 @@ def test_bundle_layout_without_tokenizer(tiny_bundled, tiny_cfg):
         model, decoder = config["model"], config["model"]["decoder"]
         assert model["type"] == "lfm2" and model["vocab_size"] == tiny_cfg.vocab_size
         assert model["context_length"] == tiny_cfg.max_positions == config["search"]["max_length"]
-        assert model["eos_token_id"] == []  # no tokenizer: no id ends a sequence
+        assert model["eos_token_id"] == model["pad_token_id"] == 0  # no tokenizer: og still stops at an end id, 0
         assert decoder["layer_types"] == ["conv"] * tiny_cfg.n_layers == ["conv"] * decoder["num_hidden_layers"]
         for i in range(tiny_cfg.n_layers):
             assert decoder["inputs"]["past_conv_names"] % i == past_state_name(i)

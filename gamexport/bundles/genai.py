@@ -99,11 +99,12 @@ def convention_problem(step_path: str | Path, cfg: GAMConfig) -> str | None:
 
 def special_tokens(tokenizer) -> dict[str, object]:
     """bos/eos/pad ids for ``genai_config.json``. gamexport's tokenizers have one special document token (also the
-    EOS): it serves as BOS and PAD too, as in GPT-2. Without a tokenizer no id ends a sequence (``eos_token_id``
-    ``[]``: generation runs to ``max_length``) and id 0 pads finished rows."""
+    EOS): it serves as BOS and PAD too, as in GPT-2. Without a tokenizer there is no such token, but
+    onnxruntime-genai always has an end id (with no eos it stops at the pad id, which must be a real id: measured
+    with 0.18.0): id 0 is written as both, so the config says what the client does — generation stops after a 0."""
     eos = tokenizer.eos_id if tokenizer is not None else None
     if eos is None:
-        return {"bos_token_id": 0, "eos_token_id": [], "pad_token_id": 0}
+        return {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gamexport.layout import TOKENIZER, genai_dir
+from gamexport.layout import genai_dir
 from gamexport.parity.references import held_out
 
 #: Prompts compared, their length, and the tokens generated after each (bounded by the model's positions).
@@ -65,17 +65,14 @@ def _bundle_parity(b, precision: str) -> dict:
 
     from gamexport.genai_client import GenaiModel, greedy_agreement
     from gamexport.layout import precision as record
-    from gamexport.tokenizer import Tokenizer
 
     bundle = genai_dir(precision)
     ids, source = prompts(b)
     new_tokens = min(NEW_TOKENS, b.cfg.max_positions - ids.shape[1])
-    tokenizer = Tokenizer.from_file(b.staging / TOKENIZER) if (b.staging / TOKENIZER).is_file() else None
-    stops = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
     runner = _reference_runner(b, precision)
     model = GenaiModel(b.staging / bundle)
-    try:
-        result = greedy_agreement(model, runner, ids, new_tokens, stops)
+    try:   # both stop at the bundle's end id: the tokenizer's eos, or 0 without a tokenizer (bundles.genai)
+        result = greedy_agreement(model, runner, ids, new_tokens, sorted(model.eos_ids))
     finally:
         model.close()
         if all(runner is not kept for kept in b.runners):
