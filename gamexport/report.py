@@ -113,7 +113,12 @@ def _headline(report: dict) -> str:
     from gamexport.parity import Verdict, verdict
 
     counts = report.get("parity_counts")
-    return (Verdict.from_counts(counts) if counts else verdict(report["parity"])).headline()
+    return (Verdict.from_counts(counts) if counts else verdict(checked_rows(report))).headline()
+
+
+def checked_rows(report: dict) -> list[dict]:
+    """What a report's verdict counts: its parity rows and the onnxruntime-genai bundles it ran (``genai``)."""
+    return report["parity"] + [g for g in report.get("genai", ()) if "skipped" not in g]
 
 
 def parity_line(row: dict) -> str:

@@ -308,14 +308,13 @@ def report(b: Build) -> None:
 # ---- commit ---------------------------------------------------------------------------------------------------
 def commit(b: Build) -> None:
     """Move the finished build into ``--out``; a failed one becomes ``OUT.failed`` and the build raises."""
-    from gamexport.report import parity_failure
+    from gamexport.report import checked_rows, parity_failure
 
     if not b.counted.passed:
         failed_dir = failed_folder(b.out)
         shutil.rmtree(failed_dir, ignore_errors=True)
         os.replace(b.staging, failed_dir)
-        checked = b.report["parity"] + [g for g in b.report.get("genai", ()) if "skipped" not in g]
-        raise ParityError(f"{parity_failure(checked)}; {b.out} was left as it was",
+        raise ParityError(f"{parity_failure(checked_rows(b.report))}; {b.out} was left as it was",
                           f"read {failed_dir / REPORT_MD} for the measured differences")
     b.stage("commit", f"moving the finished build into {b.out}")
     replace_dir(b.staging, b.out)
