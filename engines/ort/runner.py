@@ -43,7 +43,13 @@ class OrtRunner(Runner):
         self.precision = precision
         self.provider = provider
         self.runtime = RUNTIMES[provider]
-        self.step_session = load_session(self.step_path, threads, provider, session_config)
+        # An .onnx step graph is parsed once: its external data checked, and (below) its embedding shapes read.
+        parsed = None
+        if self.step_path.suffix == ".onnx" and self.step_path.is_file():
+            from gamexport.graph.checks import check_external_data
+
+            parsed = check_external_data(self.step_path)
+        self.step_session = load_session(self.step_path, threads, provider, session_config, checked=parsed is not None)
         refuse_legacy([t.name for t in self.step_session.get_inputs()], str(self.step_path))
         if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
             from gamexport.graph.builder import check_config_against_graph, config_from_metadata, embedding_shapes
@@ -51,11 +57,10 @@ class OrtRunner(Runner):
             config = config_from_metadata(self.step_session.get_modelmeta().custom_metadata_map, str(self.step_path))
             shapes = {t.name: [d if isinstance(d, int) else None for d in t.shape]
                       for t in [*self.step_session.get_inputs(), *self.step_session.get_outputs()]}
-            if self.step_path.suffix == ".onnx":  # the session hides initializers: the positions are in the file
-                import onnx
-
-                shapes.update(embedding_shapes(onnx.load(str(self.step_path), load_external_data=False)))
+            if parsed is not None:  # the session hides initializers: the positions are in the file
+                shapes.update(embedding_shapes(parsed))
             check_config_against_graph(config, shapes, str(self.step_path))
+        del parsed
         super().__init__(config)
         self.prefill_session = (load_session(self.model_path, threads, provider, session_config) if model_path is not None
                                 else None)

@@ -240,8 +240,9 @@ def check_int8_dynamic_file(path: Path, cfg: GAMConfig) -> None:
                          "this is a gamexport bug; please report it with --debug output")
 
 
-def check_external_data(path: Path) -> None:
-    """Refuse an ONNX file whose external-data entries point outside its own folder (absolute paths, ``..``).
+def check_external_data(path: Path) -> onnx.ModelProto:
+    """Refuse an ONNX file whose external-data entries point outside its own folder (absolute paths, ``..``); the
+    model it read, for callers that need more of it (one parse, not two).
 
     Reads the protobuf without loading external data, so nothing is opened on the file's behalf first.
     """
@@ -263,3 +264,4 @@ def check_external_data(path: Path) -> None:
         if not location or Path(location).is_absolute() or folder not in target.parents:
             raise GraphError(f"{path.name}: tensor {tensor.name!r} reads external data from {location!r}, "
                              f"outside {folder}", "refusing to load it; only use ONNX files you trust")
+    return model
