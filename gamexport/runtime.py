@@ -3,10 +3,10 @@
 A runner holds one model on one backend. Inputs are NumPy arrays: token ids int64 (B, T), position ids int64
 (B, T) — the absolute position of every token, increasing by one along T; ``step`` also takes the first position
 per row, (B, 1) or a scalar — and the streaming state float32 (B, L, k-1, d), packed: the runners unpack it into
-the graphs' per-layer tensors at each session call (``gamexport.state``). The base class checks every input before the backend sees it
-(ONNX Runtime's Gather silently wraps index -1 to the last row), checks every output (a NaN or infinite logit or
-state is refused in one line, never sampled into tokens), and owns ``generate`` so that all runners share one
-sampling loop.
+the graphs' per-layer tensors at each session call (``gamexport.state``). The base class checks every input before
+the backend sees it (ONNX Runtime's Gather silently wraps index -1 to the last row), checks every output (a NaN or
+infinite logit or state is refused in one line, never sampled into tokens), and owns ``generate`` so that all
+runners share one sampling loop.
 """
 
 from __future__ import annotations
@@ -141,6 +141,12 @@ class Runner(abc.ABC):
     def check_ids(self, ids, position_ids: int | np.ndarray = 0) -> np.ndarray:
         """Token ids as int64 (B, T); refuses ids outside [0, V) and positions outside [0, P) (``position_ids``:
         the first position, per row or for all, or every token's position (B, T); see :meth:`positions`)."""
+        arr = self._checked_tokens(ids)
+        self.positions(arr.shape, position_ids)
+        return arr
+
+    def _checked_tokens(self, ids) -> np.ndarray:
+        """Token ids as int64 (B, T), refused in one line outside [0, V) (positions are :meth:`positions`'s)."""
         arr = self._as_array(ids)
         if arr.ndim == 1:
             arr = arr[None, :]
@@ -154,7 +160,6 @@ class Runner(abc.ABC):
             bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
             raise InputError(f"token id {bad} is outside the vocabulary [0, {V})",
                              "encode text with this model's tokenizer")
-        self.positions(arr.shape, position_ids)
         return arr.astype(np.int64, copy=False)
 
     def positions(self, shape: tuple[int, int], position_ids) -> np.ndarray:
@@ -232,8 +237,8 @@ class Runner(abc.ABC):
         first = np.asarray(position_ids)
         if first.ndim < 2 and first.size in (1, batch):
             first = np.broadcast_to(first.reshape(-1, 1), (batch, 1))
-        ids = self.check_ids(ids, first)
-        pos = self.positions(ids.shape, first)
+        ids = self._checked_tokens(ids)
+        pos = self.positions(ids.shape, first)   # checked once: every token's position (B, C)
         c = self.config
         want = (ids.shape[0], c.n_layers, c.state_len, c.d_model)
         state = np.asarray(state, dtype=np.float32)

@@ -28,7 +28,7 @@ CPU provider, or none): this module imports no engine, and runs the weight-round
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -38,6 +38,7 @@ from gamexport import layout
 from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS
 from gamexport.state import packed_past, packed_present, present_tensors
 
+from .metrics import INT4_PLAN, INT8_DYN_PLAN, INT8_PLAN, Tolerance, compare_logits, run_chunks, tolerance
 from .rows import ParityRow
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ class Emulation:
     #: (checkpoint, calibration table or None, INT4 plan or None) → fn(ids, position=0, state=None) ->
     #: (logits, state); None when this build cannot make it (INT8 without a calibration table)
     make: Callable
-    #: () → its gate (a ``parity.metrics.Tolerance``, looked up when used)
-    tolerance: Callable
+    #: its gate
+    tolerance: Tolerance
     #: it describes graphs computed in fp32 only (weight rounding: the CPU provider upcasts half weights)
     fp32_compute: bool = False
 
@@ -119,8 +120,6 @@ def _int8_dynamic_emulation(ckpt, calibration, int4):
 def _int4_emulation(ckpt, calibration, int4):
     """The INT4 plan the build writes (``int4``; ``Int4Plan()`` when None) at accuracy level 0: what the graphs'
     level-0 twin computes."""
-    from dataclasses import replace
-
     from gamexport.graph.emulate_int4 import int4_plan, int4_weights
     from gamexport.graph.int4 import Int4Plan
 
@@ -129,27 +128,17 @@ def _int4_emulation(ckpt, calibration, int4):
     return lambda ids, position=0, state=None: int4_plan(cfg, table, ids, level0, position, state)
 
 
-def _fp32_on_rounded_weights(precision: str) -> Callable:
-    def tol():
-        from dataclasses import replace
-
-        from .metrics import tolerance
-        return replace(tolerance("fp32"), reason=f"must equal fp32 compute on {precision}-rounded weights")
-    return tol
-
-
-def _metrics():
-    from . import metrics
-    return metrics
+def _fp32_on_rounded_weights(precision: str) -> Tolerance:
+    return replace(tolerance("fp32"), reason=f"must equal fp32 compute on {precision}-rounded weights")
 
 
 #: Every emulation reference, in the order the rows are listed.
 EMULATIONS: tuple[Emulation, ...] = (
     *(Emulation(f"emulation-{half}-weights", half, _weights_emulation(half), _fp32_on_rounded_weights(half),
                 fp32_compute=True) for half in layout.HALF_PRECISIONS),
-    Emulation("emulation-int8", "int8", _int8_emulation, lambda: _metrics().INT8_PLAN),
-    Emulation("emulation-int8-dyn", "int8-dyn", _int8_dynamic_emulation, lambda: _metrics().INT8_DYN_PLAN),
-    Emulation("emulation-int4", "int4", _int4_emulation, lambda: _metrics().INT4_PLAN),
+    Emulation("emulation-int8", "int8", _int8_emulation, INT8_PLAN),
+    Emulation("emulation-int8-dyn", "int8-dyn", _int8_dynamic_emulation, INT8_DYN_PLAN),
+    Emulation("emulation-int4", "int4", _int4_emulation, INT4_PLAN),
 )
 BY_NAME = {e.name: e for e in EMULATIONS}
 #: reference name → the precision whose graphs it checks
@@ -166,8 +155,9 @@ def emulators(ckpt, precisions, calibration: Mapping[str, float] | None, int4=No
     return out
 
 
-def write_emulation_references(folder: Path, ckpt, precisions, calibration, int4=None) -> list[str]:
-    """Each emulation's outputs on the saved parity feeds (``DIR/parity/``); the files written, relative."""
+def write_emulation_references(folder: Path, emulate: Mapping[str, Callable], n_layers: int) -> list[str]:
+    """Each emulation of ``emulate`` (:func:`emulators`: the ones the build's rows used) on the saved parity feeds
+    (``DIR/parity/``); the files written, relative."""
     from gamexport.polyjson import load_feeds, save_run_results
 
     from .references import PARITY_DIR
@@ -175,10 +165,9 @@ def write_emulation_references(folder: Path, ckpt, precisions, calibration, int4
     pdir = Path(folder) / PARITY_DIR
     pre, step = load_feeds(pdir / "prefill_inputs.json"), load_feeds(pdir / "step_inputs.json")
     written = []
-    for name, emulate in emulators(ckpt, precisions, calibration, int4).items():
-        pre_out = [_outputs(*emulate(f[INPUT_IDS])) for f in pre]
-        step_out = [_outputs(*emulate(f[INPUT_IDS], int(f[POSITION_IDS][0, 0]), packed_past(f, ckpt.config.n_layers)))
-                    for f in step]
+    for name, fn in emulate.items():
+        pre_out = [_outputs(*fn(f[INPUT_IDS])) for f in pre]
+        step_out = [_outputs(*fn(f[INPUT_IDS], int(f[POSITION_IDS][0, 0]), packed_past(f, n_layers))) for f in step]
         for file, outs in zip(reference_files(name), (pre_out, step_out)):
             save_run_results(pdir / file, name, outs)
             written.append(f"{PARITY_DIR}/{file}")
@@ -211,14 +200,12 @@ def emulate_chunks(fn: Callable, ids: np.ndarray, sizes: list[int]) -> tuple[np.
 def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], emulate: Mapping[str, Callable],
                threads: int | None, progress) -> list[ParityRow]:
     """The build's emulation rows for ``runner``: prefill and chunked step of each input vs each emulation."""
-    from .metrics import compare_logits, run_chunks
-
     rows = []
     for name, fn in emulate.items():
         test = runner.plan_runner(threads) if applicable(name, runner) else None
         if test is None:
             continue
-        tol = BY_NAME[name].tolerance()
+        tol = BY_NAME[name].tolerance
         try:
             for label, ids in inputs.items():
                 progress(f"parity: {runner.runtime} {runner.precision} vs {name} on '{label}' tokens")
@@ -226,8 +213,8 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
                 for graph, (logits, state), artifact, more in (
                         ("prefill", test.prefill(ids), runner.model_path.name, {}),
                         ("step", run_chunks(test, ids, sizes), runner.step_path.name, {"chunks": sizes})):
-                    ref_logits, ref_state = (emulate_chunks(fn, ids, sizes) if graph == "step" and BY_NAME[name].per_call
-                                             else ref)
+                    per_call = graph == "step" and BY_NAME[name].per_call
+                    ref_logits, ref_state = emulate_chunks(fn, ids, sizes) if per_call else ref
                     metrics = compare_logits(ref_logits, logits, tol, states=(ref_state, state))
                     rows.append(ParityRow.of(runner.runtime, graph, artifact, name, label, ids, metrics,
                                              precision=runner.precision, **more))
@@ -244,7 +231,6 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
     from gamexport.manifest import verify
     from gamexport.polyjson import load_run_results
 
-    from .metrics import compare_logits
     from .references import PARITY_DIR
 
     pdir = Path(folder) / PARITY_DIR
@@ -256,7 +242,7 @@ def recheck_rows(folder: Path, runner, feeds: dict, threads: int | None) -> list
         test = runner.plan_runner(threads)
         if test is None:
             continue
-        tol = BY_NAME[name].tolerance()
+        tol = BY_NAME[name].tolerance
         try:
             verify(Path(folder), [f"{PARITY_DIR}/{f}" for f in files])
             for graph, file in zip(("prefill", "step"), files):

@@ -203,16 +203,16 @@ def check_graph(b: Build, name: str) -> dict:
 def bundle(b: Build) -> None:
     """An onnxruntime-genai bundle (``genai/``, ``genai-<precision>/``) for each precision it runs, in the staging
     folder (so the manifest lists its files). A step graph without the per-layer state convention gets none, and
-    the stage says why in one line; the build goes on."""
-    from gamexport.bundles.genai import convention_problem, write_bundle
+    the stage says why in one line (``write_bundle``'s refusal: the graph is read once); the build goes on."""
+    from gamexport.bundles.genai import BundleError, write_bundle
 
     b.stage("bundle", "onnxruntime-genai bundles")
     for precision in (p for p in b.precisions if p in CPU_PRECISIONS):
-        problem = convention_problem(b.staging / graph_file("step", precision), b.cfg)
-        if problem is not None:
-            b.progress(f"genai: no bundle written: {problem}")
+        try:
+            b.bundles.append(write_bundle(b.staging, precision).name)
+        except BundleError as refused:
+            b.progress(f"genai: no bundle written: {refused.message}")
             return
-        b.bundles.append(write_bundle(b.staging, precision).name)
     b.progress(f"genai: {', '.join(f'{name}/' for name in b.bundles)}" if b.bundles else "genai: no precision to bundle")
 
 
@@ -236,8 +236,8 @@ def parity(b: Build) -> None:
     b.eager = open_runner(REFERENCE, "fp32", None, b.cfg, b.options, checkpoint=b.ckpt)
     b.parity, baseline = fp32_parity(b.ckpt, b.eager, fp32_artifacts(b), b.progress, b.text_ids)
     b.runners = [baseline]
-    reference = PrecisionReference.for_build(b.ckpt, b.eager, b.eval_ids,
-                                             emulators(b.ckpt, b.precisions, b.calibration, b.opts.int4))
+    emulate = emulators(b.ckpt, b.precisions, b.calibration, b.opts.int4)
+    reference = PrecisionReference.for_build(b.ckpt, b.eager, b.eval_ids, emulate)
     for runtime, precision in b.plan.pairs:
         if (runtime, precision) != BASELINE:  # checked above, artifact by artifact
             b.runners.append(open_runner(runtime, precision, b.staging, b.cfg, b.options))
@@ -258,7 +258,7 @@ def parity(b: Build) -> None:
         raise NothingCheckedError(b.counted.nothing_checked(), "this is a bug in gamexport (its fp32 rows are "
                                   "always gated): rerun with --debug and report it")
     write_parity_references(b.staging, b.eager, b.cfg, b.text_ids)
-    write_emulation_references(b.staging, b.ckpt, b.precisions, b.calibration, b.opts.int4)
+    write_emulation_references(b.staging, emulate, b.cfg.n_layers)
 
 
 def fp32_artifacts(b: Build) -> dict:
