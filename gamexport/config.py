@@ -243,6 +243,11 @@ def refuse_legacy(names, where: str) -> None:
         raise GraphError(f"{where} was {LEGACY_REFUSAL}")
 
 
+def last_position(logits):
+    """Of a chunk's logits (B, C, V), what a step graph returns: the last position's, (B, 1, V)."""
+    return logits[:, -1:]
+
+
 def io_spec(cfg: GAMConfig, graph: str) -> dict[str, list[tuple[str, str, list[int | str]]]]:
     """Names, element types and shapes (symbolic axes as strings) of a graph's inputs and outputs."""
     state = ["batch", cfg.state_len, cfg.d_model]
@@ -254,5 +259,6 @@ def io_spec(cfg: GAMConfig, graph: str) -> dict[str, list[tuple[str, str, list[i
         return {"inputs": [(INPUT_IDS, "int64", ["batch", "chunk"]),
                            (POSITION_IDS, "int64", ["batch", "chunk"]),
                            *[(name, "float32", state) for name in past_state_names(cfg)]],
-                "outputs": [(LOGITS, "float32", ["batch", "chunk", cfg.vocab_size]), *presents]}
+                # the last position's logits only: a static 1 (onnxruntime-genai reads it as "pruned" logits)
+                "outputs": [(LOGITS, "float32", ["batch", 1, cfg.vocab_size]), *presents]}
     raise ValueError(f"unknown graph kind {graph!r}")

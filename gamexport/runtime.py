@@ -122,7 +122,8 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _step(self, ids: np.ndarray, position_ids: np.ndarray,
               state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (B, C, V) and the new state for a chunk ids (B, C) at positions position_ids (B, C), checked."""
+        """Logits (B, C, V) or (B, 1, V) (the last position's) and the new state for a chunk ids (B, C) at
+        positions position_ids (B, C), checked."""
 
     def close(self) -> None:
         """Release backend resources (sessions, engines)."""
@@ -206,8 +207,10 @@ class Runner(abc.ABC):
         return arr
 
     def check_outputs(self, graph: str, first_position: int | np.ndarray, logits: np.ndarray,
-                      state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, state) unchanged when finite; else NonFiniteError naming the runner, graph and first position.
+                      state: np.ndarray, length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, state) unchanged when finite; else NonFiniteError naming the runner, graph and the position.
+
+        ``length``: the chunk's token count, when the logits may be its last positions only (a step graph's).
 
         One ``np.isfinite`` pass over what the backend returned: negligible next to computing it.
         """
@@ -217,7 +220,9 @@ class Runner(abc.ABC):
         where = np.argwhere(~np.isfinite(arr))[0]
         first = np.asarray(first_position).reshape(-1)
         start = int(first[where[0]] if first.size > 1 else first[0])
-        position = f"position {start + int(where[1])}" if what == "logits" else f"layer {int(where[1])}"
+        # a step graph's logits are the chunk's last position only: index 0 is position start + length - 1
+        offset = int(where[1]) + (length - logits.shape[1] if length else 0)
+        position = f"position {start + offset}" if what == "logits" else f"layer {int(where[1])}"
         kind = "NaN" if np.isnan(arr).any() else "infinite"
         artifact = self.step_path if graph == "step" else self.model_path
         name = f" ({artifact.name})" if artifact is not None else ""
@@ -227,11 +232,14 @@ class Runner(abc.ABC):
                              "is a small positive number, fix the checkpoint, then rebuild")
 
     def prefill(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        return self.check_outputs("prefill", 0, *self._prefill(self.check_ids(ids)))
+        ids = self.check_ids(ids)
+        return self.check_outputs("prefill", 0, *self._prefill(ids), length=ids.shape[1])
 
     def step(self, ids, position_ids, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (B, C, V) and the new state after a chunk; ``position_ids``: every token's position (B, C), or
-        the first position per row (B, 1) or for all rows."""
+        """Logits and the new state after a chunk; ``position_ids``: every token's position (B, C), or the first
+        position per row (B, 1) or for all rows. The logits are (B, 1, V) — the chunk's last position, all that
+        generation samples from — from gamexport's step graphs, and (B, C) from eager PyTorch and step graphs
+        of earlier gamexport versions: ``logits[:, -1]`` is the next token's distribution either way."""
         arr = np.asarray(ids)
         batch = arr.shape[0] if arr.ndim == 2 else 1
         first = np.asarray(position_ids)
@@ -245,7 +253,7 @@ class Runner(abc.ABC):
         if state.shape != want:
             raise InputError(f"the streaming state has shape {state.shape}, expected {want}",
                              "pass the state returned by prefill or the previous step")
-        return self.check_outputs("step", pos[:, :1], *self._step(ids, pos, state))
+        return self.check_outputs("step", pos[:, :1], *self._step(ids, pos, state), length=ids.shape[1])
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  stop_ids: Sequence[int] = ()) -> list[int]:
@@ -261,7 +269,7 @@ class Runner(abc.ABC):
         out: list[int] = []
         if max_new_tokens <= 0:
             return out
-        logits, state = self.check_outputs("prefill", 0, *self._prefill(prompt))
+        logits, state = self.check_outputs("prefill", 0, *self._prefill(prompt), length=prompt.shape[1])
         pos = prompt.shape[1]
         while True:
             token = sampler(logits[0, -1])

@@ -42,7 +42,7 @@ def _run(sess, ids, first=None, state=None):
 
 
 def test_step_graph_io_is_the_ecosystem_convention(graphs, tiny_cfg):
-    """onnxruntime-genai (lfm2), Optimum and transformers.js: per-layer rank-3 conv states, every position."""
+    """onnxruntime-genai (lfm2), Optimum and transformers.js: per-layer rank-3 conv states, every position's id."""
     def io(values):
         return [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
                  onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in values]
@@ -53,7 +53,8 @@ def test_step_graph_io_is_the_ecosystem_convention(graphs, tiny_cfg):
                                     ("position_ids", ["batch", "chunk"], "int64"),
                                     ("past_key_values.0.conv_state", ["batch", k1, d], "float32"),
                                     ("past_key_values.1.conv_state", ["batch", k1, d], "float32")]
-    assert io(step.graph.output) == [("logits", ["batch", "chunk", V], "float32"),
+    # the chunk's last position only, as a static 1: onnxruntime-genai reads that as "pruned" prefill logits
+    assert io(step.graph.output) == [("logits", ["batch", 1, V], "float32"),
                                      ("present.0.conv_state", ["batch", k1, d], "float32"),
                                      ("present.1.conv_state", ["batch", k1, d], "float32")]
     assert io(pre.graph.input) == [("input_ids", ["batch", "sequence"], "int64")]
@@ -70,10 +71,23 @@ def test_step_graph_uses_every_position_as_given(graphs, tiny_cfg, tiny_weights)
     ids = np.random.default_rng(2).integers(0, tiny_cfg.vocab_size, size=(1, 3))
     state = np.zeros((1, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model), np.float32)
     feeds = {INPUT_IDS: ids, **past_tensors(state)}
-    a = step.run(["logits"], {**feeds, POSITION_IDS: np.array([[5, 6, 7]], np.int64)})[0]
-    b = step.run(["logits"], {**feeds, POSITION_IDS: np.array([[5, 6, 9]], np.int64)})[0]
-    np.testing.assert_array_equal(a[:, :2], b[:, :2])
-    assert np.abs(a[:, 2] - b[:, 2]).max() > 1e-3   # the third token's position embedding is row 9's
+    a, b, c = (step.run(["logits"], {**feeds, POSITION_IDS: np.array([p], np.int64)})[0]
+               for p in ([5, 6, 7], [5, 6, 9], [8, 6, 7]))
+    assert np.abs(a - b).max() > 1e-3   # the last token's position embedding is row 9's
+    assert np.abs(a - c).max() > 1e-3   # the first token's reaches the last through the conv
+
+
+def test_step_graph_returns_the_last_position_only(graphs, tiny_cfg):
+    """The head runs on the chunk's last position: a chunk's logits are prefill's last row, at any chunk length
+    (a graph slicing the first position, or none, fails here)."""
+    pre, step = _session(graphs["prefill"]), _session(graphs["step"])
+    ids = np.random.default_rng(4).integers(0, tiny_cfg.vocab_size, size=(2, 9))
+    full, full_state = _run(pre, ids)
+    zero = np.zeros((2, tiny_cfg.n_layers, tiny_cfg.state_len, tiny_cfg.d_model), np.float32)
+    for T in (1, 2, 9):
+        logits, _ = _run(step, ids[:, :T], [0, 0], zero)
+        assert logits.shape == (2, 1, tiny_cfg.vocab_size)
+        np.testing.assert_allclose(logits, full[:, T - 1:T], rtol=0, atol=1e-5)
 
 
 def test_pins_and_checker(graphs, tiny_cfg):
@@ -159,7 +173,7 @@ def test_step_graph_chunks_equal_prefill(graphs, tiny_cfg, n, m):
     else:
         state = _run(pre, ids[:, :n])[1]
     chunk, new_state = _run(step, ids[:, n:m], [n, n], state)
-    np.testing.assert_allclose(chunk, full[:, n:m], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(chunk, full[:, m - 1:m], rtol=0, atol=1e-5)   # the chunk's last position
     np.testing.assert_allclose(new_state, _run(pre, ids[:, :m])[1], rtol=0, atol=1e-5)
 
 
@@ -173,8 +187,8 @@ def test_step_graph_rows_at_different_positions(graphs, tiny_cfg, tiny_weights):
     with torch.no_grad():
         sa = model.prefill(torch.from_numpy(a[None, :na]))[1]
         sb = model.prefill(torch.from_numpy(b[None, :nb]))[1]
-        ra = model.prefill(torch.from_numpy(a[None, :na + 3]))[0][:, na:]
-        rb = model.prefill(torch.from_numpy(b[None, :nb + 3]))[0][:, nb:]
+        ra = model.prefill(torch.from_numpy(a[None, :na + 3]))[0][:, -1:]
+        rb = model.prefill(torch.from_numpy(b[None, :nb + 3]))[0][:, -1:]
     ids = np.stack([a[na:na + 3], b[nb:nb + 3]])
     logits, _ = _run(step, ids, [na, nb], torch.cat([sa, sb]).numpy())
     np.testing.assert_allclose(logits, torch.cat([ra, rb]).numpy(), rtol=0, atol=1e-5)
@@ -300,7 +314,8 @@ def test_int8_step_chunks_equal_int8_prefill(int8_graphs, tiny_cfg, tiny_weights
         logits, state = _run(step, ids[:, pos:pos + size], [pos], state)
         outs.append(logits)
         pos += size
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=0, atol=1e-4)
+    ends = np.cumsum((1, 2, 3, 9, 25)) - 1   # each chunk's last position
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full[:, ends], rtol=0, atol=1e-4)
     np.testing.assert_allclose(state, full_state, rtol=0, atol=1e-5)
     with torch.no_grad():
         exact = build_model(tiny_cfg, tiny_weights).prefill(torch.from_numpy(ids))[0].numpy()

@@ -188,7 +188,9 @@ def test_sequence_batcher_emulation_matches_prefill(repo):
         logits.append(out_logits)
         pos += chunk
     assert pos == ids.shape[1]
-    np.testing.assert_allclose(np.concatenate(logits, axis=1), ref_logits, atol=1e-4, rtol=0)
+    ends = np.cumsum((5, 1, 1, 2, 7, 3, 4)) - 1   # a step request returns its chunk's last position's logits
+    assert all(chunk.shape == (1, 1, 97) for chunk in logits)
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), ref_logits[:, ends], atol=1e-4, rtol=0)
     for s, ref in zip(states, ref_states, strict=True):
         np.testing.assert_allclose(server[s.input_name], ref, atol=1e-5, rtol=0)
 

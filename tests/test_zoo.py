@@ -39,11 +39,11 @@ class Memo:
     def __init__(self, fn):
         self.fn, self.seen, self.calls = fn, {}, 0
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         self.calls += 1
-        key = _key(args)
+        key = _key(args) + tuple(sorted(kwargs.items()))
         if key not in self.seen:
-            self.seen[key] = self.fn(*args)
+            self.seen[key] = self.fn(*args, **kwargs)
         return self.seen[key]
 
 

@@ -33,7 +33,8 @@ class OrtRunner(Runner):
                  threads: int | None = None, precision: str = "fp32", provider: str = "CPUExecutionProvider",
                  session_config: dict[str, str] | None = None):
         """``model_path=None``: step graph only — prefill runs as a chunk from the zero state at position 0
-        (identical by construction), so generation needs one session and one copy of the weights.
+        (identical by construction; its logits are then the last position's only), so generation needs one
+        session, one copy of the weights, and runs the tied head once per prompt.
         ``config=None``: read from the step session's metadata (no second parse of the file).
         ``session_config``: ONNX Runtime session entries (``QDQ_REFERENCE``: run Q/DQ pairs as written)."""
         if provider not in RUNTIMES:

@@ -17,7 +17,8 @@ What the configs say, and why (Triton's docs: ``docs/user_guide/model_configurat
   batches requests of equal length (``ModelInput.allow_ragged_batch`` is false; ragged batching would need a
   graph that takes a flattened ``[-1]`` input, which gamexport does not write). GAM is causal, so a client may
   right-pad to a common length: the logits of the real positions are unchanged, the returned states are those of
-  the padded sequence.
+  the padded sequence. That is why this model keeps every position's logits (scoring, padded batches: a
+  last-position-only graph would return a pad's); a client that generates sends its prompt to ``gam_step``.
 - **step** (``gam_step``): ``sequence_batching`` with one implicit ``state`` per layer: input
   ``past_key_values.{i}.conv_state``, output ``present.{i}.conv_state``, dims ``[k-1, d_model]``,
   ``initial_state { zero_data: true }``. Triton feeds each request of a sequence the states the previous request
@@ -28,6 +29,8 @@ What the configs say, and why (Triton's docs: ``docs/user_guide/model_configurat
   initial state replaces START); the ONNX Runtime backend counts every configured control input as a required
   model input, so listing one would fail the load. ``position_ids`` stays a request input: the client sends the
   position of every token of the chunk (the graph has no position output Triton could carry as a state).
+  A request returns the logits of its chunk's last position only (``logits`` dims ``[1, vocab]``): the prompt
+  sent as the first request runs the tied head once, which is all generation samples from.
   The scheduling strategy is ``oldest`` (sequences batched by the dynamic batcher, more live sequences than
   batch slots) or ``direct``; either way only requests with equal chunk lengths share a batch.
 
@@ -231,7 +234,8 @@ def step_config(name: str, backend: str, inputs: list[Tensor], outputs: list[Ten
         "GAM streaming chunk under the sequence batcher. The server keeps the state: each layer's",
         "past_key_values.{i}.conv_state is fed from the previous request's present.{i}.conv_state of the same",
         "sequence (correlation id), and zeros at the sequence start (= prefill from position 0). Each request:",
-        "one sequence (batch 1), input_ids [chunk >= 1], position_ids [chunk] = the position of every token.",
+        "one sequence (batch 1), input_ids [chunk >= 1], position_ids [chunk] = the position of every token;",
+        "it returns the logits of the chunk's last position only, logits [1, vocab].",
         "Only equal chunk lengths share a batch.",
         *notes])
     lines += _tensors("input", inputs) + _tensors("output", outputs)

@@ -4,7 +4,10 @@ Both share one body: embeddings → L × ``gam.Block`` → final LayerNorm → t
 from a zero state at position 0 and returns each layer's state after its tokens (``present.{i}.conv_state``);
 the step graph takes the position of every token (``position_ids`` [B, T]) and each layer's state after the
 earlier tokens (``past_key_values.{i}.conv_state``) — the names onnxruntime-genai, Optimum and transformers.js
-use for a convolution cache (``gamexport.config.io_spec``). Files are byte-identical for identical inputs.
+use for a convolution cache (``gamexport.config.io_spec``). The prefill graph returns every position's logits
+(scoring, perplexity); the step graph only the chunk's last position's (generation samples from nothing else),
+so a prompt fed to it as one chunk runs the tied head once instead of T times. Files are byte-identical for
+identical inputs.
 """
 
 from __future__ import annotations
@@ -443,6 +446,10 @@ def _int4_head(nodes: list, cfg: GAMConfig, plan: Int4Plan) -> None:
                                   block_size=plan.block_size, accuracy_level=plan.accuracy_level))
 
 
+#: ``Slice``'s end for "to the end of the axis" (INT64_MAX, as the ONNX spec and TensorRT's parser accept).
+LAST_END = 2 ** 63 - 1
+
+
 def _value_info(name: str, dtype: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, _DTYPES[dtype], shape)
 
@@ -505,7 +512,14 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
         past = past_state_name(i) if kind == "step" else "zero_state"                 # (B, k-1, d)
         nodes.append(n("Block", [f"x_{i}", past, *[f"blocks.{i}.{p}" for p in block_params(precision)]],
                        [f"x_{i + 1}", present_state_name(i)], domain=FUNCTION_DOMAIN, name=f"blocks.{i}"))
-    nodes.append(n("LayerNormalization", [f"x_{L}", "ln_f.weight", "ln_f.bias"], ["x_f"], axis=-1,
+    final = f"x_{L}"
+    if kind == "step":   # generation samples from the last position only: the head runs once per chunk
+        nodes.append(_const_i64("last_start", [-1]))
+        nodes.append(_const_i64("last_end", [LAST_END]))
+        nodes.append(_const_i64("token_axis", [1]))
+        nodes.append(n("Slice", [final, "last_start", "last_end", "token_axis"], ["x_last"]))  # (B, 1, d)
+        final = "x_last"
+    nodes.append(n("LayerNormalization", [final, "ln_f.weight", "ln_f.bias"], ["x_f"], axis=-1,
                    epsilon=cfg.ln_eps))
     if int8:  # tied head: the same int8 values as the embedding rows, stored transposed
         nodes.append(helper.make_node("Constant", [], ["int8_zero"],
@@ -521,9 +535,9 @@ def build_graph(cfg: GAMConfig, weights: Mapping[str, np.ndarray], kind: str, so
     if half:
         nodes.append(n("Cast", ["x_f"], ["x_f_h"], to=half))
         nodes.append(n("MatMul", ["x_f_h", "head_t"], ["logits_h"]))
-        nodes.append(n("Cast", ["logits_h"], [LOGITS], to=TensorProto.FLOAT))         # (B, T, V)
+        nodes.append(n("Cast", ["logits_h"], [LOGITS], to=TensorProto.FLOAT))         # (B, T or 1, V)
     elif not int8 and plan is None:
-        nodes.append(n("MatMul", ["x_f", "head_t"], [LOGITS]))                         # (B, T, V)
+        nodes.append(n("MatMul", ["x_f", "head_t"], [LOGITS]))                         # (B, T or 1, V)
 
     spec = io_spec(cfg, kind)
     if int8:

@@ -50,7 +50,8 @@ _NAMES = {"memory_bank.qT": "memory.scores", "memory_bank.q": "memory.read", "ga
 
 
 def int4_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, plan: Int4Plan,
-              position: int = 0, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              position: int = 0, state: np.ndarray | None = None, last_only: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
     """(logits (B, T, V), state (B, L, k-1, d)) of ``ids`` (B, T) from ``position`` after ``state`` (zero when
     None) under the INT4 plan; ``table`` is ``int4_weights(cfg, checkpoint weights, plan)``. The forward pass is
     the INT8 plans' (``emulate_int8.plan_forward``); what differs is each MatMul: the block-quantized weight and,
@@ -61,7 +62,7 @@ def int4_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, 
         return x @ table[p + _NAMES[weight]]
 
     x = table["embedding"][np.asarray(ids, dtype=np.int64)]
-    return plan_forward(cfg, table, x, position, state, mm, head="head")
+    return plan_forward(cfg, table, x, position, state, mm, head="head", last_only=last_only)
 
 
 # ---- the gate ---------------------------------------------------------------------------------------------------

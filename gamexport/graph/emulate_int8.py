@@ -45,11 +45,13 @@ def _causal_conv(W: Mapping[str, object], p: str, h: np.ndarray, past: np.ndarra
 
 
 def plan_forward(cfg: GAMConfig, W: Mapping[str, np.ndarray], x: np.ndarray, position: int, state: np.ndarray | None,
-          mm, head: str) -> tuple[np.ndarray, np.ndarray]:
+                 mm, head: str, last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The GAM forward pass the INT8 and INT4 plans share, from the token embeddings ``x`` (B, T, d): LayerNorms,
     the conv, softmax, the gates, GELU, biases and the residual stream in float64; every weight MatMul through
     ``mm(activation, layer prefix, input, weight name)`` — the plan's quantization (activation is one of
-    ``h``, ``probs``, ``hn``, ``gelu``, ``x_f``). (logits (B, T, V), state (B, L, k-1, d)) as float32."""
+    ``h``, ``probs``, ``hn``, ``gelu``, ``x_f``). (logits (B, T, V), state (B, L, k-1, d)) as float32;
+    ``last_only``: the head on the last position only, (B, 1, V), as a step graph computes it (a run-time
+    activation scale of the head's input then comes from that position alone)."""
     B, T, d = x.shape
     eps = cfg.ln_eps
     x = x + W["pos_embedding.weight"][position + np.arange(T)][None]
@@ -69,13 +71,13 @@ def plan_forward(cfg: GAMConfig, W: Mapping[str, np.ndarray], x: np.ndarray, pos
         u = mm("hn", p, hn, "ffn.0.weight.qT") + W[p + "ffn.0.bias"]
         a = 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)))
         x = x + mm("gelu", p, a, "ffn.2.weight.qT") + W[p + "ffn.2.bias"]
-    xf = _layer_norm(x, W["ln_f.weight"], W["ln_f.bias"], eps)
+    xf = _layer_norm(x[:, -1:] if last_only else x, W["ln_f.weight"], W["ln_f.bias"], eps)
     logits = mm("x_f", "", xf, head)
     return logits.astype(np.float32), np.stack(presents, axis=1).astype(np.float32)
 
 
 def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, position: int = 0,
-              state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              state: np.ndarray | None = None, last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(logits (B, T, V), state (B, L, k-1, d)) of ``ids`` (B, T) starting at ``position`` after ``state`` (the
     zero state when None) under the INT8 plan; ``table`` is ``builder.int8_initializers(cfg, weights, calib)``."""
     W = {k: (np.asarray(v, dtype=np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v))
@@ -91,7 +93,7 @@ def int8_plan(cfg: GAMConfig, table: Mapping[str, np.ndarray], ids: np.ndarray, 
             return v @ _deq(W, p + weight)
         name = "act.x_f.scale" if act == "x_f" else p + scale[act]
         return _fake_quant(v, float(W[name])) @ _deq(W, p + weight)
-    return plan_forward(cfg, W, x, position, state, mm, head=emb + ".qT")
+    return plan_forward(cfg, W, x, position, state, mm, head=emb + ".qT", last_only=last_only)
 
 
 # ---- dynamic INT8: what ONNX Runtime's quantize_dynamic makes of the fp32 graph --------------------------------
@@ -143,7 +145,7 @@ def int8_dynamic_weights(cfg: GAMConfig, weights: Mapping[str, np.ndarray]) -> d
 
 
 def int8_dynamic_plan(cfg: GAMConfig, W: Mapping[str, object], ids: np.ndarray, position: int = 0,
-                      state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      state: np.ndarray | None = None, last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(logits (B, T, V), state (B, L, k-1, d)) of one call of the int8-dyn graph on ``ids`` (B, T) from
     ``position`` after ``state``; ``W`` is :func:`int8_dynamic_weights`. Every activation that feeds a weight
     MatMul is quantized over this call's whole tensor, as the graph does at run time — so a step graph fed in
@@ -153,4 +155,4 @@ def int8_dynamic_plan(cfg: GAMConfig, W: Mapping[str, object], ids: np.ndarray, 
 
     def mm(act: str, p: str, v: np.ndarray, weight: str) -> np.ndarray:   # every input quantized per call
         return _dyn_matmul(v, W[p + weight])
-    return plan_forward(cfg, W, x, position, state, mm, head="head.qT")
+    return plan_forward(cfg, W, x, position, state, mm, head="head.qT", last_only=last_only)

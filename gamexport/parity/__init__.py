@@ -12,9 +12,9 @@ Importing this package loads the metrics only (NumPy): the names below are re-ex
 """
 
 from .metrics import (CALIBRATED, CALIBRATION_NOTE, CALIBRATION_TEXT, INT8_DYN_PLAN, INT8_PLAN, TOLERANCES, Tolerance, Verdict,
-                      chunk_plan, compare_logits, compare_state, informational_reason, mark_calibration_scored,
+                      chunk_ends, chunk_plan, chunked_targets, compare_logits, compare_state, informational_reason, mark_calibration_scored,
                       parity_inputs, perplexity, run_chunks, tolerance, verdict)
 
 __all__ = ["CALIBRATED", "CALIBRATION_NOTE", "CALIBRATION_TEXT", "INT8_DYN_PLAN", "INT8_PLAN", "TOLERANCES", "Tolerance", "Verdict",
-           "chunk_plan", "compare_logits", "compare_state", "informational_reason", "mark_calibration_scored",
+           "chunk_ends", "chunk_plan", "chunked_targets", "compare_logits", "compare_state", "informational_reason", "mark_calibration_scored",
            "parity_inputs", "perplexity", "run_chunks", "tolerance", "verdict"]

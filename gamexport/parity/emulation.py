@@ -35,10 +35,11 @@ from typing import Callable, Mapping
 import numpy as np
 
 from gamexport import layout
-from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS
+from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS, last_position
 from gamexport.state import packed_past, packed_present, present_tensors
 
-from .metrics import INT4_PLAN, INT8_DYN_PLAN, INT8_PLAN, Tolerance, compare_logits, run_chunks, tolerance
+from .metrics import (INT4_PLAN, INT8_DYN_PLAN, INT8_PLAN, Tolerance, chunk_ends, compare_logits, run_chunks,
+                      tolerance)
 from .rows import ParityRow
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ class Emulation:
 
     name: str
     precision: str
-    #: (checkpoint, calibration table or None, INT4 plan or None) → fn(ids, position=0, state=None) ->
-    #: (logits, state); None when this build cannot make it (INT8 without a calibration table)
+    #: (checkpoint, calibration table or None, INT4 plan or None) → fn(ids, position=0, state=None,
+    #: last_only=False) -> (logits, state) (``last_only``: the last position's logits, as a step graph returns
+    #: them); None when this build cannot make it (INT8 without a calibration table)
     make: Callable
     #: its gate
     tolerance: Tolerance
@@ -85,7 +87,7 @@ def rounded_weights(cfg, weights: Mapping[str, np.ndarray], precision: str) -> C
 
     model = build_model(cfg, round_weights(weights, precision))
 
-    def run(ids, position=0, state=None):
+    def run(ids, position=0, state=None, last_only=False):
         ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         with torch.inference_mode():
             if state is None:
@@ -93,7 +95,7 @@ def rounded_weights(cfg, weights: Mapping[str, np.ndarray], precision: str) -> C
             else:
                 positions = torch.full((ids.shape[0], 1), position, dtype=torch.int64)
                 logits, new_state = model.step(ids, positions, torch.from_numpy(np.asarray(state, dtype=np.float32)))
-        return logits.numpy(), new_state.numpy()
+        return (last_position(logits) if last_only else logits).numpy(), new_state.numpy()
     return run
 
 
@@ -107,14 +109,16 @@ def _int8_emulation(ckpt, calibration, int4):
     if calibration is None:
         return None
     cfg, table = ckpt.config, int8_table(ckpt.config, ckpt.weights, calibration)
-    return lambda ids, position=0, state=None: int8_plan(cfg, table, ids, position, state)
+    return lambda ids, position=0, state=None, last_only=False: int8_plan(cfg, table, ids, position, state,
+                                                                          last_only)
 
 
 def _int8_dynamic_emulation(ckpt, calibration, int4):
     from gamexport.graph.emulate_int8 import int8_dynamic_plan, int8_dynamic_weights
 
     cfg, dyn = ckpt.config, int8_dynamic_weights(ckpt.config, ckpt.weights)
-    return lambda ids, position=0, state=None: int8_dynamic_plan(cfg, dyn, ids, position, state)
+    return lambda ids, position=0, state=None, last_only=False: int8_dynamic_plan(cfg, dyn, ids, position, state,
+                                                                                  last_only)
 
 
 def _int4_emulation(ckpt, calibration, int4):
@@ -125,7 +129,8 @@ def _int4_emulation(ckpt, calibration, int4):
 
     cfg, plan = ckpt.config, int4 or Int4Plan()
     table, level0 = int4_weights(cfg, ckpt.weights, plan), replace(plan, accuracy_level=0)
-    return lambda ids, position=0, state=None: int4_plan(cfg, table, ids, level0, position, state)
+    return lambda ids, position=0, state=None, last_only=False: int4_plan(cfg, table, ids, level0, position, state,
+                                                                          last_only)
 
 
 def _fp32_on_rounded_weights(precision: str) -> Tolerance:
@@ -167,7 +172,8 @@ def write_emulation_references(folder: Path, emulate: Mapping[str, Callable], n_
     written = []
     for name, fn in emulate.items():
         pre_out = [_outputs(*fn(f[INPUT_IDS])) for f in pre]
-        step_out = [_outputs(*fn(f[INPUT_IDS], int(f[POSITION_IDS][0, 0]), packed_past(f, n_layers))) for f in step]
+        step_out = [_outputs(*fn(f[INPUT_IDS], int(f[POSITION_IDS][0, 0]), packed_past(f, n_layers), last_only=True))
+                    for f in step]
         for file, outs in zip(reference_files(name), (pre_out, step_out)):
             save_run_results(pdir / file, name, outs)
             written.append(f"{PARITY_DIR}/{file}")
@@ -188,10 +194,10 @@ def applicable(name: str, runner) -> bool:
 
 def emulate_chunks(fn: Callable, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """An emulation fed ``ids`` call by call in chunks of ``sizes`` from the zero state, as ``run_chunks`` feeds a
-    step graph; the concatenated logits and the last state."""
+    step graph; the logits of each chunk's last position and the last state."""
     state, pos, outs = None, 0, []
     for size in sizes:
-        logits, state = fn(ids[:, pos:pos + size], pos, state)
+        logits, state = fn(ids[:, pos:pos + size], pos, state, last_only=True)   # as a step graph returns
         outs.append(logits)
         pos += size
     return np.concatenate(outs, axis=1), state
@@ -215,6 +221,8 @@ def build_rows(ckpt, runner, inputs: dict[str, np.ndarray], sizes: list[int], em
                         ("step", run_chunks(test, ids, sizes), runner.step_path.name, {"chunks": sizes})):
                     per_call = graph == "step" and BY_NAME[name].per_call
                     ref_logits, ref_state = emulate_chunks(fn, ids, sizes) if per_call else ref
+                    if graph == "step" and not per_call:   # the step rows hold the chunks' last positions
+                        ref_logits = ref_logits[:, chunk_ends(sizes)]
                     metrics = compare_logits(ref_logits, logits, tol, states=(ref_state, state))
                     rows.append(ParityRow.of(runner.runtime, graph, artifact, name, label, ids, metrics,
                                              precision=runner.precision, **more))

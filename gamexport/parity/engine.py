@@ -28,7 +28,7 @@ from gamexport.config import POSITION_IDS
 from gamexport.layout import HALF_PRECISIONS, RUNTIME_SCALED_PRECISIONS
 from gamexport.state import packed_past, packed_present
 
-from .metrics import (CALIBRATION_TEXT, chunk_plan, compare_logits, mark_calibration_scored, parity_inputs,
+from .metrics import (CALIBRATION_TEXT, chunk_ends, chunk_plan, chunked_targets, compare_logits, mark_calibration_scored, parity_inputs,
                       run_chunks, tolerance)
 from .references import SavedReferences
 from .rows import ParityRow
@@ -109,7 +109,8 @@ def eager_rows(ckpt, ref: EagerReference, progress: Progress) -> list[ParityRow]
     ref_logits, ref_state = ref.prefill("random", random)
     logits, state = run_chunks(eager, random, ref.sizes)
     rows.append(ParityRow.of("eager", "step", "gamexport.model (PyTorch)", "eager-fp32", "random", random,
-                             compare_logits(ref_logits, logits, tol, states=(ref_state, state)), chunks=ref.sizes))
+                             compare_logits(ref_logits[:, chunk_ends(ref.sizes)], logits, tol,
+                                            states=(ref_state, state)), chunks=ref.sizes))
     return rows
 
 
@@ -155,8 +156,8 @@ def _eager_rows(runner, ref: EagerReference, progress: Progress) -> list[ParityR
                                  compare_logits(ref_logits, logits, tol, states=(ref_state, state))))
         logits, state = run_chunks(runner, ids, ref.sizes)
         rows.append(ParityRow.of(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
-                                 compare_logits(ref_logits, logits, tol, states=(ref_state, state)),
-                                 chunks=ref.sizes))
+                                 compare_logits(ref_logits[:, chunk_ends(ref.sizes)], logits, tol,
+                                                states=(ref_state, state)), chunks=ref.sizes))
     for name, ids in ref.prefill_only.items():
         progress(f"parity: {runner.runtime} prefill at batch {ids.shape[0]}")
         ref_logits, ref_state = ref.eager.prefill(ids)
@@ -242,10 +243,15 @@ def _gated_rows(runner, ref: PrecisionReference, name: str, ids: np.ndarray, lab
             progress(f"parity: {runner.runtime} {p} fails on '{name}'; {where.get('summary', where.get('error'))}")
     rows.append(ParityRow.of(runner.runtime, "prefill", runner.model_path.name, "eager-fp32", name, ids, metrics,
                              precision=p, **labels))
-    step_logits, step_state = run_chunks(runner, ids, ref.sizes)
+    step_logits, step_state = run_chunks(runner, ids, ref.sizes)   # at the chunks' last positions
+    ends = chunk_ends(ref.sizes)
+    step_targets = None
+    if targets is not None:  # perplexity over the chunk ends that have a next token
+        ends, step_targets = chunked_targets(ids, ref.sizes)
     rows.append(ParityRow.of(runner.runtime, "step", runner.step_path.name, "eager-fp32", name, ids,
-                             compare_logits(cut(ref_logits), cut(step_logits), tolerance(p), targets,
-                                            states=(ref_state, step_state)), precision=p, chunks=ref.sizes, **labels))
+                             compare_logits(ref_logits[:, ends], step_logits[:, :len(ends)], tolerance(p),
+                                            step_targets, states=(ref_state, step_state)),
+                             precision=p, chunks=ref.sizes, **labels))
     return logits, step_logits
 
 
@@ -256,10 +262,12 @@ def _half_plan_rows(runner, ref: PrecisionReference, ids: np.ndarray, prefill: n
 
     p = runner.precision
     plan, fp32_compute = half_plan_references(ref.ckpt.weights, ref.ckpt.config, ids, p, device)
+    every, ends = slice(None), chunk_ends(ref.sizes)   # the step logits are the chunks' last positions
     return [ParityRow.of(runner.runtime, graph, artifact, f"emulation-{p}", "random", ids,
-                         half_plan_metrics(test, plan, fp32_compute, p), precision=p, **more, **labels)
-            for graph, artifact, test, more in (("prefill", runner.model_path.name, prefill, {}),
-                                                ("step", runner.step_path.name, step, {"chunks": ref.sizes}))]
+                         half_plan_metrics(test, plan[:, at], fp32_compute[:, at], p), precision=p, **more, **labels)
+            for graph, artifact, test, at, more in (("prefill", runner.model_path.name, prefill, every, {}),
+                                                    ("step", runner.step_path.name, step, ends,
+                                                     {"chunks": ref.sizes}))]
 
 
 def _cuda_graph_notes(runner, rows: list[ParityRow]) -> None:
@@ -349,9 +357,10 @@ def _chunked_text_row(runner, prefill_row: ParityRow, ids: np.ndarray, ref_logit
     reference, under the perplexity gate: as the build gates INT8 step graphs (a saved step feed is too short for
     a perplexity)."""
     sizes = chunk_plan(ids.shape[1], kernel_size)
-    logits, _ = run_chunks(runner, ids, sizes)
+    logits, _ = run_chunks(runner, ids, sizes)   # at the chunks' last positions
+    ends, targets = chunked_targets(ids, sizes)
     row = ParityRow.of(runner.runtime, "step", _artifact(runner, "step"), prefill_row.reference, prefill_row.input,
-                       ids, compare_logits(ref_logits[:, :-1], logits[:, :-1], tol, ids[:, 1:]),
+                       ids, compare_logits(ref_logits[:, ends], logits[:, :len(ends)], tol, targets),
                        precision=runner.precision, chunks=sizes)
     if row.precision in RUNTIME_SCALED_PRECISIONS:
         # Dynamic quantization picks its activation scales per call, so 1-token chunks quantize differently from

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gamexport.config import last_position
 from gamexport.layout import CALIBRATED_PRECISIONS, RUNTIME_SCALED_PRECISIONS
 
 if TYPE_CHECKING:
@@ -268,15 +269,33 @@ def chunk_plan(length: int, kernel_size: int) -> list[int]:
     return sizes
 
 
+def chunk_ends(sizes: list[int]) -> np.ndarray:
+    """The position of each chunk's last token: where a step graph returns logits (its last position only)."""
+    return np.cumsum(sizes) - 1
+
+
 def run_chunks(runner, ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Feed ``ids`` through ``runner.step`` in chunks of ``sizes`` from the zero state; concatenated logits."""
+    """Feed ``ids`` through ``runner.step`` in chunks of ``sizes`` from the zero state: the logits of every
+    chunk's last position (B, len(sizes), V), at :func:`chunk_ends`, and the final state.
+
+    A step graph returns only those (what generation samples from); a runner that returns every position of a
+    chunk (eager PyTorch) is read at the same positions, so every step row compares like with like. Positions
+    inside a chunk still reach the comparison: through the chunk's last position (the conv reads the two before
+    it) and the state."""
     state = runner.empty_state(ids.shape[0])
     pos, outs = 0, []
     for size in sizes:
         logits, state = runner.step(ids[:, pos:pos + size], np.full((ids.shape[0], 1), pos, np.int64), state)
-        outs.append(logits)
+        outs.append(last_position(logits))
         pos += size
     return np.concatenate(outs, axis=1), state
+
+
+def chunked_targets(ids: np.ndarray, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """For a perplexity over chunked step logits: the chunk ends that have a next token, and those tokens."""
+    ends = chunk_ends(sizes)
+    ends = ends[ends < ids.shape[1] - 1]
+    return ends, ids[:, ends + 1]
 
 
 # ---- the verdict of a set of rows -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS, io_spec, state_layer
+from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS, io_spec, last_position, state_layer
 from gamexport.errors import GamexportError
 from gamexport.jsonfile import List, Obj, Str
 
@@ -116,7 +116,7 @@ def write_parity_references(folder: Path, eager, cfg, text_ids: np.ndarray | Non
             feed = {INPUT_IDS: ids[:, start:start + size], POSITION_IDS: positions.copy(), **past_tensors(state)}
             logits, new_state = eager.step(feed[INPUT_IDS], feed[POSITION_IDS], state)
             step_feeds.append(feed)
-            step_outs.append({LOGITS: logits, **present_tensors(new_state)})
+            step_outs.append({LOGITS: last_position(logits), **present_tensors(new_state)})  # as the graph returns
     save_feeds(d / "step_inputs.json", step_feeds)
     save_run_results(d / "step_outputs.json", "eager-fp32", step_outs)
     atomic_write_json(d / "feeds.json", {"prefill": names, "step": [n for n in names for _ in range(
@@ -191,7 +191,9 @@ def _check_references(pdir: Path, saved: SavedFeeds, cfg) -> None:
                 if arr.dtype.kind not in kind or arr.ndim != rank:
                     raise GamexportError(f"{where}: entry {i}'s {key} is a {arr.ndim}-d {arr.dtype} array, expected "
                                          f"{rank}-d {'integer' if kind == 'iu' else 'float'}", _REBUILD)
-        if ref["logits"].shape[:2] != feed["input_ids"].shape:
+        T = feed["input_ids"].shape[1]   # a step graph's logits: the chunk's last position (T in older folders)
+        if ref["logits"].shape[:2] != (feed["input_ids"].shape[0], 1 if graph == "step" and T > 1 else T) \
+                and ref["logits"].shape[:2] != feed["input_ids"].shape:
             raise GamexportError(f"{pdir / f'{graph}_outputs.json'}: entry {i}'s logits {ref['logits'].shape} do "
                                  f"not match its input_ids {feed['input_ids'].shape}", _REBUILD)
 
