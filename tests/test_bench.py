@@ -47,9 +47,9 @@ def quick(tmp_path_factory) -> tuple[Path, dict, object]:
     return out, json.loads((out / "bench.json").read_text()), result
 
 
-def _find_row(bench: dict, mode: str, runtime: str, batch: int, seq_len: int) -> dict:
+def _find_row(bench: dict, mode: str, runtime: str, batch: int, seq_len: int, head: str | None = None) -> dict:
     return next(r for r in bench[mode] if r["runtime"] == runtime and r["precision"] == "fp32"
-                and r["batch"] == batch and r["seq_len"] == seq_len)
+                and r["batch"] == batch and r["seq_len"] == seq_len and r.get("head_positions") == head)
 
 
 def _positive(value) -> bool:
@@ -122,7 +122,8 @@ def test_bench_json_structure(quick):
     pairs = {(r["runtime"], r["precision"]) for r in bench["prefill"]}
     assert pairs == {("eager", "fp32"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "fp16"),
                      ("onnxruntime-cpu", "int8"), ("onnxruntime-cpu", "int8-dyn"), ("onnxruntime-cpu", "int4")}
-    assert {(r["batch"], r["seq_len"]) for r in bench["prefill"]} == {(1, 64), (8, 64)}
+    assert {(r["batch"], r["seq_len"], r["head_positions"]) for r in bench["prefill"]} == {
+        (1, 64, "all"), (8, 64, "all"), (1, 64, "last")}   # "last": prefill for generation, through the step call
     assert {r["batch"] for r in bench["decode"]} == {1, 8, 32}
     assert {r["runtime"] for r in bench["skipped"]} >= {"eager-compile", "onnxruntime-cuda", "tensorrt"}
     assert all(r["reason"] for r in bench["skipped"])
@@ -132,7 +133,8 @@ def test_bench_json_structure(quick):
             assert _positive(row[key]), (row["runtime"], row["precision"], key, row[key])
         assert isinstance(row["noisy"], bool) and row["threads"] == 1
         assert row["fraction"] == pytest.approx(row["achieved"] / row["limit_value"])
-        eager = _find_row(bench, row["mode"], "eager", row["batch"], row["seq_len"])   # timed in this run
+        eager = _find_row(bench, row["mode"], "eager", row["batch"], row["seq_len"],
+                          row.get("head_positions"))   # timed in this run, the same kind of row
         assert row["vs_eager"] == pytest.approx(eager["p50_ms"] / row["p50_ms"]) and "vs_eager_compile" not in row
         limit = {"compute": lim["compute_by_precision"].get(row["precision"], lim["compute"])["gflops"],
                  "batched": lim["batched_by_precision"][row["precision"]]["gflops"]}.get(row["limit"])
@@ -147,8 +149,15 @@ def test_bench_json_structure(quick):
     row = next(r for r in bench["prefill"] if r["runtime"] == "onnxruntime-cpu" and r["precision"] == "fp32"
                and r["batch"] == 1)
     flops = row["batch"] * row["seq_len"] * bench["flops_per_token"]["total"]
-    assert row["flops"] == flops
+    assert row["flops"] == flops and row["head_positions"] == "all"
     assert row["fraction"] == pytest.approx(flops / (row["p50_ms"] / 1e3) / 1e9 / lim["compute"]["gflops"])
+    # Prefill for generation counts the useful FLOPs: every position's blocks, the tied head once (2·V·d).
+    gen = _find_row(bench, "prefill", "onnxruntime-cpu", 1, 64, "last")
+    per = bench["flops_per_token"]
+    cfg_v, cfg_d = bench["config"]["vocab_size"], bench["config"]["d_model"]
+    assert gen["flops"] == 64 * (per["total"] - per["head"]) + 2 * cfg_v * cfg_d
+    assert gen["head_computed"] == "last" and gen["graph"] == "step"   # the step graph computes no more
+    assert _find_row(bench, "prefill", "eager", 1, 64, "last")["head_computed"] == "all"
     row = next(r for r in bench["decode"] if r["runtime"] == "onnxruntime-cpu" and r["precision"] == "fp32"
                and r["batch"] == 1)
     roofline = lim["bandwidth"]["gbps"] * 1e9 / bench["weight_bytes_per_step"]["fp32"]
@@ -164,14 +173,15 @@ def test_bench_json_structure(quick):
     assert sc["summary"]["transformer_over_gam"]
 
     ce = bench["ceilings"]  # the weight MatMuls alone: what the kernels allow before any graph overhead
-    assert {(r["precision"], r["M"]) for r in ce["rows"]} == {(k, M) for k in ("fp32", "int8") for M in (1, 64)}
+    # M: a decode step, a batched (B = 32) decode step, the prefills (64 and 256, capped at the tiny P = 64)
+    assert {(r["precision"], r["M"]) for r in ce["rows"]} == {(k, M) for k in ("fp32", "int8") for M in (1, 32, 64)}
+    assert {r["limit"] for r in ce["rows"] if r["M"] == 32} == {"batched"}   # as batched decode is scored
     t = {(r["precision"], r["M"]): r["p50_ms"] for r in ce["rows"]}
     assert all(_positive(v) for v in t.values())
     step_bytes = bench["weight_bytes_per_step"]["fp32"]
     assert ce["fp32_decode_fraction"] == pytest.approx(step_bytes / (lim["bandwidth"]["gbps"] * 1e9) * 1e3
                                                        / t[("fp32", 1)])
-    assert ce["int8_speedup"] == pytest.approx({"1": t[("fp32", 1)] / t[("int8", 1)],
-                                                "64": t[("fp32", 64)] / t[("int8", 64)]})
+    assert ce["int8_speedup"] == pytest.approx({str(M): t[("fp32", M)] / t[("int8", M)] for M in (1, 32, 64)})
 
     # The tiny preset has no 8-head Transformer within ±5 % of its parameters: skipped, with the reason.
     assert bench["training"] is None

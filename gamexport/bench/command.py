@@ -139,7 +139,8 @@ def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: l
                     ceilings: dict | None) -> None:
     """Recompute every row's limit and fraction against ``limits`` (the run's final limits)."""
     for row in prefill:
-        row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits, row["precision"]))
+        row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits, row["precision"],
+                                         row["head_positions"]))
     for row in decode:
         row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits) if row["batch"] == 1 else
                    batched_against_limit(cfg, row["batch"], row["p50_ms"], limits, row["precision"]))
@@ -153,7 +154,7 @@ def add_speedups(rows: list[dict]) -> None:
     """Each row's speed-up over eager PyTorch and over torch.compile at the same mode, batch and length, measured
     in this run (``vs_eager``, ``vs_eager_compile``; absent where that baseline was not timed)."""
     def key(row):
-        return row["mode"], row["batch"], row["seq_len"]
+        return row["mode"], row["batch"], row["seq_len"], row.get("head_positions")
 
     for baseline, field in (("eager", "vs_eager"), ("eager-compile", "vs_eager_compile")):
         base = {key(r): r["p50_ms"] for r in rows if r["runtime"] == baseline and r["precision"] == "fp32"}

@@ -28,6 +28,15 @@ def flops_per_token(cfg: GAMConfig) -> dict[str, int]:
     return {**terms, "total": sum(terms.values())}
 
 
+def prefill_flops(cfg: GAMConfig, batch: int, seq_len: int, head_positions: str = "all") -> int:
+    """FLOPs of a prefill of ``batch`` × ``seq_len`` tokens: every position's blocks, and the tied head at every
+    position (``head_positions`` "all": the prefill graph, scoring) or at the last one only ("last": what
+    generation needs — the step graph fed the prompt as one chunk; the useful FLOPs whatever a runtime computes)."""
+    per = flops_per_token(cfg)
+    heads = seq_len if head_positions == "all" else 1
+    return batch * (seq_len * (per["total"] - per["head"]) + heads * per["head"])
+
+
 def gam_block_flops(T: int, d: int = SCALING_D, slots: int = SCALING_SLOTS, kernel: int = SCALING_KERNEL) -> int:
     """Forward FLOPs of one GAM block over T tokens: T·(4·S·d + 20·d² + 2·k·d)."""
     return T * (4 * slots * d + 20 * d * d + 2 * kernel * d)

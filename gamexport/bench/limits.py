@@ -27,7 +27,7 @@ names the row.
 from __future__ import annotations
 
 from gamexport.bench import kernels
-from gamexport.bench.flops import flops_per_token, weight_bytes_per_step
+from gamexport.bench.flops import flops_per_token, prefill_flops, weight_bytes_per_step
 from gamexport.bench.settings import BATCHED_M, COMPUTE_SHAPE, Effort, Progress
 from gamexport.config import GAMConfig
 from gamexport.layout import QUANTIZED_PRECISIONS
@@ -220,10 +220,11 @@ def fraction(achieved: float, limit: float) -> float:
 
 
 def prefill_against_limit(cfg: GAMConfig, batch: int, seq_len: int, p50_ms: float, limits: dict,
-                          precision: str = "fp32") -> dict:
+                          precision: str = "fp32", head_positions: str = "all") -> dict:
     """A prefill timing as achieved GFLOP/s and its fraction of the compute limit of its precision
-    (``limits.compute_by_precision``: an INT8 precision's includes its integer GEMM; the fp32 one otherwise)."""
-    flops = batch * seq_len * flops_per_token(cfg)["total"]
+    (``limits.compute_by_precision``: an INT8 precision's includes its integer GEMM; the fp32 one otherwise);
+    FLOPs as :func:`gamexport.bench.flops.prefill_flops` counts them for ``head_positions``."""
+    flops = prefill_flops(cfg, batch, seq_len, head_positions)
     achieved = flops / (p50_ms / 1e3) / 1e9
     limit = (limits.get("compute_by_precision") or {}).get(precision, limits["compute"])["gflops"]
     return {"flops": flops, "achieved": achieved, "unit": "GFLOP/s", "limit": "compute", "limit_value": limit,
@@ -261,7 +262,12 @@ def row_label(r: dict) -> str:
         return f"training {r['model']} B{r['batch']}×{r['T']}"
     if "block" in r:
         return f"scaling {r['block']} {r['mode']} T{r['T']}"
-    return f"{r['runtime']} {r['precision']} {r['mode']} B{r['batch']}×{r['seq_len']}"
+    return f"{r['runtime']} {r['precision']} {r['mode']} {shape_label(r)}"
+
+
+def shape_label(r: dict) -> str:
+    """"B1×256" — and "B1×256 last" for a prefill whose head counts at the last position only (generation's)."""
+    return f"B{r['batch']}×{r['seq_len']}" + (" last" if r.get("head_positions") == "last" else "")
 
 
 def _limit_entries(limits: dict, row: dict) -> list[dict]:
@@ -343,7 +349,7 @@ def annotate_latency(rows: list[dict], cfg: GAMConfig, limits: dict) -> None:
             continue
         if row["mode"] == "prefill":
             row.update(prefill_against_limit(cfg, row["batch"], row["seq_len"], row["p50_ms"], limits,
-                                             row["precision"]))
+                                             row["precision"], row.get("head_positions", "all")))
         elif row["batch"] == 1:
             row.update(decode_against_limit(cfg, row["precision"], row["p50_ms"], limits))
     check_limits(limits, rows)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gamexport.bench.limits import shape_label
+
 
 SCHEMA_VERSION = 1
 BENCH_FILE = "bench.json"
@@ -79,7 +81,7 @@ def _fractions_figure(plt, rows: list[dict], threads: int):
     """One bar chart per kind of row (prefill shape, decode batch): each runtime and precision's fraction."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        key = (f"prefill B{r['batch']}×{r['seq_len']} (compute)" if r["mode"] == "prefill" else
+        key = (f"prefill {shape_label(r)} (compute)" if r["mode"] == "prefill" else
                f"decode B{r['batch']} ({'bandwidth roofline' if r['batch'] == 1 else 'M=32 MatMul'})")
         groups.setdefault(key, []).append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 0.45 * max(
@@ -150,11 +152,11 @@ def _head_lines(result: dict) -> list[str]:
 
 def _runtime_lines(rows: list[dict]) -> list[str]:
     """One line per prefill and decode row: its time, what it achieved, and its fraction of the limit."""
-    header = f"{'runtime':<16} {'prec':<8} {'mode':<7} {'B×T':>8} {'p50 ms':>9} {'achieved':>18} {'of limit':>9}"
+    header = f"{'runtime':<16} {'prec':<8} {'mode':<7} {'B×T':>12} {'p50 ms':>9} {'achieved':>18} {'of limit':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        shape = f"{r['batch']}×{r['seq_len']}"
-        lines.append(f"{r['runtime']:<16} {r['precision']:<8} {r['mode']:<7} {shape:>8} {r['p50_ms']:>9.3f} "
+        shape = shape_label(r)[1:]
+        lines.append(f"{r['runtime']:<16} {r['precision']:<8} {r['mode']:<7} {shape:>12} {r['p50_ms']:>9.3f} "
                      f"{r['achieved']:>9.1f} {r['unit']:<8} {r['fraction']:>8.2f}"
                      + (f"  last/first {r['last_over_first']:.2f}" if "last_over_first" in r else "")
                      + ("  [noisy]" if r["noisy"] else "")

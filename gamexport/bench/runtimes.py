@@ -94,7 +94,8 @@ def describe_runner(runner) -> dict:
 
 
 def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: int, say: Progress) -> list[dict]:
-    """Batch-1 prefill at T ∈ {64, 256} (capped at P) and batched prefill, against the compute limit."""
+    """Batch-1 prefill at T ∈ {64, 256} (capped at P) and batched prefill, against the compute limit; then
+    prefill for generation at B = 1, T = min(256, P) (:func:`generation_prefill_row`)."""
     from gamexport.bench.timing import measure
 
     P = cfg.max_positions
@@ -110,7 +111,30 @@ def prefill_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: 
                      "tokens_per_s": B * T / (timing.p50_ms / 1e3), "head_positions": "all",
                      **prefill_against_limit(cfg, B, T, timing.p50_ms, limits, runner.precision),
                      "threads": threads})
+    rows.append(generation_prefill_row(runner, cfg, ids[:1, :min(256, P)], limits, effort, threads, say))
     return rows
+
+
+def generation_prefill_row(runner, cfg: GAMConfig, ids: np.ndarray, limits: dict, effort: Effort, threads: int,
+                           say: Progress) -> dict:
+    """Prefill as generation runs it: the prompt as one chunk of the step call from the zero state (the state
+    and the next token's logits). Its FLOPs count the head at the last position only — the useful work, whatever
+    the runtime computes; ``head_computed`` says what it does compute (gamexport's step graphs: the last
+    position; eager PyTorch: every position)."""
+    from gamexport.bench.timing import measure
+
+    B, T = ids.shape
+    say(f"prefill for generation: {runner.runtime} {runner.precision}, batch {B} × {T} tokens (step call)")
+    positions = np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)))
+    state = runner.empty_state(B)
+    logits, _ = runner._step(ids, positions, state)
+    timing = measure(lambda: runner._step(ids, positions, state), warmup=effort.warmup, runs=effort.runs,
+                     max_seconds=effort.max_seconds)
+    return {**describe_runner(runner), "mode": "prefill", "batch": B, "seq_len": T, **timing.as_dict(),
+            "tokens_per_s": B * T / (timing.p50_ms / 1e3), "head_positions": "last", "graph": "step",
+            "head_computed": "last" if logits.shape[1] == 1 else "all",
+            **prefill_against_limit(cfg, B, T, timing.p50_ms, limits, runner.precision, "last"),
+            "threads": threads}
 
 
 def _decode_samples(runner, ids: np.ndarray, positions: list[int], warmup: int) -> list[float]:
