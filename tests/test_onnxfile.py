@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from gamexport.errors import GraphError
@@ -225,6 +226,56 @@ def test_a_cut_file_is_refused_exactly_when_onnx_cannot_decode_it(tiny_cfg, tiny
         assert ours == onnx_ok, f"cut at {cut} of {len(data)}: onnx {'accepts' if onnx_ok else 'refuses'} it"
         verdicts.add(ours)
     assert verdicts == {True, False}  # both kinds of cut were tried
+
+
+def _unsafe(tensor: onnx.TensorProto, folder: Path) -> bool:
+    locations = [e.value for e in tensor.external_data if e.key == "location"]
+    if tensor.data_location == TensorProto.EXTERNAL and not locations:
+        locations = [""]
+    return any(not loc or Path(loc).is_absolute() or folder not in (folder / loc).resolve().parents
+               for loc in locations)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_graphs_are_judged_as_onnx_parses_them(step, tmp_path_factory, data):
+    """Bytes of a step graph (one tensor's data in a file beside it) flipped, overwritten, inserted or cut: when
+    onnx.load decodes them, the walk decodes them too, and refuses the file exactly when a tensor onnx sees reads
+    external data from outside the folder; when onnx.load cannot decode them, the walk may refuse them or leave them
+    to ONNX Runtime's parser."""
+    model = onnx.ModelProto()
+    model.CopyFrom(step)
+    _external(next(t for t in model.graph.initializer if t.name == "ln_f.bias"), "ln_f.bin")
+    original = model.SerializeToString()
+    folder = tmp_path_factory.mktemp("m")
+    buf = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 3))):
+        kind = data.draw(st.sampled_from(["cut", "flip", "overwrite", "insert"]))
+        pos = data.draw(st.integers(0, len(buf)))
+        payload = data.draw(st.binary(min_size=1, max_size=16))
+        if kind == "cut":
+            del buf[pos:]
+        elif kind == "flip" and pos < len(buf):
+            buf[pos] ^= payload[0] or 0xFF
+        elif kind == "overwrite":
+            buf[pos:pos + len(payload)] = payload
+        else:
+            buf[pos:pos] = payload
+    path = _write(folder, bytes(buf))
+    try:
+        parsed = onnx.load_from_string(path.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError: no oracle
+        parsed = None
+    try:
+        check_external_data(path)
+        refused = None
+    except GraphError as exc:
+        refused = exc.line()
+    if parsed is not None:
+        assert refused is None or "DecodeError" not in refused, refused
+        unsafe = any(_unsafe(t, folder.resolve()) for t in _all_tensors(parsed))
+        assert (refused is not None) == unsafe, refused
 
 
 @pytest.mark.parametrize("data", [b"\x0f", b"\x00\x01", b"\x08" + b"\xff" * 11, b"\x3a\x05ab", b"\x0c"])
