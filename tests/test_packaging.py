@@ -71,6 +71,26 @@ def test_ort_generation_runs_with_torch_blocked(tiny_build, blocker):
     assert len(proc.stdout.strip().split(",")) == 5
 
 
+def test_ort_generation_imports_neither_onnx_nor_pydantic(tiny_build, blocker):
+    """The cold start of `gamexport generate` on a build folder: the step graph is read without onnx
+    (gamexport.onnxfile), and plain option values are coerced without typer's pydantic adapters
+    (gamexport.cli.coercion). Importing either here fails the command; the output is still the ids."""
+    code = blocker({"torch", "onnx", "pydantic"}) + textwrap.dedent(f"""
+        import sys
+        sys.argv = ['gamexport', 'generate', {str(tiny_build)!r}, '--ids', '1,2,3', '--max-new-tokens', '5',
+                    '--temperature', '0.5', '--top-k', '7', '--top-p', '0.9', '--seed', '3', '-j', '1']
+        from gamexport.cli.main import main
+        try:
+            main()
+        except SystemExit as e:
+            assert not e.code, e.code
+        assert not {{'torch', 'onnx', 'pydantic'}} & set(sys.modules), sorted(sys.modules)
+    """)
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().split(",")) == 5
+
+
 def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "gamexport")
     if not os.path.exists(script):

@@ -12,6 +12,7 @@ import numpy as np
 from gamexport import layout
 from gamexport.config import INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, present_state_names, refuse_legacy
 from gamexport.errors import GamexportError
+from gamexport.graph_metadata import EMBEDDING_TABLES, check_config_against_graph, config_from_metadata
 from gamexport.runtime import Runner
 from gamexport.state import past_tensors, packed_present
 
@@ -44,24 +45,23 @@ class OrtRunner(Runner):
         self.precision = precision
         self.provider = provider
         self.runtime = RUNTIMES[provider]
-        # An .onnx step graph is parsed once: its external data checked, and (below) its embedding shapes read.
-        parsed = None
+        # An .onnx step graph is read once, without onnx: its external data checked, and (below) its embedding
+        # shapes taken from the same walk (gamexport.onnxfile).
+        scanned = None
         if self.step_path.suffix == ".onnx" and self.step_path.is_file():
-            from gamexport.graph.checks import check_external_data
+            from gamexport.onnxfile import check_external_data
 
-            parsed = check_external_data(self.step_path)
-        self.step_session = load_session(self.step_path, threads, provider, session_config, checked=parsed is not None)
+            scanned = check_external_data(self.step_path, dims_of=EMBEDDING_TABLES)
+        self.step_session = load_session(self.step_path, threads, provider, session_config,
+                                         checked=scanned is not None)
         refuse_legacy([t.name for t in self.step_session.get_inputs()], str(self.step_path))
         if config is None:  # before the prefill session: a file that is not a gamexport graph stops here
-            from gamexport.graph.builder import check_config_against_graph, config_from_metadata, embedding_shapes
-
             config = config_from_metadata(self.step_session.get_modelmeta().custom_metadata_map, str(self.step_path))
             shapes = {t.name: [d if isinstance(d, int) else None for d in t.shape]
                       for t in [*self.step_session.get_inputs(), *self.step_session.get_outputs()]}
-            if parsed is not None:  # the session hides initializers: the positions are in the file
-                shapes.update(embedding_shapes(parsed))
+            if scanned is not None:  # the session hides initializers: the positions are in the file
+                shapes.update(scanned.initializer_dims)
             check_config_against_graph(config, shapes, str(self.step_path))
-        del parsed
         super().__init__(config)
         self.prefill_session = (load_session(self.model_path, threads, provider, session_config) if model_path is not None
                                 else None)

@@ -44,12 +44,12 @@ def session_options(threads: int | None, config: dict[str, str] | None = None):
 def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider",
                  config: dict[str, str] | None = None, checked: bool = False):
     """An InferenceSession on exactly ``provider``: a GPU provider that ends up on the CPU is an error. An .onnx
-    file's external data is checked first, unless the caller did (``checked``: it holds the parsed model)."""
+    file's external data is checked first, unless the caller did (``checked``: it holds what the check read)."""
     ort = import_ort()
     if not Path(path).is_file():
         raise GraphError(f"{path} does not exist", "run gamexport build first, or pass the build folder")
     if Path(path).suffix == ".onnx" and not checked:
-        from gamexport.graph.checks import check_external_data
+        from gamexport.onnxfile import check_external_data
 
         check_external_data(Path(path))
     if provider != "CPUExecutionProvider":

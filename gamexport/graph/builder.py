@@ -20,10 +20,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
-from ..config import (INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec, past_state_name, present_state_name,
-                      refuse_legacy, state_layer)
+from ..config import INPUT_IDS, LOGITS, POSITION_IDS, GAMConfig, io_spec, past_state_name, present_state_name
 from ..errors import GraphError
-from ..jsonfile import Obj, parse_json
+# The metadata helpers live in a module without onnx (the runtime path reads them); re-exported here.
+from ..graph_metadata import (EMBEDDING_TABLES, META_CONFIG, check_config_against_graph,  # noqa: F401
+                              config_from_metadata)
 from ..layout import GRAPH_PRECISIONS, graph_file
 from . import int4 as q4
 from .int4 import Int4Plan
@@ -33,8 +34,7 @@ IR_VERSION = 10
 FUNCTION_DOMAIN = "gam"
 PRODUCER = "gamexport"
 
-# Metadata keys written into every file.
-META_CONFIG = "gamexport.config"
+# Metadata keys written into every file (and META_CONFIG, from gamexport.graph_metadata).
 META_VERSION = "gamexport.version"
 META_SOURCE_SHA = "gamexport.source_sha256"
 META_GRAPH = "gamexport.graph"
@@ -619,44 +619,4 @@ def read_graph_config(model: onnx.ModelProto | str | Path) -> tuple[GAMConfig, d
 
 def embedding_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Shapes of the graph's embedding tables (token: vocabulary rows; position: learned positions)."""
-    return {t.name: list(t.dims) for t in model.graph.initializer
-            if t.name in ("token_embedding.weight", "pos_embedding.weight")}
-
-
-def check_config_against_graph(cfg: GAMConfig, shapes: Mapping[str, list], where: str) -> None:
-    """GraphError naming both values where the config in a graph's metadata disagrees with the graph itself.
-
-    ``shapes``: tensor name → shape (None for a symbolic axis) of the graph's inputs and outputs, and of its
-    embedding tables where known (an ONNX Runtime session shows only its inputs and outputs). A forged or mixed
-    metadata would otherwise fail later, inside ONNX Runtime or as an index error.
-    """
-    said: dict[str, int | None] = {}
-    refuse_legacy(shapes, where)
-    layers = [layer for name in shapes if (layer := state_layer(name)) is not None]
-    if layers:
-        said["n_layers"] = max(layers) + 1
-    for name, shape in shapes.items():
-        if name == LOGITS and len(shape) == 3:
-            said["vocab_size"] = shape[2]
-        elif state_layer(name) is not None and len(shape) == 3:
-            said.update(kernel_size=shape[1] and shape[1] + 1, d_model=shape[2])
-        elif name == "token_embedding.weight" and len(shape) == 2:
-            said["vocab_size"] = shape[0]
-        elif name == "pos_embedding.weight" and len(shape) == 2:
-            said["max_positions"] = shape[0]
-    diff = [f"{field} {getattr(cfg, field)} in the metadata but {value} in the graph"
-            for field, value in said.items() if value is not None and value != getattr(cfg, field)]
-    if diff:
-        raise GraphError(f"{where}: its gamexport config metadata disagrees with the graph ({'; '.join(diff)})",
-                         "the file was edited or mixed from two builds; rebuild it with gamexport build")
-
-
-def config_from_metadata(meta: Mapping[str, str], where: str) -> GAMConfig:
-    """The GAMConfig in a graph's metadata (``metadata_props``, or an ONNX Runtime session's
-    ``custom_metadata_map``); GraphError naming ``where`` when it is missing or not JSON."""
-    if META_CONFIG not in meta:
-        raise GraphError(f"{where} is empty or not a gamexport graph (no gamexport config metadata)",
-                         "build it with gamexport build")
-    data = parse_json(meta[META_CONFIG], f"{where}'s gamexport config metadata", schema=Obj(), error=GraphError,
-                      fix="rebuild it with gamexport build")
-    return GAMConfig.from_dict(data)
+    return {t.name: list(t.dims) for t in model.graph.initializer if t.name in EMBEDDING_TABLES}

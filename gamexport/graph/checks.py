@@ -12,6 +12,7 @@ import onnx
 
 from ..config import GAMConfig, io_spec
 from ..errors import GraphError
+from ..onnxfile import check_external_data  # noqa: F401 (its home is the onnx-free gamexport.onnxfile)
 from .builder import FUNCTION_DOMAIN, IR_VERSION, META_GRAPH, OPSET
 
 FUNCTION_NAMES = ("CausalConv", "MemoryRead", "GatedFusion", "FeedForward", "Block")
@@ -238,30 +239,3 @@ def check_int8_dynamic_file(path: Path, cfg: GAMConfig) -> None:
         raise GraphError(f"{Path(path).name} quantizes {len(quantized_weights)} of {want} weight MatMuls "
                          f"({len(floats)} float MatMuls left)",
                          "this is a gamexport bug; please report it with --debug output")
-
-
-def check_external_data(path: Path) -> onnx.ModelProto:
-    """Refuse an ONNX file whose external-data entries point outside its own folder (absolute paths, ``..``); the
-    model it read, for callers that need more of it (one parse, not two).
-
-    Reads the protobuf without loading external data, so nothing is opened on the file's behalf first.
-    """
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError and friends for truncated or non-ONNX files
-        raise GraphError(f"cannot read ONNX file {path}: {type(exc).__name__}",
-                         "the file is truncated or corrupt; rebuild it with gamexport build") from exc
-    folder = path.parent.resolve()
-    tensors = list(model.graph.initializer)
-    for graph_nodes in [model.graph.node, *[f.node for f in model.functions]]:
-        tensors += [a.t for n in graph_nodes for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or folder not in target.parents:
-            raise GraphError(f"{path.name}: tensor {tensor.name!r} reads external data from {location!r}, "
-                             f"outside {folder}", "refusing to load it; only use ONNX files you trust")
-    return model
