@@ -190,6 +190,9 @@ def test_bench_json_structure(quick):
     st = bench["startup"]
     assert _positive(st["help"]["p50_ms"]) and _positive(st["first_token"]["p50_ms"])
     assert st["help"]["command"][-1] == "--help" and "generate" in st["first_token"]["command"]
+    # the source is the tiny preset, so the shipped demo model gets its own first-token timing (issue 15's goal)
+    demo = st["first_token_demo"]
+    assert _positive(demo["p50_ms"]) and "demo" in demo["folder"] and demo["command"] != st["first_token"]["command"]
 
 
 #: Everything the bench may import from the project (module- or function-level): its own package, the core it
@@ -535,6 +538,11 @@ def test_docs_tables_are_generated_from_the_committed_json():
                and r["batch"] == 1)
     row["fraction"] = 1.5
     assert bd.render(doc, drifted, gpu) != doc
+    # An unsteady host takes every verdict (as the committed run's probes did); a steady one leaves the limits' rule.
+    drifted["steadiness"] = {**drifted["steadiness"], "steady": False, "spread": {"bandwidth": 1.5, "compute": 1.0}}
+    goals = bd.table_goals(drifted)
+    assert "✓" not in goals and "✗" not in goals and "host's speed changed" in goals
+    drifted["steadiness"] = {**drifted["steadiness"], "steady": True, "spread": {"bandwidth": 1.1, "compute": 1.0}}
     limits, invalid = bd.checked_limits(drifted)
     assert not limits["bandwidth"]["valid"] and {"limit": "bandwidth", "beaten_by": [
         "onnxruntime-cpu fp32 decode B1×1"]} in invalid

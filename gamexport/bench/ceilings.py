@@ -9,34 +9,10 @@ import gc
 import numpy as np
 
 from gamexport.bench.flops import weight_bytes_per_step, weight_matmul_shapes
-from gamexport.bench.kernels import nodes_session
+from gamexport.bench.kernels import weight_matmuls_session
 from gamexport.bench.limits import fraction
 from gamexport.bench.settings import BATCHED_M, PREFILL_LENGTHS, Effort, Progress
 from gamexport.config import GAMConfig
-
-
-def _weights_only_session(cfg: GAMConfig, kind: str, threads: int, seed: int = 0):
-    """One ONNX Runtime graph holding only the model's weight MatMuls, each fed by a graph input [M, K]:
-    ``fp32`` MatMul, or ``int8`` DynamicQuantizeMatMul (int8 weights per output channel, activations quantized
-    on the fly — the integer GEMM both of ONNX Runtime's INT8 flavours run)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    nodes, inits, outputs = [], [], []
-    for i, (K, N) in enumerate(weight_matmul_shapes(cfg)):
-        if kind == "fp32":
-            inits.append(numpy_helper.from_array((rng.standard_normal((K, N), dtype=np.float32) * 0.02), f"w{i}"))
-            nodes.append(helper.make_node("MatMul", [f"x{K}", f"w{i}"], [f"y{i}"]))
-        else:
-            inits += [numpy_helper.from_array(rng.integers(-127, 128, (K, N), dtype=np.int8), f"w{i}"),
-                      numpy_helper.from_array(np.full((N,), 0.01, np.float32), f"s{i}"),
-                      numpy_helper.from_array(np.zeros((N,), np.int8), f"z{i}")]
-            nodes.append(helper.make_node("DynamicQuantizeMatMul", [f"x{K}", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"],
-                                          domain="com.microsoft"))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
-    widths = sorted({K for K, _ in weight_matmul_shapes(cfg)})
-    inputs = [helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT, ["M", K]) for K in widths]
-    return nodes_session(nodes, inputs, outputs, inits, threads), widths
 
 
 def measure_ceilings(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> dict:
@@ -54,7 +30,7 @@ def measure_ceilings(cfg: GAMConfig, threads: int, effort: Effort, say: Progress
     rng = np.random.default_rng(3)
     rows = []
     for kind in ("fp32", "int8"):
-        session, widths = _weights_only_session(cfg, kind, threads)
+        session, widths = weight_matmuls_session(cfg, kind, threads)
         for M in ceiling_Ms(cfg):
             say(f"ceilings: the model's {len(weight_matmul_shapes(cfg))} weight MatMuls alone, {kind}, M = {M}")
             feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}

@@ -28,6 +28,7 @@ from gamexport.bench.scaling import run_scaling, scaling_lengths
 from gamexport.bench.server import PointServer
 from gamexport.bench.settings import FULL, QUICK, Effort, Progress
 from gamexport.bench.startup import startup_section
+from gamexport.bench.steadiness import Probe, no_probe, say_unsteady
 from gamexport.bench.training import run_training
 from gamexport.config import GAMConfig
 
@@ -96,18 +97,27 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     if server is not None:
         server.ready()
     limits = measure_limits(cfg, precisions, threads, effort, say)
+    say("steadiness: probe kernels timed before every section, to see whether the host's speed changes")
+    probe = Probe(cfg, threads, effort)
+    probe("start")
     pairs, skipped = runner_plan(precisions, opts.compile)
     sections = {"prefill": [], "decode": [], "ceilings": None, "scaling": None, "training": None, "startup": None}
     if "ceilings" not in opts.skip:
         sections["ceilings"] = measure_ceilings(cfg, threads, effort, say)
+        probe("after ceilings")
     with tempfile.TemporaryDirectory(prefix="gamexport-bench-") as tmp_name:
-        _graph_sections(opts, ckpt, build_folder, pairs, limits, effort, Path(tmp_name), sections, skipped)
+        _graph_sections(opts, ckpt, build_folder, pairs, limits, effort, Path(tmp_name), sections, skipped, probe)
     if "scaling" not in opts.skip:
         sections["scaling"], more = run_scaling(scaling_lengths(min_t, max_t), threads, effort, say, server)
         skipped += more
+        probe("after scaling")
     if "training" not in opts.skip:
         sections["training"], more = run_training(cfg, threads, effort, say, server)
         skipped += more
+    probe("end")
+    sections["steadiness"] = probe.result()
+    probe.close()
+    say_unsteady(sections["steadiness"], say)
     if server is not None:
         server.close()  # waited for: its CPU time (and its points') counts as this run's own from here on
     say("limits: measured again at the end of the run (each limit keeps the higher of its two medians)")
@@ -119,7 +129,8 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
 
 
 def _graph_sections(opts: BenchOptions, ckpt, build_folder: Path | None, pairs: list[tuple[str, str]],
-                    limits: dict, effort: Effort, tmp: Path, sections: dict, skipped: list[dict]) -> None:
+                    limits: dict, effort: Effort, tmp: Path, sections: dict, skipped: list[dict],
+                    probe=no_probe) -> None:
     """The sections that need graphs exported into ``tmp``: prefill and decode per runtime, and start-up (its
     first-token build folder, unless the source is a build folder)."""
     say, threads = opts.progress, opts.threads
@@ -129,10 +140,11 @@ def _graph_sections(opts: BenchOptions, ckpt, build_folder: Path | None, pairs: 
         export_for_bench(ckpt, tmp / "graphs", tuple(p for _, p in pairs) if runtimes else ("fp32",), say)
     if runtimes:
         sections["prefill"], sections["decode"], failed = runtime_rows(
-            pairs, ckpt, tmp / "graphs", limits, effort, threads, opts.skip, say)
+            pairs, ckpt, tmp / "graphs", limits, effort, threads, opts.skip, say, probe)
         skipped += failed
     if "startup" not in opts.skip:
         sections["startup"] = startup_section(ckpt, build_folder, tmp, threads, effort, say)
+        probe("after startup")
 
 
 def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: list[dict],
@@ -187,7 +199,8 @@ def bench_result(opts: BenchOptions, ckpt, precisions: tuple[str, ...], machine:
         "weight_bytes_per_step": {p: weight_bytes_per_step(cfg, p) for p in ("fp32", *precisions) if p != "bf16"},
         "limits": limits, "limits_valid": not invalid, "invalid_limits": invalid, "load": load,
         "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling,
-        "training": training, "startup": sections["startup"], "skipped": skipped, "noisy": noisy,
+        "training": training, "startup": sections["startup"], "steadiness": sections.get("steadiness"),
+        "skipped": skipped, "noisy": noisy,
         "notes": list(NOTES),
     }
 

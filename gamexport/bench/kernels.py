@@ -35,6 +35,34 @@ def nodes_session(nodes: list, inputs: list, outputs: list, initializers: list, 
     return ort.InferenceSession(data, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
+def weight_matmuls_session(cfg, kind: str, threads: int, seed: int = 0):
+    """One ONNX Runtime graph holding only the model's weight MatMuls, each fed by a graph input [M, K]:
+    ``fp32`` MatMul, or ``int8`` DynamicQuantizeMatMul (int8 weights per output channel, activations quantized
+    on the fly — the integer GEMM both of ONNX Runtime's INT8 flavours run). Returns (session, the input widths K:
+    input ``x{K}`` is [M, K]). The ceilings time it at every M; at M = 1 in fp32 it is also a bandwidth-limit
+    candidate (:func:`time_weight_gemvs`)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, outputs = [], [], []
+    from gamexport.bench.flops import weight_matmul_shapes
+
+    for i, (K, N) in enumerate(weight_matmul_shapes(cfg)):
+        if kind == "fp32":
+            inits.append(numpy_helper.from_array((rng.standard_normal((K, N), dtype=np.float32) * 0.02), f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [f"x{K}", f"w{i}"], [f"y{i}"]))
+        else:
+            inits += [numpy_helper.from_array(rng.integers(-127, 128, (K, N), dtype=np.int8), f"w{i}"),
+                      numpy_helper.from_array(np.full((N,), 0.01, np.float32), f"s{i}"),
+                      numpy_helper.from_array(np.zeros((N,), np.int8), f"z{i}")]
+            nodes.append(helper.make_node("DynamicQuantizeMatMul", [f"x{K}", f"w{i}", f"s{i}", f"z{i}"], [f"y{i}"],
+                                          domain="com.microsoft"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    widths = sorted({K for K, _ in weight_matmul_shapes(cfg)})
+    inputs = [helper.make_tensor_value_info(f"x{K}", TensorProto.FLOAT, ["M", K]) for K in widths]
+    return nodes_session(nodes, inputs, outputs, inits, threads), widths
+
+
 def _matmul_session(M: int, K: int, N: int, threads: int, seed: int = 0, constant: bool = True):
     """An ONNX Runtime session of one MatMul [M, K]×[K, N]: the [K, N] weight an initializer (``constant``: ONNX
     Runtime pre-packs it once, as it does the model's weights), or a second graph input (packed on every call)."""
@@ -154,6 +182,23 @@ def time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -
     timing = _with_torch_threads(torch, threads, lambda: _timed(lambda: torch.mm(a, w), effort))
     del a, w
     return {"shape": [M, K, N], "engine": f"torch {torch.__version__} torch.mm fp32", **timing}
+
+
+def time_weight_gemvs(cfg, threads: int, effort: Effort) -> dict:
+    """The model's fp32 weight MatMuls alone at M = 1 (:func:`weight_matmuls_session`): a streaming read of every
+    weight the model multiplies by through ONNX Runtime's GEMV — the memory bank twice, as the graphs hold it.
+    The timing, the bytes read and the engine."""
+    from gamexport.bench.flops import weight_matmul_shapes
+
+    session, widths = weight_matmuls_session(cfg, "fp32", threads)
+    rng = np.random.default_rng(1)
+    feeds = {f"x{K}": rng.standard_normal((1, K), dtype=np.float32) for K in widths}
+    timing = _timed(lambda: session.run(None, feeds), effort)
+    del session
+    gc.collect()
+    shapes = weight_matmul_shapes(cfg)
+    return {"shape": [1, len(shapes)], "engine": f"onnxruntime-cpu MatMul fp32, the model's {len(shapes)} weight "
+            "MatMuls at M = 1 in one graph", "bytes": 4 * sum(K * N for K, N in shapes), **timing}
 
 
 def time_stream(nbytes: int, threads: int, effort: Effort) -> dict:

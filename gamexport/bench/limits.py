@@ -8,8 +8,9 @@ Both ``gamexport bench`` and ``gamexport build`` (``BUILD_LIMITS``, ``measure_li
   shapes and at 2048³, the same with the weight a graph input, and ``torch.mm`` 2048³ where torch is installed
   (prefill is measured against it);
 * **bandwidth** — GB/s of ONNX Runtime's GEMV ``MatMul`` [1, K]×[K, N] whose weight holds as many fp32 bytes as the
-  model has, and of a plain streaming read of 4× the last-level cache (batch-1 decode is measured against the
-  roofline ``bandwidth ÷ bytes of weights a step reads``);
+  model has, of the model's own weight MatMuls at M = 1 in one graph (:func:`model_gemvs`), and of a plain
+  streaming read of 4× the last-level cache (batch-1 decode is measured against the roofline ``bandwidth ÷ bytes
+  of weights a step reads``);
 * **batched** — the GEMV's weights at M = 32, ONNX Runtime and ``torch.mm``, GFLOP/s (batched decode).
 
 Each INT8 precision (int8, int8-dyn) gets its own compute and batched limit (``compute_by_precision``,
@@ -115,6 +116,16 @@ def bandwidth_candidates(nbytes: int, K: int, threads: int, effort: Effort, say:
     return [gemv, stream]
 
 
+def model_gemvs(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> dict:
+    """The fp32 bandwidth candidate that reads as the model does: its weight MatMuls at M = 1 in one graph
+    (:func:`kernels.time_weight_gemvs`, the ceilings' kernel). A run where that kernel, timed again by the ceilings,
+    beat the other candidates had its bandwidth limit invalid; as a candidate it makes the limit the strongest
+    streaming read measured."""
+    say("limits: bandwidth, the model's fp32 weight MatMuls at M = 1 in one graph")
+    timing = kernels.time_weight_gemvs(cfg, threads, effort)
+    return _gbps({"name": f"onnxruntime weight GEMVs ×{timing['shape'][1]}", **timing}, timing["bytes"])
+
+
 def batched_candidates(K: int, N: int, threads: int, effort: Effort, say: Progress) -> list[dict]:
     """The bandwidth limit's weights at M = BATCHED_M: ONNX Runtime with the weight constant, and ``torch.mm``
     where torch is installed."""
@@ -142,8 +153,9 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
     its integer GEMM among the candidates."""
     compute = best_of(compute_candidates(cfg, threads, effort, say), "gflops")
     model_bytes = 4 * cfg.n_params()
-    bandwidth = best_of(bandwidth_candidates(model_bytes, cfg.d_model, threads, effort, say,
-                                             read_bytes=kernels.stream_bytes()), "gbps")
+    bandwidth = best_of([*bandwidth_candidates(model_bytes, cfg.d_model, threads, effort, say,
+                                               read_bytes=kernels.stream_bytes()),
+                         model_gemvs(cfg, threads, effort, say)], "gbps")
     Kb, Nb = bandwidth_shape(model_bytes, cfg.d_model)
     batched = best_of(batched_candidates(Kb, Nb, threads, effort, say), "gflops")
 

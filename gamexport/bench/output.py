@@ -117,8 +117,10 @@ def render_table(result: dict) -> str:
         lines += _training_lines(training)
     st = result.get("startup")
     if st:
+        demo = st.get("first_token_demo")
         lines.append(f"start-up: gamexport --help {st['help']['p50_ms']:.0f} ms; first token of gamexport generate "
-                     f"{st['first_token']['p50_ms']:.0f} ms")
+                     f"{st['first_token']['p50_ms']:.0f} ms" + (f", on the demo model {demo['p50_ms']:.0f} ms"
+                                                               if demo else ""))
     for s in result["skipped"]:
         what = " ".join(str(s[k]) for k in ("runtime", "precision", "section", "model", "block", "mode", "T")
                         if k in s)

@@ -125,7 +125,8 @@ def generation_prefill_row(runner, cfg: GAMConfig, ids: np.ndarray, limits: dict
 
     B, T = ids.shape
     say(f"prefill for generation: {runner.runtime} {runner.precision}, batch {B} × {T} tokens (step call)")
-    positions = np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)))
+    positions = np.repeat(np.arange(T, dtype=np.int64)[None, :], B, axis=0)   # a writable (B, T) array
+    ids = np.ascontiguousarray(ids)
     state = runner.empty_state(B)
     logits, _ = runner._step(ids, positions, state)
     timing = measure(lambda: runner._step(ids, positions, state), warmup=effort.warmup, runs=effort.runs,
@@ -192,7 +193,7 @@ def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: i
 
 
 def runtime_rows(pairs: list[tuple[str, str]], ckpt, folder: Path, limits: dict, effort: Effort, threads: int,
-                 skip: tuple[str, ...], say: Progress) -> tuple[list[dict], list[dict], list[dict]]:
+                 skip: tuple[str, ...], say: Progress, probe=None) -> tuple[list[dict], list[dict], list[dict]]:
     """Prefill and decode rows of every (runtime, precision) in ``pairs`` (graphs in ``folder``), one runner open
     at a time; (prefill, decode, skipped). A failing ``torch.compile`` becomes a skipped row; any other failure is
     a bug and is raised."""
@@ -207,6 +208,8 @@ def runtime_rows(pairs: list[tuple[str, str]], ckpt, folder: Path, limits: dict,
         if target.opening:
             say(target.opening)
         runner = open_runner(runtime, precision, ckpt, folder, threads)
+        if probe is not None:   # the host's speed right before this runtime's rows (gamexport.bench.steadiness)
+            probe(f"{runtime} {precision}")
         try:
             rows_p = [] if "prefill" in skip else prefill_rows(runner, cfg, limits, effort, threads, say)
             rows_d = [] if "decode" in skip else decode_rows(runner, cfg, limits, effort, threads, say)

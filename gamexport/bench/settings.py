@@ -52,7 +52,7 @@ class Effort:
 
 
 FULL = Effort(limit_runs=20, limit_warmup=3, runs=20, warmup=2, max_seconds=30.0, batched_decode_steps=64,
-              scaling_runs=10, scaling_max_seconds=30.0, help_runs=5, first_token_runs=3, startup_warmup=1,
+              scaling_runs=10, scaling_max_seconds=30.0, help_runs=5, first_token_runs=7, startup_warmup=1,
               training_runs=5)
 
 

@@ -41,28 +41,62 @@ def time_command(argv: list[str], runs: int, warmup: int) -> dict:
     return {"command": argv, **summarize(samples, warmup).as_dict()}
 
 
+def graphs_folder(ckpt, folder: Path, graphs: Path | None = None) -> Path:
+    """``folder``, made a build folder of ``ckpt``'s fp32 prefill and step graphs with a manifest (no report): the
+    graphs copied from ``graphs`` (already exported for this run), else exported here."""
+    from gamexport.manifest import write_manifest
+
+    if graphs is None:
+        from gamexport.graph.builder import export_graphs
+
+        graphs = folder.with_name(folder.name + "-graphs")
+        graphs.mkdir()
+        export_graphs(ckpt.config, ckpt.weights, graphs, ckpt.sha256)
+    folder.mkdir()
+    for name in ("model.onnx", "step.onnx"):
+        shutil.copyfile(graphs / name, folder / name)
+    write_manifest(folder, ckpt)
+    return folder
+
+
+#: What the first-token timings measure.
+FIRST_TOKEN = ("wall time of `gamexport generate FOLDER --ids 1 --max-new-tokens 1`, process start to exit: imports, "
+               "manifest check (sha256 of the graphs), the external-data check, ONNX Runtime session creation, "
+               "prefill and sampling of the first token")
+
+
+def _first_token(cmd: list[str], folder: Path, note: str, threads: int, effort: Effort, say: Progress) -> dict:
+    argv = [*cmd, "generate", str(folder), "--ids", "1", "--max-new-tokens", "1", "--threads", str(threads)]
+    say(f"startup: gamexport generate (1 new token) on {note}, {effort.first_token_runs} runs")
+    return {**time_command(argv, effort.first_token_runs, effort.startup_warmup), "folder": note,
+            "what": FIRST_TOKEN}
+
+
 def startup_section(ckpt, build_folder: Path | None, tmp: Path, threads: int, effort: Effort,
                     say: Progress) -> dict:
-    """``gamexport --help`` and the time to first token of ``gamexport generate`` on a build folder."""
+    """``gamexport --help``, and the time to first token of ``gamexport generate`` on a build folder of SOURCE
+    (``first_token``) and on one of the demo model shipped in the package (``first_token_demo``: the model a new
+    user meets first; absent where this install has none, or SOURCE is it)."""
+    from gamexport.sources import demo_folder
+
     cmd = gamexport_command()
     say(f"startup: {' '.join(cmd[-1:])} --help, {effort.help_runs} runs")
     help_t = time_command([*cmd, "--help"], effort.help_runs, effort.startup_warmup)
-    folder = build_folder
-    note = "the SOURCE build folder"
-    if folder is None:
-        from gamexport.manifest import write_manifest
+    if build_folder is not None:
+        first = _first_token(cmd, build_folder, "the SOURCE build folder", threads, effort, say)
+    else:
+        first = _first_token(cmd, graphs_folder(ckpt, tmp / "first-token-build", tmp / "graphs"),
+                             "a build folder of the fp32 graphs with a manifest (no report), written for this run",
+                             threads, effort, say)
+    out = {"help": {**help_t, "what": "wall time of `gamexport --help`, process start to exit"}, "first_token": first}
+    demo = demo_folder()
+    if demo is not None:
+        from gamexport.checkpoint import load_checkpoint
 
-        folder = tmp / "first-token-build"
-        folder.mkdir()
-        for name in ("model.onnx", "step.onnx"):
-            shutil.copyfile(tmp / "graphs" / name, folder / name)
-        write_manifest(folder, ckpt)
-        note = "a build folder of the fp32 graphs with a manifest (no report), written for this run"
-    argv = [*cmd, "generate", str(folder), "--ids", "1", "--max-new-tokens", "1", "--threads", str(threads)]
-    say(f"startup: gamexport generate (1 new token) on {note}, {effort.first_token_runs} runs")
-    first = time_command(argv, effort.first_token_runs, effort.startup_warmup)
-    return {"help": {**help_t, "what": "wall time of `gamexport --help`, process start to exit"},
-            "first_token": {**first, "folder": note,
-                            "what": "wall time of `gamexport generate FOLDER --ids 1 --max-new-tokens 1`, process "
-                                    "start to exit: imports, manifest check (sha256 of the graphs), ONNX Runtime "
-                                    "session creation, prefill and sampling of the first token"}}
+        demo_ckpt = load_checkpoint(demo)
+        if demo_ckpt.sha256 != ckpt.sha256:
+            out["first_token_demo"] = _first_token(
+                cmd, graphs_folder(demo_ckpt, tmp / "first-token-demo"),
+                "a build folder of the shipped demo model's fp32 graphs with a manifest, written for this run",
+                threads, effort, say)
+    return out
