@@ -148,6 +148,18 @@ def _int64(value: int) -> int:
     return value - (1 << 64) if value >> 63 else value
 
 
+#: The messages that can hold a TensorProto, and which of their fields lead to one (field number → message).
+_CHILDREN: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function", 20: "training_info"},
+    "training_info": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node", 11: "attribute"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 10: "tensor", 6: "graph", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+
+
 class _Walk:
     def __init__(self, buf, dims_of: tuple[str, ...]):
         self.buf = buf
@@ -160,67 +172,19 @@ class _Walk:
         return depth + 1
 
     def model(self, a: int, b: int) -> None:
-        for number, wire, s, e in _fields(self.buf, a, b):
-            if wire != 2:
-                continue
-            if number == 7:
-                self.graph(s, e, 1, main=True)
-            elif number == 25:
-                self.function(s, e, 1)
-            elif number == 20:
-                self.training_info(s, e, 1)
+        self.message("model", a, b, 1)
 
-    def training_info(self, a: int, b: int, depth: int) -> None:
-        depth = self._depth(depth)
+    def message(self, kind: str, a: int, b: int, depth: int, main: bool = False) -> None:
+        """Walk one message of ``kind``: descend into the length-delimited fields :data:`_CHILDREN` names, skip
+        the rest. ``main``: this is the model's own graph (its initializers' dims may be asked for)."""
+        depth = self._depth(depth) if kind != "model" else depth
+        children = _CHILDREN[kind]
         for number, wire, s, e in _fields(self.buf, a, b):
-            if wire == 2 and number in (1, 2):
-                self.graph(s, e, depth)
-
-    def graph(self, a: int, b: int, depth: int, main: bool = False) -> None:
-        depth = self._depth(depth)
-        for number, wire, s, e in _fields(self.buf, a, b):
-            if wire != 2:
-                continue
-            if number == 1:
-                self.node(s, e, depth)
-            elif number == 5:
-                self.tensor(s, e, depth, initializer=main)
-            elif number == 15:
-                self.sparse(s, e, depth)
-
-    def function(self, a: int, b: int, depth: int) -> None:
-        depth = self._depth(depth)
-        for number, wire, s, e in _fields(self.buf, a, b):
-            if wire != 2:
-                continue
-            if number == 7:
-                self.node(s, e, depth)
-            elif number == 11:
-                self.attribute(s, e, depth)
-
-    def node(self, a: int, b: int, depth: int) -> None:
-        depth = self._depth(depth)
-        for number, wire, s, e in _fields(self.buf, a, b):
-            if wire == 2 and number == 5:
-                self.attribute(s, e, depth)
-
-    def attribute(self, a: int, b: int, depth: int) -> None:
-        depth = self._depth(depth)
-        for number, wire, s, e in _fields(self.buf, a, b):
-            if wire != 2:
-                continue
-            if number in (5, 10):
-                self.tensor(s, e, depth)
-            elif number in (6, 11):
-                self.graph(s, e, depth)
-            elif number in (22, 23):
-                self.sparse(s, e, depth)
-
-    def sparse(self, a: int, b: int, depth: int) -> None:
-        depth = self._depth(depth)
-        for number, wire, s, e in _fields(self.buf, a, b):
-            if wire == 2 and number in (1, 2):
-                self.tensor(s, e, depth)
+            child = children.get(number) if wire == 2 else None
+            if child == "tensor":
+                self.tensor(s, e, depth, initializer=main and kind == "graph" and number == 5)
+            elif child is not None:
+                self.message(child, s, e, depth, main=kind == "model" and child == "graph")
 
     def tensor(self, a: int, b: int, depth: int, initializer: bool = False) -> None:
         depth = self._depth(depth)

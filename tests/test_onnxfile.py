@@ -24,6 +24,7 @@ from gamexport.graph import build_graph, inline
 from gamexport.graph.builder import embedding_shapes, serialize
 from gamexport.graph_metadata import EMBEDDING_TABLES
 from gamexport.onnxfile import DecodeError, check_external_data, scan
+from test_fuzz import mutate
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,8 @@ def test_built_graphs_read_as_onnx_reads_them(tiny_cfg, tiny_weights, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["initializer", "constant", "function", "subgraph", "subgraph-list",
-                                   "attribute-list", "sparse", "function-default", "training-info"])
+                                   "attribute-list", "sparse", "sparse-attribute", "sparse-attribute-list",
+                                   "function-default", "training-info"])
 @pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", ""])
 def test_external_data_outside_the_folder_is_refused_wherever_it_sits(step, tmp_path, where, location):
     """A tensor reading external data from outside the folder is refused in every place a model can hold one —
@@ -136,6 +138,16 @@ def test_external_data_outside_the_folder_is_refused_wherever_it_sits(step, tmp_
     elif where == "sparse":
         indices = numpy_helper.from_array(np.zeros(1, np.int64), "bad_indices")
         model.graph.sparse_initializer.append(helper.make_sparse_tensor(bad, indices, [4]))
+    elif where in ("sparse-attribute", "sparse-attribute-list"):   # AttributeProto sparse_tensor / sparse_tensors
+        sparse = helper.make_sparse_tensor(bad, numpy_helper.from_array(np.zeros(1, np.int64), "bad_indices"), [4])
+        attr = onnx.AttributeProto(name="s", type=onnx.AttributeProto.SPARSE_TENSOR)
+        if where == "sparse-attribute":
+            attr.sparse_tensor.CopyFrom(sparse)
+        else:
+            attr.type = onnx.AttributeProto.SPARSE_TENSORS
+            attr.sparse_tensors.extend([sparse])
+        model.graph.node.append(helper.make_node("Custom", [], ["c"], domain="x"))
+        model.graph.node[-1].attribute.append(attr)
     elif where == "function-default":
         model.functions[0].attribute_proto.append(helper.make_attribute("w", bad))
     elif where == "training-info":
@@ -249,20 +261,11 @@ def test_mutated_graphs_are_judged_as_onnx_parses_them(step, tmp_path_factory, d
     _external(next(t for t in model.graph.initializer if t.name == "ln_f.bias"), "ln_f.bin")
     original = model.SerializeToString()
     folder = tmp_path_factory.mktemp("m")
-    buf = bytearray(original)
-    for _ in range(data.draw(st.integers(1, 3))):
-        kind = data.draw(st.sampled_from(["cut", "flip", "overwrite", "insert"]))
-        pos = data.draw(st.integers(0, len(buf)))
-        payload = data.draw(st.binary(min_size=1, max_size=16))
-        if kind == "cut":
-            del buf[pos:]
-        elif kind == "flip" and pos < len(buf):
-            buf[pos] ^= payload[0] or 0xFF
-        elif kind == "overwrite":
-            buf[pos:pos + len(payload)] = payload
-        else:
-            buf[pos:pos] = payload
-    path = _write(folder, bytes(buf))
+    edits = [(data.draw(st.sampled_from(["truncate", "flip", "overwrite", "insert"])),
+              data.draw(st.integers(0, len(original))), data.draw(st.binary(min_size=1, max_size=16)))
+             for _ in range(data.draw(st.integers(1, 3)))]
+    buf = mutate(original, edits)   # the fuzz tests' byte mutator
+    path = _write(folder, buf)
     try:
         parsed = onnx.load_from_string(path.read_bytes())
     except Exception:  # noqa: BLE001 - protobuf's DecodeError: no oracle
