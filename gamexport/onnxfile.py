@@ -85,12 +85,23 @@ def _varint(buf, pos: int, end: int) -> tuple[int, int]:
 def _fields(buf, start: int, end: int):
     """(field number, wire type, a, b) of each field of the message in ``buf[start:end]``: for a varint, a is its
     value; for a length-delimited field, ``buf[a:b]`` is its payload. Fixed-width fields and groups are skipped."""
-    pos = start
-    while pos < end:
+    yield from _walk_fields(buf, start, end, None, 0)
+
+
+def _walk_fields(buf, pos: int, end: int, group: int | None, depth: int):
+    """The fields from ``pos`` (see :func:`_fields`) up to ``end`` — or, inside group ``group``, up to its
+    end-group; returns the position after it. A nested group's fields are skipped, not yielded."""
+    if depth > MAX_DEPTH:
+        raise DecodeError("groups nested too deeply")
+    while group is not None or pos < end:
         key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0 or key >> 32:
             raise DecodeError(f"invalid field key {key}")
+        if wire == 4 and group is not None:
+            if number != group:
+                raise DecodeError("mismatched end-group")
+            return pos
         if wire == 0:
             value, pos = _varint(buf, pos, end)
             yield number, 0, value, 0
@@ -105,39 +116,16 @@ def _fields(buf, start: int, end: int):
             if pos > end:
                 raise DecodeError("a fixed-width field runs past its message")
         elif wire == 3:
-            pos = _skip_group(buf, pos, end, number, 1)
+            skipped = _walk_fields(buf, pos, end, number, depth + 1)
+            while True:   # drain the group: its fields are not this message's
+                try:
+                    next(skipped)
+                except StopIteration as done:
+                    pos = done.value
+                    break
         else:  # 4: an end-group without its start; 6, 7: no such wire type
             raise DecodeError(f"invalid wire type {wire}")
-
-
-def _skip_group(buf, pos: int, end: int, number: int, depth: int) -> int:
-    """The position after the end-group of field ``number`` whose start-group ended just before ``pos``."""
-    if depth > MAX_DEPTH:
-        raise DecodeError("groups nested too deeply")
-    while True:
-        key, pos = _varint(buf, pos, end)
-        inner, wire = key >> 3, key & 7
-        if inner == 0 or key >> 32:
-            raise DecodeError(f"invalid field key {key}")
-        if wire == 4:
-            if inner != number:
-                raise DecodeError("mismatched end-group")
-            return pos
-        if wire == 0:
-            _, pos = _varint(buf, pos, end)
-        elif wire == 2:
-            length, pos = _varint(buf, pos, end)
-            if length > end - pos:
-                raise DecodeError("a length-delimited field runs past its message")
-            pos += length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            if pos > end:
-                raise DecodeError("a fixed-width field runs past its message")
-        elif wire == 3:
-            pos = _skip_group(buf, pos, end, inner, depth + 1)
-        else:
-            raise DecodeError(f"invalid wire type {wire}")
+    return pos
 
 
 def _text(buf, a: int, b: int) -> str:

@@ -291,6 +291,30 @@ def test_malformed_bytes_are_a_decode_error(tmp_path, data):
         check_external_data(path)
 
 
+@pytest.mark.parametrize("data,well_formed", [
+    (b"\x0b\x08\x01\x0c", True),                    # field 1 as a group holding a varint: an unknown field, skipped
+    (b"\x0b\x13\x08\x01\x14\x0c\x08\x0a", True),    # a group inside a group, then ir_version 10
+    (b"\x0b\x14", False),                            # a group of field 1 closed by field 2's end-group
+    (b"\x0b\x08\x01", False),                        # a group never closed
+    (b"\x0b" * 150 + b"\x0c" * 150, False),           # groups nested past protobuf's limit of 100
+])
+def test_groups_are_skipped_or_refused_as_onnx_parses_them(tmp_path, data, well_formed):
+    """Groups (wire types 3 and 4, unknown fields to ONNX) are skipped when well formed and a DecodeError when not,
+    exactly where onnx.load refuses the same bytes."""
+    try:
+        onnx.load_from_string(data)
+        onnx_reads = True
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError
+        onnx_reads = False
+    assert onnx_reads == well_formed
+    path = _write(tmp_path, data, "group.onnx")
+    if well_formed:
+        assert scan(path).tensors == []
+    else:
+        with pytest.raises(DecodeError):
+            scan(path)
+
+
 def test_nesting_past_the_limit_is_a_decode_error_not_a_crash(tmp_path):
     """Subgraphs nested 200 deep: DecodeError (protobuf's limit is 100), never Python's RecursionError."""
     graph = b""

@@ -28,7 +28,7 @@ from gamexport.bench.scaling import run_scaling, scaling_lengths
 from gamexport.bench.server import PointServer
 from gamexport.bench.settings import FULL, QUICK, Effort, Progress
 from gamexport.bench.startup import startup_section
-from gamexport.bench.steadiness import Probe, no_probe, say_unsteady
+from gamexport.bench.steadiness import Probe, say_unsteady
 from gamexport.bench.training import run_training
 from gamexport.config import GAMConfig
 
@@ -130,7 +130,7 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
 
 def _graph_sections(opts: BenchOptions, ckpt, build_folder: Path | None, pairs: list[tuple[str, str]],
                     limits: dict, effort: Effort, tmp: Path, sections: dict, skipped: list[dict],
-                    probe=no_probe) -> None:
+                    probe: Probe) -> None:
     """The sections that need graphs exported into ``tmp``: prefill and decode per runtime, and start-up (its
     first-token build folder, unless the source is a build folder)."""
     say, threads = opts.progress, opts.threads

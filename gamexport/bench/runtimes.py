@@ -14,6 +14,7 @@ from gamexport.bench.flops import flops_per_token
 from gamexport.bench.limits import batched_against_limit, decode_against_limit, prefill_against_limit
 from gamexport.bench.options import PRECISIONS
 from gamexport.bench.settings import BATCHED_PREFILL, DECODE_BATCHES, EDGE, PREFILL_LENGTHS, Effort, Progress
+from gamexport.bench.steadiness import no_probe
 from gamexport.config import GAMConfig
 
 
@@ -193,7 +194,7 @@ def decode_rows(runner, cfg: GAMConfig, limits: dict, effort: Effort, threads: i
 
 
 def runtime_rows(pairs: list[tuple[str, str]], ckpt, folder: Path, limits: dict, effort: Effort, threads: int,
-                 skip: tuple[str, ...], say: Progress, probe=None) -> tuple[list[dict], list[dict], list[dict]]:
+                 skip: tuple[str, ...], say: Progress, probe=no_probe) -> tuple[list[dict], list[dict], list[dict]]:
     """Prefill and decode rows of every (runtime, precision) in ``pairs`` (graphs in ``folder``), one runner open
     at a time; (prefill, decode, skipped). A failing ``torch.compile`` becomes a skipped row; any other failure is
     a bug and is raised."""
@@ -208,8 +209,7 @@ def runtime_rows(pairs: list[tuple[str, str]], ckpt, folder: Path, limits: dict,
         if target.opening:
             say(target.opening)
         runner = open_runner(runtime, precision, ckpt, folder, threads)
-        if probe is not None:   # the host's speed right before this runtime's rows (gamexport.bench.steadiness)
-            probe(f"{runtime} {precision}")
+        probe(f"{runtime} {precision}")   # the host's speed right before this runtime's rows
         try:
             rows_p = [] if "prefill" in skip else prefill_rows(runner, cfg, limits, effort, threads, say)
             rows_d = [] if "decode" in skip else decode_rows(runner, cfg, limits, effort, threads, say)

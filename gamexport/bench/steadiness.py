@@ -66,7 +66,7 @@ class Probe:
 
 
 def no_probe(at: str) -> None:
-    """The probe of a run that does not measure steadiness (tests, ``gamexport build``)."""
+    """The probe of a caller that does not measure steadiness (``runtime_rows`` outside a bench run)."""
 
 
 def say_unsteady(result: dict, say: Progress) -> None:

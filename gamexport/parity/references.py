@@ -191,9 +191,8 @@ def _check_references(pdir: Path, saved: SavedFeeds, cfg) -> None:
                 if arr.dtype.kind not in kind or arr.ndim != rank:
                     raise GamexportError(f"{where}: entry {i}'s {key} is a {arr.ndim}-d {arr.dtype} array, expected "
                                          f"{rank}-d {'integer' if kind == 'iu' else 'float'}", _REBUILD)
-        T = feed["input_ids"].shape[1]   # a step graph's logits: the chunk's last position (T in older folders)
-        if ref["logits"].shape[:2] != (feed["input_ids"].shape[0], 1 if graph == "step" and T > 1 else T) \
-                and ref["logits"].shape[:2] != feed["input_ids"].shape:
+        B, T = feed["input_ids"].shape   # a step graph's logits: the chunk's last position (T in older folders)
+        if ref["logits"].shape[:2] not in {(B, T), *([(B, 1)] if graph == "step" else [])}:
             raise GamexportError(f"{pdir / f'{graph}_outputs.json'}: entry {i}'s logits {ref['logits'].shape} do "
                                  f"not match its input_ids {feed['input_ids'].shape}", _REBUILD)
 
