@@ -36,11 +36,13 @@ def bench(
         f"Scaling: longest sequence, 1..{MAX_SCALING_T} (the Transformer's attention needs up to 8 heads·T²·4 "
         "bytes)."))] = 8192,
     skip: Annotated[str, typer.Option(help="Sections to leave out, comma-separated: prefill, decode, ceilings, "
-                                           "scaling, training, startup.")] = "",
+                                           "goals, scaling, training, startup.")] = "",
     debug: DebugOption = False,
 ) -> None:
-    """Benchmark against this machine's limits: prefill and decode per runtime and precision, GAM vs
-    Transformer block scaling, GAM vs Transformer training throughput, start-up.
+    """Benchmark against this machine's limits: prefill and decode per runtime and precision, the performance
+    goals scored in paired rounds (each goal's rows timed in alternation with its limit's kernels, so that a host
+    changing speed moves both), GAM vs Transformer block scaling, GAM vs Transformer training throughput,
+    start-up.
 
     Writes OUT/{bench.json, scaling.png, fractions.png} and prints a table; progress goes to stderr. A benchmark,
     never a test: it exits 0 whatever the numbers, and warns when they are too noisy to trust. Run it on a quiet

@@ -60,7 +60,8 @@ def test_bench_json_structure(quick):
     out, bench, result = quick
     assert bench["schema_version"] == 1 and bench["kind"] == "gamexport-bench" and bench["quick"] is True
     assert bench["threads"] == 1 and bench["machine"]["threads"] == 1
-    assert {"limits", "prefill", "decode", "ceilings", "scaling", "training", "startup", "skipped", "noisy", "flops_per_token",
+    assert {"limits", "prefill", "decode", "ceilings", "paired", "scaling", "training", "startup", "skipped", "noisy",
+            "flops_per_token",
             "weight_bytes_per_step", "config", "source", "machine", "plots"} <= set(bench)
     assert bench["config"]["d_model"] == PRESETS["tiny"].d_model and bench["source"]["trained"] is False
 
@@ -193,6 +194,36 @@ def test_bench_json_structure(quick):
     # the source is the tiny preset, so the shipped demo model gets its own first-token timing (issue 15's goal)
     demo = st["first_token_demo"]
     assert _positive(demo["p50_ms"]) and "demo" in demo["folder"] and demo["command"] != st["first_token"]["command"]
+
+
+def test_paired_goals_in_a_quick_run(quick):
+    """The goals' paired rounds: every item timed once per round, and a goal's value recomputed here from the
+    recorded timings and the limits' own kernels (their shapes), independently of gamexport.bench.paired."""
+    out, bench, result = quick
+    pa = bench["paired"]
+    assert pa["rounds"] == 2 and pa["runs_per_block"] == 2
+    t = pa["timings_ms"]
+    assert all(len(v) == 2 and all(_positive(x) for x in v) for v in t.values())
+    assert {"fp32 prefill B1×64", "fp32 prefill for generation B1×64", "fp32 decode B1", "fp32 decode B32",
+            "int8 decode B1", "int8-dyn decode B1", "int4 decode B1", "int8 prefill B1×64", "ceiling fp32 M1",
+            "ceiling int8 M1", "ceiling fp32 M64", "ceiling int8 M64", "ceiling fp32 M32"} <= set(t)
+    cands = {f"limit compute: {c['name']}": c for c in bench["limits"]["compute"]["candidates"]}
+    used = pa["limits_used"]["compute"]
+    assert used and set(used) <= set(cands) and all(name in t for name in used)
+    best = max(c["gflops"] for c in bench["limits"]["compute"]["candidates"])
+    assert all(cands[n]["gflops"] * 1.15 >= best for n in used)            # the contenders of the start's winner
+    goals = {g["id"]: g for g in pa["goals"]}
+    per_token = bench["flops_per_token"]["total"]
+    for k in range(2):
+        limit = max(2 * math.prod(cands[n]["shape"]) / (t[n][k] / 1e3) for n in used)
+        want = 64 * per_token / (t["fp32 prefill B1×64"][k] / 1e3) / limit
+        assert goals["prefill"]["values"][k] == pytest.approx(want)
+    for g in pa["goals"]:
+        assert g["verdict"] in ("", *("met", "not met", "on the line"))
+        assert bool(g["verdict"]) != bool(g.get("no_verdict"))
+    # tiny P = 64: a decode pass of 63 steps has no two disjoint edges of 32 positions
+    assert goals["decode_flat"]["values"] == []
+    assert "goals, scored in 2 paired rounds" in result.stdout
 
 
 #: Everything the bench may import from the project (module- or function-level): its own package, the core it
@@ -538,9 +569,10 @@ def test_docs_tables_are_generated_from_the_committed_json():
                and r["batch"] == 1)
     row["fraction"] = 1.5
     assert bd.render(doc, drifted, gpu) != doc
-    # An unsteady host takes every verdict (as the committed run's probes did); a steady one leaves the limits' rule.
+    # An unsteady host takes every verdict scored from the sections (as the committed run's probes did: it predates
+    # the paired rounds); a steady one leaves the limits' rule.
     drifted["steadiness"] = {**drifted["steadiness"], "steady": False, "spread": {"bandwidth": 1.5, "compute": 1.0}}
-    goals = bd.table_goals(drifted)
+    goals = bd.table_goals(drifted).split("cold first token")[0]
     assert "✓" not in goals and "✗" not in goals and "host's speed changed" in goals
     drifted["steadiness"] = {**drifted["steadiness"], "steady": True, "spread": {"bandwidth": 1.1, "compute": 1.0}}
     limits, invalid = bd.checked_limits(drifted)

@@ -105,7 +105,7 @@ BASE: dict[str, dict[str, str | bool]] = {
     "parity": {"folder": "{build}", "precision": "fp32", "report": "{sandbox}/parity.json", "threads": "1"},
     "verify": {"folder": "{build}"},
     "bench": {"source": "{ck}", "out": "{sandbox}/bench-out", "threads": "1", "quick": True, "precision": "fp32",
-              "max_t": "8", "skip": "prefill,decode,ceilings,scaling,training,startup"},
+              "max_t": "8", "skip": "prefill,decode,ceilings,goals,scaling,training,startup"},
     "train": {"out": "{sandbox}/run", "dataset": "{data}", "preset": "tiny", "max_steps": "1", "threads": "1",
               "progress": False},
 }

@@ -6,12 +6,13 @@ end of the run, the higher kept). Each kernel is the median of ≥ 20 runs (fewe
 benchmarks, never pass/fail: every row carries the harness's spread and ``noisy`` flag (``timing``),
 ``bench.json`` lists the noisy rows, and ``load`` records the CPU time other processes took during the run.
 
-This module runs the sections in order — limits, ceilings, runtimes (prefill, decode), start-up, scaling,
-training, limits again — and writes the result (``output``).
+This module runs the sections in order — limits, ceilings, runtimes (prefill, decode), the goals in paired rounds
+(``paired``), start-up, scaling, training, limits again — and writes the result (``output``).
 """
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +102,8 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     probe = Probe(cfg, threads, effort)
     probe("start")
     pairs, skipped = runner_plan(precisions, opts.compile)
-    sections = {"prefill": [], "decode": [], "ceilings": None, "scaling": None, "training": None, "startup": None}
+    sections = {"prefill": [], "decode": [], "ceilings": None, "scaling": None, "training": None, "startup": None,
+                "paired": None}
     if "ceilings" not in opts.skip:
         sections["ceilings"] = measure_ceilings(cfg, threads, effort, say)
         probe("after ceilings")
@@ -135,16 +137,42 @@ def _graph_sections(opts: BenchOptions, ckpt, build_folder: Path | None, pairs: 
     first-token build folder, unless the source is a build folder)."""
     say, threads = opts.progress, opts.threads
     runtimes = "prefill" not in opts.skip or "decode" not in opts.skip
-    if runtimes or ("startup" not in opts.skip and build_folder is None):
+    paired = "goals" not in opts.skip and effort.paired_rounds > 0
+    if runtimes or paired or ("startup" not in opts.skip and build_folder is None):
         (tmp / "graphs").mkdir()
-        export_for_bench(ckpt, tmp / "graphs", tuple(p for _, p in pairs) if runtimes else ("fp32",), say)
+        export_for_bench(ckpt, tmp / "graphs", tuple(p for _, p in pairs) if runtimes or paired else ("fp32",),
+                         say)
     if runtimes:
         sections["prefill"], sections["decode"], failed = runtime_rows(
             pairs, ckpt, tmp / "graphs", limits, effort, threads, opts.skip, say, probe)
         skipped += failed
+    if paired:
+        sections["paired"] = _paired(ckpt, pairs, tmp / "graphs", limits, effort, threads, say)
+        probe("after goals")
     if "startup" not in opts.skip:
         sections["startup"] = startup_section(ckpt, build_folder, tmp, threads, effort, say)
         probe("after startup")
+
+
+def _paired(ckpt, pairs: list[tuple[str, str]], folder: Path, limits: dict, effort: Effort, threads: int,
+            say: Progress) -> dict | None:
+    """The goals scored in paired rounds (``paired``), the ONNX Runtime runners open for it; None without the
+    fp32 runner (``--precision`` left it out)."""
+    from gamexport.bench.paired import open_paired_runners, paired_section
+
+    runners = open_paired_runners(pairs, ckpt, folder, threads)
+    try:
+        if "fp32" not in runners:
+            say("goals: not scored (they need the fp32 ONNX Runtime rows: keep fp32 in --precision)")
+            return None
+        say(f"goals: {effort.paired_rounds} paired rounds of every goal's rows, limits and ceilings "
+            f"({', '.join(runners)})")
+        return paired_section(ckpt.config, runners, limits, threads, effort, say)
+    finally:
+        for runner in runners.values():
+            runner.close()
+        runners.clear()
+        gc.collect()
 
 
 def refit_fractions(cfg: GAMConfig, limits: dict, prefill: list[dict], decode: list[dict],
@@ -200,6 +228,7 @@ def bench_result(opts: BenchOptions, ckpt, precisions: tuple[str, ...], machine:
         "limits": limits, "limits_valid": not invalid, "invalid_limits": invalid, "load": load,
         "prefill": prefill, "decode": decode, "ceilings": ceilings, "scaling": scaling,
         "training": training, "startup": sections["startup"], "steadiness": sections.get("steadiness"),
+        "paired": sections.get("paired"),
         "skipped": skipped, "noisy": noisy,
         "notes": list(NOTES),
     }

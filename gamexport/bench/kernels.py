@@ -86,18 +86,24 @@ def _timed(fn: Callable[[], object], effort: Effort) -> dict:
                    max_seconds=max(effort.max_seconds, 10.0)).as_dict()
 
 
-def time_matmul(M: int, K: int, N: int, threads: int, effort: Effort, constant: bool = True) -> dict:
-    """Time an ONNX Runtime MatMul (see :func:`_matmul_session`); the timing, its shape and engine."""
+def matmul_call(M: int, K: int, N: int, threads: int, constant: bool = True) -> Callable[[], object]:
+    """One call of an ONNX Runtime MatMul (see :func:`_matmul_session`) on fixed random inputs."""
     session = _matmul_session(M, K, N, threads, constant=constant)
     rng = np.random.default_rng(1)
     feeds = {"a": rng.standard_normal((M, K), dtype=np.float32)}
     if not constant:
         feeds["w"] = rng.standard_normal((K, N), dtype=np.float32) * 0.02
-    timing = _timed(lambda: session.run(None, feeds), effort)
-    del session
+    return lambda: session.run(None, feeds)
+
+
+def time_matmul(M: int, K: int, N: int, threads: int, effort: Effort, constant: bool = True) -> dict:
+    """Time an ONNX Runtime MatMul (see :func:`_matmul_session`); the timing, its shape, engine and kernel."""
+    call = matmul_call(M, K, N, threads, constant)
+    timing = _timed(call, effort)
+    del call
     gc.collect()
     engine = "onnxruntime-cpu MatMul fp32" + ("" if constant else ", weight a graph input (not pre-packed)")
-    return {"shape": [M, K, N], "engine": engine, **timing}
+    return {"shape": [M, K, N], "engine": engine, "kernel": {"op": "ort-matmul", "constant": constant}, **timing}
 
 
 def int8_matmul_nodes(precision: str, K: int, N: int, seed: int = 0) -> tuple[list, list]:
@@ -137,21 +143,28 @@ def int8_matmul_nodes(precision: str, K: int, N: int, seed: int = 0) -> tuple[li
     raise ValueError(f"no integer kernel for precision {precision!r}")
 
 
-def time_int8_matmul(precision: str, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
-    """Time one INT8 MatMul as :func:`int8_matmul_nodes` writes it; the timing, its shape and engine."""
+def int8_matmul_call(precision: str, M: int, K: int, N: int, threads: int) -> Callable[[], object]:
+    """One call of an INT8 MatMul as :func:`int8_matmul_nodes` writes it, on fixed random inputs."""
     from onnx import TensorProto, helper
 
     nodes, inits = int8_matmul_nodes(precision, K, N)
     session = nodes_session(nodes, [helper.make_tensor_value_info("a", TensorProto.FLOAT, [M, K])],
                             [helper.make_tensor_value_info("c", TensorProto.FLOAT, [M, N])], inits, threads)
     feeds = {"a": np.random.default_rng(1).standard_normal((M, K), dtype=np.float32)}
-    timing = _timed(lambda: session.run(None, feeds), effort)
-    del session
+    return lambda: session.run(None, feeds)
+
+
+def time_int8_matmul(precision: str, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
+    """Time one INT8 MatMul as :func:`int8_matmul_nodes` writes it; the timing, its shape, engine and kernel."""
+    call = int8_matmul_call(precision, M, K, N, threads)
+    timing = _timed(call, effort)
+    del call
     gc.collect()
     form = {"int8": "Q/DQ MatMul, int8 weights per channel",
             "int8-dyn": "DynamicQuantizeLinear + MatMulInteger, int8 weights per channel",
             "int4": "MatMulNBits, 4-bit weight blocks"}[precision]
-    return {"shape": [M, K, N], "engine": f"onnxruntime-cpu {form}", **timing}
+    return {"shape": [M, K, N], "engine": f"onnxruntime-cpu {form}",
+            "kernel": {"op": "ort-integer", "precision": precision}, **timing}
 
 
 def torch_or_none():
@@ -175,48 +188,93 @@ def _with_torch_threads(torch, threads: int, fn: Callable[[], dict]) -> dict:
         torch.set_num_threads(before)
 
 
-def time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
-    """Time ``torch.mm`` [M, K]×[K, N] fp32 on ``threads`` threads."""
+def torch_mm_call(torch, M: int, K: int, N: int) -> Callable[[], object]:
+    """One ``torch.mm`` [M, K]×[K, N] fp32 on fixed random inputs (on torch's current threads)."""
     g = torch.Generator().manual_seed(0)
     a, w = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g) * 0.02
-    timing = _with_torch_threads(torch, threads, lambda: _timed(lambda: torch.mm(a, w), effort))
-    del a, w
-    return {"shape": [M, K, N], "engine": f"torch {torch.__version__} torch.mm fp32", **timing}
+    return lambda: torch.mm(a, w)
+
+
+def time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -> dict:
+    """Time ``torch.mm`` [M, K]×[K, N] fp32 on ``threads`` threads."""
+    call = torch_mm_call(torch, M, K, N)
+    timing = _with_torch_threads(torch, threads, lambda: _timed(call, effort))
+    del call
+    return {"shape": [M, K, N], "engine": f"torch {torch.__version__} torch.mm fp32", "kernel": {"op": "torch-mm"},
+            **timing}
+
+
+def weight_gemvs_call(cfg, threads: int) -> Callable[[], object]:
+    """One call of the model's fp32 weight MatMuls at M = 1 (:func:`weight_matmuls_session`)."""
+    session, widths = weight_matmuls_session(cfg, "fp32", threads)
+    rng = np.random.default_rng(1)
+    feeds = {f"x{K}": rng.standard_normal((1, K), dtype=np.float32) for K in widths}
+    return lambda: session.run(None, feeds)
 
 
 def time_weight_gemvs(cfg, threads: int, effort: Effort) -> dict:
     """The model's fp32 weight MatMuls alone at M = 1 (:func:`weight_matmuls_session`): a streaming read of every
     weight the model multiplies by through ONNX Runtime's GEMV — the memory bank twice, as the graphs hold it.
-    The timing, the bytes read and the engine."""
+    The timing, the bytes read, the engine and kernel."""
     from gamexport.bench.flops import weight_matmul_shapes
 
-    session, widths = weight_matmuls_session(cfg, "fp32", threads)
-    rng = np.random.default_rng(1)
-    feeds = {f"x{K}": rng.standard_normal((1, K), dtype=np.float32) for K in widths}
-    timing = _timed(lambda: session.run(None, feeds), effort)
-    del session
+    call = weight_gemvs_call(cfg, threads)
+    timing = _timed(call, effort)
+    del call
     gc.collect()
     shapes = weight_matmul_shapes(cfg)
     return {"shape": [1, len(shapes)], "engine": f"onnxruntime-cpu MatMul fp32, the model's {len(shapes)} weight "
-            "MatMuls at M = 1 in one graph", "bytes": 4 * sum(K * N for K, N in shapes), **timing}
+            "MatMuls at M = 1 in one graph", "bytes": 4 * sum(K * N for K, N in shapes),
+            "kernel": {"op": "weight-gemvs"}, **timing}
 
 
-def time_stream(nbytes: int, threads: int, effort: Effort) -> dict:
-    """Time a plain streaming read of ``nbytes`` of float32: ``torch.sum`` on ``threads`` threads where torch is
-    installed, else numpy's sum (single-threaded: a weak limit on more than one core, and it says so)."""
-    n = max(1, nbytes // 4)
+def stream_call(n: int) -> tuple[Callable[[], object], str]:
+    """One plain streaming read of ``n`` float32 values and its engine: ``torch.sum`` (on torch's current
+    threads) where torch is installed, else numpy's sum (single-threaded)."""
     torch = torch_or_none()
     if torch is not None:
         x = torch.ones(n, dtype=torch.float32)
-        timing = _with_torch_threads(torch, threads, lambda: _timed(lambda: torch.sum(x), effort))
-        engine = f"torch {torch.__version__} torch.sum over float32, {threads} threads"
+        return (lambda: torch.sum(x)), f"torch {torch.__version__} torch.sum over float32"
+    y = np.ones(n, dtype=np.float32)
+    return (lambda: np.add.reduce(y)), "numpy sum over float32 (single-threaded: a weak limit; install torch " \
+        "for a threaded read)"
+
+
+def time_stream(nbytes: int, threads: int, effort: Effort) -> dict:
+    """Time a plain streaming read of ``nbytes`` of float32 (:func:`stream_call`) on ``threads`` threads."""
+    n = max(1, nbytes // 4)
+    call, engine = stream_call(n)
+    torch = torch_or_none()
+    if torch is not None:
+        timing = _with_torch_threads(torch, threads, lambda: _timed(call, effort))
+        engine += f", {threads} threads"
     else:
-        x = np.ones(n, dtype=np.float32)
-        timing = _timed(lambda: np.add.reduce(x), effort)
-        engine = "numpy sum over float32 (single-threaded: a weak limit; install torch for a threaded read)"
-    del x
+        timing = _timed(call, effort)
+    del call
     gc.collect()
-    return {"shape": [n], "engine": engine, **timing}
+    return {"shape": [n], "engine": engine, "kernel": {"op": "stream-read"}, **timing}
+
+
+def kernel_call(entry: dict, cfg, threads: int) -> Callable[[], object] | None:
+    """A fresh callable of the kernel a limit candidate was timed with (its ``kernel`` and ``shape``), for timing
+    it again beside the rows measured against it (``paired``); None for an entry without a ``kernel``. torch's
+    kernels run on torch's current threads."""
+    kernel, shape = entry.get("kernel"), entry.get("shape")
+    if not kernel or not shape:
+        return None
+    op = kernel["op"]
+    if op == "ort-matmul":
+        return matmul_call(*shape, threads, constant=kernel["constant"])
+    if op == "ort-integer":
+        return int8_matmul_call(kernel["precision"], *shape, threads)
+    if op == "torch-mm":
+        torch = torch_or_none()
+        return torch_mm_call(torch, *shape) if torch is not None else None
+    if op == "stream-read":
+        return stream_call(shape[0])[0]
+    if op == "weight-gemvs":
+        return weight_gemvs_call(cfg, threads)
+    return None
 
 
 def stream_bytes() -> int:

@@ -11,7 +11,7 @@ from gamexport.targets import CPU_PRECISIONS
 
 
 #: Sections a run can skip (the limits are always measured: every fraction needs them).
-SECTIONS = ("prefill", "decode", "ceilings", "scaling", "training", "startup")
+SECTIONS = ("prefill", "decode", "ceilings", "goals", "scaling", "training", "startup")
 
 
 #: ONNX Runtime CPU precisions the bench measures (bf16 has no CPU kernels: a skipped row says so).

@@ -112,6 +112,8 @@ def render_table(result: dict) -> str:
         lines += _scaling_lines(scaling)
     if result.get("ceilings"):
         lines += _ceiling_lines(result["ceilings"])
+    if result.get("paired"):
+        lines += _goal_lines(result["paired"])
     training = result.get("training")
     if training and training["rows"]:
         lines += _training_lines(training)
@@ -126,6 +128,18 @@ def render_table(result: dict) -> str:
                         if k in s)
         lines.append(f"skipped: {what}: {s['reason']}")
     return "\n".join(lines)
+
+
+def _goal_lines(paired: dict) -> list[str]:
+    """The performance goals as the paired rounds scored them: median (quartiles) and verdict."""
+    lines = [f"goals, scored in {paired['rounds']} paired rounds (median, quartiles):"]
+    for g in paired["goals"]:
+        if "median" not in g:
+            lines.append(f"  {g['goal']}: {g.get('no_verdict', 'not measured')}")
+            continue
+        said = g["verdict"] or f"no verdict: {g['no_verdict']}"
+        lines.append(f"  {g['goal']}: {g['median']:.2f} ({g['q1']:.2f}–{g['q3']:.2f}) → {said}")
+    return lines
 
 
 def _head_lines(result: dict) -> list[str]:

@@ -1,0 +1,188 @@
+"""The goals' paired rounds (gamexport.bench.paired): each goal's value per round from that round's own timings,
+verdicts from the rounds' quartiles, and a host that changes speed between rounds leaves the goals where they
+are. Synthetic timings only: no timing of this machine is asserted."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from gamexport.bench import paired
+from gamexport.config import PRESETS
+
+PAPER = PRESETS["paper"]
+ROOT = Path(__file__).resolve().parent.parent
+
+# The paper config's counts, written out (docs/benchmarks.md): FLOPs per token with the head, the head's share,
+# and the bytes of weights one fp32 decode step reads.
+FLOPS_PER_TOKEN = 48_007_168
+HEAD_FLOPS = 10_240_000
+STEP_BYTES = 89_876_480
+COMPUTE_WORK = 2 * 256 * 512 * 1024          # the limit's contender below: the gate's prefill MatMul
+BANDWIDTH_WORK = 90_000_000                   # bytes one call of the bandwidth contender reads
+BATCHED_WORK = 2 * 32 * 512 * 44140
+
+
+def base_round() -> dict:
+    """One round's p50 ms of every item the paper config's goals read, and the limits' contenders."""
+    r = {
+        "limit compute: gate": 1.2, "limit bandwidth: gemv": 3.0, "limit batched: m32": 10.0,
+        "fp32 prefill for generation B1×256": 50.0, "fp32 prefill B1×256": 60.0, "fp32 prefill B1×64": 16.0,
+        "fp32 decode B1": 3.5, "fp32 decode B32": 20.0, "int8 decode B1": 1.25, "int8-dyn decode B1": 1.3,
+        "int4 decode B1": 0.9, "int8 prefill B1×256": 20.0, "int8-dyn prefill B1×256": 21.0,
+        "ceiling fp32 M1": 3.6, "ceiling int8 M1": 1.05, "ceiling fp32 M256": 68.0, "ceiling int8 M256": 19.0,
+        "ceiling fp32 M32": 9.6, "ceiling fp32 M64": 16.7,
+        "_edges": {"fp32 decode B1": 1.02},
+        "_limits": {"compute": [("limit compute: gate", COMPUTE_WORK)],
+                    "bandwidth": [("limit bandwidth: gemv", BANDWIDTH_WORK)],
+                    "batched": [("limit batched: m32", BATCHED_WORK)]},
+    }
+    return r
+
+
+def values(r: dict) -> dict[str, float]:
+    return {g.id: g.value(r) for g in paired.goals(PAPER)}
+
+
+def test_each_goal_by_hand():
+    v = values(base_round())
+    compute = COMPUTE_WORK / 1.2e-3
+    gen_flops = 256 * (FLOPS_PER_TOKEN - HEAD_FLOPS) + HEAD_FLOPS     # the head at the last position only
+    assert v["prefill_generation"] == pytest.approx(gen_flops / 50e-3 / compute)
+    assert v["prefill"] == pytest.approx(256 * FLOPS_PER_TOKEN / 60e-3 / compute)
+    assert v["prefill_64"] == pytest.approx(64 * FLOPS_PER_TOKEN / 16e-3 / compute)
+    roofline_ms = STEP_BYTES / (BANDWIDTH_WORK / 3.0e-3) * 1e3
+    assert v["decode"] == pytest.approx(roofline_ms / 3.5)
+    assert v["decode_flat"] == 1.02
+    assert v["batched_decode"] == pytest.approx(32 * FLOPS_PER_TOKEN / 20e-3 / (BATCHED_WORK / 10e-3))
+    assert v["int8_decode"] == pytest.approx((3.5 / 1.25) / (3.6 / 1.05))    # the faster INT8 flavour
+    assert v["int8_prefill"] == pytest.approx((60.0 / 20.0) / (68.0 / 19.0))
+    assert v["int4_decode"] == pytest.approx(1.25 / 0.9)                     # against the faster INT8
+
+
+def test_a_limit_is_the_best_of_its_contenders_in_the_round():
+    r = base_round()
+    r["limit compute: head"] = 10.0
+    r["_limits"]["compute"].append(("limit compute: head", 2 * 256 * 512 * 10000))
+    head_rate = 2 * 256 * 512 * 10000 / 10e-3
+    assert head_rate > COMPUTE_WORK / 1.2e-3
+    assert values(r)["prefill"] == pytest.approx(256 * FLOPS_PER_TOKEN / 60e-3 / head_rate)
+
+
+class Host:
+    """A host whose speed changes: every block it runs takes ``slow`` times longer from block ``at`` on."""
+
+    def __init__(self, at: int, slow: float, only: int | None = None):
+        self.blocks, self.at, self.slow, self.only = 0, at, slow, only
+
+    def item(self, name: str, ms: float) -> paired.Item:
+        def block() -> list[float]:
+            self.blocks += 1
+            hit = self.blocks >= self.at if self.only is None else self.blocks == self.only
+            return [ms * (self.slow if hit else 1.0) / 1e3] * 4
+        return paired.Item(name, block)
+
+
+def run(host: Host, rounds: int = 9) -> dict:
+    r0 = base_round()
+    items = [host.item(name, ms) for name, ms in r0.items() if not name.startswith("_")]
+    got = paired.run_rounds(items, rounds, set(), lambda msg: None)
+    for r in got:
+        r["_limits"], r["_edges"] = r0["_limits"], r0["_edges"]
+    return paired.score(PAPER, got)
+
+
+def test_a_host_that_slows_down_between_rounds_leaves_every_goal_where_it_was():
+    """The bug the rounds exist for: a row timed while the host is slow, divided by a limit timed while it was
+    fast. Here the host halves its speed after the first three rounds; every round's value stays that of a steady
+    host, so every verdict does too."""
+    steady = {g["id"]: g for g in run(Host(at=10**9, slow=1.0))["goals"]}
+    n_items = len([k for k in base_round() if not k.startswith("_")])
+    changed = {g["id"]: g for g in run(Host(at=3 * n_items + 1, slow=2.0))["goals"]}
+    for gid, g in steady.items():
+        assert changed[gid]["values"] == pytest.approx(g["values"]), gid
+        assert changed[gid]["verdict"] == g["verdict"]
+    assert steady["prefill_generation"]["verdict"] == "met"          # 0.87 ≥ 0.75
+    assert steady["batched_decode"]["verdict"] == "not met"          # 0.52 < 0.80
+
+
+def test_one_block_caught_by_a_slowdown_moves_one_round_only():
+    """A slowdown inside one round skews that round's ratio; the quartiles of nine rounds leave the verdict."""
+    steady = {g["id"]: g for g in run(Host(at=10**9, slow=1.0))["goals"]}
+    hit = {g["id"]: g for g in run(Host(at=0, slow=3.0, only=5))["goals"]}   # the 5th block of round 1
+    moved = [gid for gid in steady if hit[gid]["values"] != pytest.approx(steady[gid]["values"])]
+    assert moved, "the planted slowdown changed no value"
+    for gid in steady:
+        assert hit[gid]["verdict"] == steady[gid]["verdict"], gid
+
+
+@pytest.mark.parametrize("vals,at_least,expected", [
+    ([0.9] * 9, True, "met"),
+    ([0.5] * 9, True, "not met"),
+    ([0.6, 0.7, 0.75, 0.78, 0.8, 0.82, 0.85, 0.9, 0.95], True, "on the line"),   # the median alone would be met
+    ([0.81, 0.82, 0.83, 0.85, 0.86, 0.7, 0.6, 0.9, 0.88], True, "met"),          # two low rounds, q1 still ≥ 0.8
+    ([1.05] * 9, False, "met"),                                                   # at most 1.10
+    ([1.2] * 9, False, "not met"),
+])
+def test_verdicts_come_from_the_quartiles(vals, at_least, expected):
+    goal = paired.Goal("g", "g", 0.8 if at_least else 1.10, at_least, lambda r: 0.0)
+    assert paired.verdict(goal, vals) == (expected, None)
+
+
+def test_a_fraction_above_its_limit_has_no_verdict():
+    goal = paired.Goal("g", "g", 0.8, True, lambda r: 0.0, limit="bandwidth")
+    said, why = paired.verdict(goal, [1.1] * 9)
+    assert said == "" and "bandwidth limit is beaten" in why
+    assert paired.verdict(goal, []) == ("", "not measured in this run")
+
+
+def test_a_goal_without_its_items_is_not_measured():
+    r = base_round()
+    for name in ("int8 decode B1", "int8-dyn decode B1"):
+        del r[name]
+    scored = {g["id"]: g for g in paired.score(PAPER, [r, r])["goals"]}
+    assert scored["int8_decode"]["values"] == [] and scored["int8_decode"]["no_verdict"] == "not measured in this run"
+    assert scored["prefill"]["verdict"] in paired.VERDICTS
+
+
+def _bench_docs():
+    loader = importlib.machinery.SourceFileLoader("bench_docs", str(ROOT / "scripts" / "bench-docs"))
+    spec = importlib.util.spec_from_loader("bench_docs", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_bench_docs_scores_the_goals_from_the_paired_rounds():
+    bd = _bench_docs()
+    bench = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text(encoding="utf-8"))
+    r = base_round()
+    bench["paired"] = {"rounds": 3, "context": {}, **paired.score(PAPER, [r, r, r])}
+    table = bd.table_goals(bench)
+    line = next(x for x in table.splitlines() if x.startswith("| prefill for generation"))
+    assert "0.87 (quartiles 0.87–0.87 over 3 rounds)" in line and line.endswith("| ✓ |")
+    assert next(x for x in table.splitlines() if x.startswith("| batched decode")).endswith("| ✗ |")
+    # The paired rounds cancel the host's changes, so an unsteady run keeps its paired verdicts...
+    bench["steadiness"] = {**bench["steadiness"], "steady": False}
+    assert "| ✓ |" in bd.table_goals(bench)
+    # ...but not a machine whose own processes took the cores.
+    bench["load"] = {**bench["load"], "busy": True}
+    assert "✓" not in bd.table_goals(bench).split("cold first token")[0]
+
+
+def test_an_absolute_time_met_on_an_unsteady_host_stands():
+    bd = _bench_docs()
+    bench = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text(encoding="utf-8"))
+    bench["steadiness"] = {**bench["steadiness"], "steady": False}
+    first = next(x for x in bd.table_goals(bench).splitlines() if x.startswith("| cold first token"))
+    assert bd.SLOWER_ONLY in first             # 0.27 s and 0.53 s: met although the host slowed at times
+    bench["startup"]["first_token"]["p50_ms"] = 700.0
+    first = next(x for x in bd.table_goals(bench).splitlines() if x.startswith("| cold first token"))
+    assert "no verdict" in first               # a miss on a host that slowed down says nothing
+    bench["steadiness"] = {**bench["steadiness"], "steady": True}
+    first = next(x for x in bd.table_goals(bench).splitlines() if x.startswith("| cold first token"))
+    assert first.endswith("| ✗ |")
