@@ -202,6 +202,8 @@ def test_paired_goals_in_a_quick_run(quick):
     out, bench, result = quick
     pa = bench["paired"]
     assert pa["rounds"] == 2 and pa["runs_per_block"] == 2
+    assert {k: len(v) for k, v in pa["limits_used"].items()} == {
+        k: len(bench["limits"][k]["candidates"]) for k in ("compute", "bandwidth", "batched")}
     t = pa["timings_ms"]
     assert all(len(v) == 2 and all(_positive(x) for x in v) for v in t.values())
     assert {"fp32 prefill B1×64", "fp32 prefill for generation B1×64", "fp32 decode B1", "fp32 decode B32",
@@ -209,9 +211,7 @@ def test_paired_goals_in_a_quick_run(quick):
             "ceiling int8 M1", "ceiling fp32 M64", "ceiling int8 M64", "ceiling fp32 M32"} <= set(t)
     cands = {f"limit compute: {c['name']}": c for c in bench["limits"]["compute"]["candidates"]}
     used = pa["limits_used"]["compute"]
-    assert used and set(used) <= set(cands) and all(name in t for name in used)
-    best = max(c["gflops"] for c in bench["limits"]["compute"]["candidates"])
-    assert all(cands[n]["gflops"] * 1.15 >= best for n in used)            # the contenders of the start's winner
+    assert set(used) == set(cands) and all(name in t for name in used)    # every candidate, in every round
     goals = {g["id"]: g for g in pa["goals"]}
     per_token = bench["flops_per_token"]["total"]
     for k in range(2):

@@ -11,10 +11,9 @@ needs the rounds to agree: met when the lower quartile meets it, not met when th
 "on the line". A slowdown that spans a round slows the row and its limit alike; one that hits a single block
 moves one round, which the quartiles absorb.
 
-The limit a fraction is taken against is, in each round, the best of the limit's candidates that came within
-:data:`CONTENDERS` of its winner at the start of the run (the others cannot win a round unless the host changed
-under them, which this is here to cancel). A goal whose median fraction exceeds 1.0 proves that limit wrong, as
-anywhere in the bench: it gets no verdict.
+The limit a fraction is taken against is, in each round, the best of all the limit's candidates timed in that
+round (the winner at the start of a run may have been measured while the host was slow). A goal whose median
+fraction exceeds 1.0 proves that limit wrong, as anywhere in the bench: it gets no verdict.
 """
 
 from __future__ import annotations
@@ -31,9 +30,6 @@ from gamexport.bench.flops import flops_per_token, prefill_flops, weight_bytes_p
 from gamexport.bench.settings import BATCHED_M, EDGE, Effort, Progress
 from gamexport.config import GAMConfig
 
-#: Candidates of a limit timed in every round: those within this factor of its winner at the start of the run.
-CONTENDERS = 1.15
-
 #: A goal's rounds: met when its lower quartile meets the goal, not met when its upper quartile misses it.
 VERDICTS = ("met", "not met", "on the line")
 
@@ -48,13 +44,22 @@ class Item:
     work: float = 0.0      # FLOPs (or bytes, for a bandwidth kernel) of one call, where the goals need it
 
 
+#: A kernel block lasts at least this long (more calls of a short kernel), so that one hiccup moves no median.
+MIN_BLOCK_S = 0.05
+MAX_BLOCK_RUNS = 64
+
+
 def kernel_block(call: Callable[[], object], runs: int, warmup: int = 1) -> Callable[[], list[float]]:
-    """A block of ``warmup`` untimed then ``runs`` timed calls of ``call``."""
+    """A block of ``warmup`` untimed calls, then ``runs`` timed ones — more for a short kernel, so that the block
+    lasts :data:`MIN_BLOCK_S` (at most :data:`MAX_BLOCK_RUNS` calls)."""
     def block() -> list[float]:
+        t0 = time.perf_counter()
         for _ in range(warmup):
             call()
+        each = (time.perf_counter() - t0) / max(warmup, 1)
+        n = runs if each <= 0 else max(runs, min(MAX_BLOCK_RUNS, int(MIN_BLOCK_S / each) + 1))
         samples = []
-        for _ in range(runs):
+        for _ in range(n):
             t0 = time.perf_counter()
             call()
             samples.append(time.perf_counter() - t0)
@@ -216,20 +221,15 @@ def score(cfg: GAMConfig, rounds: list[dict]) -> dict:
     return {"goals": out_goals, "context": ctx}
 
 
-def contenders(limit: dict, key: str) -> list[dict]:
-    """A limit's candidates within :data:`CONTENDERS` of its best (the ones a round could see win)."""
-    best = max(c[key] for c in limit["candidates"])
-    return [c for c in limit["candidates"] if c[key] * CONTENDERS >= best and c.get("kernel")]
-
-
 def limit_items(cfg: GAMConfig, limits: dict, threads: int, runs: int) -> tuple[list[Item], dict]:
-    """The limits' contending kernels as items, and ``_limits``: {limit: [(item name, work of one call)]}."""
+    """Every candidate kernel of the three limits as an item, and ``_limits``: {limit: [(item name, work of one
+    call)]}."""
     from gamexport.bench.kernels import kernel_call
 
     items, used = [], {}
     for name, key in (("compute", "gflops"), ("bandwidth", "gbps"), ("batched", "gflops")):
         used[name] = []
-        for c in contenders(limits[name], key):
+        for c in limits[name]["candidates"]:
             call = kernel_call(c, cfg, threads)
             if call is None:
                 continue
@@ -331,7 +331,7 @@ def paired_section(cfg: GAMConfig, runners: dict, limits: dict, threads: int, ef
     scored = score(cfg, rounds)
     del items, lim_items, rows
     gc.collect()
-    return {"what": "each goal's rows, its limit's contending kernels and the ceilings' weight MatMuls timed in "
+    return {"what": "each goal's rows, its limit's candidate kernels and the ceilings' weight MatMuls timed in "
                     f"alternation, one block each per round, {effort.paired_rounds} rounds (order rotated); a goal's "
                     "value is the median over rounds of its per-round value, met when the lower quartile meets it, "
                     "not met when the upper quartile misses it, else on the line",
