@@ -36,7 +36,7 @@ def base_round() -> dict:
         "int4 decode B1": 0.9, "int8 prefill B1×256": 20.0, "int8-dyn prefill B1×256": 21.0,
         "ceiling fp32 M1": 3.6, "ceiling int8 M1": 1.05, "ceiling fp32 M256": 68.0, "ceiling int8 M256": 19.0,
         "ceiling fp32 M32": 9.6, "ceiling fp32 M64": 16.7,
-        "_edges": {"fp32 decode B1": 1.02},
+        "fp32 decode first 32": 3.5, "fp32 decode last 32": 3.57,
         "_limits": {"compute": [("limit compute: gate", COMPUTE_WORK)],
                     "bandwidth": [("limit bandwidth: gemv", BANDWIDTH_WORK)],
                     "batched": [("limit batched: m32", BATCHED_WORK)]},
@@ -57,7 +57,7 @@ def test_each_goal_by_hand():
     assert v["prefill_64"] == pytest.approx(64 * FLOPS_PER_TOKEN / 16e-3 / compute)
     roofline_ms = STEP_BYTES / (BANDWIDTH_WORK / 3.0e-3) * 1e3
     assert v["decode"] == pytest.approx(roofline_ms / 3.5)
-    assert v["decode_flat"] == 1.02
+    assert v["decode_flat"] == pytest.approx(1.02)
     assert v["batched_decode"] == pytest.approx(32 * FLOPS_PER_TOKEN / 20e-3 / (BATCHED_WORK / 10e-3))
     assert v["int8_decode"] == pytest.approx((3.5 / 1.25) / (3.6 / 1.05))    # the faster INT8 flavour
     assert v["int8_prefill"] == pytest.approx((60.0 / 20.0) / (68.0 / 19.0))
@@ -74,35 +74,49 @@ def test_a_limit_is_the_best_of_its_candidates_in_the_round():
 
 
 class Host:
-    """A host whose speed changes: every block it runs takes ``slow`` times longer from block ``at`` on."""
+    """A host whose speed changes with time: the blocks it runs are counted in the order they run, and those in
+    ``slow_blocks`` take ``slow`` times longer."""
 
-    def __init__(self, at: int, slow: float, only: int | None = None):
-        self.blocks, self.at, self.slow, self.only = 0, at, slow, only
+    def __init__(self, slow: float = 1.0, slow_blocks=frozenset()):
+        self.blocks, self.slow, self.slow_blocks = 0, slow, set(slow_blocks)
 
     def item(self, name: str, ms: float) -> paired.Item:
         def block() -> list[float]:
             self.blocks += 1
-            hit = self.blocks >= self.at if self.only is None else self.blocks == self.only
-            return [ms * (self.slow if hit else 1.0) / 1e3] * 4
+            return [ms * (self.slow if self.blocks in self.slow_blocks else 1.0) / 1e3] * 4
         return paired.Item(name, block)
 
 
 def run(host: Host, rounds: int = 9) -> dict:
     r0 = base_round()
     items = [host.item(name, ms) for name, ms in r0.items() if not name.startswith("_")]
-    got = paired.run_rounds(items, rounds, set(), lambda msg: None)
-    for r in got:
-        r["_limits"], r["_edges"] = r0["_limits"], r0["_edges"]
+    groups = paired.plan_groups(PAPER, items, r0["_limits"])
+    got = paired.run_rounds(groups, rounds, lambda msg: None)
+    for rs in got.values():
+        for r in rs:
+            r["_limits"] = r0["_limits"]
     return paired.score(PAPER, got)
+
+
+def blocks_of_rounds(rounds: int, which) -> set[int]:
+    """The (1-based) block numbers of rounds ``which`` of every group, as run_rounds runs them."""
+    r0 = base_round()
+    sizes = [len(items) for items in paired.plan_groups(
+        PAPER, [paired.Item(n, lambda: [0.0]) for n in r0 if not n.startswith("_")], r0["_limits"]).values()]
+    out, start = set(), 0
+    for n in sizes:
+        for k in which:
+            out |= set(range(start + k * n + 1, start + (k + 1) * n + 1))
+        start += rounds * n
+    return out
 
 
 def test_a_host_that_slows_down_between_rounds_leaves_every_goal_where_it_was():
     """The bug the rounds exist for: a row timed while the host is slow, divided by a limit timed while it was
-    fast. Here the host halves its speed after the first three rounds; every round's value stays that of a steady
-    host, so every verdict does too."""
-    steady = {g["id"]: g for g in run(Host(at=10**9, slow=1.0))["goals"]}
-    n_items = len([k for k in base_round() if not k.startswith("_")])
-    changed = {g["id"]: g for g in run(Host(at=3 * n_items + 1, slow=2.0))["goals"]}
+    fast. Here the host halves its speed after the first three rounds of every group; every round's value stays
+    that of a steady host, so every verdict does too."""
+    steady = {g["id"]: g for g in run(Host())["goals"]}
+    changed = {g["id"]: g for g in run(Host(2.0, blocks_of_rounds(9, range(3, 9))))["goals"]}
     for gid, g in steady.items():
         assert changed[gid]["values"] == pytest.approx(g["values"]), gid
         assert changed[gid]["verdict"] == g["verdict"]
@@ -112,8 +126,8 @@ def test_a_host_that_slows_down_between_rounds_leaves_every_goal_where_it_was():
 
 def test_one_block_caught_by_a_slowdown_moves_one_round_only():
     """A slowdown inside one round skews that round's ratio; the quartiles of nine rounds leave the verdict."""
-    steady = {g["id"]: g for g in run(Host(at=10**9, slow=1.0))["goals"]}
-    hit = {g["id"]: g for g in run(Host(at=0, slow=3.0, only=5))["goals"]}   # the 5th block of round 1
+    steady = {g["id"]: g for g in run(Host())["goals"]}
+    hit = {g["id"]: g for g in run(Host(3.0, {2}))["goals"]}   # one block of the first group's first round
     moved = [gid for gid in steady if hit[gid]["values"] != pytest.approx(steady[gid]["values"])]
     assert moved, "the planted slowdown changed no value"
     for gid in steady:
@@ -129,12 +143,12 @@ def test_one_block_caught_by_a_slowdown_moves_one_round_only():
     ([1.2] * 9, False, "not met"),
 ])
 def test_verdicts_come_from_the_quartiles(vals, at_least, expected):
-    goal = paired.Goal("g", "g", 0.8 if at_least else 1.10, at_least, lambda r: 0.0)
+    goal = paired.Goal("g", "g", 0.8 if at_least else 1.10, at_least, lambda r: 0.0, None, "compute", ())
     assert paired.verdict(goal, vals) == (expected, None)
 
 
 def test_a_fraction_above_its_limit_has_no_verdict():
-    goal = paired.Goal("g", "g", 0.8, True, lambda r: 0.0, limit="bandwidth")
+    goal = paired.Goal("g", "g", 0.8, True, lambda r: 0.0, "bandwidth", "bandwidth", ())
     said, why = paired.verdict(goal, [1.1] * 9)
     assert said == "" and "bandwidth limit is beaten" in why
     assert paired.verdict(goal, []) == ("", "not measured in this run")
@@ -144,7 +158,10 @@ def test_a_goal_without_its_items_is_not_measured():
     r = base_round()
     for name in ("int8 decode B1", "int8-dyn decode B1"):
         del r[name]
-    scored = {g["id"]: g for g in paired.score(PAPER, [r, r])["goals"]}
+    items = [paired.Item(name, lambda: [1e-3]) for name in r if not name.startswith("_")]
+    groups = paired.plan_groups(PAPER, items, r["_limits"])
+    assert "int8 decode" not in groups and "int4 decode" not in groups and "int8 prefill" in groups
+    scored = {g["id"]: g for g in paired.score(PAPER, {group: [r, r] for group in groups})["goals"]}
     assert scored["int8_decode"]["values"] == [] and scored["int8_decode"]["no_verdict"] == "not measured in this run"
     assert scored["prefill"]["verdict"] in paired.VERDICTS
 
@@ -161,7 +178,7 @@ def test_bench_docs_scores_the_goals_from_the_paired_rounds():
     bd = _bench_docs()
     bench = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text(encoding="utf-8"))
     r = base_round()
-    bench["paired"] = {"rounds": 3, "context": {}, **paired.score(PAPER, [r, r, r])}
+    bench["paired"] = {"rounds": 3, **paired.score(PAPER, {g: [r, r, r] for g in paired.GROUPS})}
     table = bd.table_goals(bench)
     line = next(x for x in table.splitlines() if x.startswith("| prefill for generation"))
     assert "0.87 (quartiles 0.87–0.87 over 3 rounds)" in line and line.endswith("| ✓ |")

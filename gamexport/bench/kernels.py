@@ -40,7 +40,7 @@ def weight_matmuls_session(cfg, kind: str, threads: int, seed: int = 0):
     ``fp32`` MatMul, or ``int8`` DynamicQuantizeMatMul (int8 weights per output channel, activations quantized
     on the fly — the integer GEMM both of ONNX Runtime's INT8 flavours run). Returns (session, the input widths K:
     input ``x{K}`` is [M, K]). The ceilings time it at every M; at M = 1 in fp32 it is also a bandwidth-limit
-    candidate (:func:`time_weight_gemvs`)."""
+    candidate, and at M = 32 a batched one (:func:`time_weight_matmuls`)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -204,28 +204,30 @@ def time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -
             **timing}
 
 
-def weight_gemvs_call(cfg, threads: int) -> Callable[[], object]:
-    """One call of the model's fp32 weight MatMuls at M = 1 (:func:`weight_matmuls_session`)."""
+def weight_matmuls_call(cfg, threads: int, M: int = 1) -> Callable[[], object]:
+    """One call of the model's fp32 weight MatMuls at ``M`` rows (:func:`weight_matmuls_session`)."""
     session, widths = weight_matmuls_session(cfg, "fp32", threads)
     rng = np.random.default_rng(1)
-    feeds = {f"x{K}": rng.standard_normal((1, K), dtype=np.float32) for K in widths}
+    feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
     return lambda: session.run(None, feeds)
 
 
-def time_weight_gemvs(cfg, threads: int, effort: Effort) -> dict:
-    """The model's fp32 weight MatMuls alone at M = 1 (:func:`weight_matmuls_session`): a streaming read of every
-    weight the model multiplies by through ONNX Runtime's GEMV — the memory bank twice, as the graphs hold it.
-    The timing, the bytes read, the engine and kernel."""
+def time_weight_matmuls(cfg, threads: int, effort: Effort, M: int = 1) -> dict:
+    """The model's fp32 weight MatMuls alone at ``M`` rows (:func:`weight_matmuls_session`, the ceilings' kernel).
+    At M = 1 a streaming read of every weight the model multiplies by through ONNX Runtime's GEMV (the memory bank
+    twice, as the graphs hold it: ``bytes``); at M = 32 a batched decode step's GEMMs (``flops``). The timing, the
+    bytes, the FLOPs, the engine and kernel."""
     from gamexport.bench.flops import weight_matmul_shapes
 
-    call = weight_gemvs_call(cfg, threads)
+    call = weight_matmuls_call(cfg, threads, M)
     timing = _timed(call, effort)
     del call
     gc.collect()
     shapes = weight_matmul_shapes(cfg)
-    return {"shape": [1, len(shapes)], "engine": f"onnxruntime-cpu MatMul fp32, the model's {len(shapes)} weight "
-            "MatMuls at M = 1 in one graph", "bytes": 4 * sum(K * N for K, N in shapes),
-            "kernel": {"op": "weight-gemvs"}, **timing}
+    elements = sum(K * N for K, N in shapes)
+    return {"shape": [M, len(shapes)], "engine": f"onnxruntime-cpu MatMul fp32, the model's {len(shapes)} weight "
+            f"MatMuls at M = {M} in one graph", "bytes": 4 * elements, "flops": 2 * M * elements,
+            "kernel": {"op": "weight-matmuls"}, **timing}
 
 
 def stream_call(n: int) -> tuple[Callable[[], object], str]:
@@ -272,8 +274,8 @@ def kernel_call(entry: dict, cfg, threads: int) -> Callable[[], object] | None:
         return torch_mm_call(torch, *shape) if torch is not None else None
     if op == "stream-read":
         return stream_call(shape[0])[0]
-    if op == "weight-gemvs":
-        return weight_gemvs_call(cfg, threads)
+    if op == "weight-matmuls":
+        return weight_matmuls_call(cfg, threads, shape[0])
     return None
 
 

@@ -2,14 +2,18 @@
 timed in alternation, so that a change of the host's speed moves both sides of every ratio.
 
 A quiet machine can still change speed under a run: on the 2-core cloud host of 2026-12 the same kernel ran up
-to 2.3× slower from one minute to the next (``steadiness``). The sections of the bench time each row once, minutes
-away from the limits it is divided by, so on such a host their fractions measure the host. Here every quantity a
-goal needs — the row, the limit's kernels, the ceilings' weight MatMuls — is timed in each of ``rounds`` rounds,
-one short block each (a warm-up call, then a few timed calls, or one pass of decode steps), back to back. Each round
-yields every goal's value from its own timings; the goal's value is the median over the rounds, and its verdict
-needs the rounds to agree: met when the lower quartile meets it, not met when the upper quartile misses it, else
-"on the line". A slowdown that spans a round slows the row and its limit alike; one that hits a single block
-moves one round, which the quartiles absorb.
+to 3× slower from one minute to the next (``steadiness``), and in one run prefills alternated between two speeds
+from one ten-second round to the next. The sections of the bench time each row once, minutes away from the limits
+it is divided by, so on such a host their fractions measure the host. Here the goals are measured in **groups**
+(:data:`GROUPS`): the prefill goals with every candidate kernel of the compute limit, fp32 decode with the
+bandwidth limit's, batched decode with the batched limit's, each INT8 ratio with the fp32 row and the ceilings'
+weight MatMuls it is divided by. A group's items are timed in each of ``rounds`` rounds, one short block each (a
+warm-up call, then calls for at least :data:`MIN_BLOCK_S`, or a few dozen decode steps), back to back and in an
+order rotated every round, so that one round of a group lasts a second or two. Each round yields each goal's value
+from its own timings; the goal's value is the median over the rounds, and its verdict needs the rounds to agree:
+met when the lower quartile meets it, not met when the upper quartile misses it, else "on the line". A slowdown
+that spans a round slows the row and its limit alike; one that catches a single block moves one round, which the
+quartiles absorb.
 
 The limit a fraction is taken against is, in each round, the best of all the limit's candidates timed in that
 round (the winner at the start of a run may have been measured while the host was slow). A goal whose median
@@ -45,13 +49,13 @@ class Item:
 
 
 #: A kernel block lasts at least this long (more calls of a short kernel), so that one hiccup moves no median.
-MIN_BLOCK_S = 0.05
+MIN_BLOCK_S = 0.1
 MAX_BLOCK_RUNS = 64
 
 
 def kernel_block(call: Callable[[], object], runs: int, warmup: int = 1) -> Callable[[], list[float]]:
-    """A block of ``warmup`` untimed calls, then ``runs`` timed ones — more for a short kernel, so that the block
-    lasts :data:`MIN_BLOCK_S` (at most :data:`MAX_BLOCK_RUNS` calls)."""
+    """A block of ``warmup`` untimed calls, then at least ``runs`` timed ones — more for a short kernel, so that
+    the block lasts :data:`MIN_BLOCK_S` (at most :data:`MAX_BLOCK_RUNS` calls)."""
     def block() -> list[float]:
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -69,102 +73,120 @@ def kernel_block(call: Callable[[], object], runs: int, warmup: int = 1) -> Call
 
 @dataclass(frozen=True)
 class Goal:
-    """A goal scored per round: ``value(round)`` from the round's p50s (ms by item name; KeyError where an item was
-    not timed), compared ``at_least`` or at most ``bound``; ``limit`` names the limit a fraction is of (None for a
-    ratio of ratios), so that a fraction above 1.0 voids it."""
+    """A goal (or, without ``bound``, a context value) scored per round: ``value(round)`` from the round's p50s
+    (ms by item name, and ``_limits``), compared ``at_least`` or at most ``bound``; ``limit`` names the limit a
+    fraction is of (None for a ratio of ratios), so that a fraction above 1.0 voids it; ``group`` is the group
+    (:data:`GROUPS`) whose rounds it is scored on, ``needs`` the items (besides the limits' kernels) it reads, and
+    ``either`` items of which it needs one (the INT8 flavours)."""
 
     id: str
     text: str
-    bound: float
+    bound: float | None
     at_least: bool
     value: Callable[[dict], float]
-    limit: str | None = None
+    limit: str | None
+    group: str
+    needs: tuple[str, ...]
+    either: tuple[str, ...] = ()
+
+    def scorable(self, names) -> bool:
+        """Whether items ``names`` hold what it reads: every one of ``needs`` and one of ``either`` (if any)."""
+        return all(n in names for n in self.needs) and (not self.either or any(n in names for n in self.either))
+
+
+#: The groups timed together, and the limits whose every candidate kernel each group times.
+GROUPS = {"compute": ("compute",), "bandwidth": ("bandwidth",), "positions": (), "batched": ("batched",),
+          "int8 decode": (), "int8 prefill": (), "int4 decode": ()}
+
+#: Decode blocks: this many steps per block (the batched one: BATCHED_DECODE_STEPS), and for the positions
+#: group the first and the last EDGE positions.
+DECODE_BLOCK_STEPS = 48
+BATCHED_DECODE_STEPS = 12
 
 
 def _shapes(cfg: GAMConfig) -> dict:
     P = cfg.max_positions
-    return {"T": min(256, P), "T64": min(64, P), "P": P}
+    return {"T": min(256, P), "T64": min(64, P), "P": P, "M32": min(BATCHED_M, P)}
 
 
-def goals(cfg: GAMConfig) -> list[Goal]:
-    """The performance issue's goals, each a function of one round's timings (see the module docstring)."""
-    T, T64 = _shapes(cfg)["T"], _shapes(cfg)["T64"]
+def measures(cfg: GAMConfig) -> list[Goal]:
+    """The performance issue's goals (``bound`` set) and what stands in their way (context, ``bound`` None), each
+    a function of one round of its group (see the module docstring)."""
+    sh = _shapes(cfg)
+    T, T64, M32 = sh["T"], sh["T64"], sh["M32"]
     per_token = flops_per_token(cfg)["total"]
+    elements = sum(K * N for K, N in weight_matmul_shapes(cfg))
+    step_bytes = weight_bytes_per_step(cfg, "fp32")
 
-    def rate(r: dict, name: str, work: float) -> float:
-        return work / (r[name] / 1e3)
+    def best(r: dict, limit: str) -> float:
+        return max(work / (r[name] / 1e3) for name, work in r["_limits"][limit])
 
-    def compute(r: dict) -> float:
-        return max(rate(r, n, w) for n, w in r["_limits"]["compute"])
+    def of(limit: str, name: str, work: float) -> Callable[[dict], float]:
+        return lambda r: work / (r[name] / 1e3) / best(r, limit)
 
-    def of_compute(name: str, flops: float) -> Callable[[dict], float]:
-        return lambda r: rate(r, name, flops) / compute(r)
+    def roofline(name: str) -> Callable[[dict], float]:
+        return lambda r: step_bytes / best(r, "bandwidth") * 1e3 / r[name]
 
-    def decode_fraction(r: dict) -> float:
-        bandwidth = max(rate(r, n, w) for n, w in r["_limits"]["bandwidth"])
-        roofline_ms = weight_bytes_per_step(cfg, "fp32") / bandwidth * 1e3
-        return roofline_ms / r["fp32 decode B1"]
-
-    def batched(r: dict) -> float:
-        best = max(rate(r, n, w) for n, w in r["_limits"]["batched"])
-        return rate(r, f"fp32 decode B{BATCHED_M}", BATCHED_M * per_token) / best
+    def speedup(slow: str, fast: str) -> Callable[[dict], float]:
+        return lambda r: r[slow] / r[fast]
 
     def int8_over_ceiling(row_fp32: str, rows_int8: tuple[str, ...], M: int) -> Callable[[dict], float]:
         def value(r: dict) -> float:
-            best = max(r[row_fp32] / r[n] for n in rows_int8 if n in r)
-            return best / (r[f"ceiling fp32 M{M}"] / r[f"ceiling int8 M{M}"])
+            fastest = max(r[row_fp32] / r[n] for n in rows_int8 if n in r)
+            return fastest / (r[f"ceiling fp32 M{M}"] / r[f"ceiling int8 M{M}"])
         return value
 
     def int4(r: dict) -> float:
         return min(r[n] for n in ("int8 decode B1", "int8-dyn decode B1") if n in r) / r["int4 decode B1"]
 
+    gen, pre, pre64 = f"fp32 prefill for generation B1×{T}", f"fp32 prefill B1×{T}", f"fp32 prefill B1×{T64}"
+    dec, b32 = "fp32 decode B1", f"fp32 decode B{M32}"
+    i8, i8d, i4 = "int8 decode B1", "int8-dyn decode B1", "int4 decode B1"
+    q8, q8d = f"int8 prefill B1×{T}", f"int8-dyn prefill B1×{T}"
+    c1, c1i, cT, cTi = "ceiling fp32 M1", "ceiling int8 M1", f"ceiling fp32 M{T}", f"ceiling int8 M{T}"
+    c32, c64 = f"ceiling fp32 M{M32}", f"ceiling fp32 M{T64}"
+    first, last = f"fp32 decode first {EDGE}", f"fp32 decode last {EDGE}"
     return [
         Goal("prefill_generation", f"prefill for generation, T={T} (state + last position's logits) ≥ 0.75 of "
-             "compute", 0.75, True, of_compute(f"fp32 prefill for generation B1×{T}",
-                                               prefill_flops(cfg, 1, T, "last")), "compute"),
+             "compute", 0.75, True, of("compute", gen, prefill_flops(cfg, 1, T, "last")), "compute", "compute",
+             (gen,)),
         Goal("prefill", f"prefill, all positions' logits, T={T} ≥ 0.80 of compute", 0.80, True,
-             of_compute(f"fp32 prefill B1×{T}", prefill_flops(cfg, 1, T, "all")), "compute"),
+             of("compute", pre, prefill_flops(cfg, 1, T, "all")), "compute", "compute", (pre,)),
         Goal("prefill_64", f"prefill, all positions' logits, T={T64} ≥ 0.70 of compute", 0.70, True,
-             of_compute(f"fp32 prefill B1×{T64}", prefill_flops(cfg, 1, T64, "all")), "compute"),
-        Goal("decode", "fp32 decode ≥ 0.80 of the bandwidth roofline", 0.80, True, decode_fraction, "bandwidth"),
-        Goal("decode_flat", f"fp32 decode flat over positions: last ÷ first {EDGE} ≤ 1.10", 1.10, False,
-             lambda r: r["_edges"]["fp32 decode B1"]),
-        Goal("batched_decode", "batched decode B=32 ≥ 0.80 of the batched limit", 0.80, True, batched, "batched"),
+             of("compute", pre64, prefill_flops(cfg, 1, T64, "all")), "compute", "compute", (pre64,)),
+        Goal("decode", "fp32 decode ≥ 0.80 of the bandwidth roofline", 0.80, True, roofline(dec), "bandwidth",
+             "bandwidth", (dec,)),
+        Goal("decode_flat", f"fp32 decode flat over positions: last ÷ first {EDGE} positions ≤ 1.10", 1.10, False,
+             speedup(last, first), None, "positions", (first, last)),
+        Goal("batched_decode", f"batched decode B={M32} ≥ 0.80 of the batched limit", 0.80, True,
+             of("batched", b32, M32 * per_token), "batched", "batched", (b32,)),
         Goal("int8_decode", "INT8 decode ÷ fp32 ≥ 0.80 of the weight MatMuls' INT8 ÷ fp32 ceiling at M=1", 0.80,
-             True, int8_over_ceiling("fp32 decode B1", ("int8 decode B1", "int8-dyn decode B1"), 1)),
+             True, int8_over_ceiling(dec, (i8, i8d), 1), None, "int8 decode", (dec, c1, c1i), (i8, i8d)),
         Goal("int8_prefill", f"INT8 prefill ÷ fp32 ≥ 0.80 of that ceiling at M={T} (T={T})", 0.80, True,
-             int8_over_ceiling(f"fp32 prefill B1×{T}", (f"int8 prefill B1×{T}", f"int8-dyn prefill B1×{T}"),
-                               T)),
-        Goal("int4_decode", "INT4 decode ≥ its INT8 decode (tokens/s ratio)", 1.0, True, int4),
+             int8_over_ceiling(pre, (q8, q8d), T), None, "int8 prefill", (pre, cT, cTi), (q8, q8d)),
+        Goal("int4_decode", "INT4 decode ≥ its INT8 decode (tokens/s ratio)", 1.0, True, int4, None, "int4 decode",
+             (i4,), (i8, i8d)),
+        # What stands in the way, from the same groups' rounds.
+        Goal(f"ceiling_fp32_M{T64}_of_compute", "", None, True, of("compute", c64, 2 * T64 * elements), "compute",
+             "compute", (c64,)),
+        Goal("ceiling_fp32_decode_fraction", "", None, True, roofline(c1), "bandwidth", "bandwidth", (c1,)),
+        Goal(f"ceiling_fp32_M{M32}_of_batched", "", None, True, of("batched", c32, 2 * M32 * elements), "batched",
+             "batched", (c32,)),
+        Goal("ceiling_int8_speedup_M1", "", None, True, speedup(c1, c1i), None, "int8 decode", (c1, c1i)),
+        Goal("int8_decode_speedup", "", None, True, speedup(dec, i8), None, "int8 decode", (dec, i8)),
+        Goal("int8-dyn_decode_speedup", "", None, True, speedup(dec, i8d), None, "int8 decode", (dec, i8d)),
+        Goal(f"ceiling_int8_speedup_M{T}", "", None, True, speedup(cT, cTi), None, "int8 prefill", (cT, cTi)),
+        Goal(f"int8_prefill_speedup_T{T}", "", None, True, speedup(pre, q8), None, "int8 prefill", (pre, q8)),
+        Goal(f"int8-dyn_prefill_speedup_T{T}", "", None, True, speedup(pre, q8d), None, "int8 prefill", (pre, q8d)),
+        Goal("int4_decode_tokens_per_s", "", None, True, lambda r: 1e3 / r[i4], None, "int4 decode", (i4,)),
+        Goal("int8_decode_tokens_per_s", "", None, True, lambda r: 1e3 / r[i8], None, "int4 decode", (i8,)),
+        Goal("fp32_decode_tokens_per_s", "", None, True, lambda r: 1e3 / r[dec], None, "bandwidth", (dec,)),
     ]
 
 
-def context(cfg: GAMConfig) -> dict[str, Callable[[dict], float]]:
-    """What stands in a goal's way, from the same rounds: the ceilings' own fractions and ratios, and each INT8
-    flavour's speed-up (the medians go into bench.json's ``paired.context``)."""
-    T, T64, M32 = _shapes(cfg)["T"], _shapes(cfg)["T64"], min(BATCHED_M, cfg.max_positions)
-    elements = sum(K * N for K, N in weight_matmul_shapes(cfg))
-
-    def best(r: dict, limit: str) -> float:
-        return max(w / (r[n] / 1e3) for n, w in r["_limits"][limit])
-
-    return {
-        f"ceiling_fp32_M{M32}_of_batched": lambda r: 2 * M32 * elements / (r[f"ceiling fp32 M{M32}"] / 1e3)
-        / best(r, "batched"),
-        f"ceiling_fp32_M{T64}_of_compute": lambda r: 2 * T64 * elements / (r[f"ceiling fp32 M{T64}"] / 1e3)
-        / best(r, "compute"),
-        "ceiling_fp32_decode_fraction": lambda r: weight_bytes_per_step(cfg, "fp32") / best(r, "bandwidth") * 1e3
-        / r["ceiling fp32 M1"],
-        "ceiling_int8_speedup_M1": lambda r: r["ceiling fp32 M1"] / r["ceiling int8 M1"],
-        f"ceiling_int8_speedup_M{T}": lambda r: r[f"ceiling fp32 M{T}"] / r[f"ceiling int8 M{T}"],
-        "int8_decode_speedup": lambda r: r["fp32 decode B1"] / r["int8 decode B1"],
-        "int8-dyn_decode_speedup": lambda r: r["fp32 decode B1"] / r["int8-dyn decode B1"],
-        f"int8_prefill_speedup_T{T}": lambda r: r[f"fp32 prefill B1×{T}"] / r[f"int8 prefill B1×{T}"],
-        f"int8-dyn_prefill_speedup_T{T}": lambda r: r[f"fp32 prefill B1×{T}"] / r[f"int8-dyn prefill B1×{T}"],
-        "int4_decode_tokens_per_s": lambda r: 1e3 / r["int4 decode B1"],
-        "int8_decode_tokens_per_s": lambda r: 1e3 / r["int8 decode B1"],
-        "fp32_decode_tokens_per_s": lambda r: 1e3 / r["fp32 decode B1"],
-    }
+def goals(cfg: GAMConfig) -> list[Goal]:
+    """The goals among :func:`measures` (those with a bound)."""
+    return [m for m in measures(cfg) if m.bound is not None]
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -189,35 +211,34 @@ def verdict(goal: Goal, values: list[float]) -> tuple[str, str | None]:
     return "on the line", None
 
 
-def score(cfg: GAMConfig, rounds: list[dict]) -> dict:
-    """The goals and the context values over ``rounds`` (each a dict of p50 ms by item, ``_edges`` and
+def _values(measure: Goal, rounds: list[dict]) -> list[float]:
+    out = []
+    for r in rounds:
+        try:
+            out.append(float(measure.value(r)))
+        except (KeyError, ValueError, ZeroDivisionError):
+            pass
+    return out
+
+
+def score(cfg: GAMConfig, rounds: dict[str, list[dict]]) -> dict:
+    """The goals and the context values over each group's ``rounds`` (each round a dict of p50 ms by item, and
     ``_limits``): values per round, quartiles, verdicts."""
-    out_goals = []
-    for goal in goals(cfg):
-        values = []
-        for r in rounds:
-            try:
-                values.append(float(goal.value(r)))
-            except (KeyError, ValueError, ZeroDivisionError):
-                pass
-        said, why = verdict(goal, values)
-        entry = {"id": goal.id, "goal": goal.text, "bound": goal.bound, "at_least": goal.at_least,
-                 "limit": goal.limit, "values": values, "verdict": said}
+    out_goals, ctx = [], {}
+    for m in measures(cfg):
+        values = _values(m, rounds.get(m.group, []))
+        if m.bound is None:
+            if values:
+                ctx[m.id] = {"median": quartiles(values)[1], "values": values}
+            continue
+        said, why = verdict(m, values)
+        entry = {"id": m.id, "goal": m.text, "group": m.group, "bound": m.bound, "at_least": m.at_least,
+                 "limit": m.limit, "values": values, "verdict": said}
         if values:
             entry["q1"], entry["median"], entry["q3"] = quartiles(values)
         if why:
             entry["no_verdict"] = why
         out_goals.append(entry)
-    ctx = {}
-    for name, fn in context(cfg).items():
-        values = []
-        for r in rounds:
-            try:
-                values.append(float(fn(r)))
-            except (KeyError, ValueError, ZeroDivisionError):
-                pass
-        if values:
-            ctx[name] = {"median": quartiles(values)[1], "values": values}
     return {"goals": out_goals, "context": ctx}
 
 
@@ -233,7 +254,7 @@ def limit_items(cfg: GAMConfig, limits: dict, threads: int, runs: int) -> tuple[
             call = kernel_call(c, cfg, threads)
             if call is None:
                 continue
-            work = c["bytes"] if key == "gbps" else 2 * float(np.prod(c["shape"]))
+            work = c["bytes"] if key == "gbps" else c.get("flops") or 2 * float(np.prod(c["shape"]))
             items.append(Item(f"limit {name}: {c['name']}", kernel_block(call, runs), work))
             used[name].append((items[-1].name, work))
     return items, used
@@ -259,24 +280,36 @@ def ceiling_items(cfg: GAMConfig, threads: int, runs: int, with_int8: bool) -> l
     return items
 
 
-def runner_items(runners: dict, cfg: GAMConfig, runs: int, decode_steps: int) -> tuple[list[Item], set[str]]:
-    """The rows the goals need from the open ``runners`` ({precision: ONNX Runtime runner}); and the names of the
-    decode items whose last ÷ first ``EDGE`` positions a round records."""
+def _decode_block(runner, ids: np.ndarray, starts: list[int], steps: int) -> Callable[[], list[float]]:
+    """A block of ``steps`` one-token decode steps (state carried, as ``generate`` calls them), each block starting
+    at the next of ``starts`` (the state before it prefilled, untimed) and three untimed steps first."""
     from gamexport.bench.runtimes import _decode_samples
 
-    P, T, T64 = _shapes(cfg)["P"], _shapes(cfg)["T"], _shapes(cfg)["T64"]
+    calls = [0]
+
+    def block() -> list[float]:
+        start = starts[calls[0] % len(starts)]
+        calls[0] += 1
+        return _decode_samples(runner, ids, list(range(start, start + steps)), 3)
+    return block
+
+
+def runner_items(runners: dict, cfg: GAMConfig, runs: int) -> list[Item]:
+    """The rows the goals need from the open ``runners`` ({precision: ONNX Runtime runner})."""
+    sh = _shapes(cfg)
+    P, T, T64, M32 = sh["P"], sh["T"], sh["T64"], sh["M32"]
     rng = np.random.default_rng(11)
-    ids = rng.integers(0, cfg.vocab_size, size=(BATCHED_M, P), dtype=np.int64)
-    items, edged = [], set()
+    ids = rng.integers(0, cfg.vocab_size, size=(M32, P), dtype=np.int64)
+    one = np.ascontiguousarray(ids[:1])
+    items = []
     for precision, runner in runners.items():
-        prefill_Ts = (T, T64) if precision == "fp32" else (T,)
-        for t in prefill_Ts:
+        for t in ((T, T64) if precision == "fp32" else (T,)):
             x = np.ascontiguousarray(ids[:1, :t])
             items.append(Item(f"{precision} prefill B1×{t}", kernel_block(lambda r=runner, x=x: r._prefill(x), runs)))
         if P >= 2:
-            items.append(Item(f"{precision} decode B1", lambda r=runner: _decode_samples(
-                r, ids[:1], list(range(1, P)), 3)))
-            edged.add(f"{precision} decode B1")
+            steps = min(DECODE_BLOCK_STEPS, P - 1)
+            starts = list(range(1, P - steps + 1, steps)) or [1]   # successive blocks walk the positions
+            items.append(Item(f"{precision} decode B1", _decode_block(runner, one, starts, steps)))
         if precision != "fp32":
             continue
         x = np.ascontiguousarray(ids[:1, :T])
@@ -284,62 +317,77 @@ def runner_items(runners: dict, cfg: GAMConfig, runs: int, decode_steps: int) ->
         items.append(Item(f"fp32 prefill for generation B1×{T}", kernel_block(
             lambda r=runner, x=x, p=pos, s=runner.empty_state(1): r._step(x, p, s), runs)))
         if P >= 2:
-            steps = list(range(1, 1 + min(P - 1, decode_steps)))
-            items.append(Item(f"fp32 decode B{BATCHED_M}", lambda r=runner: _decode_samples(r, ids, steps, 2)))
-    return items, edged
+            items.append(Item(f"fp32 decode B{M32}", _decode_block(runner, np.ascontiguousarray(ids), [1],
+                                                                  min(BATCHED_DECODE_STEPS, P - 1))))
+        if P > 2 * EDGE:
+            items.append(Item(f"fp32 decode first {EDGE}", _decode_block(runner, one, [1], EDGE)))
+            items.append(Item(f"fp32 decode last {EDGE}", _decode_block(runner, one, [P - EDGE], EDGE)))
+    return items
 
 
-def run_rounds(items: list[Item], rounds: int, edged: set[str], say: Progress) -> list[dict]:
-    """Time every item once per round, the order rotated each round; each round's p50 ms by item, and ``_edges``:
-    the decode items' median of the last ``EDGE`` steps ÷ that of the first."""
-    out = []
-    for k in range(rounds):
-        say(f"goals: paired round {k + 1}/{rounds} ({len(items)} timings)")
-        order = items[k % len(items):] + items[:k % len(items)]
-        r: dict = {"_edges": {}}
-        for item in order:
-            ms = np.asarray(item.block(), dtype=np.float64) * 1e3
-            r[item.name] = float(np.median(ms))
-            if item.name in edged and ms.size >= 2 * EDGE:
-                r["_edges"][item.name] = float(np.median(ms[-EDGE:]) / np.median(ms[:EDGE]))
-        out.append(r)
+def plan_groups(cfg: GAMConfig, items: list[Item], used: dict) -> dict[str, list[Item]]:
+    """Each group's items (:data:`GROUPS`): every item a measure of the group reads, and every candidate of the
+    group's limits; a group none of whose goals can be scored (an item missing) is left out."""
+    by_name = {i.name: i for i in items}
+    out = {}
+    for group, limits in GROUPS.items():
+        mine = [m for m in measures(cfg) if m.group == group]
+        if not any(m.bound is not None and m.scorable(by_name) for m in mine):
+            continue
+        names = [n for lim in limits for n, _ in used.get(lim, [])]
+        names += [n for m in mine for n in (*m.needs, *m.either) if n in by_name]
+        out[group] = [by_name[n] for n in dict.fromkeys(names)]
+    return out
+
+
+def run_rounds(groups: dict[str, list[Item]], rounds: int, say: Progress) -> dict[str, list[dict]]:
+    """Time every group's items once per round, the order rotated each round, the groups one after another;
+    each round's p50 ms by item."""
+    out: dict[str, list[dict]] = {}
+    for group, items in groups.items():
+        say(f"goals: {group}: {rounds} paired rounds of {len(items)} timings")
+        out[group] = []
+        for k in range(rounds):
+            order = items[k % len(items):] + items[:k % len(items)]
+            out[group].append({item.name: float(np.median(item.block())) * 1e3 for item in order})
     return out
 
 
 def paired_section(cfg: GAMConfig, runners: dict, limits: dict, threads: int, effort: Effort,
                    say: Progress) -> dict:
-    """bench.json's ``paired``: every goal's items timed in ``effort.paired_rounds`` rounds, and the scores.
+    """bench.json's ``paired``: every goal's group timed in ``effort.paired_rounds`` rounds, and the scores.
     ``runners``: the open ONNX Runtime runners by precision (fp32 required; int8, int8-dyn, int4 where run)."""
     from gamexport.bench.kernels import torch_or_none
 
     runs = effort.paired_runs
     lim_items, used = limit_items(cfg, limits, threads, runs)
     with_int8 = any(p in runners for p in ("int8", "int8-dyn"))
-    rows, edged = runner_items(runners, cfg, runs, effort.batched_decode_steps)
-    items = [*lim_items, *ceiling_items(cfg, threads, runs, with_int8), *rows]
+    items = [*lim_items, *ceiling_items(cfg, threads, runs, with_int8), *runner_items(runners, cfg, runs)]
+    groups = plan_groups(cfg, items, used)
     torch = torch_or_none()
     before = torch.get_num_threads() if torch is not None else None
     if torch is not None:
         torch.set_num_threads(threads)   # the limits' torch kernels run on the run's threads
     try:
-        rounds = run_rounds(items, effort.paired_rounds, edged, say)
+        rounds = run_rounds(groups, effort.paired_rounds, say)
     finally:
         if torch is not None:
             torch.set_num_threads(before)
-    for r in rounds:
-        r["_limits"] = used
+    for group_rounds in rounds.values():
+        for r in group_rounds:
+            r["_limits"] = used
     scored = score(cfg, rounds)
-    del items, lim_items, rows
+    del items, lim_items, groups
     gc.collect()
-    return {"what": "each goal's rows, its limit's candidate kernels and the ceilings' weight MatMuls timed in "
-                    f"alternation, one block each per round, {effort.paired_rounds} rounds (order rotated); a goal's "
-                    "value is the median over rounds of its per-round value, met when the lower quartile meets it, "
-                    "not met when the upper quartile misses it, else on the line",
+    return {"what": "the goals in groups (each with its limit's candidate kernels, or the ceilings it is divided "
+                    f"by), each group's items timed in alternation, one block each per round, {effort.paired_rounds} "
+                    "rounds (order rotated); a goal's value is the median over its group's rounds of its per-round "
+                    "value, met when the lower quartile meets it, not met when the upper quartile misses it, else "
+                    "on the line",
             "rounds": effort.paired_rounds, "runs_per_block": runs,
             "limits_used": {k: [n for n, _ in v] for k, v in used.items()},
-            "timings_ms": {item: [r[item] for r in rounds] for item in rounds[0] if not item.startswith("_")}
-            if rounds else {},
-            "edges": {item: [r["_edges"].get(item) for r in rounds] for item in sorted(edged)},
+            "timings_ms": {group: {name: [r[name] for r in rs] for name in rs[0] if not name.startswith("_")}
+                           for group, rs in rounds.items() if rs},
             **scored}
 
 
