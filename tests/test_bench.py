@@ -209,13 +209,13 @@ def test_paired_goals_in_a_quick_run(quick):
     the recorded timings and the limits' own kernels (their shapes), independently of gamexport.bench.paired."""
     out, bench, result = quick
     pa = bench["paired"]
-    assert pa["rounds"] == 2 and pa["runs_per_block"] == 2
+    assert pa["rounds"] == 3 and pa["runs_per_block"] == 2
     assert {k: len(v) for k, v in pa["limits_used"].items()} == {
         k: len(bench["limits"][k]["candidates"]) for k in ("compute", "bandwidth", "batched")}
     t = pa["timings_ms"]
     assert set(t) == {"compute", "bandwidth", "batched", "int8 decode", "int8 prefill", "int4 decode"}  # P=64: no
     for group in t.values():                                                           # two disjoint edges of 32
-        assert all(len(v) == 2 and all(_positive(x) for x in v) for v in group.values())
+        assert all(len(v) == 3 and all(_positive(x) for x in v) for v in group.values())
     assert {"fp32 prefill B1×64", "fp32 prefill for generation B1×64", "ceiling fp32 M64"} <= set(t["compute"])
     assert {"fp32 decode B1", "int8 decode B1", "int8-dyn decode B1", "ceiling fp32 M1", "ceiling int8 M1"} \
         == set(t["int8 decode"])
@@ -225,19 +225,18 @@ def test_paired_goals_in_a_quick_run(quick):
     assert set(used) == set(cands) and set(used) <= set(t["compute"])     # every candidate, in every round
     goals = {g["id"]: g for g in pa["goals"]}
     per_token = bench["flops_per_token"]["total"]
-    for k in range(2):
-        limit = max(2 * math.prod(cands[n]["shape"]) / (t["compute"][n][k] / 1e3) for n in used)
-        want = 64 * per_token / (t["compute"]["fp32 prefill B1×64"][k] / 1e3) / limit
-        assert goals["prefill"]["values"][k] == pytest.approx(want)
-        c = t["int8 decode"]
-        speedup = max(c["fp32 decode B1"][k] / c[f"{p} decode B1"][k] for p in ("int8", "int8-dyn"))
-        assert goals["int8_decode"]["values"][k] == pytest.approx(
-            speedup / (c["ceiling fp32 M1"][k] / c["ceiling int8 M1"][k]))
+    for k, key in ((0, "value"), (1, "runner_up")):   # each item's fastest block, and its second fastest
+        tc = {n: sorted(v)[k] for n, v in t["compute"].items()}
+        limit = max(2 * math.prod(cands[n]["shape"]) / (tc[n] / 1e3) for n in used)
+        assert goals["prefill"][key] == pytest.approx(64 * per_token / (tc["fp32 prefill B1×64"] / 1e3) / limit)
+        c = {n: sorted(v)[k] for n, v in t["int8 decode"].items()}
+        speedup = max(c["fp32 decode B1"] / c[f"{p} decode B1"] for p in ("int8", "int8-dyn"))
+        assert goals["int8_decode"][key] == pytest.approx(speedup / (c["ceiling fp32 M1"] / c["ceiling int8 M1"]))
     for g in pa["goals"]:
         assert g["verdict"] in ("", *("met", "not met", "on the line"))
         assert bool(g["verdict"]) != bool(g.get("no_verdict"))
-    assert goals["decode_flat"]["values"] == [] and goals["decode_flat"]["no_verdict"] == "not measured in this run"
-    assert "goals, scored in 2 paired rounds" in result.stdout
+    assert goals["decode_flat"]["value"] is None and goals["decode_flat"]["no_verdict"] == "not measured in this run"
+    assert "goals, scored in 3 paired rounds" in result.stdout
 
 
 #: Everything the bench may import from the project (module- or function-level): its own package, the core it

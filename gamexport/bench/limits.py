@@ -359,8 +359,9 @@ def limits_summary(limits: dict) -> dict:
             "definition": "the best of several kernels measured in this run: compute of ONNX Runtime MatMul with "
                           f"constant weights at the model's prefill shapes and at {'x'.join(map(str, COMPUTE_SHAPE))}"
                           " (also with the weight a graph input) and torch.mm; bandwidth of ONNX Runtime's GEMV "
-                          "over the model's weight bytes and a streaming read of 4x the last-level cache; batched "
-                          f"the same weights at M={BATCHED_M}; each INT8 precision's compute and batched limits also "
+                          "over the model's weight bytes, of the model's own weight MatMuls at M=1 and a streaming "
+                          f"read of 4x the last-level cache; batched the same weights at M={BATCHED_M} and the "
+                          "model's own weight MatMuls there; each INT8 precision's compute and batched limits also "
                           "count its integer GEMM (Q/DQ MatMul or DynamicQuantizeLinear + MatMulInteger) at the "
                           "same shapes; medians (see docs/benchmarks.md)"}
 

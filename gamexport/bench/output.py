@@ -131,14 +131,14 @@ def render_table(result: dict) -> str:
 
 
 def _goal_lines(paired: dict) -> list[str]:
-    """The performance goals as the paired rounds scored them: median (quartiles) and verdict."""
-    lines = [f"goals, scored in {paired['rounds']} paired rounds (median, quartiles):"]
+    """The performance goals as the paired rounds scored them: value (runner-up) and verdict."""
+    lines = [f"goals, scored in {paired['rounds']} paired rounds (each item's fastest block; runner-up blocks):"]
     for g in paired["goals"]:
-        if "median" not in g:
+        if g["value"] is None:
             lines.append(f"  {g['goal']}: {g.get('no_verdict', 'not measured')}")
             continue
         said = g["verdict"] or f"no verdict: {g['no_verdict']}"
-        lines.append(f"  {g['goal']}: {g['median']:.2f} ({g['q1']:.2f}–{g['q3']:.2f}) → {said}")
+        lines.append(f"  {g['goal']}: {g['value']:.2f} ({g['runner_up']:.2f}) → {said}")
     return lines
 
 

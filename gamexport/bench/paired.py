@@ -1,5 +1,6 @@
 """The performance goals, scored in paired rounds: each goal's rows and the kernels it is measured against are
-timed in alternation, so that a change of the host's speed moves both sides of every ratio.
+timed in alternation within the same minute, so that a host changing speed cannot set a row timed at a slow moment
+against a limit timed at a fast one.
 
 A quiet machine can still change speed under a run: on the 2-core cloud host of 2026-12 the same kernel ran up
 to 3× slower from one minute to the next (``steadiness``), and in one run prefills alternated between two speeds
@@ -8,16 +9,20 @@ it is divided by, so on such a host their fractions measure the host. Here the g
 (:data:`GROUPS`): the prefill goals with every candidate kernel of the compute limit, fp32 decode with the
 bandwidth limit's, batched decode with the batched limit's, each INT8 ratio with the fp32 row and the ceilings'
 weight MatMuls it is divided by. A group's items are timed in each of ``rounds`` rounds, one short block each (a
-warm-up call, then calls for at least :data:`MIN_BLOCK_S`, or a few dozen decode steps), back to back and in an
-order rotated every round, so that one round of a group lasts a second or two. Each round yields each goal's value
-from its own timings; the goal's value is the median over the rounds, and its verdict needs the rounds to agree:
-met when the lower quartile meets it, not met when the upper quartile misses it, else "on the line". A slowdown
-that spans a round slows the row and its limit alike; one that catches a single block moves one round, which the
-quartiles absorb.
+warm-up call, then calls for at least :data:`MIN_BLOCK_S`, or a few dozen decode steps; the block's time is the
+median of its calls), back to back and in an order rotated every round, so that one round of a group lasts a second
+or two.
 
-The limit a fraction is taken against is, in each round, the best of all the limit's candidates timed in that
-round (the winner at the start of a run may have been measured while the host was slow). A goal whose median
-fraction exceeds 1.0 proves that limit wrong, as anywhere in the bench: it gets no verdict.
+On that host the slowdowns come in bursts shorter than a round: consecutive blocks of one kernel ran 2.5× apart. A
+burst only ever slows a block, so each item is represented by its **fastest block** over the rounds — taken within
+the same minute as the fastest blocks of everything it is compared with, every item having had the same rounds to
+catch the host at its best. A goal's ``value`` is computed from the fastest blocks, its ``runner_up`` from each
+item's second fastest; the verdict is met when both meet the goal, not met when both miss it, else "on the line".
+``per_round`` keeps each round's own value, to show how much the host moved.
+
+The limit a fraction is taken against is the best of all the limit's candidates (each at its fastest block: the
+winner at the start of a run may have been measured while the host was slow). A goal whose fraction exceeds 1.0
+proves that limit wrong, as anywhere in the bench: it gets no verdict.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from gamexport.bench.flops import flops_per_token, prefill_flops, weight_bytes_p
 from gamexport.bench.settings import BATCHED_M, EDGE, Effort, Progress
 from gamexport.config import GAMConfig
 
-#: A goal's rounds: met when its lower quartile meets the goal, not met when its upper quartile misses it.
+#: A goal's verdicts: met on both the fastest and the runner-up blocks, missed on both, or on the line.
 VERDICTS = ("met", "not met", "on the line")
 
 
@@ -189,53 +194,60 @@ def goals(cfg: GAMConfig) -> list[Goal]:
     return [m for m in measures(cfg) if m.bound is not None]
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, med, q3 = np.percentile(np.asarray(values, dtype=np.float64), [25, 50, 75])
-    return float(q1), float(med), float(q3)
+def fastest(rounds: list[dict], k: int = 0) -> dict | None:
+    """Each item's ``k``-th fastest block over ``rounds`` (0: the fastest; block times are medians of the block's
+    calls), and the rounds' ``_limits``; None with ``k`` rounds or fewer."""
+    if len(rounds) <= k:
+        return None
+    names = [n for n in rounds[0] if not n.startswith("_")]
+    return {**{n: sorted(r[n] for r in rounds)[k] for n in names}, "_limits": rounds[0].get("_limits", {})}
 
 
-def verdict(goal: Goal, values: list[float]) -> tuple[str, str | None]:
-    """(verdict, why there is none): met / not met / on the line from the rounds' quartiles; no verdict where the
-    median fraction of a limit exceeds 1.0 (that limit is wrong) or no round could be scored."""
-    if not values:
+def _value(measure: Goal, r: dict | None) -> float | None:
+    if r is None:
+        return None
+    try:
+        return float(measure.value(r))
+    except (KeyError, ValueError, ZeroDivisionError):
+        return None
+
+
+def verdict(goal: Goal, value: float | None, runner_up: float | None) -> tuple[str, str | None]:
+    """(verdict, why there is none) from the goal's value on each item's fastest block and on its runner-up
+    block: met when both meet the goal, not met when both miss it, else on the line; no verdict where a fraction
+    of a limit exceeds 1.0 (that limit is wrong) or the run could not score it."""
+    if value is None or runner_up is None:
         return "", "not measured in this run"
-    q1, med, q3 = quartiles(values)
-    if goal.limit is not None and med > 1.0:
-        return "", f"the {goal.limit} limit is beaten (median {med:.2f} of it)"
-    low, high = (q1, q3) if goal.at_least else (-q3, -q1)
-    bound = goal.bound if goal.at_least else -goal.bound
-    if low >= bound:
+    if goal.limit is not None and value > 1.0:
+        return "", f"the {goal.limit} limit is beaten ({value:.2f} of it)"
+
+    def ok(v: float) -> bool:
+        return v >= goal.bound if goal.at_least else v <= goal.bound
+
+    if ok(value) and ok(runner_up):
         return "met", None
-    if high < bound:
+    if not ok(value) and not ok(runner_up):
         return "not met", None
     return "on the line", None
 
 
-def _values(measure: Goal, rounds: list[dict]) -> list[float]:
-    out = []
-    for r in rounds:
-        try:
-            out.append(float(measure.value(r)))
-        except (KeyError, ValueError, ZeroDivisionError):
-            pass
-    return out
-
-
 def score(cfg: GAMConfig, rounds: dict[str, list[dict]]) -> dict:
-    """The goals and the context values over each group's ``rounds`` (each round a dict of p50 ms by item, and
-    ``_limits``): values per round, quartiles, verdicts."""
+    """The goals and the context values from each group's ``rounds`` (each round a dict of block ms by item, and
+    ``_limits``): ``value`` from each item's fastest block, ``runner_up`` from its second fastest, ``per_round``
+    from each round's own blocks; and the verdicts."""
     out_goals, ctx = [], {}
     for m in measures(cfg):
-        values = _values(m, rounds.get(m.group, []))
+        rs = rounds.get(m.group, [])
+        value, runner_up = _value(m, fastest(rs)), _value(m, fastest(rs, 1))
+        per_round = [v for v in (_value(m, r) for r in rs) if v is not None]
         if m.bound is None:
-            if values:
-                ctx[m.id] = {"median": quartiles(values)[1], "values": values}
+            if value is not None:
+                ctx[m.id] = {"value": value, "runner_up": runner_up, "per_round": per_round}
             continue
-        said, why = verdict(m, values)
+        said, why = verdict(m, value, runner_up)
         entry = {"id": m.id, "goal": m.text, "group": m.group, "bound": m.bound, "at_least": m.at_least,
-                 "limit": m.limit, "values": values, "verdict": said}
-        if values:
-            entry["q1"], entry["median"], entry["q3"] = quartiles(values)
+                 "limit": m.limit, "value": value, "runner_up": runner_up, "per_round": per_round,
+                 "verdict": said}
         if why:
             entry["no_verdict"] = why
         out_goals.append(entry)
@@ -381,9 +393,9 @@ def paired_section(cfg: GAMConfig, runners: dict, limits: dict, threads: int, ef
     gc.collect()
     return {"what": "the goals in groups (each with its limit's candidate kernels, or the ceilings it is divided "
                     f"by), each group's items timed in alternation, one block each per round, {effort.paired_rounds} "
-                    "rounds (order rotated); a goal's value is the median over its group's rounds of its per-round "
-                    "value, met when the lower quartile meets it, not met when the upper quartile misses it, else "
-                    "on the line",
+                    "rounds (order rotated); a goal's value from each item's fastest block (a block: the median of "
+                    "its calls), its runner_up from each item's second fastest; met when both meet it, not met when "
+                    "both miss it, else on the line",
             "rounds": effort.paired_rounds, "runs_per_block": runs,
             "limits_used": {k: [n for n, _ in v] for k, v in used.items()},
             "timings_ms": {group: {name: [r[name] for r in rs] for name in rs[0] if not name.startswith("_")}

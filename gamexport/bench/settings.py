@@ -55,9 +55,9 @@ class Effort:
 
 FULL = Effort(limit_runs=20, limit_warmup=3, runs=20, warmup=2, max_seconds=30.0, batched_decode_steps=64,
               scaling_runs=10, scaling_max_seconds=30.0, help_runs=5, first_token_runs=7, startup_warmup=1,
-              training_runs=5, paired_rounds=9, paired_runs=3)
+              training_runs=5, paired_rounds=12, paired_runs=3)
 
 
 QUICK = Effort(limit_runs=2, limit_warmup=1, runs=5, warmup=1, max_seconds=2.0, batched_decode_steps=16,
                scaling_runs=2, scaling_max_seconds=3.0, help_runs=2, first_token_runs=1, startup_warmup=0,
-               training_runs=2, paired_rounds=2, paired_runs=2)
+               training_runs=2, paired_rounds=3, paired_runs=2)
