@@ -222,8 +222,9 @@ def test_an_absolute_time_met_on_an_unsteady_host_stands():
     bd = _bench_docs()
     bench = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text(encoding="utf-8"))
     bench["steadiness"] = {**bench["steadiness"], "steady": False}
+    bench["startup"]["first_token_demo"]["p50_ms"], bench["startup"]["first_token"]["p50_ms"] = 300.0, 500.0
     first = next(x for x in bd.table_goals(bench).splitlines() if x.startswith("| cold first token"))
-    assert bd.SLOWER_ONLY in first             # 0.27 s and 0.53 s: met although the host slowed at times
+    assert bd.SLOWER_ONLY in first             # 0.30 s and 0.50 s: met although the host slowed at times
     bench["startup"]["first_token"]["p50_ms"] = 700.0
     first = next(x for x in bd.table_goals(bench).splitlines() if x.startswith("| cold first token"))
     assert "no verdict" in first               # a miss on a host that slowed down says nothing

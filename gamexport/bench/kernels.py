@@ -204,30 +204,32 @@ def time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -
             **timing}
 
 
-def weight_matmuls_call(cfg, threads: int, M: int = 1) -> Callable[[], object]:
-    """One call of the model's fp32 weight MatMuls at ``M`` rows (:func:`weight_matmuls_session`)."""
-    session, widths = weight_matmuls_session(cfg, "fp32", threads)
+def weight_matmuls_call(cfg, threads: int, M: int = 1, kind: str = "fp32") -> Callable[[], object]:
+    """One call of the model's weight MatMuls (``kind`` fp32 or int8) at ``M`` rows
+    (:func:`weight_matmuls_session`)."""
+    session, widths = weight_matmuls_session(cfg, kind, threads)
     rng = np.random.default_rng(1)
     feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
     return lambda: session.run(None, feeds)
 
 
-def time_weight_matmuls(cfg, threads: int, effort: Effort, M: int = 1) -> dict:
-    """The model's fp32 weight MatMuls alone at ``M`` rows (:func:`weight_matmuls_session`, the ceilings' kernel).
-    At M = 1 a streaming read of every weight the model multiplies by through ONNX Runtime's GEMV (the memory bank
-    twice, as the graphs hold it: ``bytes``); at M = 32 a batched decode step's GEMMs (``flops``). The timing, the
-    bytes, the FLOPs, the engine and kernel."""
+def time_weight_matmuls(cfg, threads: int, effort: Effort, M: int = 1, kind: str = "fp32") -> dict:
+    """The model's weight MatMuls alone at ``M`` rows (:func:`weight_matmuls_session`, the ceilings' kernel; fp32
+    MatMul, or ``kind`` int8: DynamicQuantizeMatMul). At M = 1 in fp32 a streaming read of every weight the model
+    multiplies by through ONNX Runtime's GEMV (the memory bank twice, as the graphs hold it: ``bytes``); at M = 32
+    a batched decode step's GEMMs (``flops``). The timing, the bytes, the FLOPs, the engine and kernel."""
     from gamexport.bench.flops import weight_matmul_shapes
 
-    call = weight_matmuls_call(cfg, threads, M)
+    call = weight_matmuls_call(cfg, threads, M, kind)
     timing = _timed(call, effort)
     del call
     gc.collect()
     shapes = weight_matmul_shapes(cfg)
     elements = sum(K * N for K, N in shapes)
-    return {"shape": [M, len(shapes)], "engine": f"onnxruntime-cpu MatMul fp32, the model's {len(shapes)} weight "
-            f"MatMuls at M = {M} in one graph", "bytes": 4 * elements, "flops": 2 * M * elements,
-            "kernel": {"op": "weight-matmuls"}, **timing}
+    op = "MatMul fp32" if kind == "fp32" else "DynamicQuantizeMatMul int8"
+    return {"shape": [M, len(shapes)], "engine": f"onnxruntime-cpu {op}, the model's {len(shapes)} weight "
+            f"MatMuls at M = {M} in one graph", "bytes": (4 if kind == "fp32" else 1) * elements,
+            "flops": 2 * M * elements, "kernel": {"op": "weight-matmuls", "kind": kind}, **timing}
 
 
 def stream_call(n: int) -> tuple[Callable[[], object], str]:
@@ -275,7 +277,7 @@ def kernel_call(entry: dict, cfg, threads: int) -> Callable[[], object] | None:
     if op == "stream-read":
         return stream_call(shape[0])[0]
     if op == "weight-matmuls":
-        return weight_matmuls_call(cfg, threads, shape[0])
+        return weight_matmuls_call(cfg, threads, shape[0], kernel.get("kind", "fp32"))
     return None
 
 

@@ -128,13 +128,15 @@ def model_gemvs(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> 
     return _gbps({"name": f"onnxruntime weight GEMVs ×{timing['shape'][1]}", **timing}, timing["bytes"])
 
 
-def model_batched(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> dict:
-    """The fp32 batched candidate that multiplies as a batched decode step does: the model's weight MatMuls at
-    M = BATCHED_M in one graph (the ceilings' kernel at M = 32). In the runs of 2026-12-03 it ran 1.27× the single
-    [32, 512] × [512, 44140] MatMul, which left the batched limit beaten by the ceilings and by batched decode."""
-    say(f"limits: batched, the model's fp32 weight MatMuls at M = {BATCHED_M} in one graph")
-    timing = kernels.time_weight_matmuls(cfg, threads, effort, BATCHED_M)
-    return _gflops({"name": f"onnxruntime weight MatMuls ×{timing['shape'][1]} M{BATCHED_M}", **timing})
+def model_batched(cfg: GAMConfig, threads: int, effort: Effort, say: Progress, kind: str = "fp32") -> dict:
+    """The batched candidate that multiplies as a batched decode step does: the model's weight MatMuls at
+    M = BATCHED_M in one graph (the ceilings' kernel at M = 32; ``kind`` int8 for the INT8 precisions' batched
+    limits). In the runs of 2026-12-03 the fp32 one ran 1.27× the single [32, 512] × [512, 44140] MatMul, and the
+    int8 one beat int8-dyn's batched limit, which left those limits beaten by the ceilings and by batched decode."""
+    say(f"limits: batched, the model's {kind} weight MatMuls at M = {BATCHED_M} in one graph")
+    timing = kernels.time_weight_matmuls(cfg, threads, effort, BATCHED_M, kind)
+    label = "" if kind == "fp32" else f" {kind}"
+    return _gflops({"name": f"onnxruntime{label} weight MatMuls ×{timing['shape'][1]} M{BATCHED_M}", **timing})
 
 
 def batched_candidates(K: int, N: int, threads: int, effort: Effort, say: Progress) -> list[dict]:
@@ -178,6 +180,7 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
     compute_by: dict[str, dict] = {"fp32": {"gflops": compute["gflops"], "shape": compute["shape"],
                                             "same_as": "compute"}}
     done: dict[int, tuple[list, list]] = {}   # fp32 candidates over a byte count, shared by its precisions
+    int8_model: dict | None = None            # the model's int8 weight MatMuls at M = 32, shared by int8 flavours
     for p in precisions:
         if p == "fp32" or p == "bf16":
             continue
@@ -191,6 +194,9 @@ def measure_limits(cfg: GAMConfig, precisions: tuple[str, ...], threads: int, ef
         by_precision[p] = best_of(bw, "gbps")
         if p in QUANTIZED_PRECISIONS:
             bat = bat + int8_batched_candidates(p, nbytes, cfg.d_model, threads, effort, say)
+            if p in ("int8", "int8-dyn"):   # both run the integer GEMM the int8 ceilings time
+                int8_model = int8_model or model_batched(cfg, threads, effort, say, "int8")
+                bat = bat + [int8_model]
             compute_by[p] = best_of(compute["candidates"] + int8_compute_candidates(cfg, p, threads, effort, say),
                                     "gflops")
         batched_by[p] = best_of(bat, "gflops")
