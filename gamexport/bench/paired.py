@@ -13,7 +13,7 @@ warm-up call, then calls for at least :data:`MIN_BLOCK_S`, or a few dozen decode
 median of its calls), back to back and in an order rotated every round, so that one round of a group lasts a second
 or two.
 
-On that host the slowdowns come in bursts shorter than a round: consecutive blocks of one kernel ran 2.5× apart. A
+On that host the slowdowns come in bursts shorter than a round: consecutive blocks of one kernel ran 3× apart. A
 burst only ever slows a block, so each item is represented by its **fastest block** over the rounds — taken within
 the same minute as the fastest blocks of everything it is compared with, every item having had the same rounds to
 catch the host at its best. A goal's ``value`` is computed from the fastest blocks, its ``runner_up`` from each
