@@ -590,8 +590,8 @@ def test_docs_tables_are_generated_from_the_committed_json():
     assert "✓" not in goals and "✗" not in goals and "host's speed changed" in goals
     drifted["steadiness"] = {**drifted["steadiness"], "steady": True, "spread": {"bandwidth": 1.1, "compute": 1.0}}
     limits, invalid = bd.checked_limits(drifted)
-    assert not limits["bandwidth"]["valid"] and {"limit": "bandwidth", "beaten_by": [
-        "onnxruntime-cpu fp32 decode B1×1"]} in invalid
+    bandwidth = next(bad for bad in invalid if bad["limit"] == "bandwidth")   # the committed run may name others
+    assert not limits["bandwidth"]["valid"] and "onnxruntime-cpu fp32 decode B1×1" in bandwidth["beaten_by"]
     assert "no verdict: the bandwidth limit is invalid" in bd.table_goals(drifted)
 
 
