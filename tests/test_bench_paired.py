@@ -241,3 +241,15 @@ def test_a_short_kernel_gets_more_calls_per_block():
     short = paired.kernel_block(lambda: time.sleep(0.001), runs=2)()
     assert 10 < len(short) <= paired.MAX_BLOCK_RUNS
     assert len(paired.kernel_block(lambda: time.sleep(paired.MIN_BLOCK_S * 1.2), runs=2)()) == 2
+
+
+def test_the_unsteady_warning_says_whether_the_goals_stand():
+    from gamexport.bench.steadiness import say_unsteady
+
+    said: list[str] = []
+    result = {"steady": False, "spread": {"compute": 2.0, "bandwidth": 1.1}}
+    say_unsteady(result, said.append, paired=True)
+    say_unsteady(result, said.append)
+    say_unsteady({**result, "steady": True}, said.append, paired=True)
+    assert len(said) == 2 and "compute 2.00×" in said[0]
+    assert said[0].endswith("the goals, scored in paired rounds, stand.") and said[1].endswith("rerun.")

@@ -119,7 +119,7 @@ def _run(opts: BenchOptions, precisions: tuple[str, ...], min_t: int, max_t: int
     probe("end")
     sections["steadiness"] = probe.result()
     probe.close()
-    say_unsteady(sections["steadiness"], say)
+    say_unsteady(sections["steadiness"], say, paired=bool(sections.get("paired")))
     if server is not None:
         server.close()  # waited for: its CPU time (and its points') counts as this run's own from here on
     say("limits: measured again at the end of the run (each limit keeps the higher of its two medians)")

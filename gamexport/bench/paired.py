@@ -43,14 +43,12 @@ from gamexport.config import GAMConfig
 VERDICTS = ("met", "not met", "on the line")
 
 
-
 @dataclass
 class Item:
     """One timed thing: ``block()`` runs one block of calls and returns the seconds of each timed call."""
 
     name: str
     block: Callable[[], list[float]]
-    work: float = 0.0      # FLOPs (or bytes, for a bandwidth kernel) of one call, where the goals need it
 
 
 #: A kernel block lasts at least this long (more calls of a short kernel), so that one hiccup moves no median.
@@ -78,8 +76,8 @@ def kernel_block(call: Callable[[], object], runs: int, warmup: int = 1) -> Call
 
 @dataclass(frozen=True)
 class Goal:
-    """A goal (or, without ``bound``, a context value) scored per round: ``value(round)`` from the round's p50s
-    (ms by item name, and ``_limits``), compared ``at_least`` or at most ``bound``; ``limit`` names the limit a
+    """A goal (or, without ``bound``, a context value): ``value(r)`` from block times ``r`` (ms by item name — one
+    round's, or each item's fastest or runner-up block — and ``_limits``), compared ``at_least`` or at most ``bound``; ``limit`` names the limit a
     fraction is of (None for a ratio of ratios), so that a fraction above 1.0 voids it; ``group`` is the group
     (:data:`GROUPS`) whose rounds it is scored on, ``needs`` the items (besides the limits' kernels) it reads, and
     ``either`` items of which it needs one (the INT8 flavours)."""
@@ -267,7 +265,7 @@ def limit_items(cfg: GAMConfig, limits: dict, threads: int, runs: int) -> tuple[
             if call is None:
                 continue
             work = c["bytes"] if key == "gbps" else c.get("flops") or 2 * float(np.prod(c["shape"]))
-            items.append(Item(f"limit {name}: {c['name']}", kernel_block(call, runs), work))
+            items.append(Item(f"limit {name}: {c['name']}", kernel_block(call, runs)))
             used[name].append((items[-1].name, work))
     return items, used
 

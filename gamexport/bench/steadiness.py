@@ -69,8 +69,10 @@ def no_probe(at: str) -> None:
     """The probe of a caller that does not measure steadiness (``runtime_rows`` outside a bench run)."""
 
 
-def say_unsteady(result: dict, say: Progress) -> None:
+def say_unsteady(result: dict, say: Progress, paired: bool = False) -> None:
+    """Warn when the probes saw the host change speed; ``paired``: the run scored its goals in paired rounds."""
     if not result["steady"]:
         worst = ", ".join(f"{k} {v:.2f}×" for k, v in result["spread"].items())
         say(f"warning: the machine's speed changed during the run (probes slowest ÷ fastest: {worst}, more than "
-            f"{STEADY_WITHIN}×): a neighbour on the host? Its fractions measure the host; rerun.")
+            f"{STEADY_WITHIN}×): a neighbour on the host? The sections' fractions measure the host"
+            + ("; the goals, scored in paired rounds, stand." if paired else "; rerun."))
