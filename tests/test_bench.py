@@ -220,6 +220,9 @@ def test_paired_goals_in_a_quick_run(quick):
     assert {"fp32 decode B1", "int8 decode B1", "int8-dyn decode B1", "ceiling fp32 M1", "ceiling int8 M1"} \
         == set(t["int8 decode"])
     assert "fp32 decode B32" in t["batched"] and "int4 decode B1" in t["int4 decode"]
+    # The limits' candidates that are the model's own weight MatMuls are the ceilings' items: timed once a round.
+    assert "ceiling fp32 M1" in pa["limits_used"]["bandwidth"] and "ceiling fp32 M32" in pa["limits_used"]["batched"]
+    assert not any("weight" in name for group in t.values() for name in group if name.startswith("limit "))
     cands = {f"limit compute: {c['name']}": c for c in bench["limits"]["compute"]["candidates"]}
     used = pa["limits_used"]["compute"]
     assert set(used) == set(cands) and set(used) <= set(t["compute"])     # every candidate, in every round

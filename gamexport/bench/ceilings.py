@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import gc
 
-import numpy as np
-
 from gamexport.bench.flops import weight_bytes_per_step, weight_matmul_shapes
-from gamexport.bench.kernels import weight_matmuls_session
+from gamexport.bench.kernels import weight_matmuls_calls
 from gamexport.bench.limits import fraction
 from gamexport.bench.settings import BATCHED_M, PREFILL_LENGTHS, Effort, Progress
 from gamexport.config import GAMConfig
@@ -27,17 +25,14 @@ def measure_ceilings(cfg: GAMConfig, threads: int, effort: Effort, say: Progress
     """
     from gamexport.bench.timing import measure
 
-    rng = np.random.default_rng(3)
     rows = []
     for kind in ("fp32", "int8"):
-        session, widths = weight_matmuls_session(cfg, kind, threads)
-        for M in ceiling_Ms(cfg):
+        calls = weight_matmuls_calls(cfg, kind, threads, ceiling_Ms(cfg), seed=3)
+        for M, call in calls.items():
             say(f"ceilings: the model's {len(weight_matmul_shapes(cfg))} weight MatMuls alone, {kind}, M = {M}")
-            feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
-            timing = measure(lambda: session.run(None, feeds), warmup=effort.warmup, runs=effort.runs,
-                             max_seconds=effort.max_seconds)
+            timing = measure(call, warmup=effort.warmup, runs=effort.runs, max_seconds=effort.max_seconds)
             rows.append({"precision": kind, "M": M, **timing.as_dict()})
-        del session
+        del calls
         gc.collect()
     t = {(r["precision"], r["M"]): r["p50_ms"] for r in rows}
     Ms = sorted({r["M"] for r in rows})

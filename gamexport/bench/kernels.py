@@ -204,13 +204,16 @@ def time_torch_mm(torch, M: int, K: int, N: int, threads: int, effort: Effort) -
             **timing}
 
 
-def weight_matmuls_call(cfg, threads: int, M: int = 1, kind: str = "fp32") -> Callable[[], object]:
-    """One call of the model's weight MatMuls (``kind`` fp32 or int8) at ``M`` rows
-    (:func:`weight_matmuls_session`)."""
+def weight_matmuls_calls(cfg, kind: str, threads: int, Ms, seed: int = 1) -> dict[int, Callable[[], object]]:
+    """One call of the model's weight MatMuls (``kind`` fp32 or int8) per row count in ``Ms``, all on one session
+    (:func:`weight_matmuls_session`), each on its own fixed random inputs."""
     session, widths = weight_matmuls_session(cfg, kind, threads)
-    rng = np.random.default_rng(1)
-    feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
-    return lambda: session.run(None, feeds)
+    rng = np.random.default_rng(seed)
+    calls = {}
+    for M in Ms:
+        feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
+        calls[M] = lambda f=feeds: session.run(None, f)
+    return calls
 
 
 def time_weight_matmuls(cfg, threads: int, effort: Effort, M: int = 1, kind: str = "fp32") -> dict:
@@ -220,7 +223,7 @@ def time_weight_matmuls(cfg, threads: int, effort: Effort, M: int = 1, kind: str
     a batched decode step's GEMMs (``flops``). The timing, the bytes, the FLOPs, the engine and kernel."""
     from gamexport.bench.flops import weight_matmul_shapes
 
-    call = weight_matmuls_call(cfg, threads, M, kind)
+    call = weight_matmuls_calls(cfg, kind, threads, [M])[M]
     timing = _timed(call, effort)
     del call
     gc.collect()
@@ -277,7 +280,7 @@ def kernel_call(entry: dict, cfg, threads: int) -> Callable[[], object] | None:
     if op == "stream-read":
         return stream_call(shape[0])[0]
     if op == "weight-matmuls":
-        return weight_matmuls_call(cfg, threads, shape[0], kernel.get("kind", "fp32"))
+        return weight_matmuls_calls(cfg, kernel.get("kind", "fp32"), threads, [shape[0]])[shape[0]]
     return None
 
 

@@ -131,8 +131,8 @@ def model_gemvs(cfg: GAMConfig, threads: int, effort: Effort, say: Progress) -> 
 def model_batched(cfg: GAMConfig, threads: int, effort: Effort, say: Progress, kind: str = "fp32") -> dict:
     """The batched candidate that multiplies as a batched decode step does: the model's weight MatMuls at
     M = BATCHED_M in one graph (the ceilings' kernel at M = 32; ``kind`` int8 for the INT8 precisions' batched
-    limits). In the runs of 2026-12-03 the fp32 one ran 1.27× the single [32, 512] × [512, 44140] MatMul, and the
-    int8 one beat int8-dyn's batched limit, which left those limits beaten by the ceilings and by batched decode."""
+    limits). The ceilings time that kernel anyway, and on 2026-12-03 it beat the fp32 batched limit and int8-dyn's
+    without being among their candidates, which left those limits invalid."""
     say(f"limits: batched, the model's {kind} weight MatMuls at M = {BATCHED_M} in one graph")
     timing = kernels.time_weight_matmuls(cfg, threads, effort, BATCHED_M, kind)
     label = "" if kind == "fp32" else f" {kind}"

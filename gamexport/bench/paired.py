@@ -107,7 +107,8 @@ DECODE_BLOCK_STEPS = 48
 BATCHED_DECODE_STEPS = 12
 
 
-def _shapes(cfg: GAMConfig) -> dict:
+def goal_shapes(cfg: GAMConfig) -> dict:
+    """The shapes the goals are stated at, capped at P: T (the prefills, 256), T64 (64), M32 (batched decode)."""
     P = cfg.max_positions
     return {"T": min(256, P), "T64": min(64, P), "P": P, "M32": min(BATCHED_M, P)}
 
@@ -115,7 +116,7 @@ def _shapes(cfg: GAMConfig) -> dict:
 def measures(cfg: GAMConfig) -> list[Goal]:
     """The performance issue's goals (``bound`` set) and what stands in their way (context, ``bound`` None), each
     a function of one round of its group (see the module docstring)."""
-    sh = _shapes(cfg)
+    sh = goal_shapes(cfg)
     T, T64, M32 = sh["T"], sh["T64"], sh["M32"]
     per_token = flops_per_token(cfg)["total"]
     elements = sum(K * N for K, N in weight_matmul_shapes(cfg))
@@ -252,41 +253,43 @@ def score(cfg: GAMConfig, rounds: dict[str, list[dict]]) -> dict:
     return {"goals": out_goals, "context": ctx}
 
 
-def limit_items(cfg: GAMConfig, limits: dict, threads: int, runs: int) -> tuple[list[Item], dict]:
+def limit_items(cfg: GAMConfig, limits: dict, threads: int, runs: int,
+                ceilings: dict[str, Item]) -> tuple[list[Item], dict]:
     """Every candidate kernel of the three limits as an item, and ``_limits``: {limit: [(item name, work of one
-    call)]}."""
+    call)]}. A candidate that is the model's own weight MatMuls at an M the ``ceilings`` items time (by name) is
+    that item: the same kernel, timed once per round."""
     from gamexport.bench.kernels import kernel_call
 
     items, used = [], {}
     for name, key in (("compute", "gflops"), ("bandwidth", "gbps"), ("batched", "gflops")):
         used[name] = []
         for c in limits[name]["candidates"]:
+            work = c["bytes"] if key == "gbps" else c.get("flops") or 2 * float(np.prod(c["shape"]))
+            kernel = c.get("kernel") or {}
+            same = f"ceiling {kernel.get('kind', 'fp32')} M{c['shape'][0]}"
+            if kernel.get("op") == "weight-matmuls" and same in ceilings:
+                used[name].append((same, work))
+                continue
             call = kernel_call(c, cfg, threads)
             if call is None:
                 continue
-            work = c["bytes"] if key == "gbps" else c.get("flops") or 2 * float(np.prod(c["shape"]))
             items.append(Item(f"limit {name}: {c['name']}", kernel_block(call, runs)))
             used[name].append((items[-1].name, work))
     return items, used
 
 
-def ceiling_items(cfg: GAMConfig, threads: int, runs: int, with_int8: bool) -> list[Item]:
-    """The ceilings' weight MatMuls (``kernels.weight_matmuls_session``) at the M the goals need: fp32 at M = 1,
-    32, 64 and min(256, P) (capped at P), int8 at M = 1 and min(256, P) where an INT8 precision runs."""
-    from gamexport.bench.kernels import weight_matmuls_session
+def ceiling_items(cfg: GAMConfig, threads: int, runs: int, with_int8: bool) -> dict[str, Item]:
+    """The ceilings' weight MatMuls (``kernels.weight_matmuls_calls``) at the M the goals need, by name: fp32 at
+    M = 1, 32, 64 and min(256, P) (capped at P), int8 at M = 1 and min(256, P) where an INT8 precision runs."""
+    from gamexport.bench.kernels import weight_matmuls_calls
 
-    rng = np.random.default_rng(3)
-    s = _shapes(cfg)
-    Ms = {"fp32": sorted({1, min(BATCHED_M, s["P"]), s["T64"], s["T"]}),
-          "int8": sorted({1, s["T"]}) if with_int8 else []}
-    items = []
+    s = goal_shapes(cfg)
+    Ms = {"fp32": sorted({1, s["M32"], s["T64"], s["T"]}), "int8": sorted({1, s["T"]}) if with_int8 else []}
+    items = {}
     for kind, kind_Ms in Ms.items():
-        if not kind_Ms:
-            continue
-        session, widths = weight_matmuls_session(cfg, kind, threads)
-        for M in kind_Ms:
-            feeds = {f"x{K}": rng.standard_normal((M, K), dtype=np.float32) for K in widths}
-            items.append(Item(f"ceiling {kind} M{M}", kernel_block(lambda s=session, f=feeds: s.run(None, f), runs)))
+        if kind_Ms:
+            for M, call in weight_matmuls_calls(cfg, kind, threads, kind_Ms, seed=3).items():
+                items[f"ceiling {kind} M{M}"] = Item(f"ceiling {kind} M{M}", kernel_block(call, runs))
     return items
 
 
@@ -306,7 +309,7 @@ def _decode_block(runner, ids: np.ndarray, starts: list[int], steps: int) -> Cal
 
 def runner_items(runners: dict, cfg: GAMConfig, runs: int) -> list[Item]:
     """The rows the goals need from the open ``runners`` ({precision: ONNX Runtime runner})."""
-    sh = _shapes(cfg)
+    sh = goal_shapes(cfg)
     P, T, T64, M32 = sh["P"], sh["T"], sh["T64"], sh["M32"]
     rng = np.random.default_rng(11)
     ids = rng.integers(0, cfg.vocab_size, size=(M32, P), dtype=np.int64)
@@ -370,9 +373,9 @@ def paired_section(cfg: GAMConfig, runners: dict, limits: dict, threads: int, ef
     from gamexport.bench.kernels import torch_or_none
 
     runs = effort.paired_runs
-    lim_items, used = limit_items(cfg, limits, threads, runs)
-    with_int8 = any(p in runners for p in ("int8", "int8-dyn"))
-    items = [*lim_items, *ceiling_items(cfg, threads, runs, with_int8), *runner_items(runners, cfg, runs)]
+    ceilings = ceiling_items(cfg, threads, runs, with_int8=any(p in runners for p in ("int8", "int8-dyn")))
+    lim_items, used = limit_items(cfg, limits, threads, runs, ceilings)
+    items = [*lim_items, *ceilings.values(), *runner_items(runners, cfg, runs)]
     groups = plan_groups(cfg, items, used)
     torch = torch_or_none()
     before = torch.get_num_threads() if torch is not None else None
@@ -387,7 +390,7 @@ def paired_section(cfg: GAMConfig, runners: dict, limits: dict, threads: int, ef
         for r in group_rounds:
             r["_limits"] = used
     scored = score(cfg, rounds)
-    del items, lim_items, groups
+    del items, lim_items, ceilings, groups
     gc.collect()
     return {"what": "the goals in groups (each with its limit's candidate kernels, or the ceilings it is divided "
                     f"by), each group's items timed in alternation, one block each per round, {effort.paired_rounds} "

@@ -7,14 +7,13 @@ and the same weight MatMuls at 2.6 ms in one run and 4.1 ms in the next. A fract
 moment then measures the host, not the graph. So a compute probe (ONNX Runtime ``MatMul`` at the gate's prefill
 shape) and a bandwidth probe (ONNX Runtime's GEMV over as many fp32 bytes as the model has) are timed at the start,
 before each runtime and section, and at the end; a run whose probes vary by more than :data:`STEADY_WITHIN`
-(slowest ÷ fastest, either probe) is ``steady: false`` and its goals get no verdict (``scripts/bench-docs``).
+(slowest ÷ fastest, either probe) is ``steady: false``: ``scripts/bench-docs`` gives the goals it scores from the
+sections no verdict (the goals scored in paired rounds, ``paired``, stand).
 """
 
 from __future__ import annotations
 
 import gc
-
-import numpy as np
 
 from gamexport.bench import kernels
 from gamexport.bench.settings import Effort, Progress
@@ -25,17 +24,15 @@ STEADY_WITHIN = 1.25
 
 
 class Probe:
-    """The two probe sessions, kept open for the run; :meth:`__call__` times both and records the point."""
+    """The two probe kernels, kept open for the run; :meth:`__call__` times both and records the point."""
 
     def __init__(self, cfg: GAMConfig, threads: int, effort: Effort):
         from gamexport.bench.limits import bandwidth_shape
 
         T, d = min(256, cfg.max_positions), cfg.d_model
         Kb, Nb = bandwidth_shape(4 * cfg.n_params(), d)
-        rng = np.random.default_rng(5)
         self.shapes = {"compute": (T, d, 2 * d), "bandwidth": (1, Kb, Nb)}
-        self.sessions = {k: kernels._matmul_session(M, K, N, threads) for k, (M, K, N) in self.shapes.items()}
-        self.feeds = {k: {"a": rng.standard_normal((M, K), dtype=np.float32)} for k, (M, K, _) in self.shapes.items()}
+        self.calls = {k: kernels.matmul_call(M, K, N, threads) for k, (M, K, N) in self.shapes.items()}
         self.runs = max(3, min(effort.limit_runs, 10))
         self.points: list[dict] = []
 
@@ -43,17 +40,16 @@ class Probe:
         from gamexport.bench.timing import measure
 
         point = {"at": at}
-        for name, session in self.sessions.items():
+        for name, call in self.calls.items():
             M, K, N = self.shapes[name]
-            feeds = self.feeds[name]
-            ms = measure(lambda: session.run(None, feeds), warmup=1, runs=self.runs, max_seconds=10.0).p50_ms
+            ms = measure(call, warmup=1, runs=self.runs, max_seconds=10.0).p50_ms
             point[name] = (2 * M * K * N / (ms / 1e3) / 1e9 if name == "compute" else K * N * 4 / (ms / 1e3) / 1e9)
         self.points.append(point)
 
     def result(self) -> dict:
         """bench.json's ``steadiness``: every point, each probe's slowest ÷ fastest, and ``steady``."""
         spread = {name: max(p[name] for p in self.points) / min(p[name] for p in self.points)
-                  for name in self.sessions} if self.points else {}
+                  for name in self.calls} if self.points else {}
         return {"what": "a compute probe (ONNX Runtime MatMul {}x{}x{}, GFLOP/s) and a bandwidth probe (GEMV "
                         "{}x{}x{}, GB/s) timed at the start, before each runtime and section, and at the end"
                         .format(*self.shapes["compute"], *self.shapes["bandwidth"]),
@@ -61,7 +57,7 @@ class Probe:
                 "steady": all(v <= STEADY_WITHIN for v in spread.values())}
 
     def close(self) -> None:
-        self.sessions.clear()
+        self.calls.clear()
         gc.collect()
 
 
