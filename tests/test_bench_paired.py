@@ -9,6 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gamexport.bench import paired
@@ -253,3 +254,46 @@ def test_the_unsteady_warning_says_whether_the_goals_stand():
     say_unsteady({**result, "steady": True}, said.append, paired=True)
     assert len(said) == 2 and "compute 2.00×" in said[0]
     assert said[0].endswith("the goals, scored in paired rounds, stand.") and said[1].endswith("rerun.")
+
+
+class StepHost:
+    """A fake ONNX Runtime runner on a fake clock: a decode step costs 1 (``late`` at the last EDGE positions),
+    times ``slow`` from its ``slow_after``-th step on — the host slowing down in the middle of a block."""
+
+    def __init__(self, late: float = 1.0, slow: float = 1.0, slow_after: int = 10**9):
+        self.now, self.steps, self.late, self.slow, self.slow_after = 0.0, 0, late, slow, slow_after
+
+    def _prefill(self, ids):
+        return None, "state"
+
+    def _step(self, token, pos, state):
+        self.steps += 1
+        cost = self.late if int(pos[0, 0]) >= PAPER.max_positions - paired.EDGE else 1.0
+        self.now += cost * (self.slow if self.steps > self.slow_after else 1.0)
+        return None, state
+
+
+def flatness(host: StepHost, monkeypatch, rounds: int = 3) -> dict:
+    """The decode_flat goal scored on ``rounds`` rounds of the positions item as ``host`` runs it."""
+    import types
+
+    from gamexport.bench import runtimes
+
+    monkeypatch.setattr(runtimes, "time", types.SimpleNamespace(perf_counter=lambda: host.now))
+    item = paired.positions_item(host, np.zeros((1, PAPER.max_positions), np.int64), PAPER.max_positions)
+    groups = paired.plan_groups(PAPER, [item], {})
+    assert groups == {"positions": [item]}            # both parts from the one interleaved item
+    got = paired.run_rounds(groups, rounds, lambda msg: None)
+    return next(g for g in paired.score(PAPER, got)["goals"] if g["id"] == "decode_flat")
+
+
+def test_flatness_interleaves_the_first_and_the_last_positions(monkeypatch):
+    """The positions goal compares steps at the first and the last 32 positions. A host that slows 3× halfway
+    through each block (after 3 + 3 warm-up and 32 timed steps) leaves a flat decode flat — a block of the first
+    positions followed by one of the last would read 3.0 — and a planted cost of 20 % at the last positions is
+    seen through it."""
+    half = 6 + paired.EDGE
+    flat = flatness(StepHost(slow=3.0, slow_after=half), monkeypatch)
+    assert flat["value"] == pytest.approx(1.0) and flat["verdict"] == "met"
+    late = flatness(StepHost(late=1.2, slow=3.0, slow_after=half), monkeypatch)
+    assert late["value"] == pytest.approx(1.2) and late["verdict"] == "not met"

@@ -8,7 +8,8 @@ from one ten-second round to the next. The sections of the bench time each row o
 it is divided by, so on such a host their fractions measure the host. Here the goals are measured in **groups**
 (:data:`GROUPS`): the prefill goals with every candidate kernel of the compute limit, fp32 decode with the
 bandwidth limit's, batched decode with the batched limit's, each INT8 ratio with the fp32 row and the ceilings'
-weight MatMuls it is divided by. A group's items are timed in each of ``rounds`` rounds, one short block each (a
+weight MatMuls it is divided by; flatness with the first and the last positions' steps interleaved within each
+block (:func:`positions_item`). A group's items are timed in each of ``rounds`` rounds, one short block each (a
 warm-up call, then calls for at least :data:`MIN_BLOCK_S`, or a few dozen decode steps; the block's time is the
 median of its calls), back to back and in an order rotated every round, so that one round of a group lasts a second
 or two.
@@ -45,10 +46,17 @@ VERDICTS = ("met", "not met", "on the line")
 
 @dataclass
 class Item:
-    """One timed thing: ``block()`` runs one block of calls and returns the seconds of each timed call."""
+    """One timed thing: ``block()`` runs one block of calls and returns the seconds of each timed call — or, for
+    an item whose ``parts`` are timed interleaved within each block, those seconds by part name."""
 
     name: str
-    block: Callable[[], list[float]]
+    block: Callable[[], list[float] | dict[str, list[float]]]
+    parts: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names its blocks' times are kept under: its parts, or its own name."""
+        return self.parts or (self.name,)
 
 
 #: A kernel block lasts at least this long (more calls of a short kernel), so that one hiccup moves no median.
@@ -173,6 +181,8 @@ def measures(cfg: GAMConfig) -> list[Goal]:
         # What stands in the way, from the same groups' rounds.
         Goal(f"ceiling_fp32_M{T64}_of_compute", "", None, True, of("compute", c64, 2 * T64 * elements), "compute",
              "compute", (c64,)),
+        Goal(f"ceiling_fp32_M{T}_of_compute", "", None, True, of("compute", cT, 2 * T * elements), "compute",
+             "compute", (cT,)),
         Goal("ceiling_fp32_decode_fraction", "", None, True, roofline(c1), "bandwidth", "bandwidth", (c1,)),
         Goal(f"ceiling_fp32_M{M32}_of_batched", "", None, True, of("batched", c32, 2 * M32 * elements), "batched",
              "batched", (c32,)),
@@ -307,6 +317,20 @@ def _decode_block(runner, ids: np.ndarray, starts: list[int], steps: int) -> Cal
     return block
 
 
+def positions_item(runner, ids: np.ndarray, P: int) -> Item:
+    """Decode at the first and at the last :data:`EDGE` positions, their steps interleaved within each block
+    (``runtimes.interleaved_decode_samples``): a position-dependent cost shows in the ratio of the two, while a
+    host changing speed — in bursts shorter than a block on the 2026-12 host — slows both alike."""
+    from gamexport.bench.runtimes import interleaved_decode_samples
+
+    first, last = f"fp32 decode first {EDGE}", f"fp32 decode last {EDGE}"
+    streams = [(ids, list(range(1, 1 + EDGE))), (ids, list(range(P - EDGE, P)))]
+
+    def block() -> dict[str, list[float]]:
+        return dict(zip((first, last), interleaved_decode_samples(runner, streams, 3)))
+    return Item(f"fp32 decode first and last {EDGE}, interleaved", block, (first, last))
+
+
 def runner_items(runners: dict, cfg: GAMConfig, runs: int) -> list[Item]:
     """The rows the goals need from the open ``runners`` ({precision: ONNX Runtime runner})."""
     sh = goal_shapes(cfg)
@@ -333,15 +357,14 @@ def runner_items(runners: dict, cfg: GAMConfig, runs: int) -> list[Item]:
             items.append(Item(f"fp32 decode B{M32}", _decode_block(runner, np.ascontiguousarray(ids), [1],
                                                                   min(BATCHED_DECODE_STEPS, P - 1))))
         if P > 2 * EDGE:
-            items.append(Item(f"fp32 decode first {EDGE}", _decode_block(runner, one, [1], EDGE)))
-            items.append(Item(f"fp32 decode last {EDGE}", _decode_block(runner, one, [P - EDGE], EDGE)))
+            items.append(positions_item(runner, one, P))
     return items
 
 
 def plan_groups(cfg: GAMConfig, items: list[Item], used: dict) -> dict[str, list[Item]]:
     """Each group's items (:data:`GROUPS`): every item a measure of the group reads, and every candidate of the
     group's limits; a group none of whose goals can be scored (an item missing) is left out."""
-    by_name = {i.name: i for i in items}
+    by_name = {n: i for i in items for n in (i.name, *i.names)}
     out = {}
     for group, limits in GROUPS.items():
         mine = [m for m in measures(cfg) if m.group == group]
@@ -349,7 +372,7 @@ def plan_groups(cfg: GAMConfig, items: list[Item], used: dict) -> dict[str, list
             continue
         names = [n for lim in limits for n, _ in used.get(lim, [])]
         names += [n for m in mine for n in (*m.needs, *m.either) if n in by_name]
-        out[group] = [by_name[n] for n in dict.fromkeys(names)]
+        out[group] = list({id(by_name[n]): by_name[n] for n in names}.values())
     return out
 
 
@@ -362,7 +385,12 @@ def run_rounds(groups: dict[str, list[Item]], rounds: int, say: Progress) -> dic
         out[group] = []
         for k in range(rounds):
             order = items[k % len(items):] + items[:k % len(items)]
-            out[group].append({item.name: float(np.median(item.block())) * 1e3 for item in order})
+            r = {}
+            for item in order:
+                samples = item.block()
+                r.update({n: float(np.median(s)) * 1e3
+                          for n, s in (samples.items() if isinstance(samples, dict) else [(item.name, samples)])})
+            out[group].append(r)
     return out
 
 

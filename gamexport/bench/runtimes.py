@@ -141,19 +141,35 @@ def generation_prefill_row(runner, cfg: GAMConfig, ids: np.ndarray, limits: dict
 
 def _decode_samples(runner, ids: np.ndarray, positions: list[int], warmup: int) -> list[float]:
     """Per-step seconds of one-token decode steps at ``positions`` (state carried), as ``generate`` calls them."""
-    B = ids.shape[0]
-    _, state0 = runner._prefill(np.ascontiguousarray(ids[:, : positions[0]]))
-    pos_arrays = {p: np.full((B, 1), p, np.int64) for p in positions}
-    tokens = {p: np.ascontiguousarray(ids[:, p:p + 1]) for p in positions}
-    state = state0
-    for p in positions[:warmup]:
-        _, state = runner._step(tokens[p], pos_arrays[p], state)
-    state = state0
-    samples = []
-    for p in positions:
-        t0 = time.perf_counter()
-        _, state = runner._step(tokens[p], pos_arrays[p], state)
-        samples.append(time.perf_counter() - t0)
+    return interleaved_decode_samples(runner, [(ids, positions)], warmup)[0]
+
+
+def interleaved_decode_samples(runner, streams: list[tuple[np.ndarray, list[int]]], warmup: int) -> list[list[float]]:
+    """Per-step seconds of one-token decode steps of several ``streams`` (ids, positions), each with its own state
+    carried (prefilled up to its first position, untimed), their steps taken in turn — stream 0's first step, stream
+    1's first, …, then each one's second step, the turn order reversed every step — so that a host changing speed
+    within the block moves every stream alike. ``warmup`` untimed steps of each stream first (its state then reset).
+    One list of samples per stream."""
+    plans = []
+    for ids, positions in streams:
+        _, state0 = runner._prefill(np.ascontiguousarray(ids[:, : positions[0]]))
+        B = ids.shape[0]
+        plans.append((state0, [(np.ascontiguousarray(ids[:, p:p + 1]), np.full((B, 1), p, np.int64))
+                               for p in positions]))
+    for state0, steps in plans:
+        state = state0
+        for token, pos in steps[:warmup]:
+            _, state = runner._step(token, pos, state)
+    states = [state0 for state0, _ in plans]
+    samples: list[list[float]] = [[] for _ in plans]
+    order = list(range(len(plans)))
+    for i in range(max(len(steps) for _, steps in plans)):
+        for k in (order if i % 2 == 0 else order[::-1]):
+            steps = plans[k][1]
+            if i < len(steps):
+                t0 = time.perf_counter()
+                _, states[k] = runner._step(*steps[i], states[k])
+                samples[k].append(time.perf_counter() - t0)
     return samples
 
 

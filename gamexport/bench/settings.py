@@ -55,7 +55,7 @@ class Effort:
 
 FULL = Effort(limit_runs=20, limit_warmup=3, runs=20, warmup=2, max_seconds=30.0, batched_decode_steps=64,
               scaling_runs=10, scaling_max_seconds=30.0, help_runs=5, first_token_runs=7, startup_warmup=1,
-              training_runs=5, paired_rounds=12, paired_runs=3)
+              training_runs=5, paired_rounds=24, paired_runs=3)
 
 
 QUICK = Effort(limit_runs=2, limit_warmup=1, runs=5, warmup=1, max_seconds=2.0, batched_decode_steps=16,
