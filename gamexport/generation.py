@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from gamexport.errors import InputError
-from gamexport.manifest import MANIFEST_NAME, verify
+from gamexport.manifest import MANIFEST_NAME, verify_while
 from gamexport.runtime import Runner
 from gamexport.sampling import SamplingConfig
 
@@ -42,8 +42,7 @@ def _genai_model(folder: Path):
     names = [name for name in read_manifest(folder)["files"] if name.startswith(f"{genai_dir()}/")]
     if not names:
         raise InputError(f"{bundle} is not listed in {folder / MANIFEST_NAME}", "rebuild the folder")
-    verify(folder, names)
-    return GenaiModel(bundle)
+    return verify_while(folder, names, lambda: GenaiModel(bundle))
 
 
 @contextmanager
@@ -71,8 +70,9 @@ def open_runner(source: str | None, threads: int | None = None,
     if is_build:
         from gamexport.engines.ort import OrtRunner
 
-        verify(folder, ["step.onnx", *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])])
-        runner = OrtRunner.from_folder(folder, threads, step_only=True)  # one session: prefill is a chunk
+        checked = ["step.onnx", *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])]
+        runner = verify_while(folder, checked,  # one session: prefill is a chunk
+                              lambda: OrtRunner.from_folder(folder, threads, step_only=True))
         label = f"onnxruntime-cpu, {folder}"
         tok_path = folder / "tokenizer.json"
     else:
