@@ -297,3 +297,26 @@ def test_flatness_interleaves_the_first_and_the_last_positions(monkeypatch):
     assert flat["value"] == pytest.approx(1.0) and flat["verdict"] == "met"
     late = flatness(StepHost(late=1.2, slow=3.0, slow_after=half), monkeypatch)
     assert late["value"] == pytest.approx(1.2) and late["verdict"] == "not met"
+
+
+def test_the_goals_across_runs_table_keeps_each_runs_verdict():
+    """One column per run with paired rounds, oldest first, each goal's value / runner-up and its own verdict; a
+    busy run's goals get none, and a file without paired rounds gets no column."""
+    bd = _bench_docs()
+    bench = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text(encoding="utf-8"))
+    r = base_round()
+    slow = {**r, "fp32 decode B32": 10.0}                  # batched decode at 1.04 of its limit: beaten
+    runs = []
+    for created, rounds, busy in (("2026-12-04T10:00:00+0000", r, False), ("2026-12-01T09:00:00+0000", slow, False),
+                                  ("2026-12-05T11:00:00+0000", r, True)):
+        run = {**bench, "created": created, "load": {**bench["load"], "busy": busy},
+               "paired": {"rounds": 3, **paired.score(PAPER, {g: [rounds] * 3 for g in paired.GROUPS})}}
+        runs.append(run)
+    table = bd.table_goals_runs([*runs, {**bench, "created": "2026-12-06T00:00:00+0000", "paired": None}])
+    header, _, *rows = table.splitlines()
+    assert header.split(" | ")[1:] == ["12-01 09:00 (3 rounds)", "12-04 10:00 (3 rounds)", "12-05 11:00 (3 rounds) |"]
+    batched = next(x for x in rows if x.startswith("| batched decode")).split(" | ")
+    assert batched[1].endswith("–")                         # above 1.0 of its limit: no verdict
+    assert batched[2] == "0.53 / 0.53 ✗" and batched[3] == "0.53 / 0.53 – |"   # the busy run: none
+    gen = next(x for x in rows if x.startswith("| prefill for generation")).split(" | ")
+    assert gen[2] == "0.87 / 0.87 ✓"
