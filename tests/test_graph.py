@@ -476,6 +476,77 @@ def trt_type_problems(model) -> list[str]:
     return problems
 
 
+def trt_restriction_problems(model) -> list[str]:
+    """Nodes of ``model`` (inlined, shapes inferred) that break a restriction TensorRT's ONNX parser places on an op
+    gamexport emits: the table's "Restrictions" column at the commit above, and the importers in onnxOpImporters.cpp
+    there (TensorRT 10.1) — Slice, Squeeze and Unsqueeze axes known when the engine is built (a Constant node or an
+    initializer; Squeeze without axes only on a static shape: "Cannot infer squeeze dimensions from a dynamic
+    shape"), Q/DQ zero points zero, LayerNormalization's first output only, no sparse or string Constant."""
+    typed = onnx.shape_inference.infer_shapes(inline(model), strict_mode=True)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*typed.graph.value_info, *typed.graph.input]}
+    consts = {t.name: numpy_helper.to_array(t) for t in typed.graph.initializer}
+    for node in typed.graph.node:
+        if node.op_type == "Constant":
+            attr = node.attribute[0]
+            value = (numpy_helper.to_array(attr.t) if attr.name == "value" else
+                     np.array(onnx.helper.get_attribute_value(attr)) if attr.name.startswith("value_") else None)
+            consts[node.output[0]] = value
+    problems = []
+    for node in typed.graph.node:
+        where = f"{node.op_type} ({node.output[0]})"
+        axes = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1}.get(node.op_type)
+        if axes is not None and len(node.input) > axes and node.input[axes]:
+            if node.input[axes] not in consts:
+                problems.append(f"{where}: axes {node.input[axes]!r} are not a constant")
+        elif node.op_type == "Squeeze" and None in shapes.get(node.input[0], [None]):
+            problems.append(f"{where}: no axes, on the dynamic shape {shapes.get(node.input[0])}")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
+            zp = consts.get(node.input[2])
+            if zp is None or np.any(zp != 0):
+                problems.append(f"{where}: zero point {node.input[2]!r} is not a constant zero")
+        if node.op_type == "LayerNormalization" and len([o for o in node.output if o]) > 1:
+            problems.append(f"{where}: outputs beyond Y")
+        if node.op_type == "Constant" and node.attribute[0].name in ("sparse_value", "value_string", "value_strings"):
+            problems.append(f"{where}: a {node.attribute[0].name} Constant")
+    return problems
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
+def test_every_node_keeps_tensorrts_parser_restrictions(int8_graphs, tiny_cfg, tiny_weights, precision):
+    for kind in ("prefill", "step"):
+        model = int8_graphs[0][kind] if precision == "int8" else build_graph(tiny_cfg, tiny_weights, kind,
+                                                                              precision=precision)
+        assert trt_restriction_problems(model) == [], kind
+
+
+def test_the_restriction_check_can_fail(graphs):
+    """Plants, each a graph TensorRT's parser refuses: Slice axes computed at run time, a Squeeze without axes on a
+    dynamic shape, a DequantizeLinear with a non-zero zero point."""
+    from onnx import helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(graphs["prefill"])
+    g = model.graph
+    def const(name, dtype, dims, values):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, values))
+
+    g.node.extend([
+        const("planted_axes", onnx.TensorProto.INT64, [1], [2]), const("zp", onnx.TensorProto.INT8, [], [3]),
+        const("q", onnx.TensorProto.INT8, [2], [1, 2]), const("s", onnx.TensorProto.FLOAT, [], [0.5]),
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Slice", ["ids_shape", "ids_shape", "ids_shape", "ids_shape"], ["computed_axes"]),
+        helper.make_node("Unsqueeze", ["input_ids", "planted_axes"], ["ids_3d"]),
+        helper.make_node("Squeeze", ["ids_3d"], ["ids_squeezed"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"]),
+    ])
+    model = onnx.shape_inference.infer_shapes(model)
+    problems = trt_restriction_problems(model)
+    assert any("Slice (computed_axes): axes 'ids_shape' are not a constant" in p for p in problems), problems
+    assert any(p.startswith("Squeeze (ids_squeezed): no axes, on the dynamic shape") for p in problems), problems
+    assert any("DequantizeLinear (dq): zero point 'zp' is not a constant zero" in p for p in problems), problems
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
 def test_every_op_type_pair_is_in_tensorrts_operator_table(int8_graphs, tiny_cfg, tiny_weights, precision):
     for kind in ("prefill", "step"):
