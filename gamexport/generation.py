@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from gamexport.errors import InputError
-from gamexport.manifest import MANIFEST_NAME, verify_while
+from gamexport.manifest import MANIFEST_NAME, verify, verify_while
 from gamexport.runtime import Runner
 from gamexport.sampling import SamplingConfig
 
@@ -42,7 +42,8 @@ def _genai_model(folder: Path):
     names = [name for name in read_manifest(folder)["files"] if name.startswith(f"{genai_dir()}/")]
     if not names:
         raise InputError(f"{bundle} is not listed in {folder / MANIFEST_NAME}", "rebuild the folder")
-    return verify_while(folder, names, lambda: GenaiModel(bundle))
+    verify(folder, names)   # before og reads anything: its genai_config.json names the files it opens
+    return GenaiModel(bundle)
 
 
 @contextmanager
