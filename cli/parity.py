@@ -31,7 +31,8 @@ def parity(
 ) -> None:
     """Re-run the folder's graphs here and compare them with the eager fp32 outputs saved at build time.
 
-    Needs no torch, so it runs on the edge box itself. Exits 1 when a gated check fails, 2 when no row was
+    With onnxruntime-genai installed, also runs each onnxruntime-genai bundle through og.Generator against
+    gamexport's greedy decode, as the build does. Needs no torch, so it runs on the edge box itself. Exits 1 when a gated check fails, 2 when no row was
     gated (nothing was checked: that is not a pass).
     """
 
@@ -44,10 +45,12 @@ def parity(
         report_path = check_file(report, option="--report", guards={"the build folder": folder})
         split = lambda text: tuple(p.strip() for p in text.split(",") if p.strip())  # noqa: E731
         result = recheck(folder, split(engines), split(precision) if precision else (), device, threads, say)
-        from gamexport.report import parity_failure, parity_line
+        from gamexport.report import checked_rows, genai_line, parity_failure, parity_line
 
         for row in result["parity"]:
             print(parity_line(row))
+        for entry in result["genai"]:
+            print(genai_line(entry))
         from gamexport.parity import Verdict
 
         counted = Verdict.from_counts(result["parity_counts"])
@@ -62,7 +65,7 @@ def parity(
         if not result["passed"]:
             from gamexport.errors import ParityError
 
-            raise ParityError(parity_failure(result["parity"]),
+            raise ParityError(parity_failure(checked_rows(result)),
                               f"read {report} for the measured differences; if the folder's graphs are intact "
                               "(gamexport verify), this machine's runtime computes differently: rebuild here")
 

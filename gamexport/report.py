@@ -79,15 +79,16 @@ def graph_sizes(folder: Path, precisions: Sequence[str]) -> dict[str, dict]:
 
 
 def recheck_report(folder: Path, parity: Sequence[ParityRow], skipped: list[dict], precisions: tuple[str, ...],
-                   threads: int | None) -> dict:
-    """The report of ``gamexport parity DIR`` (``--report``): the verdict of ``parity`` over ``precisions``."""
+                   threads: int | None, genai: list[dict] = ()) -> dict:
+    """The report of ``gamexport parity DIR`` (``--report``): the verdict of ``parity`` and of the onnxruntime-genai
+    bundles run (``genai``, as in a build's report.json) over ``precisions``."""
     from gamexport.machine import machine_info
     from gamexport.parity import verdict
 
-    rows = [row.to_dict() for row in parity]
-    counted = verdict(rows, skipped, precisions)
-    return {"schema_version": SCHEMA_VERSION, "folder": str(folder), "passed": counted.passed,
-            "parity_counts": counted.counts(), "machine": machine_info(threads), "parity": rows, "skipped": skipped}
+    report = {"schema_version": SCHEMA_VERSION, "folder": str(folder), "parity": [row.to_dict() for row in parity],
+              "genai": list(genai), "skipped": skipped}
+    counted = verdict(checked_rows(report), skipped, precisions)
+    return {**report, "passed": counted.passed, "parity_counts": counted.counts(), "machine": machine_info(threads)}
 
 
 # ---- the one formatter of parity and latency rows (report.md, gamexport build, gamexport parity) -------------
@@ -127,6 +128,15 @@ def parity_line(row: dict) -> str:
         f"max abs {row['max_abs_diff']:.3g}, KL {row['kl_mean']:.3g}"
     return (f"{parity_mark(row):4}  {row['runtime']} {row['precision']:<8} {row['graph']:<7} {row['input']:<6} "
             f"B{row['batch']}×{row['seq_len']}: {extra}")
+
+
+def genai_line(entry: dict) -> str:
+    """One onnxruntime-genai bundle as ``gamexport parity`` prints it: its mark and the greedy agreement, or why it
+    was skipped."""
+    if "skipped" in entry:
+        return f"skip  onnxruntime-genai {entry['precision']:<8} {entry['bundle']}/: {entry['skipped']}"
+    return (f"{parity_mark(entry):4}  onnxruntime-genai {entry['precision']:<8} {entry['bundle']}/ greedy on "
+            f"'{entry['input']}': {entry['rows_equal']} of {entry['prompts']} prompts token-exact")
 
 
 def latency_line(row: dict) -> str:

@@ -502,3 +502,35 @@ def test_build_genai_entry_without_the_client(tiny_plain, tmp_path, monkeypatch)
     assert entries == [{"bundle": "genai", "precision": "fp32",
                         "skipped": f"onnxruntime-genai is not installed: {INSTALL}"}]
     assert any("parity skipped" in line and "pip install" in line for line in lines), lines
+
+
+@needs_genai
+def test_parity_dir_reruns_the_bundles_in_its_verdict(tiny_plain, tmp_path):
+    """`gamexport parity DIR` runs the folder's bundles through og.Generator as the build does and counts them in
+    the same verdict; a bundle whose graph computes something else fails it (planted: the fp32 bundle's graph with
+    the final LayerNorm's bias moved, written as a new file and entered in the manifest, so the folder verifies)."""
+    import onnx
+    from onnx import numpy_helper
+
+    import zoo
+    from gamexport.pipeline.recheck import recheck
+
+    folder = _bundled(tiny_plain, tmp_path / "folder")
+    result = recheck(folder, precisions=("fp32",), threads=1)
+    entry = next(e for e in result["genai"] if e["bundle"] == "genai")
+    assert entry["passed"] and entry["gated"] and result["passed"]
+    assert result["parity_counts"]["gated_passed"] == sum(r.get("gated", True) for r in result["parity"]) + 1
+
+    graph = folder / "genai" / DECODER_FILE
+    model = onnx.load(str(graph))
+    bias = next(t for t in model.graph.initializer if t.name == "ln_f.bias")
+    moved = numpy_helper.to_array(bias) + 5.0 * np.random.default_rng(0).standard_normal(bias.dims[0])
+    bias.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), "ln_f.bias"))
+    graph.unlink()   # a hard link to step.onnx: write a new file, leave the graph parity checks intact
+    onnx.save(model, str(graph))
+    zoo.rewrite_manifest(folder, [f"genai/{DECODER_FILE}"])
+    proc = subprocess.run([sys.executable, "-m", "gamexport.cli.main", "parity", str(folder), "--precision", "fp32",
+                           "--report", str(tmp_path / "report.json"), "-j", "1"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "gated parity checks failed (first: onnxruntime-genai fp32 genai/ greedy" in proc.stderr
+    assert any(line.startswith("FAIL  onnxruntime-genai fp32") for line in proc.stdout.splitlines()), proc.stdout

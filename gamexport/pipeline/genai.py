@@ -9,6 +9,8 @@ bundle or onnxruntime-genai is not installed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from gamexport.layout import genai_dir
@@ -20,12 +22,20 @@ PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 16, 32
 
 def prompts(b) -> tuple[np.ndarray, str]:
     """(ids [PROMPTS, T], what they are): the held-out rows the INT8 gate scores, or seeded random ids."""
-    T = min(PROMPT_TOKENS, b.cfg.max_positions // 2)
-    text = b.eval_ids if held_out(b.text_ids) else b.text_ids
+    return prompt_ids(b.cfg, b.eval_ids if held_out(b.text_ids) else b.text_ids)
+
+
+def prompt_ids(cfg, text: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Up to PROMPTS prompts of T tokens: the first rows of ``text`` (token ids, [rows, tokens]; one long row, as
+    ``DIR/parity/`` keeps it, is cut into rows of T), or seeded random ids without it."""
+    T = min(PROMPT_TOKENS, cfg.max_positions // 2)
     if text is not None:
-        return np.asarray(text[:PROMPTS, :T], dtype=np.int64), "held-out text"
+        text = np.asarray(text, dtype=np.int64)
+        if text.shape[0] < PROMPTS and text.size >= PROMPTS * T:
+            text = text.reshape(-1)[: PROMPTS * T].reshape(PROMPTS, T)
+        return text[:PROMPTS, :T], "held-out text"
     rng = np.random.default_rng(11)
-    return rng.integers(0, b.cfg.vocab_size, size=(PROMPTS, T), dtype=np.int64), "random ids"
+    return rng.integers(0, cfg.vocab_size, size=(PROMPTS, T), dtype=np.int64), "random ids"
 
 
 def genai_parity(b) -> list[dict]:
@@ -61,22 +71,29 @@ def _reference_runner(b, precision: str):
 
 
 def _bundle_parity(b, precision: str) -> dict:
+    runner = _reference_runner(b, precision)
+    try:
+        return bundle_parity(b.staging, precision, runner, *prompts(b), b.progress)
+    finally:
+        if all(runner is not kept for kept in b.runners):
+            runner.close()
+
+
+def bundle_parity(folder: Path, precision: str, runner, ids: np.ndarray, source: str, progress) -> dict:
+    """The ``genai`` entry of one bundle of ``folder``: og.Generator greedy on ``ids`` (described by ``source``)
+    against ``runner``'s greedy decode (gamexport's, ONNX Runtime CPU, the same ``precision``)."""
     from importlib.metadata import version
 
     from gamexport.genai_client import GenaiModel, greedy_agreement
     from gamexport.layout import precision as record
 
     bundle = genai_dir(precision)
-    ids, source = prompts(b)
-    new_tokens = min(NEW_TOKENS, b.cfg.max_positions - ids.shape[1])
-    runner = _reference_runner(b, precision)
-    model = GenaiModel(b.staging / bundle)
+    new_tokens = min(NEW_TOKENS, runner.config.max_positions - ids.shape[1])
+    model = GenaiModel(Path(folder) / bundle)
     try:   # both stop at the bundle's end id: the tokenizer's eos, or 0 without a tokenizer (bundles.genai)
         result = greedy_agreement(model, runner, ids, new_tokens, sorted(model.eos_ids))
     finally:
         model.close()
-        if all(runner is not kept for kept in b.runners):
-            runner.close()
     gated = not record(precision).runtime_scales
     result = {"bundle": bundle, "precision": precision, "runtime": "onnxruntime-genai",
               "client": f"onnxruntime-genai {version('onnxruntime-genai')}", "input": source,
@@ -86,11 +103,42 @@ def _bundle_parity(b, precision: str) -> dict:
                           "together, gamexport's decode one row at a time")
     tag = "" if gated else " (informational)"
     if result["passed"]:
-        b.progress(f"genai: {bundle}/ og.Generator greedy equals gamexport's greedy decode on {result['prompts']} "
-                   f"{source} prompts (batch 2, {result['tokens_compared']} tokens){tag}")
+        progress(f"genai: {bundle}/ og.Generator greedy equals gamexport's greedy decode on {result['prompts']} "
+                 f"{source} prompts (batch 2, {result['tokens_compared']} tokens){tag}")
     else:
         where = result["first_mismatch"]
-        b.progress(f"genai: {bundle}/ og.Generator greedy DIFFERS from gamexport's greedy decode: "
-                   f"{result['rows_equal']}/{result['prompts']} rows equal, first at row {where['row']}, new token "
-                   f"{where['new_token']}{tag}")
+        progress(f"genai: {bundle}/ og.Generator greedy DIFFERS from gamexport's greedy decode: "
+                 f"{result['rows_equal']}/{result['prompts']} rows equal, first at row {where['row']}, new token "
+                 f"{where['new_token']}{tag}")
     return result
+
+
+class BundleCheck:
+    """The ``genai`` entries of ``gamexport parity DIR`` (``entries``), one per precision ``run`` is called with:
+    its bundle — when the folder's manifest lists one — checked against the manifest before og opens it (its
+    genai_config.json names the files og reads), then run as the build runs it against ``runner`` (the ONNX
+    Runtime CPU runner of that precision). Skipped entries say why: no bundle, or no onnxruntime-genai."""
+
+    def __init__(self, folder: Path, text: np.ndarray | None, progress):
+        from gamexport.manifest import read_manifest
+
+        self.folder, self.text, self.progress = Path(folder), text, progress
+        self.listed = read_manifest(folder)["files"]
+        self.entries: list[dict] = []
+
+    def run(self, precision: str, runner) -> None:
+        from gamexport.genai_client import INSTALL, available
+        from gamexport.manifest import verify
+
+        bundle = genai_dir(precision)
+        names = [n for n in self.listed if n.startswith(f"{bundle}/")]
+        if not names:
+            self.entries.append({"bundle": bundle, "precision": precision, "skipped": "the folder has no such bundle"})
+        elif not available():
+            self.entries.append({"bundle": bundle, "precision": precision,
+                                 "skipped": f"onnxruntime-genai is not installed: {INSTALL}"})
+        else:
+            verify(self.folder, names)
+            self.progress(f"parity: onnxruntime-genai {precision} ({bundle}/)")
+            self.entries.append(bundle_parity(self.folder, precision, runner, *prompt_ids(runner.config, self.text),
+                                              self.progress))

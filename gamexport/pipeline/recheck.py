@@ -3,7 +3,8 @@
 The build kept its parity inputs and eager fp32's outputs in ``DIR/parity/`` (``gamexport.parity.references``).
 This plans the (runtime, precision) pairs asked for and opens each runner through ``gamexport.targets`` as the
 build does, and hands it to ``gamexport.parity.engine.run_parity`` against those references: the same loop and
-tolerance table as the build.
+tolerance table as the build. The folder's onnxruntime-genai bundles go through og.Generator as the build runs them
+(``gamexport.pipeline.genai``), against the same ONNX Runtime CPU runner, counted in the same verdict.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from gamexport.errors import GamexportError
 
 
 def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), precisions: tuple[str, ...] = (),
-            device: str = "cpu", threads: int | None = None, progress=lambda m: None) -> dict:
+            device: str = "cpu", threads: int | None = None, progress=lambda m: None, genai: bool = True) -> dict:
     """The re-check report (rows in the build report's format) for every (runtime, precision) this machine
-    supports over the folder's saved references."""
+    supports over the folder's saved references; with ``genai``, each precision's onnxruntime-genai bundle through
+    og.Generator against the ONNX Runtime CPU runner its parity rows just used."""
     from gamexport import targets  # looked up at call time: tests plant a broken runner through targets.open_runner
     from gamexport.parity.engine import run_parity
-    from gamexport.parity.references import PARITY_DIR, available_precisions, load_references
+    from gamexport.parity.references import CALIBRATION_TEXT, PARITY_DIR, available_precisions, load_references
+    from gamexport.pipeline.genai import BundleCheck
     from gamexport.report import recheck_report
 
     folder = Path(folder)
@@ -34,6 +37,9 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
     saved = load_references(folder, wanted)
     plan = targets.plan(wanted, tuple(engines), device)
     options = targets.OpenOptions(threads=threads, say=progress)
+    text = next((feed["input_ids"] for feed, label in zip(saved.prefill.inputs, saved.prefill.labels)
+                 if label in ("text", CALIBRATION_TEXT)), None)
+    bundles = BundleCheck(folder, text, progress) if genai else None
     rows = []
     runs = [(*pair, False) for pair in plan.pairs] + [(*pair, True) for pair in plan.structural]
     for runtime, precision, structural in runs:
@@ -41,6 +47,9 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
         runner = targets.open_runner(runtime, precision, folder, saved.cfg, options, structural=structural)
         try:
             rows += run_parity(runner, saved, progress, threads)
+            if bundles is not None and runtime == "onnxruntime-cpu" and not structural:
+                bundles.run(precision, runner)   # onnxruntime-genai's CPU package runs the same graph
         finally:
             runner.close()
-    return recheck_report(folder, rows, [*plan.elsewhere, *plan.skipped], wanted, threads)
+    return recheck_report(folder, rows, [*plan.elsewhere, *plan.skipped], wanted, threads,
+                          bundles.entries if bundles is not None else ())
