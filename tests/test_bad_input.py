@@ -31,7 +31,7 @@ from gamexport.errors import GraphError
 
 GAMEXPORT = [sys.executable, "-m", "gamexport.cli.main"]
 # Progress lines: the build's stages and their indented details, the parity command's steps.
-PROGRESS = re.compile(r"^(\[\d/\d\] |      |parity: (onnxruntime|tensorrt)\S* \S+$)")
+PROGRESS = re.compile(r"^(\[\d/\d\] |      |parity: (onnxruntime|tensorrt)\S* \S+$|genai: )")
 ENOSPC_HOOK = """
 import errno, os
 _under = os.environ.get("GAMEXPORT_TEST_ENOSPC_UNDER")

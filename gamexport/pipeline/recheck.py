@@ -46,9 +46,13 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
         progress(f"parity: {runtime} {precision}" + (" (structural run)" if structural else ""))
         runner = targets.open_runner(runtime, precision, folder, saved.cfg, options, structural=structural)
         try:
-            rows += run_parity(runner, saved, progress, threads)
-            if bundles is not None and runtime == "onnxruntime-cpu" and not structural:
-                bundles.run(precision, runner)   # onnxruntime-genai's CPU package runs the same graph
+            mine = run_parity(runner, saved, progress, threads)
+            rows += mine
+            # onnxruntime-genai's CPU package runs the graph the baseline runner just checked; a bundle adds to a
+            # precision's gated rows, it never stands in for them ("nothing checked" stays about the graphs)
+            if bundles is not None and runtime == targets.BASELINE[0] and not structural and \
+                    any(r.gated for r in mine):
+                bundles.run(precision, runner)
         finally:
             runner.close()
     return recheck_report(folder, rows, [*plan.elsewhere, *plan.skipped], wanted, threads,
