@@ -32,8 +32,8 @@ def parity(
     """Re-run the folder's graphs here and compare them with the eager fp32 outputs saved at build time.
 
     With onnxruntime-genai installed, also runs each onnxruntime-genai bundle through og.Generator against
-    gamexport's greedy decode, as the build does. Needs no torch, so it runs on the edge box itself. Exits 1 when a gated check fails, 2 when no row was
-    gated (nothing was checked: that is not a pass).
+    gamexport's greedy decode, as the build does. Needs no torch, so it runs on the edge box itself. Exits 1 when
+    a gated check fails, 2 when no row was gated (nothing was checked: that is not a pass).
     """
 
     def body() -> None:

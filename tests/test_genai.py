@@ -534,3 +534,18 @@ def test_parity_dir_reruns_the_bundles_in_its_verdict(tiny_plain, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "gated parity checks failed (first: onnxruntime-genai fp32 genai/ greedy" in proc.stderr
     assert any(line.startswith("FAIL  onnxruntime-genai fp32") for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_recheck_prompts_leave_out_windows_holding_the_end_id(tiny_cfg):
+    """The re-check's windows of held-out text without the bundle's end id (og ends a prompt-final eos otherwise
+    than gamexport); fewer than two left: the seeded random ids; the build's prompts (nothing left out) as cut."""
+    from gamexport.pipeline.genai import prompt_ids
+
+    text = np.arange(2, 2 + 5 * 16, dtype=np.int64).reshape(5, 16) % tiny_cfg.vocab_size
+    text[1, -1] = text[3, 4] = 1                                         # two windows hold the end id 1
+    ids, source = prompt_ids(tiny_cfg, text, leave_out={1})
+    assert source == "held-out text" and [list(r) for r in ids] == [list(text[0]), list(text[2]), list(text[4])]
+    ids, source = prompt_ids(tiny_cfg, text[1:4], leave_out={1})       # one window left: random ids instead
+    assert source == "random ids" and ids.shape == (4, 16)
+    ids, source = prompt_ids(tiny_cfg, text)                            # the build's: the first rows, as they are
+    assert source == "held-out text" and (ids == text[:4]).all()

@@ -20,19 +20,27 @@ from gamexport.parity.references import held_out
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 4, 16, 32
 
 
-def prompts(b) -> tuple[np.ndarray, str]:
-    """(ids [PROMPTS, T], what they are): the held-out rows the INT8 gate scores, or seeded random ids."""
-    return prompt_ids(b.cfg, b.eval_ids if held_out(b.text_ids) else b.text_ids)
+def build_text(b) -> np.ndarray | None:
+    """The build's prompt text: the held-out rows the INT8 gate scores (or its text where none is held out)."""
+    return b.eval_ids if held_out(b.text_ids) else b.text_ids
 
 
-def prompt_ids(cfg, text: np.ndarray | None) -> tuple[np.ndarray, str]:
-    """Up to PROMPTS prompts of T tokens: the first rows of ``text`` (token ids, [rows, tokens]), or seeded random
-    ids without it."""
+def prompt_ids(cfg, text: np.ndarray | None, leave_out=frozenset()) -> tuple[np.ndarray, str]:
+    """(ids [≤ PROMPTS, T], what they are): the first rows of ``text`` (token ids, [rows, tokens]) — without the
+    rows holding an id of ``leave_out``, and then only where at least two remain — else seeded random ids."""
     T = min(PROMPT_TOKENS, cfg.max_positions // 2)
     if text is not None:
-        return np.asarray(text[:PROMPTS, :T], dtype=np.int64), "held-out text"
+        text = np.asarray(text, dtype=np.int64)
+        if leave_out:
+            text = text[[not set(row.tolist()) & set(leave_out) for row in text]]
+        if not leave_out or len(text) >= 2:
+            return text[:PROMPTS, :T], "held-out text"
     rng = np.random.default_rng(11)
     return rng.integers(0, cfg.vocab_size, size=(PROMPTS, T), dtype=np.int64), "random ids"
+
+
+def _skipped(precision: str, why: str) -> dict:
+    return {"bundle": genai_dir(precision), "precision": precision, "skipped": why}
 
 
 def genai_parity(b) -> list[dict]:
@@ -46,12 +54,10 @@ def genai_parity(b) -> list[dict]:
 
     bundled = [p for p in PRECISION_TABLE if p in b.precisions and genai_dir(p) in b.bundles]
     if not bundled:
-        return [{"bundle": genai_dir("fp32"), "precision": "fp32",
-                 "skipped": "the build wrote no onnxruntime-genai bundle (see its bundle stage)"}]
+        return [_skipped("fp32", "the build wrote no onnxruntime-genai bundle (see its bundle stage)")]
     if not available():
         b.progress(f"genai: parity skipped: onnxruntime-genai is not installed ({INSTALL})")
-        return [{"bundle": genai_dir(p), "precision": p, "skipped": f"onnxruntime-genai is not installed: {INSTALL}"}
-                for p in bundled]
+        return [_skipped(p, f"onnxruntime-genai is not installed: {INSTALL}") for p in bundled]
     return [_bundle_parity(b, p) for p in bundled]
 
 
@@ -70,19 +76,19 @@ def _reference_runner(b, precision: str):
 def _bundle_parity(b, precision: str) -> dict:
     runner = _reference_runner(b, precision)
     try:
-        return bundle_parity(b.staging, precision, runner, *prompts(b), b.progress)
+        return bundle_parity(b.staging, precision, runner, build_text(b), b.progress)
     finally:
         if all(runner is not kept for kept in b.runners):
             runner.close()
 
 
-def bundle_parity(folder: Path, precision: str, runner, ids: np.ndarray, source: str, progress,
+def bundle_parity(folder: Path, precision: str, runner, text: np.ndarray | None, progress,
                   without_end_ids: bool = False) -> dict:
-    """The ``genai`` entry of one bundle of ``folder``: og.Generator greedy on ``ids`` (described by ``source``)
+    """The ``genai`` entry of one bundle of ``folder``: og.Generator greedy on :func:`prompt_ids` of ``text``
     against ``runner``'s greedy decode (gamexport's, ONNX Runtime CPU, the same ``precision``).
-    ``without_end_ids``: leave out prompts that hold the bundle's end id (seeded random ids where fewer than two
-    remain) — og ends a sequence whose prompt ends in it otherwise than gamexport does (measured 2026-12-03: such a
-    prompt diverged at the second new token, fp32 and int8 alike, while 11 windows of the same text agreed)."""
+    ``without_end_ids``: leave out prompts that hold the bundle's end id — og ends a sequence whose prompt ends in
+    it otherwise than gamexport does (a window of held-out text ending in eos diverged at the second new token,
+    fp32 and int8 alike, while the other windows of the same text agreed)."""
     from importlib.metadata import version
 
     from gamexport.genai_client import GenaiModel, greedy_agreement
@@ -91,11 +97,7 @@ def bundle_parity(folder: Path, precision: str, runner, ids: np.ndarray, source:
     bundle = genai_dir(precision)
     model = GenaiModel(Path(folder) / bundle)
     try:   # both stop at the bundle's end id: the tokenizer's eos, or 0 without a tokenizer (bundles.genai)
-        if without_end_ids:
-            T = min(PROMPT_TOKENS, runner.config.max_positions // 2)
-            ids = ids[[not set(row.tolist()) & model.eos_ids for row in ids]][:PROMPTS, :T]
-            if len(ids) < 2:
-                ids, source = prompt_ids(runner.config, None)
+        ids, source = prompt_ids(runner.config, text, model.eos_ids if without_end_ids else frozenset())
         new_tokens = min(NEW_TOKENS, runner.config.max_positions - ids.shape[1])
         result = greedy_agreement(model, runner, ids, new_tokens, sorted(model.eos_ids))
     finally:
@@ -126,11 +128,11 @@ class BundleCheck:
     Runtime CPU runner of that precision). Skipped entries say why: no bundle, or no onnxruntime-genai."""
 
     def __init__(self, folder: Path, text: np.ndarray | None, progress):
-        """``text``: held-out token ids the folder keeps (``DIR/parity/`` holds one row: it is cut into rows of
-        PROMPT_TOKENS), or None for seeded random ids."""
+        """``text``: held-out token ids the folder keeps (``DIR/parity/`` holds one row: it is cut into windows of
+        PROMPT_TOKENS, and those holding the bundle's end id are left out when run), or None for seeded random ids."""
         from gamexport.manifest import read_manifest
 
-        if text is not None:   # every window of the text: those holding the end id are left out when run
+        if text is not None:
             flat = np.asarray(text, dtype=np.int64).reshape(-1)
             rows = flat.size // PROMPT_TOKENS
             text = flat[: rows * PROMPT_TOKENS].reshape(rows, PROMPT_TOKENS) if rows >= 2 else None
@@ -145,13 +147,11 @@ class BundleCheck:
         bundle = genai_dir(precision)
         names = [n for n in self.listed if n.startswith(f"{bundle}/")]
         if not names:
-            self.entries.append({"bundle": bundle, "precision": precision, "skipped": "the folder has no such bundle"})
+            self.entries.append(_skipped(precision, "the folder has no such bundle"))
         elif not available():
-            self.entries.append({"bundle": bundle, "precision": precision,
-                                 "skipped": f"onnxruntime-genai is not installed: {INSTALL}"})
+            self.entries.append(_skipped(precision, f"onnxruntime-genai is not installed: {INSTALL}"))
         else:
             verify(self.folder, names)
             self.progress(f"parity: onnxruntime-genai {precision}")
-            ids, source = (self.text, "held-out text") if self.text is not None else prompt_ids(runner.config, None)
-            self.entries.append(bundle_parity(self.folder, precision, runner, ids, source, self.progress,
-                                              without_end_ids=self.text is not None))
+            self.entries.append(bundle_parity(self.folder, precision, runner, self.text, self.progress,
+                                              without_end_ids=True))
