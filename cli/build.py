@@ -44,6 +44,11 @@ def build(
         "--int4-head", help="int4: the tied head and embedding in int8 blocks, int4 blocks or fp32 "
                             "(docs/int4.md: int8 costs 4x less perplexity than int4 for 0.03x of the bytes).",
         show_default="int8")] = None,
+    prepacked: Annotated[bool, typer.Option(
+        "--prepacked/--no-prepacked", help="Also write step.prepacked.onnx: the fp32 step graph with its weights "
+                                           "packed for this CPU and ONNX Runtime, which gamexport generate opens "
+                                           "faster on this machine (and ignores on another). It holds every "
+                                           "weight twice, as given and packed.")] = True,
     threads: ThreadsOption = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
     prefill_len: Annotated[list[int] | None, typer.Option(
@@ -67,7 +72,7 @@ def build(
                                         precisions=precisions, engines=parse_list(engines), device=device,
                                         trt_profile=_profile(trt_min, trt_opt, trt_max), cuda_graph=cuda_graph,
                                         triton=triton, int4=int4_plan(precisions, int4_block, int4_head),
-                                        progress=say))
+                                        prepacked=prepacked, progress=say))
         rep = result.report
         from gamexport.parity import Verdict
 

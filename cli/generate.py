@@ -77,8 +77,9 @@ def generate(
             text = run_generation(runner, tokenizer, prompt=prompt,
                                   ids=parse_ids(ids) if ids is not None else None,
                                   max_new_tokens=max_new_tokens, sampling=sampling)
-        from .common import say
+        from .common import exit_quickly, say
         say(f"[{label}]")
         print(text)
+        exit_quickly()   # nothing left to write: the process may end without the interpreter's teardown
 
     run(body, debug)

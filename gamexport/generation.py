@@ -69,12 +69,18 @@ def open_runner(source: str | None, threads: int | None = None,
             runner.close()
         return
     if is_build:
-        from gamexport.engines.ort import OrtRunner
+        from gamexport.engines.ort import OrtRunner, prepacked_for_this_machine
+        from gamexport.layout import PREPACKED_FILES, graph_file
 
-        checked = ["step.onnx", *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])]
-        runner = verify_while(folder, checked,  # one session: prefill is a chunk
-                              lambda: OrtRunner.from_folder(folder, threads, step_only=True))
-        label = f"onnxruntime-cpu, {folder}"
+        # the step graph pre-packed for this machine when the build made one here (parity-checked by the build
+        # like every fp32 artifact), else step.onnx; one session either way: prefill is a chunk
+        prepacked, why = prepacked_for_this_machine(folder)
+        step = prepacked or folder / graph_file("step")
+        checked = [*(PREPACKED_FILES if prepacked else [step.name]),
+                   *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])]
+        runner = verify_while(folder, checked, lambda: OrtRunner(None, step, None, threads))
+        label = f"onnxruntime-cpu, {folder}" + (f", {step.name}" if prepacked else
+                                                 f" ({why})" if why.startswith("its") else "")
         tok_path = folder / "tokenizer.json"
     else:
         from gamexport.engines.eager import EagerRunner

@@ -14,6 +14,8 @@ A build folder (``gamexport build --out DIR``)::
     model.fp16.onnx, …            the same at each other precision
     model.inlined.onnx, …         each graph's inlined twin (no local functions)
     model.ort, step.ort, …        ONNX Runtime's pre-optimized format for edge boxes (ort_file)
+    step.prepacked.onnx, .data    ONNX Runtime's optimized step graph with weights packed for the build's CPU,
+    step.prepacked.json           and the machine it is valid for: gamexport generate's fast start (PREPACKED_FILES)
     tensorrt/model.fp16.plan, …   TensorRT engines with a .json sidecar each (engine_file)
     parity/                       eager references and feeds, Polygraphy JSON (PARITY_DIR, reference_files)
     genai/, genai-int8-dyn/, …    onnxruntime-genai bundles, one per precision it runs (genai_dir)
@@ -108,6 +110,17 @@ HELD_OUT = "heldout.txt"
 PARITY_DIR = "parity"
 ENGINE_DIR = "tensorrt"
 GENAI_DIR = "genai"
+#: The fp32 step graph as ONNX Runtime's CPU provider optimized it, its weights packed for one CPU
+#: (``engines.ort.write_prepacked``); the sidecar names the ONNX Runtime version and CPU it is valid for.
+PREPACKED_STEP = "step.prepacked.onnx"
+PREPACKED_DATA = "step.prepacked.data"
+PREPACKED_MACHINE = "step.prepacked.json"
+PREPACKED_FILES = (PREPACKED_STEP, PREPACKED_DATA, PREPACKED_MACHINE)
+
+
+def is_prepacked(name: str) -> bool:
+    """Whether a graph file name is the prepacked step graph (loaded with ONNX Runtime's optimizations off)."""
+    return name == PREPACKED_STEP
 
 
 def _check(kind: str, precision: str) -> None:

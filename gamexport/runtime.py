@@ -103,6 +103,12 @@ class Runner(abc.ABC):
         backend's arithmetic — the default."""
         return None
 
+    @property
+    def prefill_is_chunk(self) -> bool:
+        """Whether prefill runs as one chunk of a step graph (a runner over a step graph alone): its logits are then
+        the last position's only, (B, 1, V). False by default: prefill returns every position's."""
+        return False
+
     def block_outputs(self, ids: np.ndarray) -> list[np.ndarray] | None:
         """The residual stream after every block (``x_1 … x_L``) of a prefill of ``ids``, as this backend computes
         it — where a failing parity row starts to diverge; None where the backend cannot show it (the default)."""

@@ -65,10 +65,25 @@ class Ctx:
         shutil.copytree(self.ckpt_src, dst)
         return dst
 
-    def build(self, name: str = "build") -> Path:
+    def build(self, name: str = "build", prepacked: bool = True) -> Path:
+        """A copy of the tiny build; ``prepacked=False``: without the prepacked step graph (as ``--no-prepacked``
+        writes it), so that ``generate`` opens step.onnx."""
+        from gamexport.layout import PREPACKED_FILES
+
         dst = self.tmp / name
         shutil.copytree(self.build_src, dst)
+        if not prepacked:
+            for file in PREPACKED_FILES:
+                (dst / file).unlink()
+            manifest = json.loads((dst / "manifest.json").read_text())
+            manifest["files"] = {k: v for k, v in manifest["files"].items() if k not in PREPACKED_FILES}
+            (dst / "manifest.json").write_text(json.dumps(manifest))
         return dst
+
+    def build_for(self, name: str) -> Path:
+        """A copy of the tiny build whose file ``name`` a row changes: without the prepacked step graph when that
+        is step.onnx, which ``generate`` would otherwise not open."""
+        return self.build(prepacked=name != "step.onnx")
 
     def save_weights(self, weights: dict, name: str = "ck") -> Path:
         from safetensors.numpy import save_file
@@ -195,7 +210,7 @@ def onnx_file(how: str | None):
 
 def build_file(name: str, how: str):
     def setup(ctx):
-        folder = ctx.build()
+        folder = ctx.build_for(name)
         path = folder / name
         if how == "delete":
             path.unlink()
@@ -214,15 +229,15 @@ def stray_file(ctx):
     return {"build": folder}
 
 
-def external_data(location: str):
-    """A forged build folder whose manifest agrees with a step.onnx that reads a tensor from ``location``."""
+def external_data(location: str, graph: str = "step.onnx"):
+    """A forged build folder whose manifest agrees with a ``graph`` that reads a tensor from ``location``."""
     def setup(ctx):
         import onnx
 
         from gamexport.fsutil import sha256_file
 
-        folder = ctx.build()
-        model = onnx.load(str(folder / "step.onnx"))
+        folder = ctx.build_for(graph)
+        model = onnx.load(str(folder / graph), load_external_data=False)
         tensor = next(t for t in model.graph.initializer if t.name == "ln_f.bias")
         tensor.ClearField("raw_data")
         del tensor.float_data[:]
@@ -230,10 +245,9 @@ def external_data(location: str):
         for key, value in (("location", location), ("offset", "0"), ("length", "128")):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        (folder / "step.onnx").write_bytes(model.SerializeToString())
+        (folder / graph).write_bytes(model.SerializeToString())
         manifest = json.loads((folder / "manifest.json").read_text())
-        manifest["files"]["step.onnx"] = {"size": (folder / "step.onnx").stat().st_size,
-                                          "sha256": sha256_file(folder / "step.onnx")}
+        manifest["files"][graph] = {"size": (folder / graph).stat().st_size, "sha256": sha256_file(folder / graph)}
         (folder / "manifest.json").write_text(json.dumps(manifest))
         return {"build": folder}
     return setup
@@ -490,11 +504,18 @@ TABLE = [
         2, r"step\.onnx: tensor 'ln_f\.bias' reads external data from '\.\./\.\./etc/passwd', outside"),
     row("onnx-external-data-absolute", ["generate", "{build}", "--ids", "1,2"], external_data("/etc/passwd"), 2,
         r"reads external data from '/etc/passwd', outside"),
+    row("onnx-external-data-prepacked", ["generate", "{build}", "--ids", "1,2"],
+        external_data("../../etc/passwd", "step.prepacked.onnx"), 2,
+        r"step\.prepacked\.onnx: tensor 'ln_f\.bias' reads external data from '\.\./\.\./etc/passwd', outside"),
     # build folders against their manifest: runners check before loading, verify checks every file
     row("build-file-corrupt", ["generate", "{build}", "--ids", "1,2"], build_file("step.onnx", "corrupt"), 2,
         r"step\.onnx does not match its manifest entry"),
     row("build-file-missing", ["generate", "{build}", "--ids", "1,2"], build_file("step.onnx", "delete"), 2,
         r"step\.onnx is missing"),
+    row("build-prepacked-corrupt", ["generate", "{build}", "--ids", "1,2"],
+        build_file("step.prepacked.data", "corrupt"), 2, r"step\.prepacked\.data does not match its manifest entry"),
+    row("build-prepacked-missing", ["generate", "{build}", "--ids", "1,2"],
+        build_file("step.prepacked.data", "delete"), 2, r"step\.prepacked\.data is missing"),
     row("build-manifest-corrupt", ["generate", "{build}", "--ids", "1,2"], build_file("manifest.json", "truncate"),
         2, r"cannot read \S*manifest\.json"),
     row("verify-changed-file", ["verify", "{build}"], build_file("parity/feeds.json", "append"), 2,
@@ -823,9 +844,9 @@ def graph_metadata(graph: str, raw: str | None = None, **changes):
         from gamexport.fsutil import sha256_file
         from gamexport.graph.builder import META_CONFIG
 
-        folder = ctx.build()
+        folder = ctx.build_for(graph)
         path = folder / graph
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
         prop = next(p for p in model.metadata_props if p.key == META_CONFIG)
         prop.value = raw if raw is not None else json.dumps({**json.loads(prop.value), **changes})
         path.write_bytes(model.SerializeToString())
@@ -901,6 +922,9 @@ FILES_TABLE = [
         r"max_positions 999 in the metadata but 64 in the graph"),
     row("graph-metadata-positions-generate", ["generate", "{build}", "--ids", "1,2"],
         graph_metadata("step.onnx", max_positions=999), 2, r"step\.onnx: .*max_positions 999 in the metadata but 64"),
+    row("graph-metadata-prepacked", ["generate", "{build}", "--ids", "1,2"],
+        graph_metadata("step.prepacked.onnx", vocab_size=50), 2,
+        r"step\.prepacked\.onnx: its gamexport config metadata disagrees with the graph \(vocab_size 50"),
     row("graph-metadata-kernel", ["inspect", "{onnx}"], graph_metadata("model.onnx", kernel_size=5), 2,
         r"kernel_size 5 in the metadata but 3 in the graph"),
     row("graph-metadata-not-an-object", ["inspect", "{onnx}"], graph_metadata("model.onnx", raw="[1, 2]"), 2,

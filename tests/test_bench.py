@@ -202,6 +202,14 @@ def test_bench_json_structure(quick):
     # the source is the tiny preset, so the shipped demo model gets its own first-token timing (issue 15's goal)
     demo = st["first_token_demo"]
     assert _positive(demo["p50_ms"]) and "demo" in demo["folder"] and demo["command"] != st["first_token"]["command"]
+    # the first token on the folder as gamexport build writes it (the step graph pre-packed here) and, timed in
+    # turns with it, on the same graphs without the prepacked copy: the experiment behind the prepacked files
+    unpacked = st["first_token_step_onnx"]
+    assert _positive(unpacked["p50_ms"]) and unpacked["runs"] == st["first_token"]["runs"]
+    assert "pre-packed for this machine" in st["first_token"]["folder"] and "without" in unpacked["folder"]
+    built, plain = (Path(cmd[cmd.index("generate") + 1]) for cmd in (st["first_token"]["command"],
+                                                                      unpacked["command"]))
+    assert built != plain
 
 
 def test_paired_goals_in_a_quick_run(quick):

@@ -81,8 +81,12 @@ def test_bad_positions_refused_in_one_line(ort_tiny, eager_tiny, positions, need
 def old_folder(tiny_build, tiny_cfg, tmp_path):
     """The tiny build with its fp32 graphs rewritten to the packed format and the manifest rehashed (its
     schema_version kept at 2, so the graphs themselves must be recognised)."""
+    from gamexport.layout import PREPACKED_FILES
+
     folder = tmp_path / "old"
     shutil.copytree(tiny_build, folder)
+    for name in PREPACKED_FILES:   # format 1 predates the prepacked step graph
+        (folder / name).unlink()
     for name in ("model.onnx", "step.onnx"):
         path = folder / name
         onnx.save(legacy_graph(onnx.load(str(path)), tiny_cfg.n_layers), str(path))

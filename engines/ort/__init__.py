@@ -12,10 +12,11 @@ from .quantize import write_int8_dynamic
 from .runner import BF16_STRUCTURAL, OrtRunner, bf16_structural_runner, exact_int8_dynamic_runner
 from .transforms import exact_integer_matmuls, upcast_bf16
 from .session import (INT8_COMPUTE, INT8_MATMULS, QDQ_REFERENCE, RUNTIMES, block_outputs, compute_label, import_ort,
-                      load_session, optimized_matmul_ops, session_options, write_ort_format)
+                      load_session, optimized_matmul_ops, prepacked_for_this_machine, prepacked_fingerprint,
+                      session_options, write_ort_format, write_prepacked)
 
 
 __all__ = ["OrtRunner", "BF16_STRUCTURAL", "bf16_structural_runner", "exact_int8_dynamic_runner",
            "exact_integer_matmuls", "upcast_bf16", "INT8_COMPUTE", "INT8_MATMULS", "QDQ_REFERENCE", "RUNTIMES", "block_outputs", "compute_label",
            "import_ort", "load_session", "optimized_matmul_ops", "session_options", "write_int8_dynamic",
-           "write_ort_format"]
+           "write_ort_format", "write_prepacked", "prepacked_for_this_machine", "prepacked_fingerprint"]

@@ -121,6 +121,11 @@ class OrtRunner(Runner):
             return None
         return block_outputs(self.model_path, ids, self.config.n_layers)
 
+    @property
+    def prefill_is_chunk(self) -> bool:
+        """Built without a prefill graph (``model_path=None``): prefill is one chunk of the step graph."""
+        return self.prefill_session is None and self.step_session is not None
+
     def _prefill(self, ids):
         if self.prefill_session is None:
             positions = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape))

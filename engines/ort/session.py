@@ -44,7 +44,11 @@ def session_options(threads: int | None, config: dict[str, str] | None = None):
 def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionProvider",
                  config: dict[str, str] | None = None, checked: bool = False):
     """An InferenceSession on exactly ``provider``: a GPU provider that ends up on the CPU is an error. An .onnx
-    file's external data is checked first, unless the caller did (``checked``: it holds what the check read)."""
+    file's external data is checked first, unless the caller did (``checked``: it holds what the check read).
+    A prepacked step graph (``layout.is_prepacked``: ONNX Runtime's own optimized copy, :func:`write_prepacked`)
+    is loaded with graph optimizations off — they were applied when it was written."""
+    from gamexport.layout import is_prepacked
+
     ort = import_ort()
     if not Path(path).is_file():
         raise GraphError(f"{path} does not exist", "run gamexport build first, or pass the build folder")
@@ -60,8 +64,10 @@ def load_session(path: Path, threads: int | None, provider: str = "CPUExecutionP
             raise GamexportError(f"{RUNTIMES.get(provider, provider)} needs an NVIDIA GPU, but {why}",
                                  "run on a machine with a GPU, or use --device cpu")
     try:
-        session = ort.InferenceSession(str(path), sess_options=session_options(threads, config),
-                                       providers=[provider])
+        so = session_options(threads, config)
+        if is_prepacked(Path(path).name):
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), sess_options=so, providers=[provider])
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, …)
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise GraphError(f"ONNX Runtime cannot load {path}: {first}",
@@ -156,6 +162,80 @@ def write_ort_format(src: Path, out_dir: Path, threads: int | None = None) -> li
             raise GraphError(f"ONNX Runtime could not write {src.name} in the ORT format: {str(exc)[:300]}",
                              "this is a gamexport bug; please report it with --debug output") from exc
         return [atomic_write_bytes(Path(out_dir) / f"{stem}.ort", (Path(tmp) / f"{stem}.ort").read_bytes())]
+
+
+def prepacked_fingerprint() -> dict:
+    """What a prepacked graph is valid for: the ONNX Runtime version that packed it and the CPU it packed for (its
+    packed layouts follow the instruction sets its kernels chose). Any difference, and the graph is not used."""
+    import hashlib
+    import platform
+
+    from gamexport.machine import cpu_name
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        flags = []
+    return {"onnxruntime": import_ort().__version__, "arch": platform.machine(), "cpu": cpu_name(),
+            "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()}
+
+
+def write_prepacked(src: Path, out_dir: Path, threads: int | None = None) -> list[Path]:
+    """ONNX Runtime's optimized copy of the step graph ``src`` with its pre-packed weights saved beside it
+    (``layout.PREPACKED_FILES``: the graph, its data, and the machine it is valid for), so that a session on this
+    machine skips constant folding, fusions and packing when a cold ``gamexport generate`` creates its session
+    (``gamexport bench``'s start-up section times a first token with and without it). The packed layouts belong to
+    this CPU and this ONNX Runtime version (:func:`prepacked_fingerprint`); the file holds every weight twice
+    (as given, and packed). CPU provider only."""
+    import os
+    import tempfile
+
+    from gamexport.fsutil import atomic_write_json
+    from gamexport.layout import PREPACKED_DATA, PREPACKED_MACHINE, PREPACKED_STEP
+
+    ort = import_ort()
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepacked.") as tmp:
+        so = session_options(threads, {
+            "session.optimized_model_external_initializers_file_name": PREPACKED_DATA,
+            "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+            "session.save_external_prepacked_constant_initializers": "1"})
+        so.optimized_model_filepath = str(Path(tmp) / PREPACKED_STEP)
+        try:
+            ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT's own exception types
+            raise GraphError(f"ONNX Runtime could not write a prepacked copy of {Path(src).name}: {str(exc)[:300]}",
+                             "this is a gamexport bug; please report it with --debug output") from exc
+        written = []
+        for name in (PREPACKED_DATA, PREPACKED_STEP):   # a temporary folder inside out_dir: a rename each
+            os.replace(Path(tmp) / name, Path(out_dir) / name)
+            written.append(Path(out_dir) / name)
+    machine = {"made_from": Path(src).name, "valid_for": prepacked_fingerprint(),
+               "what": "ONNX Runtime's optimized copy of the step graph with its weights pre-packed for this CPU; "
+                       "gamexport generate uses it only on a machine with the same valid_for, else the step graph"}
+    written.append(atomic_write_json(Path(out_dir) / PREPACKED_MACHINE, machine))
+    return written
+
+
+def prepacked_for_this_machine(folder: Path) -> tuple[Path | None, str]:
+    """The folder's prepacked step graph when it was made for this machine, else None; and why not."""
+    import json
+
+    from gamexport.layout import PREPACKED_MACHINE, PREPACKED_STEP
+
+    folder = Path(folder)
+    sidecar = folder / PREPACKED_MACHINE
+    if not sidecar.is_file() or not (folder / PREPACKED_STEP).is_file():
+        return None, "no prepacked step graph"
+    try:
+        valid_for = json.loads(sidecar.read_text(encoding="utf-8")).get("valid_for")
+    except (OSError, ValueError, AttributeError):
+        return None, f"{PREPACKED_MACHINE} is unreadable"
+    here = prepacked_fingerprint()
+    differ = [key for key in here if not isinstance(valid_for, dict) or valid_for.get(key) != here[key]]
+    if differ:
+        return None, f"its prepacked step graph was made for another {' and '.join(differ)}"
+    return folder / PREPACKED_STEP, "prepacked for this machine"
 
 
 def block_outputs(model_path: Path, ids: np.ndarray, n_layers: int, threads: int | None = None) -> list[np.ndarray]:

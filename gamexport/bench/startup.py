@@ -22,28 +22,37 @@ def gamexport_command() -> list[str]:
     return [sys.executable, "-m", "gamexport.cli.main"]
 
 
-def time_command(argv: list[str], runs: int, warmup: int) -> dict:
-    """Wall time of a whole process (start to exit), median of ``runs`` after ``warmup`` untimed runs."""
+def time_commands(argvs: list[list[str]], runs: int, warmup: int) -> list[dict]:
+    """Wall time of whole processes (start to exit), median of ``runs`` after ``warmup`` untimed runs each; the
+    commands take turns, in reversed order every other round, so that a host that slows down meanwhile slows
+    them alike."""
     from gamexport.bench.timing import summarize
 
     env = {**os.environ, "GAMEXPORT_DEBUG": ""}
-    samples = []
+    samples: list[list[float]] = [[] for _ in argvs]
     for i in range(warmup + runs):
-        t0 = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-        elapsed = time.perf_counter() - t0
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            raise GamexportError(f"{' '.join(argv[-6:])} failed while timing start-up: {tail}",
-                                 "run it by hand to see why")
-        if i >= warmup:
-            samples.append(elapsed)
-    return {"command": argv, **summarize(samples, warmup).as_dict()}
+        for k in (range(len(argvs)) if i % 2 == 0 else reversed(range(len(argvs)))):
+            t0 = time.perf_counter()
+            proc = subprocess.run(argvs[k], capture_output=True, text=True, env=env, timeout=600)
+            elapsed = time.perf_counter() - t0
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                raise GamexportError(f"{' '.join(argvs[k][-6:])} failed while timing start-up: {tail}",
+                                     "run it by hand to see why")
+            if i >= warmup:
+                samples[k].append(elapsed)
+    return [{"command": argv, **summarize(mine, warmup).as_dict()} for argv, mine in zip(argvs, samples)]
 
 
-def graphs_folder(ckpt, folder: Path, graphs: Path | None = None) -> Path:
+def time_command(argv: list[str], runs: int, warmup: int) -> dict:
+    """Wall time of a whole process (start to exit), median of ``runs`` after ``warmup`` untimed runs."""
+    return time_commands([argv], runs, warmup)[0]
+
+
+def graphs_folder(ckpt, folder: Path, graphs: Path | None = None, prepacked: int | None = None) -> Path:
     """``folder``, made a build folder of ``ckpt``'s fp32 prefill and step graphs with a manifest (no report): the
-    graphs copied from ``graphs`` (already exported for this run), else exported here."""
+    graphs copied from ``graphs`` (already exported for this run), else exported here; with ``prepacked`` (the
+    threads), the step graph pre-packed for this machine too, as ``gamexport build`` writes it."""
     from gamexport.manifest import write_manifest
 
     if graphs is None:
@@ -55,21 +64,34 @@ def graphs_folder(ckpt, folder: Path, graphs: Path | None = None) -> Path:
     folder.mkdir()
     for name in ("model.onnx", "step.onnx"):
         shutil.copyfile(graphs / name, folder / name)
+    if prepacked is not None:
+        from gamexport.engines.ort import write_prepacked
+
+        write_prepacked(folder / "step.onnx", folder, prepacked)
     write_manifest(folder, ckpt)
     return folder
 
 
 #: What the first-token timings measure.
 FIRST_TOKEN = ("wall time of `gamexport generate FOLDER --ids 1 --max-new-tokens 1`, process start to exit: imports, "
-               "manifest check (sha256 of the graphs), the external-data check, ONNX Runtime session creation, "
-               "prefill and sampling of the first token")
+               "manifest check (sha256 of the graph it opens), the external-data check, ONNX Runtime session "
+               "creation, prefill and sampling of the first token")
+#: The folders the first token is timed on (``first_token``, ``first_token_demo``): as ``gamexport build`` writes
+#: them, with the step graph pre-packed for this machine; ``first_token_step_onnx`` times the same model without it.
+BUILT = "with the step graph pre-packed for this machine, as gamexport build writes it"
+WITHOUT = "without the prepacked step graph (gamexport build --no-prepacked): ONNX Runtime packs step.onnx at load"
 
 
-def _first_token(cmd: list[str], folder: Path, note: str, threads: int, effort: Effort, say: Progress) -> dict:
-    argv = [*cmd, "generate", str(folder), "--ids", "1", "--max-new-tokens", "1", "--threads", str(threads)]
-    say(f"startup: gamexport generate (1 new token) on {note}, {effort.first_token_runs} runs")
-    return {**time_command(argv, effort.first_token_runs, effort.startup_warmup), "folder": note,
-            "what": FIRST_TOKEN}
+def _first_tokens(cmd: list[str], folders: list[tuple[Path, str]], threads: int, effort: Effort,
+                  say: Progress) -> list[dict]:
+    """The first token on each folder, timed in turns."""
+    argvs = [[*cmd, "generate", str(folder), "--ids", "1", "--max-new-tokens", "1", "--threads", str(threads)]
+             for folder, _ in folders]
+    say(f"startup: gamexport generate (1 new token) on {' and on '.join(note for _, note in folders)}, "
+        f"{effort.first_token_runs} runs each")
+    return [{**timed, "folder": note, "what": FIRST_TOKEN}
+            for timed, (_, note) in zip(time_commands(argvs, effort.first_token_runs, effort.startup_warmup),
+                                        folders)]
 
 
 def startup_section(ckpt, build_folder: Path | None, tmp: Path, threads: int, effort: Effort,
@@ -82,21 +104,23 @@ def startup_section(ckpt, build_folder: Path | None, tmp: Path, threads: int, ef
     cmd = gamexport_command()
     say(f"startup: {' '.join(cmd[-1:])} --help, {effort.help_runs} runs")
     help_t = time_command([*cmd, "--help"], effort.help_runs, effort.startup_warmup)
+    out = {"help": {**help_t, "what": "wall time of `gamexport --help`, process start to exit"}}
     if build_folder is not None:
-        first = _first_token(cmd, build_folder, "the SOURCE build folder", threads, effort, say)
+        [out["first_token"]] = _first_tokens(cmd, [(build_folder, "the SOURCE build folder")], threads, effort, say)
     else:
-        first = _first_token(cmd, graphs_folder(ckpt, tmp / "first-token-build", tmp / "graphs"),
-                             "a build folder of the fp32 graphs with a manifest (no report), written for this run",
-                             threads, effort, say)
-    out = {"help": {**help_t, "what": "wall time of `gamexport --help`, process start to exit"}, "first_token": first}
+        mine = "a build folder of the fp32 graphs with a manifest (no report), written for this run"
+        out["first_token"], out["first_token_step_onnx"] = _first_tokens(cmd, [
+            (graphs_folder(ckpt, tmp / "first-token-build", tmp / "graphs", prepacked=threads), f"{mine}, {BUILT}"),
+            (graphs_folder(ckpt, tmp / "first-token-step-onnx", tmp / "graphs"), f"{mine}, {WITHOUT}")],
+            threads, effort, say)
     demo = demo_folder()
     if demo is not None:
         from gamexport.checkpoint import load_checkpoint
 
         demo_ckpt = load_checkpoint(demo)
         if demo_ckpt.sha256 != ckpt.sha256:
-            out["first_token_demo"] = _first_token(
-                cmd, graphs_folder(demo_ckpt, tmp / "first-token-demo"),
-                "a build folder of the shipped demo model's fp32 graphs with a manifest, written for this run",
-                threads, effort, say)
+            [out["first_token_demo"]] = _first_tokens(
+                cmd, [(graphs_folder(demo_ckpt, tmp / "first-token-demo", prepacked=threads),
+                       f"a build folder of the shipped demo model's fp32 graphs with a manifest, written for this "
+                       f"run, {BUILT}")], threads, effort, say)
     return out

@@ -29,6 +29,7 @@ class BuildOptions:
     cuda_graph: bool = False          # TensorRT decode steps replay CUDA graphs (TrtRunner(cuda_graph=True))
     triton: Path | None = None        # also write a Triton model repository here (fp32)
     int4: object | None = None        # graph.int4.Int4Plan of the int4 graphs (None: Int4Plan(), docs/int4.md)
+    prepacked: bool = True            # also the fp32 step graph pre-packed for this CPU (gamexport generate's start)
     progress: Progress = field(default=lambda msg: None)
 
 

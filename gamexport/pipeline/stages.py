@@ -153,8 +153,9 @@ def calibrate(b: Build, calib_ids: np.ndarray) -> None:
 
 
 def write_runtime_formats(b: Build) -> dict[str, Path]:
-    """ONNX Runtime's own files: the dynamic INT8 graphs (quantized from the inlined fp32 graphs) and the .ort
-    format of the CPU-provider precisions."""
+    """ONNX Runtime's own files: the dynamic INT8 graphs (quantized from the inlined fp32 graphs), the .ort
+    format of the CPU-provider precisions, and (unless ``--no-prepacked``) the fp32 step graph pre-packed for this
+    machine's CPU (``layout.PREPACKED_FILES``)."""
     from gamexport.engines.ort import write_int8_dynamic, write_ort_format
 
     written = {}
@@ -169,16 +170,21 @@ def write_runtime_formats(b: Build) -> dict[str, Path]:
             for kind in GRAPHS:
                 for path in write_ort_format(b.staging / graph_file(kind, precision), b.staging):
                     written[path.name] = path
+    if b.opts.prepacked:   # what gamexport generate opens on this machine: the fp32 step graph, pre-packed
+        from gamexport.engines.ort import write_prepacked
+
+        for path in write_prepacked(b.staging / graph_file("step"), b.staging, b.threads):
+            written[path.name] = path
     return written
 
 
 # ---- check ----------------------------------------------------------------------------------------------------
 def check(b: Build) -> None:
-    """Every .onnx file through the checker and gamexport's structural checks (.ort files are checked by running
-    them, in parity)."""
+    """Every .onnx file through the checker and gamexport's structural checks (.ort files and the prepacked step
+    graph, ONNX Runtime's own, are checked by running them, in parity)."""
     b.stage("check", "checking graphs (onnx checker, structure, ONNX Runtime load)")
     for name in b.artifacts:
-        if name.endswith(".onnx"):
+        if name.endswith(".onnx") and not layout.is_prepacked(name):  # ORT's own graph: checked by running it
             b.graph_checks.append(check_graph(b, name))
 
 
@@ -262,12 +268,16 @@ def parity(b: Build) -> None:
 
 
 def fp32_artifacts(b: Build) -> dict:
-    """Openers of the baseline's runner over each fp32 artifact: with functions, inlined, and the .ort format."""
+    """Openers of the baseline's runner over each fp32 artifact: with functions, inlined, the .ort format, and the
+    prepacked step graph alone (as ``gamexport generate`` runs it: prefill as a chunk of the step graph)."""
     runtime, _ = BASELINE
     files = {"functions": (graph_file("prefill"), graph_file("step")),
              "inlined": (graph_file("prefill", inlined=True), graph_file("step", inlined=True)),
              "ort-format": (ort_file("prefill"), ort_file("step"))}
-    return {artifact: (lambda m=m, st=st: open_files(runtime, b.staging / m, b.staging / st, b.cfg, b.options))
+    if layout.PREPACKED_STEP in b.artifacts:
+        files["prepacked"] = (None, layout.PREPACKED_STEP)
+    return {artifact: (lambda m=m, st=st: open_files(runtime, m and b.staging / m, b.staging / st, b.cfg,
+                                                     b.options))
             for artifact, (m, st) in files.items()}
 
 

@@ -1,0 +1,114 @@
+"""The step graph pre-packed for the build's machine (``step.prepacked.onnx``): the build writes it and checks it
+like every fp32 artifact, ``gamexport generate`` opens it only on the machine it was made for, and the manifest
+covers every byte of it. (Its speed is measured by ``gamexport bench``'s start-up section, never here.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gamexport.layout import PREPACKED_DATA, PREPACKED_FILES, PREPACKED_MACHINE, PREPACKED_STEP
+
+GENERATE = [sys.executable, "-m", "gamexport.cli.main", "generate"]
+
+
+def _generate(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*GENERATE, str(folder), "--ids", "1,2,3", "--max-new-tokens", "8", "--seed", "5",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "GAMEXPORT_DEBUG": ""})
+
+
+def _relist(folder: Path, name: str) -> None:
+    """The manifest entry of ``name`` made to match the file again (what a rebuild on that machine would say)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / name).read_bytes()
+    manifest["files"][name].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_build_writes_it_lists_it_and_checks_it(tiny_build):
+    from gamexport.engines.ort import prepacked_fingerprint
+
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    assert set(PREPACKED_FILES) <= set(manifest["files"])
+    sidecar = json.loads((tiny_build / PREPACKED_MACHINE).read_text())
+    assert sidecar["made_from"] == "step.onnx" and sidecar["valid_for"] == prepacked_fingerprint()
+    report = json.loads((tiny_build / "report.json").read_text())
+    rows = [r for r in report["parity"] if r["artifact"] == PREPACKED_STEP]
+    assert {r["graph"] for r in rows} == {"prefill", "step"} and all(r["gated"] and r["passed"] for r in rows)
+    assert PREPACKED_STEP not in {g["artifact"] for g in report["graph_checks"]}  # ORT's own graph: run, not read
+
+
+def test_generate_opens_it_here_and_step_onnx_elsewhere(tiny_build, tmp_path):
+    here = _generate(tiny_build)
+    assert here.returncode == 0, here.stderr
+    assert f", {PREPACKED_STEP}]" in here.stderr
+
+    # made on another machine (another CPU in its sidecar, the manifest agreeing): step.onnx, saying why
+    other = tmp_path / "other"
+    shutil.copytree(tiny_build, other)
+    sidecar = json.loads((other / PREPACKED_MACHINE).read_text())
+    sidecar["valid_for"]["cpu"] = "another CPU"
+    (other / PREPACKED_MACHINE).write_text(json.dumps(sidecar))
+    _relist(other, PREPACKED_MACHINE)
+    elsewhere = _generate(other)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "made for another cpu" in elsewhere.stderr and PREPACKED_STEP not in elsewhere.stderr
+
+    # built with --no-prepacked (the files absent): step.onnx, silently
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_build, plain)
+    for name in PREPACKED_FILES:
+        (plain / name).unlink()
+    without = _generate(plain)
+    assert without.returncode == 0 and "prepacked" not in without.stderr, without.stderr
+    assert here.stdout == elsewhere.stdout == without.stdout and len(here.stdout.split(",")) == 8
+
+
+@pytest.mark.parametrize("name", [PREPACKED_DATA, PREPACKED_STEP])
+def test_a_changed_byte_of_it_is_refused(tiny_build, tmp_path, name):
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_build, folder)
+    data = bytearray((folder / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (folder / name).write_bytes(bytes(data))
+    proc = _generate(folder)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert name in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_build_fails_a_prepacked_copy_of_other_weights(tiny_build, tmp_path, monkeypatch):
+    """The bug the parity rows exist for: the prepacked file holding other numbers than step.onnx (here packed
+    from the step graph with one LayerNorm's gain changed)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gamexport import engines
+    from gamexport.errors import ParityError
+    from gamexport.pipeline import BuildOptions, build
+
+    real = engines.ort.write_prepacked
+
+    def packs_other_weights(src: Path, out_dir: Path, threads=None):
+        model = onnx.load(str(src))
+        for init in model.graph.initializer:
+            if init.name == "ln_f.weight":
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+        planted = tmp_path / "planted" / "step.onnx"
+        planted.parent.mkdir()
+        onnx.save(model, str(planted))
+        return real(planted, out_dir, threads)
+
+    monkeypatch.setattr(engines.ort, "write_prepacked", packs_other_weights)
+    src = json.loads((tiny_build / "config.json").read_text())["source"]["path"]
+    with pytest.raises(ParityError):
+        build(BuildOptions(source=src, out=tmp_path / "out", threads=1, latency=False))
+    report = json.loads((tmp_path / "out.failed" / "report.json").read_text())
+    failed = {r["artifact"] for r in report["parity"] if not r["passed"]}
+    assert failed == {PREPACKED_STEP}
