@@ -168,6 +168,37 @@ def test_verdicts_need_the_fastest_and_the_runner_up_blocks_to_agree(value, runn
     assert paired.verdict(goal, value, runner_up) == (expected, None)
 
 
+@pytest.mark.parametrize("decode_ms,ceiling_ms,expected", [
+    (8.0, 6.0, "bounded"),       # decode misses 0.80 and its weight MatMuls alone miss it too, on both blocks
+    (8.0, 3.6, "not met"),       # the weight MatMuls alone would meet it: the graph's own loss
+    (3.5, 3.6, "met"),
+])
+def test_a_miss_its_ceiling_shares_is_bounded(decode_ms, ceiling_ms, expected):
+    """The done-when of the performance issue: a goal no graph could meet in that run — the weight MatMuls it must
+    run, timed alone in the same rounds, miss it too — says so, from the rounds' own context values."""
+    r = base_round()
+    r["fp32 decode B1"], r["ceiling fp32 M1"] = decode_ms, ceiling_ms
+    scored = paired.score(PAPER, {group: [r, r] for group in paired.GROUPS})
+    decode = next(g for g in scored["goals"] if g["id"] == "decode")
+    assert decode["verdict"] == expected
+    ceiling = scored["context"]["ceiling_fp32_decode_fraction"]
+    assert (ceiling["value"] < 0.8) == (ceiling_ms == 6.0)
+
+
+def test_bounded_needs_the_ceiling_below_on_both_blocks():
+    goal = next(g for g in paired.goals(PAPER) if g.id == "decode")
+    missed = {"verdict": "not met", "value": 0.5, "runner_up": 0.48}
+    assert paired.bounded(goal, missed, {"ceiling_fp32_decode_fraction": {"value": 0.7, "runner_up": 0.65}})
+    # the ceiling's fastest block met the goal: a graph could have, so the miss is the graph's
+    assert not paired.bounded(goal, missed, {"ceiling_fp32_decode_fraction": {"value": 0.85, "runner_up": 0.7}})
+    assert not paired.bounded(goal, {**missed, "verdict": "on the line"},
+                              {"ceiling_fp32_decode_fraction": {"value": 0.7, "runner_up": 0.65}})
+    assert not paired.bounded(goal, missed, {})
+    no_ceiling = next(g for g in paired.goals(PAPER) if g.id == "prefill_generation")
+    assert no_ceiling.ceiling is None and not paired.bounded(no_ceiling, missed, {None: {"value": 0.1,
+                                                                                         "runner_up": 0.1}})
+
+
 def test_a_fraction_above_its_limit_has_no_verdict():
     goal = paired.Goal("g", "g", 0.8, True, lambda r: 0.0, "bandwidth", "bandwidth", ())
     said, why = paired.verdict(goal, 1.1, 0.95)

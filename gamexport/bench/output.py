@@ -137,7 +137,8 @@ def _goal_lines(paired: dict) -> list[str]:
         if g["value"] is None:
             lines.append(f"  {g['goal']}: {g.get('no_verdict', 'not measured')}")
             continue
-        said = g["verdict"] or f"no verdict: {g['no_verdict']}"
+        said = ("not met, bounded: its weight MatMuls alone miss it too" if g["verdict"] == "bounded"
+                else g["verdict"] or f"no verdict: {g['no_verdict']}")
         lines.append(f"  {g['goal']}: {g['value']:.2f} ({g['runner_up']:.2f}) → {said}")
     return lines
 

@@ -40,8 +40,10 @@ from gamexport.bench.flops import flops_per_token, prefill_flops, weight_bytes_p
 from gamexport.bench.settings import BATCHED_M, EDGE, Effort, Progress
 from gamexport.config import GAMConfig
 
-#: A goal's verdicts: met on both the fastest and the runner-up blocks, missed on both, or on the line.
-VERDICTS = ("met", "not met", "on the line")
+#: A goal's verdicts: met on both the fastest and the runner-up blocks, missed on both, or on the line; or
+#: missed on both with its ceiling — the weight MatMuls the goal's graph must run, timed alone in the same rounds —
+#: below the goal on both too: in that run no graph could have met it on that host ("bounded", :func:`bounded`).
+VERDICTS = ("met", "not met", "on the line", "bounded")
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Goal:
     group: str
     needs: tuple[str, ...]
     either: tuple[str, ...] = ()
+    ceiling: str | None = None   # the context measure of the same fraction for the goal's weight MatMuls alone
 
     def scorable(self, names) -> bool:
         """Whether items ``names`` hold what it reads: every one of ``needs`` and one of ``either`` (if any)."""
@@ -163,15 +166,17 @@ def measures(cfg: GAMConfig) -> list[Goal]:
              "compute", 0.75, True, of("compute", gen, prefill_flops(cfg, 1, T, "last")), "compute", "compute",
              (gen,)),
         Goal("prefill", f"prefill, all positions' logits, T={T} ≥ 0.80 of compute", 0.80, True,
-             of("compute", pre, prefill_flops(cfg, 1, T, "all")), "compute", "compute", (pre,)),
+             of("compute", pre, prefill_flops(cfg, 1, T, "all")), "compute", "compute", (pre,),
+             ceiling=f"ceiling_fp32_M{T}_of_compute"),
         Goal("prefill_64", f"prefill, all positions' logits, T={T64} ≥ 0.70 of compute", 0.70, True,
-             of("compute", pre64, prefill_flops(cfg, 1, T64, "all")), "compute", "compute", (pre64,)),
+             of("compute", pre64, prefill_flops(cfg, 1, T64, "all")), "compute", "compute", (pre64,),
+             ceiling=f"ceiling_fp32_M{T64}_of_compute"),
         Goal("decode", "fp32 decode ≥ 0.80 of the bandwidth roofline", 0.80, True, roofline(dec), "bandwidth",
-             "bandwidth", (dec,)),
+             "bandwidth", (dec,), ceiling="ceiling_fp32_decode_fraction"),
         Goal("decode_flat", f"fp32 decode flat over positions: last ÷ first {EDGE} positions ≤ 1.10", 1.10, False,
              speedup(last, first), None, "positions", (first, last)),
         Goal("batched_decode", f"batched decode B={M32} ≥ 0.80 of the batched limit", 0.80, True,
-             of("batched", b32, M32 * per_token), "batched", "batched", (b32,)),
+             of("batched", b32, M32 * per_token), "batched", "batched", (b32,), ceiling=f"ceiling_fp32_M{M32}_of_batched"),
         Goal("int8_decode", "INT8 decode ÷ fp32 ≥ 0.80 of the weight MatMuls' INT8 ÷ fp32 ceiling at M=1", 0.80,
              True, int8_over_ceiling(dec, (i8, i8d), 1), None, "int8 decode", (dec, c1, c1i), (i8, i8d)),
         Goal("int8_prefill", f"INT8 prefill ÷ fp32 ≥ 0.80 of that ceiling at M={T} (T={T})", 0.80, True,
@@ -240,6 +245,19 @@ def verdict(goal: Goal, value: float | None, runner_up: float | None) -> tuple[s
     return "on the line", None
 
 
+def bounded(goal: Goal, entry: dict, context: dict) -> bool:
+    """Whether a goal missed on both blocks (``entry``: its scored record) is stopped by its ceiling: the same
+    fraction of the same limit for the weight MatMuls alone that its graph runs (``context[goal.ceiling]``, timed in
+    the same rounds) misses the goal on its fastest and on its runner-up block too. The graph does at least that
+    work, so no graph could have met the goal on that host in that run; how close it came to what did run is
+    value ÷ ceiling. Prefill for generation has none: its head runs at one position, the ceiling's at every one."""
+    ceiling = context.get(goal.ceiling) if goal.ceiling else None
+    if entry.get("verdict") != "not met" or not ceiling or ceiling.get("runner_up") is None:
+        return False
+    return all((v < goal.bound) if goal.at_least else (v > goal.bound)
+               for v in (ceiling["value"], ceiling["runner_up"]))
+
+
 def score(cfg: GAMConfig, rounds: dict[str, list[dict]]) -> dict:
     """The goals and the context values from each group's ``rounds`` (each round a dict of block ms by item, and
     ``_limits``): ``value`` from each item's fastest block, ``runner_up`` from its second fastest, ``per_round``
@@ -260,6 +278,10 @@ def score(cfg: GAMConfig, rounds: dict[str, list[dict]]) -> dict:
         if why:
             entry["no_verdict"] = why
         out_goals.append(entry)
+    by_id = {m.id: m for m in measures(cfg)}
+    for entry in out_goals:   # the context values are all scored by now
+        if bounded(by_id[entry["id"]], entry, ctx):
+            entry["verdict"] = "bounded"
     return {"goals": out_goals, "context": ctx}
 
 
