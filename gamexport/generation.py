@@ -79,8 +79,7 @@ def open_runner(source: str | None, threads: int | None = None,
         checked = [*(PREPACKED_FILES if prepacked else [step.name]),
                    *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])]
         runner = verify_while(folder, checked, lambda: OrtRunner(None, step, None, threads))
-        label = f"onnxruntime-cpu, {folder}" + (f", {step.name}" if prepacked else
-                                                 f" ({why})" if why.startswith("its") else "")
+        label = f"onnxruntime-cpu, {folder}" + (f", {step.name}" if prepacked else f" ({why})" if why else "")
         tok_path = folder / "tokenizer.json"
     else:
         from gamexport.engines.eager import EagerRunner

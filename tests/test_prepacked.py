@@ -59,7 +59,7 @@ def test_generate_opens_it_here_and_step_onnx_elsewhere(tiny_build, tmp_path):
     _relist(other, PREPACKED_MACHINE)
     elsewhere = _generate(other)
     assert elsewhere.returncode == 0, elsewhere.stderr
-    assert "made for another cpu" in elsewhere.stderr and PREPACKED_STEP not in elsewhere.stderr
+    assert f"({PREPACKED_STEP} is not used: it was made for another cpu)]" in elsewhere.stderr
 
     # built with --no-prepacked (the files absent): step.onnx, silently
     plain = tmp_path / "plain"
@@ -112,3 +112,52 @@ def test_the_build_fails_a_prepacked_copy_of_other_weights(tiny_build, tmp_path,
     report = json.loads((tmp_path / "out.failed" / "report.json").read_text())
     failed = {r["artifact"] for r in report["parity"] if not r["passed"]}
     assert failed == {PREPACKED_STEP}
+
+
+def _perturbed_prepacked(folder: Path, tmp_path: Path) -> None:
+    """``folder``'s prepacked files replaced by a copy packed from its step graph with one LayerNorm's gain
+    changed, the manifest agreeing (a forged or mis-built folder that only running it can catch)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gamexport.engines.ort import write_prepacked
+
+    model = onnx.load(str(folder / "step.onnx"))
+    for init in model.graph.initializer:
+        if init.name == "ln_f.weight":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    onnx.save(model, str(planted / "step.onnx"))
+    write_prepacked(planted / "step.onnx", planted, 1)
+    for name in PREPACKED_FILES:
+        shutil.copyfile(planted / name, folder / name)
+        _relist(folder, name)
+
+
+def test_parity_dir_rechecks_what_generate_opens_here(tiny_build, tmp_path):
+    """``gamexport parity DIR`` runs the prepacked step graph where generate would open it, and only there."""
+    from gamexport.pipeline.recheck import recheck
+
+    said: list[str] = []
+    report = recheck(tiny_build, precisions=("fp32",), threads=1, progress=said.append, genai=False)
+    mine = [r for r in report["parity"] if r["artifact"] == PREPACKED_STEP]
+    assert {r["graph"] for r in mine} == {"prefill", "step"} and all(r["passed"] for r in mine) and report["passed"]
+
+    forged = tmp_path / "forged"
+    shutil.copytree(tiny_build, forged)
+    _perturbed_prepacked(forged, tmp_path)
+    report = recheck(forged, precisions=("fp32",), threads=1, genai=False)
+    assert not report["passed"]
+    assert {r["artifact"] for r in report["parity"] if not r["passed"]} == {PREPACKED_STEP}
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_build, other)
+    sidecar = json.loads((other / PREPACKED_MACHINE).read_text())
+    sidecar["valid_for"]["onnxruntime"] = "0.0.1"
+    (other / PREPACKED_MACHINE).write_text(json.dumps(sidecar))
+    _relist(other, PREPACKED_MACHINE)
+    said.clear()
+    report = recheck(other, precisions=("fp32",), threads=1, progress=said.append, genai=False)
+    assert report["passed"] and not any(r["artifact"] == PREPACKED_STEP for r in report["parity"])
+    assert any("made for another onnxruntime" in line and "not checked" in line for line in said)

@@ -217,25 +217,26 @@ def write_prepacked(src: Path, out_dir: Path, threads: int | None = None) -> lis
     return written
 
 
-def prepacked_for_this_machine(folder: Path) -> tuple[Path | None, str]:
-    """The folder's prepacked step graph when it was made for this machine, else None; and why not."""
+def prepacked_for_this_machine(folder: Path) -> tuple[Path | None, str | None]:
+    """(the folder's prepacked step graph, None) when it was made for this machine; else (None, why it is not
+    used), or (None, None) where the folder has none."""
     import json
 
     from gamexport.layout import PREPACKED_MACHINE, PREPACKED_STEP
 
     folder = Path(folder)
     sidecar = folder / PREPACKED_MACHINE
-    if not sidecar.is_file() or not (folder / PREPACKED_STEP).is_file():
-        return None, "no prepacked step graph"
+    if not (folder / PREPACKED_STEP).is_file():
+        return None, None
     try:
         valid_for = json.loads(sidecar.read_text(encoding="utf-8")).get("valid_for")
     except (OSError, ValueError, AttributeError):
-        return None, f"{PREPACKED_MACHINE} is unreadable"
+        return None, f"{PREPACKED_STEP} is not used: {PREPACKED_MACHINE} is missing or unreadable"
     here = prepacked_fingerprint()
     differ = [key for key in here if not isinstance(valid_for, dict) or valid_for.get(key) != here[key]]
     if differ:
-        return None, f"its prepacked step graph was made for another {' and '.join(differ)}"
-    return folder / PREPACKED_STEP, "prepacked for this machine"
+        return None, f"{PREPACKED_STEP} is not used: it was made for another {' and '.join(differ)}"
+    return folder / PREPACKED_STEP, None
 
 
 def block_outputs(model_path: Path, ids: np.ndarray, n_layers: int, threads: int | None = None) -> list[np.ndarray]:

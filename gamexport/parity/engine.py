@@ -332,17 +332,21 @@ def _saved_rows(runner, saved: SavedReferences, threads: int | None) -> list[Par
     the saved text also through the step graph in chunks (the INT8 gate); then the emulation references kept."""
     tol = tolerance(runner.precision)
     rows = []
+    last = runner.prefill_is_chunk   # a step graph alone: its prefill logits are the last position's
     for graph in saved.graphs:
         for feed, ref, label in zip(graph.inputs, graph.outputs, graph.labels):
             ids = feed["input_ids"]
+            ref_logits = ref["logits"]
             if graph.graph == "prefill":
                 logits, state = runner.prefill(ids)
+                ref_logits = ref_logits[:, -1:] if last else ref_logits
             else:
                 logits, state = runner.step(ids, feed[POSITION_IDS], packed_past(feed, saved.cfg.n_layers))
             ref_state = packed_present(ref, saved.cfg.n_layers)
-            targets = ids[:, 1:] if label in ("text", CALIBRATION_TEXT) and graph.graph == "prefill" else None
+            targets = (ids[:, 1:] if label in ("text", CALIBRATION_TEXT) and graph.graph == "prefill" and not last
+                       else None)
             cut = (lambda a: a[:, :-1]) if targets is not None else (lambda a: a)
-            metrics = compare_logits(cut(ref["logits"]), cut(logits), tol, targets,
+            metrics = compare_logits(cut(ref_logits), cut(logits), tol, targets,
                                      states=(ref_state, state))  # every precision: state gates
             rows.append(ParityRow.of(runner.runtime, graph.graph, _artifact(runner, graph.graph), "eager-fp32", label,
                                      ids, metrics, precision=runner.precision))

@@ -55,5 +55,31 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
                 bundles.run(precision, runner)
         finally:
             runner.close()
+    if targets.BASELINE in plan.pairs:
+        rows += _prepacked_rows(folder, saved, options, threads, progress)
     return recheck_report(folder, rows, [*plan.elsewhere, *plan.skipped], wanted, threads,
                           bundles.entries if bundles is not None else ())
+
+
+def _prepacked_rows(folder: Path, saved, options, threads: int | None, progress) -> list:
+    """The rows of the step graph pre-packed for this machine, which ``gamexport generate`` opens here instead of
+    step.onnx (checked against the manifest first, run as generate runs it: alone, prefill as one chunk); none,
+    saying why, where there is none or it was made for another machine (generate opens step.onnx there)."""
+    from gamexport import targets
+    from gamexport.engines.ort import prepacked_for_this_machine
+    from gamexport.layout import PREPACKED_FILES, PREPACKED_STEP
+    from gamexport.manifest import verify
+    from gamexport.parity.engine import run_parity
+
+    path, why = prepacked_for_this_machine(folder)
+    if path is None:
+        if why:
+            progress(f"parity: {why} (gamexport generate opens step.onnx here), so it is not checked")
+        return []
+    verify(folder, list(PREPACKED_FILES))
+    progress(f"parity: {targets.BASELINE[0]} fp32, {PREPACKED_STEP} (what gamexport generate opens here)")
+    runner = targets.open_files(targets.BASELINE[0], None, path, saved.cfg, options)
+    try:
+        return run_parity(runner, saved, progress, threads)
+    finally:
+        runner.close()
