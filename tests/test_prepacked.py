@@ -32,6 +32,31 @@ def _relist(folder: Path, name: str) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _made_elsewhere(tiny_build: Path, folder: Path, key: str, value: str) -> Path:
+    """A copy of the build whose prepacked graph's sidecar names another ``key`` (the manifest agreeing)."""
+    shutil.copytree(tiny_build, folder)
+    sidecar = json.loads((folder / PREPACKED_MACHINE).read_text())
+    sidecar["valid_for"][key] = value
+    (folder / PREPACKED_MACHINE).write_text(json.dumps(sidecar))
+    _relist(folder, PREPACKED_MACHINE)
+    return folder
+
+
+def _other_weights(step: Path, folder: Path) -> Path:
+    """``folder``/step.onnx: the step graph ``step`` with one LayerNorm's gain changed (the numbers a prepacked
+    copy must not hold)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(step))
+    for init in model.graph.initializer:
+        if init.name == "ln_f.weight":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    folder.mkdir()
+    onnx.save(model, str(folder / "step.onnx"))
+    return folder / "step.onnx"
+
+
 def test_the_build_writes_it_lists_it_and_checks_it(tiny_build):
     from gamexport.engines.ort import prepacked_fingerprint
 
@@ -51,12 +76,7 @@ def test_generate_opens_it_here_and_step_onnx_elsewhere(tiny_build, tmp_path):
     assert f", {PREPACKED_STEP}]" in here.stderr
 
     # made on another machine (another CPU in its sidecar, the manifest agreeing): step.onnx, saying why
-    other = tmp_path / "other"
-    shutil.copytree(tiny_build, other)
-    sidecar = json.loads((other / PREPACKED_MACHINE).read_text())
-    sidecar["valid_for"]["cpu"] = "another CPU"
-    (other / PREPACKED_MACHINE).write_text(json.dumps(sidecar))
-    _relist(other, PREPACKED_MACHINE)
+    other = _made_elsewhere(tiny_build, tmp_path / "other", "cpu", "another CPU")
     elsewhere = _generate(other)
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert f"({PREPACKED_STEP} is not used: it was made for another cpu)]" in elsewhere.stderr
@@ -86,9 +106,6 @@ def test_a_changed_byte_of_it_is_refused(tiny_build, tmp_path, name):
 def test_the_build_fails_a_prepacked_copy_of_other_weights(tiny_build, tmp_path, monkeypatch):
     """The bug the parity rows exist for: the prepacked file holding other numbers than step.onnx (here packed
     from the step graph with one LayerNorm's gain changed)."""
-    import onnx
-    from onnx import numpy_helper
-
     from gamexport import engines
     from gamexport.errors import ParityError
     from gamexport.pipeline import BuildOptions, build
@@ -96,14 +113,7 @@ def test_the_build_fails_a_prepacked_copy_of_other_weights(tiny_build, tmp_path,
     real = engines.ort.write_prepacked
 
     def packs_other_weights(src: Path, out_dir: Path, threads=None):
-        model = onnx.load(str(src))
-        for init in model.graph.initializer:
-            if init.name == "ln_f.weight":
-                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
-        planted = tmp_path / "planted" / "step.onnx"
-        planted.parent.mkdir()
-        onnx.save(model, str(planted))
-        return real(planted, out_dir, threads)
+        return real(_other_weights(src, tmp_path / "planted"), out_dir, threads)
 
     monkeypatch.setattr(engines.ort, "write_prepacked", packs_other_weights)
     src = json.loads((tiny_build / "config.json").read_text())["source"]["path"]
@@ -114,29 +124,9 @@ def test_the_build_fails_a_prepacked_copy_of_other_weights(tiny_build, tmp_path,
     assert failed == {PREPACKED_STEP}
 
 
-def _perturbed_prepacked(folder: Path, tmp_path: Path) -> None:
-    """``folder``'s prepacked files replaced by a copy packed from its step graph with one LayerNorm's gain
-    changed, the manifest agreeing (a forged or mis-built folder that only running it can catch)."""
-    import onnx
-    from onnx import numpy_helper
-
-    from gamexport.engines.ort import write_prepacked
-
-    model = onnx.load(str(folder / "step.onnx"))
-    for init in model.graph.initializer:
-        if init.name == "ln_f.weight":
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
-    planted = tmp_path / "planted"
-    planted.mkdir()
-    onnx.save(model, str(planted / "step.onnx"))
-    write_prepacked(planted / "step.onnx", planted, 1)
-    for name in PREPACKED_FILES:
-        shutil.copyfile(planted / name, folder / name)
-        _relist(folder, name)
-
-
 def test_parity_dir_rechecks_what_generate_opens_here(tiny_build, tmp_path):
     """``gamexport parity DIR`` runs the prepacked step graph where generate would open it, and only there."""
+    from gamexport.engines.ort import write_prepacked
     from gamexport.pipeline.recheck import recheck
 
     said: list[str] = []
@@ -144,19 +134,18 @@ def test_parity_dir_rechecks_what_generate_opens_here(tiny_build, tmp_path):
     mine = [r for r in report["parity"] if r["artifact"] == PREPACKED_STEP]
     assert {r["graph"] for r in mine} == {"prefill", "step"} and all(r["passed"] for r in mine) and report["passed"]
 
-    forged = tmp_path / "forged"
+    forged = tmp_path / "forged"   # its prepacked files packed from other weights, the manifest agreeing
     shutil.copytree(tiny_build, forged)
-    _perturbed_prepacked(forged, tmp_path)
+    planted = _other_weights(forged / "step.onnx", tmp_path / "planted")
+    write_prepacked(planted, planted.parent, 1)
+    for name in PREPACKED_FILES:
+        shutil.copyfile(planted.parent / name, forged / name)
+        _relist(forged, name)
     report = recheck(forged, precisions=("fp32",), threads=1, genai=False)
     assert not report["passed"]
     assert {r["artifact"] for r in report["parity"] if not r["passed"]} == {PREPACKED_STEP}
 
-    other = tmp_path / "other"
-    shutil.copytree(tiny_build, other)
-    sidecar = json.loads((other / PREPACKED_MACHINE).read_text())
-    sidecar["valid_for"]["onnxruntime"] = "0.0.1"
-    (other / PREPACKED_MACHINE).write_text(json.dumps(sidecar))
-    _relist(other, PREPACKED_MACHINE)
+    other = _made_elsewhere(tiny_build, tmp_path / "other", "onnxruntime", "0.0.1")
     said.clear()
     report = recheck(other, precisions=("fp32",), threads=1, progress=said.append, genai=False)
     assert report["passed"] and not any(r["artifact"] == PREPACKED_STEP for r in report["parity"])
