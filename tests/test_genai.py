@@ -536,16 +536,19 @@ def test_parity_dir_reruns_the_bundles_in_its_verdict(tiny_plain, tmp_path):
     assert any(line.startswith("FAIL  onnxruntime-genai fp32") for line in proc.stdout.splitlines()), proc.stdout
 
 
-def test_recheck_prompts_leave_out_windows_holding_the_end_id(tiny_cfg):
-    """The re-check's windows of held-out text without the bundle's end id (og ends a prompt-final eos otherwise
-    than gamexport); fewer than two left: the seeded random ids; the build's prompts (nothing left out) as cut."""
+def test_og_prompts_never_end_in_the_end_id(tiny_cfg):
+    """The og check's prompts (the build's and the re-check's): rows of held-out text cut to the prompt length,
+    without those ending in the bundle's end id (og reads a trailing pad id as padding in a batch; the end id
+    elsewhere in a prompt is kept: og agreed there); fewer than two left: seeded random ids, which never hold it."""
     from gamexport.pipeline.genai import prompt_ids
 
     text = np.arange(2, 2 + 5 * 16, dtype=np.int64).reshape(5, 16) % tiny_cfg.vocab_size
-    text[1, -1] = text[3, 4] = 1                                         # two windows hold the end id 1
-    ids, source = prompt_ids(tiny_cfg, text, leave_out={1})
-    assert source == "held-out text" and [list(r) for r in ids] == [list(text[0]), list(text[2]), list(text[4])]
-    ids, source = prompt_ids(tiny_cfg, text[1:4], leave_out={1})       # one window left: random ids instead
-    assert source == "random ids" and ids.shape == (4, 16)
-    ids, source = prompt_ids(tiny_cfg, text)                            # the build's: the first rows, as they are
+    text[1, -1] = text[3, 4] = 1                  # row 1 ends in the end id 1; row 3 holds it inside
+    ids, source = prompt_ids(tiny_cfg, text, end_ids={1})
+    assert source == "held-out text" and [list(r) for r in ids] == [list(text[i]) for i in (0, 2, 3, 4)]
+    ids, source = prompt_ids(tiny_cfg, text[1:3].copy() * 0 + 1, end_ids={1})   # none left: random ids instead
+    assert source == "random ids" and ids.shape == (4, 16) and not (ids == 1).any()
+    ids, source = prompt_ids(tiny_cfg, text)                  # no end id: the first rows, as they are
     assert source == "held-out text" and (ids == text[:4]).all()
+
+
