@@ -204,6 +204,9 @@ def test_bench_json_structure(quick):
     assert _positive(demo["p50_ms"]) and "demo" in demo["folder"] and demo["command"] != st["first_token"]["command"]
     # the first token on the folder as gamexport build writes it (the step graph pre-packed here) and, timed in
     # turns with it, on the same graphs without the prepacked copy: the experiment behind the prepacked files
+    built = st["build"]   # the source's own gamexport build, its peak memory in a process of its own
+    assert built["command"][built["command"].index("build") + 1:][:2] == ["--preset", "tiny"]
+    assert 50 < built["peak_rss_mb"] < 8192 and built["wall_s"] > 0
     unpacked = st["first_token_step_onnx"]
     assert _positive(unpacked["p50_ms"]) and unpacked["runs"] == st["first_token"]["runs"]
     assert "pre-packed for this machine" in st["first_token"]["folder"] and "without" in unpacked["folder"]

@@ -351,3 +351,21 @@ def test_the_goals_across_runs_table_keeps_each_runs_verdict():
     assert batched[2] == "0.53 / 0.53 ✗" and batched[3] == "0.53 / 0.53 – |"   # the busy run: none
     gen = next(x for x in rows if x.startswith("| prefill for generation")).split(" | ")
     assert gen[2] == "0.87 / 0.87 ✓"
+
+
+def test_the_paper_build_memory_goal_is_scored_from_the_bench_file():
+    """The earlier goal "peak memory of gamexport build --preset paper ≤ 1.5 GB": a row only where the file holds
+    a build measurement of the paper config; 1.5 GB is 1.5e9 bytes (the measurement is in MiB)."""
+    bd = _bench_docs()
+    bench = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text(encoding="utf-8"))
+
+    def row(b):
+        return next((x for x in bd.table_earlier_goals(b).splitlines() if x.startswith("| peak memory")), None)
+
+    bench["startup"].pop("build", None)
+    assert row(bench) is None
+    bench["startup"]["build"] = {"peak_rss_mb": 1400.0, "wall_s": 38.0}       # 1.47 GB
+    assert row(bench).endswith("| ✓ |") and "1.47 GB (38 s)" in row(bench)
+    bench["startup"]["build"]["peak_rss_mb"] = 1431.0                          # 1.5005 GB: over, although < 1.5 GiB
+    assert row(bench).endswith("| ✗ |")
+    assert row({**bench, "parameters": 1_023_744}) is None                     # another config: not the goal's

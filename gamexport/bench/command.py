@@ -150,7 +150,9 @@ def _graph_sections(opts: BenchOptions, ckpt, build_folder: Path | None, pairs: 
         sections["paired"] = _paired(ckpt, pairs, tmp / "graphs", limits, effort, threads, say)
         probe("after goals")
     if "startup" not in opts.skip:
-        sections["startup"] = startup_section(ckpt, build_folder, tmp, threads, effort, say)
+        source = None if build_folder is not None else (
+            ["--preset", opts.preset or "paper"] if opts.source is None else [opts.source])
+        sections["startup"] = startup_section(ckpt, build_folder, tmp, threads, effort, say, source)
         probe("after startup")
 
 

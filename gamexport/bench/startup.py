@@ -94,11 +94,47 @@ def _first_tokens(cmd: list[str], folders: list[tuple[Path, str]], threads: int,
                                         folders)]
 
 
+#: What the build measurement is.
+BUILD = ("peak resident memory and wall time of `gamexport build SOURCE --threads N` with its defaults (parity, "
+         "latency, the prepacked step graph), in a process of its own whose only child is the build")
+
+#: Run as ``python -c``: the build (argv[1:]) as the only child of a fresh process, then its peak RSS (Linux: KiB).
+_PEAK = ("import resource, subprocess, sys\n"
+         "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+         "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def build_peak(cmd: list[str], source: list[str], out: Path, threads: int, say: Progress) -> dict | None:
+    """``gamexport build`` of ``source`` (its CLI arguments) into ``out``: peak resident memory and wall time, or
+    None where the platform cannot say (no ``resource`` module: not Linux or macOS)."""
+    try:
+        import resource  # noqa: F401  (the wrapper needs it; the same platforms have it here)
+    except ImportError:
+        return None
+    argv = [*cmd, "build", *source, "--out", str(out), "--threads", str(threads)]
+    say(f"startup: gamexport build {' '.join(source)} (peak memory)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PEAK, *argv], capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, "GAMEXPORT_DEBUG": ""})
+    wall = time.perf_counter() - t0
+    try:
+        rc, kib = (int(v) for v in proc.stdout.split())
+    except ValueError:
+        rc, kib = proc.returncode or 1, 0
+    if rc != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit {rc}"])[-1]
+        raise GamexportError(f"gamexport build {' '.join(source)} failed while measuring its peak memory: {tail}",
+                             "run it by hand to see why")
+    scale = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"command": argv, "peak_rss_mb": kib * scale / 2**20, "wall_s": wall, "what": BUILD}
+
+
 def startup_section(ckpt, build_folder: Path | None, tmp: Path, threads: int, effort: Effort,
-                    say: Progress) -> dict:
+                    say: Progress, build_source: list[str] | None = None) -> dict:
     """``gamexport --help``, and the time to first token of ``gamexport generate`` on a build folder of SOURCE
     (``first_token``) and on one of the demo model shipped in the package (``first_token_demo``: the model a new
-    user meets first; absent where this install has none, or SOURCE is it)."""
+    user meets first; absent where this install has none, or SOURCE is it); with ``build_source`` (SOURCE's
+    arguments to ``gamexport build``), that build's peak memory and wall time (``build``)."""
     from gamexport.sources import demo_folder
 
     cmd = gamexport_command()
@@ -123,4 +159,8 @@ def startup_section(ckpt, build_folder: Path | None, tmp: Path, threads: int, ef
                 cmd, [(graphs_folder(demo_ckpt, tmp / "first-token-demo", prepacked=threads),
                        f"a build folder of the shipped demo model's fp32 graphs with a manifest, written for this "
                        f"run, {BUILT}")], threads, effort, say)
+    if build_source is not None:
+        built = build_peak(cmd, build_source, tmp / "peak-build", threads, say)
+        if built is not None:
+            out["build"] = built
     return out
