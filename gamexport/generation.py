@@ -74,7 +74,9 @@ def open_runner(source: str | None, threads: int | None = None,
 
         # the step graph pre-packed for this machine when the build made one here (parity-checked by the build
         # like every fp32 artifact), else step.onnx; one session either way: prefill is a chunk
-        prepacked, why = prepacked_for_this_machine(folder)
+        from gamexport.manifest import read_manifest
+
+        prepacked, why = prepacked_for_this_machine(folder, read_manifest(folder)["files"])
         step = prepacked or folder / graph_file("step")
         checked = [*(PREPACKED_FILES if prepacked else [step.name]),
                    *(["tokenizer.json"] if (folder / "tokenizer.json").exists() else [])]

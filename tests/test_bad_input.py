@@ -514,8 +514,6 @@ TABLE = [
         r"step\.onnx is missing"),
     row("build-prepacked-corrupt", ["generate", "{build}", "--ids", "1,2"],
         build_file("step.prepacked.data", "corrupt"), 2, r"step\.prepacked\.data does not match its manifest entry"),
-    row("build-prepacked-missing", ["generate", "{build}", "--ids", "1,2"],
-        build_file("step.prepacked.data", "delete"), 2, r"step\.prepacked\.data is missing"),
     row("build-manifest-corrupt", ["generate", "{build}", "--ids", "1,2"], build_file("manifest.json", "truncate"),
         2, r"cannot read \S*manifest\.json"),
     row("verify-changed-file", ["verify", "{build}"], build_file("parity/feeds.json", "append"), 2,

@@ -81,6 +81,23 @@ def test_generate_opens_it_here_and_step_onnx_elsewhere(tiny_build, tmp_path):
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert f"({PREPACKED_STEP} is not used: it was made for another cpu)]" in elsewhere.stderr
 
+    # another CPU's instruction sets, a data file deleted, a file the manifest does not list: step.onnx, saying why
+    isa = _made_elsewhere(tiny_build, tmp_path / "isa", "instruction_sets", ["SSE", "SSE2"])
+    assert "made for another instruction sets)]" in _generate(isa).stderr
+    gone = tmp_path / "gone"
+    shutil.copytree(tiny_build, gone)
+    (gone / PREPACKED_DATA).unlink()
+    unlisted = tmp_path / "unlisted"
+    shutil.copytree(tiny_build, unlisted)
+    manifest = json.loads((unlisted / "manifest.json").read_text())
+    del manifest["files"][PREPACKED_MACHINE]
+    (unlisted / "manifest.json").write_text(json.dumps(manifest))
+    for folder, why in ((gone, f"{PREPACKED_DATA} is missing"), (unlisted, f"{PREPACKED_MACHINE} is not in the "
+                                                                          "manifest")):
+        proc = _generate(folder)
+        assert proc.returncode == 0 and f"({PREPACKED_STEP} is not used: {why})]" in proc.stderr, proc.stderr
+        assert proc.stdout == here.stdout
+
     # built with --no-prepacked (the files absent): step.onnx, silently
     plain = tmp_path / "plain"
     shutil.copytree(tiny_build, plain)
@@ -150,3 +167,4 @@ def test_parity_dir_rechecks_what_generate_opens_here(tiny_build, tmp_path):
     report = recheck(other, precisions=("fp32",), threads=1, progress=said.append, genai=False)
     assert report["passed"] and not any(r["artifact"] == PREPACKED_STEP for r in report["parity"])
     assert any("made for another onnxruntime" in line and "not checked" in line for line in said)
+    assert any("made for another onnxruntime" in s["reason"] for s in report["skipped"])   # and the report says so

@@ -164,21 +164,26 @@ def write_ort_format(src: Path, out_dir: Path, threads: int | None = None) -> li
         return [atomic_write_bytes(Path(out_dir) / f"{stem}.ort", (Path(tmp) / f"{stem}.ort").read_bytes())]
 
 
-def prepacked_fingerprint() -> dict:
-    """What a prepacked graph is valid for: the ONNX Runtime version that packed it and the CPU it packed for (its
-    packed layouts follow the instruction sets its kernels chose). Any difference, and the graph is not used."""
-    import hashlib
+def prepacked_fingerprint() -> dict | None:
+    """What a prepacked graph is valid for: the ONNX Runtime version that packed it, and the CPU it packed for — its
+    architecture, name and instruction sets (numpy's runtime CPU-feature detection, the same on every OS), which
+    decide the packed layouts ONNX Runtime's kernels chose. None where the instruction sets cannot be read: no
+    prepacked graph is written or used there."""
     import platform
 
     from gamexport.machine import cpu_name
 
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
-    except OSError:
-        flags = []
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return None
+    if not isinstance(features, dict) or not any(features.values()):
+        return None
     return {"onnxruntime": import_ort().__version__, "arch": platform.machine(), "cpu": cpu_name(),
-            "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()}
+            "instruction_sets": sorted(name for name, on in features.items() if on)}
 
 
 def write_prepacked(src: Path, out_dir: Path, threads: int | None = None) -> list[Path]:
@@ -187,7 +192,8 @@ def write_prepacked(src: Path, out_dir: Path, threads: int | None = None) -> lis
     machine skips constant folding, fusions and packing when a cold ``gamexport generate`` creates its session
     (``gamexport bench``'s start-up section times a first token with and without it). The packed layouts belong to
     this CPU and this ONNX Runtime version (:func:`prepacked_fingerprint`); the file holds every weight twice
-    (as given, and packed). CPU provider only."""
+    (as given, and packed). CPU provider only. Writes nothing (returns []) where :func:`prepacked_fingerprint`
+    cannot say what it would be valid for."""
     import os
     import tempfile
 
@@ -195,6 +201,9 @@ def write_prepacked(src: Path, out_dir: Path, threads: int | None = None) -> lis
     from gamexport.layout import PREPACKED_DATA, PREPACKED_MACHINE, PREPACKED_STEP
 
     ort = import_ort()
+    valid_for = prepacked_fingerprint()
+    if valid_for is None:
+        return []
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepacked.") as tmp:
         so = session_options(threads, {
             "session.optimized_model_external_initializers_file_name": PREPACKED_DATA,
@@ -207,35 +216,47 @@ def write_prepacked(src: Path, out_dir: Path, threads: int | None = None) -> lis
             raise GraphError(f"ONNX Runtime could not write a prepacked copy of {Path(src).name}: {str(exc)[:300]}",
                              "this is a gamexport bug; please report it with --debug output") from exc
         written = []
+        if not (Path(tmp) / PREPACKED_DATA).exists():   # no initializer of 1 KiB or more: an empty data file
+            (Path(tmp) / PREPACKED_DATA).touch()
         for name in (PREPACKED_DATA, PREPACKED_STEP):   # a temporary folder inside out_dir: a rename each
             os.replace(Path(tmp) / name, Path(out_dir) / name)
             written.append(Path(out_dir) / name)
-    machine = {"made_from": Path(src).name, "valid_for": prepacked_fingerprint(),
+    machine = {"made_from": Path(src).name, "valid_for": valid_for,
                "what": "ONNX Runtime's optimized copy of the step graph with its weights pre-packed for this CPU; "
                        "gamexport generate uses it only on a machine with the same valid_for, else the step graph"}
     written.append(atomic_write_json(Path(out_dir) / PREPACKED_MACHINE, machine))
     return written
 
 
-def prepacked_for_this_machine(folder: Path) -> tuple[Path | None, str | None]:
-    """(the folder's prepacked step graph, None) when it was made for this machine; else (None, why it is not
-    used), or (None, None) where the folder has none."""
-    import json
-
-    from gamexport.layout import PREPACKED_MACHINE, PREPACKED_STEP
+def prepacked_for_this_machine(folder: Path, listed) -> tuple[Path | None, str | None]:
+    """(the folder's prepacked step graph, None) when it can be used here: its three files present and listed in
+    the manifest (``listed``: the manifest's file names; their bytes are checked by the caller), its sidecar
+    readable and naming this machine (:func:`prepacked_fingerprint`). Else (None, why it is not used) — the caller
+    falls back to step.onnx — or (None, None) where the folder has no prepacked graph."""
+    from gamexport.errors import GamexportError
+    from gamexport.jsonfile import read_json
+    from gamexport.layout import PREPACKED_FILES, PREPACKED_MACHINE, PREPACKED_STEP
 
     folder = Path(folder)
-    sidecar = folder / PREPACKED_MACHINE
     if not (folder / PREPACKED_STEP).is_file():
         return None, None
+    not_used = f"{PREPACKED_STEP} is not used"
+    for name in PREPACKED_FILES:
+        if not (folder / name).is_file():
+            return None, f"{not_used}: {name} is missing"
+        if name not in listed:
+            return None, f"{not_used}: {name} is not in the manifest"
     try:
-        valid_for = json.loads(sidecar.read_text(encoding="utf-8")).get("valid_for")
-    except (OSError, ValueError, AttributeError):
-        return None, f"{PREPACKED_STEP} is not used: {PREPACKED_MACHINE} is missing or unreadable"
+        valid_for = read_json(folder / PREPACKED_MACHINE, max_bytes=64 * 1024)
+    except (GamexportError, OSError):
+        return None, f"{not_used}: {PREPACKED_MACHINE} is unreadable"
+    valid_for = valid_for.get("valid_for") if isinstance(valid_for, dict) else None
     here = prepacked_fingerprint()
+    if here is None:
+        return None, f"{not_used}: this machine's instruction sets cannot be read"
     differ = [key for key in here if not isinstance(valid_for, dict) or valid_for.get(key) != here[key]]
     if differ:
-        return None, f"{PREPACKED_STEP} is not used: it was made for another {' and '.join(differ)}"
+        return None, f"{not_used}: it was made for another {' and '.join(k.replace('_', ' ') for k in differ)}"
     return folder / PREPACKED_STEP, None
 
 

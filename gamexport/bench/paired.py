@@ -42,7 +42,7 @@ from gamexport.config import GAMConfig
 
 #: A goal's verdicts: met on both the fastest and the runner-up blocks, missed on both, or on the line; or
 #: missed on both with its ceiling — the weight MatMuls the goal's graph must run, timed alone in the same rounds —
-#: below the goal on both too: in that run no graph could have met it on that host ("bounded", :func:`bounded`).
+#: below the goal on both too: in that run no graph on these kernels could have met it there ("bounded", :func:`bounded`).
 VERDICTS = ("met", "not met", "on the line", "bounded")
 
 
@@ -249,7 +249,7 @@ def bounded(goal: Goal, entry: dict, context: dict) -> bool:
     """Whether a goal missed on both blocks (``entry``: its scored record) is stopped by its ceiling: the same
     fraction of the same limit for the weight MatMuls alone that its graph runs (``context[goal.ceiling]``, timed in
     the same rounds) misses the goal on its fastest and on its runner-up block too. The graph does at least that
-    work, so no graph could have met the goal on that host in that run; how close it came to what did run is
+    work, so no graph on ONNX Runtime's kernels could have met the goal on that host in that run; how close it came to what did run is
     value ÷ ceiling. Prefill for generation has none: its head runs at one position, the ceiling's at every one."""
     ceiling = context.get(goal.ceiling) if goal.ceiling else None
     if entry.get("verdict") != "not met" or not ceiling or ceiling.get("runner_up") is None:

@@ -57,7 +57,7 @@ from gamexport.config import (INPUT_IDS, LEGACY_REFUSAL, LEGACY_STATE, POSITION_
                               present_state_name, state_layer)
 from gamexport.errors import ConfigError, GamexportError, GraphError, OutputError
 from gamexport.fsutil import atomic_write_bytes, atomic_write_text, replace_dir, sha256_file
-from gamexport.layout import ENGINE_DIR, PRECISIONS, engine_file, graph_file
+from gamexport.layout import ENGINE_DIR, PRECISIONS, engine_file, graph_file, is_prepacked
 from gamexport.layout import GRAPH_STEMS as GRAPHS  # graph kind -> file stem in the build folder
 from gamexport.targets import UNSUPPORTED
 
@@ -394,7 +394,7 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, backe
             served = source = _graph_file(build_dir, graph, precision, inlined)
             notes = []
         if not source.is_file():
-            made = sorted(p.name for p in build_dir.glob(f"{GRAPHS[graph]}*.onnx"))
+            made = sorted(p.name for p in build_dir.glob(f"{GRAPHS[graph]}*.onnx") if not is_prepacked(p.name))
             raise BuildFolderError(f"{source} does not exist (the build holds {', '.join(made) or 'no graphs'})",
                                    f"pass a precision the build wrote, or rebuild with --precision {precision}")
         inputs, outputs = _io(source)

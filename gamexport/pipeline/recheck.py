@@ -55,31 +55,36 @@ def recheck(folder: str | Path, engines: tuple[str, ...] = ("onnxruntime",), pre
                 bundles.run(precision, runner)
         finally:
             runner.close()
+    skipped = [*plan.elsewhere, *plan.skipped]
     if targets.BASELINE in plan.pairs:
-        rows += _prepacked_rows(folder, saved, options, threads, progress)
-    return recheck_report(folder, rows, [*plan.elsewhere, *plan.skipped], wanted, threads,
+        mine, why = _prepacked_rows(folder, saved, options, threads, progress)
+        rows += mine
+        if why:
+            skipped.append({"runtime": targets.BASELINE[0], "precision": "fp32", "graph": "step", "reason": why})
+    return recheck_report(folder, rows, skipped, wanted, threads,
                           bundles.entries if bundles is not None else ())
 
 
-def _prepacked_rows(folder: Path, saved, options, threads: int | None, progress) -> list:
+def _prepacked_rows(folder: Path, saved, options, threads: int | None, progress) -> tuple[list, str | None]:
     """The rows of the step graph pre-packed for this machine, which ``gamexport generate`` opens here instead of
-    step.onnx (checked against the manifest first, run as generate runs it: alone, prefill as one chunk); none,
-    saying why, where there is none or it was made for another machine (generate opens step.onnx there)."""
+    step.onnx (checked against the manifest first, run as generate runs it: alone, prefill as one chunk); none
+    where the folder has none, or none and why where it would not be used here (generate opens step.onnx then)."""
     from gamexport import targets
     from gamexport.engines.ort import prepacked_for_this_machine
     from gamexport.layout import PREPACKED_FILES, PREPACKED_STEP
-    from gamexport.manifest import verify
+    from gamexport.manifest import read_manifest, verify
     from gamexport.parity.engine import run_parity
 
-    path, why = prepacked_for_this_machine(folder)
+    path, why = prepacked_for_this_machine(folder, read_manifest(folder)["files"])
     if path is None:
         if why:
-            progress(f"parity: {why} (gamexport generate opens step.onnx here), so it is not checked")
-        return []
+            why = f"{why}, so it is not checked (gamexport generate opens step.onnx here)"
+            progress(f"parity: {why}")
+        return [], why
     verify(folder, list(PREPACKED_FILES))
-    progress(f"parity: {targets.BASELINE[0]} fp32, {PREPACKED_STEP} (what gamexport generate opens here)")
+    progress(f"parity: {targets.BASELINE[0]} {PREPACKED_STEP}")   # what gamexport generate opens here
     runner = targets.open_files(targets.BASELINE[0], None, path, saved.cfg, options)
     try:
-        return run_parity(runner, saved, progress, threads)
+        return run_parity(runner, saved, progress, threads), None
     finally:
         runner.close()

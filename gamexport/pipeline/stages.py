@@ -173,7 +173,10 @@ def write_runtime_formats(b: Build) -> dict[str, Path]:
     if b.opts.prepacked:   # what gamexport generate opens on this machine: the fp32 step graph, pre-packed
         from gamexport.engines.ort import write_prepacked
 
-        for path in write_prepacked(b.staging / graph_file("step"), b.staging, b.threads):
+        paths = write_prepacked(b.staging / graph_file("step"), b.staging, b.threads)
+        if not paths:
+            b.progress("      no prepacked step graph: this machine's instruction sets cannot be read")
+        for path in paths:
             written[path.name] = path
     return written
 
