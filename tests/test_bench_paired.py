@@ -369,3 +369,18 @@ def test_the_paper_build_memory_goal_is_scored_from_the_bench_file():
     bench["startup"]["build"]["peak_rss_mb"] = 1431.0                          # 1.5005 GB: over, although < 1.5 GiB
     assert row(bench).endswith("| ✗ |")
     assert row({**bench, "parameters": 1_023_744}) is None                     # another config: not the goal's
+
+
+def test_the_int4_goal_needs_its_bytes_too():
+    """INT4 decode ≥ its INT8 decode *at ≤ 0.3× the fp32 weight bytes*: the bytes a decode step reads, from the
+    file's weight_bytes_per_step, shown beside the timing and failing the goal above 0.3×."""
+    bd = _bench_docs()
+    bench = json.loads((ROOT / "docs" / "bench" / "bench.json").read_text(encoding="utf-8"))
+
+    def row(b):
+        return next(x for x in bd.table_goals(b).splitlines() if x.startswith("| INT4 decode"))
+
+    assert "× the fp32 weight bytes (≤ 0.3×)" in row(bench) and row(bench).endswith("| ✓ |")
+    bench["weight_bytes_per_step"] = {**bench["weight_bytes_per_step"],
+                                      "int4": int(0.31 * bench["weight_bytes_per_step"]["fp32"])}
+    assert "0.31× the fp32 weight bytes (more than 0.3×)" in row(bench) and "| ✗: the int4 graphs" in row(bench)
