@@ -49,6 +49,11 @@ def exit_quickly() -> None:
     _quick_exit.append(True)
 
 
+def quick_exit_asked() -> bool:
+    """Whether the command that ran asked for :func:`exit_quickly`."""
+    return bool(_quick_exit)
+
+
 #: Exit code of an unexpected exception (a bug in gamexport): the same as bad input, since the line says so.
 BUG_EXIT = 2
 

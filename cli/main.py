@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     rc = rc if isinstance(rc, int) else 0
     if _caught and rc == 130:   # interrupted by SIGTERM/SIGHUP, cleaned up like Ctrl-C: exit as 128 + signal
         rc = 128 + _caught[0]
-    from .common import _quick_exit
+    from .common import quick_exit_asked
 
-    if argv is None and rc == 0 and _quick_exit and not _caught:   # the console script, done: skip the teardown
+    if argv is None and rc == 0 and quick_exit_asked() and not _caught:   # the console script, done: skip the teardown
         import os
 
         try:

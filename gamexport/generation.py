@@ -71,11 +71,10 @@ def open_runner(source: str | None, threads: int | None = None,
     if is_build:
         from gamexport.engines.ort import OrtRunner, prepacked_for_this_machine
         from gamexport.layout import PREPACKED_FILES, graph_file
+        from gamexport.manifest import read_manifest
 
         # the step graph pre-packed for this machine when the build made one here (parity-checked by the build
         # like every fp32 artifact), else step.onnx; one session either way: prefill is a chunk
-        from gamexport.manifest import read_manifest
-
         prepacked, why = prepacked_for_this_machine(folder, read_manifest(folder)["files"])
         step = prepacked or folder / graph_file("step")
         checked = [*(PREPACKED_FILES if prepacked else [step.name]),

@@ -68,6 +68,8 @@ class Ctx:
     def build(self, name: str = "build", prepacked: bool = True) -> Path:
         """A copy of the tiny build; ``prepacked=False``: without the prepacked step graph (as ``--no-prepacked``
         writes it), so that ``generate`` opens step.onnx."""
+        from build_copies import refresh_manifest
+
         from gamexport.layout import PREPACKED_FILES
 
         dst = self.tmp / name
@@ -75,9 +77,7 @@ class Ctx:
         if not prepacked:
             for file in PREPACKED_FILES:
                 (dst / file).unlink()
-            manifest = json.loads((dst / "manifest.json").read_text())
-            manifest["files"] = {k: v for k, v in manifest["files"].items() if k not in PREPACKED_FILES}
-            (dst / "manifest.json").write_text(json.dumps(manifest))
+            refresh_manifest(dst)
         return dst
 
     def build_for(self, name: str) -> Path:

@@ -4,7 +4,6 @@ covers every byte of it. (Its speed is measured by ``gamexport bench``'s start-u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from build_copies import refresh_manifest
 
 from gamexport.layout import PREPACKED_DATA, PREPACKED_FILES, PREPACKED_MACHINE, PREPACKED_STEP
 
@@ -24,21 +24,13 @@ def _generate(folder: Path) -> subprocess.CompletedProcess:
                           env={"PATH": "/usr/bin:/bin", "GAMEXPORT_DEBUG": ""})
 
 
-def _relist(folder: Path, name: str) -> None:
-    """The manifest entry of ``name`` made to match the file again (what a rebuild on that machine would say)."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    data = (folder / name).read_bytes()
-    manifest["files"][name].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
 def _made_elsewhere(tiny_build: Path, folder: Path, key: str, value: str) -> Path:
     """A copy of the build whose prepacked graph's sidecar names another ``key`` (the manifest agreeing)."""
     shutil.copytree(tiny_build, folder)
     sidecar = json.loads((folder / PREPACKED_MACHINE).read_text())
     sidecar["valid_for"][key] = value
     (folder / PREPACKED_MACHINE).write_text(json.dumps(sidecar))
-    _relist(folder, PREPACKED_MACHINE)
+    refresh_manifest(folder)   # the manifest agreeing, as a build on that machine would write it
     return folder
 
 
@@ -157,7 +149,7 @@ def test_parity_dir_rechecks_what_generate_opens_here(tiny_build, tmp_path):
     write_prepacked(planted, planted.parent, 1)
     for name in PREPACKED_FILES:
         shutil.copyfile(planted.parent / name, forged / name)
-        _relist(forged, name)
+    refresh_manifest(forged)
     report = recheck(forged, precisions=("fp32",), threads=1, genai=False)
     assert not report["passed"]
     assert {r["artifact"] for r in report["parity"] if not r["passed"]} == {PREPACKED_STEP}
